@@ -1,0 +1,205 @@
+//! The small layers every part of SAM is made of, created on a tch `VarStore`
+//! path so that each tensor's name is its Hugging Face checkpoint name.
+//!
+//! Fresh tensors get transformers' initialisation (normal(0, 0.02) weights,
+//! zero biases, unit norms); a checkpoint load overwrites them.
+
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// Standard deviation of transformers' default weight initialisation.
+pub const INIT_STD: f64 = 0.02;
+
+const NORMAL: Init = Init::Randn {
+    mean: 0.0,
+    stdev: INIT_STD,
+};
+
+/// Low-rank adapter `scale * B A x` beside a frozen weight (LoRA).
+#[derive(Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// `y = x W^T + b`, optionally plus a LoRA term.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        Self {
+            weight: p.var("weight", &[out_dim, in_dim], NORMAL),
+            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            lora: None,
+        }
+    }
+
+    /// A linear whose weight and bias start at zero: SAM's exchange layers,
+    /// which makes SAM equal to InstructBLIP at initialisation.
+    pub fn zeros(p: &Path, in_dim: i64, out_dim: i64) -> Self {
+        Self {
+            weight: p.var("weight", &[out_dim, in_dim], Init::Const(0.0)),
+            bias: Some(p.var("bias", &[out_dim], Init::Const(0.0))),
+            lora: None,
+        }
+    }
+
+    /// Adds a LoRA adapter: `A` random (Kaiming-uniform, as PEFT does), `B`
+    /// zero, so the layer's output is unchanged until training moves `B`.
+    pub fn attach_lora(&mut self, p: &Path, rank: i64, alpha: f64) {
+        let (out_dim, in_dim) = self.weight.size2().expect("linear weight is 2-d");
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        self.lora = Some(Lora {
+            a: p.var(
+                "lora_A.weight",
+                &[rank, in_dim],
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            ),
+            b: p.var("lora_B.weight", &[out_dim, rank], Init::Const(0.0)),
+            scale: alpha / rank as f64,
+        });
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with_bias(x, true)
+    }
+
+    /// The forward pass, with the bias left out when `with_bias` is false (a
+    /// row-parallel layer adds its bias on one rank only).
+    pub fn forward_with_bias(&self, x: &Tensor, with_bias: bool) -> Tensor {
+        let bias = if with_bias { self.bias.as_ref() } else { None };
+        let y = x.linear(&self.weight, bias);
+        match &self.lora {
+            Some(l) => y + x.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale,
+            None => y,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = self.weight.size()[0];
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// LLaMA's RMSNorm, computed in float32 as transformers does.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: &Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = (x32 * (variance + self.eps).rsqrt()).to_kind(kind);
+        normed * &self.weight
+    }
+}
+
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(p: &Path, count: i64, dim: i64) -> Self {
+        Self {
+            weight: p.var("weight", &[count, dim], NORMAL),
+        }
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// A normal(0, 0.02) tensor of any shape (query tokens, class embedding).
+pub fn normal_var(p: &Path, name: &str, dims: &[i64]) -> Tensor {
+    p.var(name, dims, NORMAL)
+}
+
+/// Exact (erf) GELU, transformers' `"gelu"`.
+pub fn gelu(x: &Tensor) -> Tensor {
+    x.gelu("none")
+}
+
+/// Multi-head attention over `[batch, heads, seq, head_dim]` tensors with an
+/// optional additive mask broadcastable to `[batch, heads, q, k]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let head_dim = q.size()[3];
+    Tensor::scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        mask,
+        0.0,
+        false,
+        1.0 / (head_dim as f64).sqrt(),
+        false,
+    )
+}
+
+/// `[batch, seq, heads * head_dim]` to `[batch, heads, seq, head_dim]`.
+pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
+    let (b, s, d) = x.size3().expect("split_heads takes a 3-d tensor");
+    x.view([b, s, heads, d / heads]).transpose(1, 2)
+}
+
+/// The inverse of [`split_heads`].
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let (b, h, s, d) = x.size4().expect("merge_heads takes a 4-d tensor");
+    x.transpose(1, 2).contiguous().view([b, s, h * d])
+}
+
+/// Turns a 0/1 key mask `[batch, keys]` into an additive mask
+/// `[batch, 1, 1, keys]`: 0 where visible, the dtype's minimum where hidden
+/// (finite, so a fully hidden row never turns into NaN).
+pub fn additive_key_mask(mask: &Tensor, kind: Kind) -> Tensor {
+    let hidden = mask.eq(0).unsqueeze(1).unsqueeze(1);
+    Tensor::zeros(hidden.size(), (kind, mask.device())).masked_fill(&hidden, min_value(kind))
+}
+
+/// The most negative finite value of a float kind.
+pub fn min_value(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Double => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}

@@ -1,0 +1,167 @@
+//! The Q-Former: a BERT whose learned query tokens read the image through
+//! cross-attention, with the instruction text sharing their self-attention
+//! (InstructBLIP). SAM runs its layers twice, so the layers are exposed one
+//! at a time.
+//!
+//! Tensor names follow transformers' `InstructBlipQFormerModel`:
+//! `qformer.embeddings.*`, `qformer.encoder.layer.N.{attention,crossattention,
+//! intermediate,output,intermediate_query,output_query}.*`.
+
+use tch::nn::Path;
+use tch::Tensor;
+
+use crate::config::QFormerConfig;
+use crate::nn::{attention, gelu, merge_heads, split_heads, Embedding, LayerNorm, Linear};
+
+/// BERT attention block: multi-head attention, output dense, residual, norm.
+#[derive(Debug)]
+struct AttentionBlock {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: i64,
+}
+
+impl AttentionBlock {
+    fn new(p: &Path, c: &QFormerConfig, kv_dim: i64) -> Self {
+        let d = c.hidden_size;
+        let a = p / "attention";
+        let o = p / "output";
+        Self {
+            query: Linear::new(&(&a / "query"), d, d, true),
+            key: Linear::new(&(&a / "key"), kv_dim, d, true),
+            value: Linear::new(&(&a / "value"), kv_dim, d, true),
+            dense: Linear::new(&(&o / "dense"), d, d, true),
+            norm: LayerNorm::new(&(&o / "LayerNorm"), d, c.layer_norm_eps),
+            heads: c.num_attention_heads,
+        }
+    }
+
+    /// `context` is the sequence attended to: `x` itself, or the image.
+    fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let q = split_heads(&self.query.forward(x), self.heads);
+        let k = split_heads(&self.key.forward(context), self.heads);
+        let v = split_heads(&self.value.forward(context), self.heads);
+        let out = merge_heads(&attention(&q, &k, &v, mask));
+        self.norm.forward(&(self.dense.forward(&out) + x))
+    }
+}
+
+/// BERT feed-forward: dense, GELU, dense, residual, norm.
+#[derive(Debug)]
+struct FeedForward {
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+}
+
+impl FeedForward {
+    fn new(p: &Path, c: &QFormerConfig, intermediate: &str, output: &str) -> Self {
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        Self {
+            intermediate: Linear::new(&(p / intermediate / "dense"), d, i, true),
+            output: Linear::new(&(p / output / "dense"), i, d, true),
+            norm: LayerNorm::new(&(p / output / "LayerNorm"), d, c.layer_norm_eps),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.output.forward(&gelu(&self.intermediate.forward(x)));
+        self.norm.forward(&(h + x))
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attention: AttentionBlock,
+    crossattention: Option<AttentionBlock>,
+    /// Feed-forward of the instruction-text positions.
+    text_ffn: FeedForward,
+    /// Feed-forward of the query positions.
+    query_ffn: FeedForward,
+}
+
+/// The Q-Former, its embeddings and layers.
+#[derive(Debug)]
+pub struct QFormer {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl QFormer {
+    pub fn new(p: &Path, c: &QFormerConfig) -> Self {
+        let d = c.hidden_size;
+        let e = p / "embeddings";
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = p / "encoder" / "layer" / i;
+                Layer {
+                    attention: AttentionBlock::new(&(&l / "attention"), c, d),
+                    crossattention: (i % c.cross_attention_frequency == 0).then(|| {
+                        AttentionBlock::new(&(&l / "crossattention"), c, c.encoder_hidden_size)
+                    }),
+                    text_ffn: FeedForward::new(&l, c, "intermediate", "output"),
+                    query_ffn: FeedForward::new(&l, c, "intermediate_query", "output_query"),
+                }
+            })
+            .collect();
+        Self {
+            word_embeddings: Embedding::new(&(&e / "word_embeddings"), c.vocab_size, d),
+            position_embeddings: Embedding::new(
+                &(&e / "position_embeddings"),
+                c.max_position_embeddings,
+                d,
+            ),
+            embed_norm: LayerNorm::new(&(&e / "layernorm"), d, c.layer_norm_eps),
+            layers,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Queries `[n, Q, D]` followed by the embedded instruction `[n, T]`,
+    /// normalised: the input of layer 0.
+    pub fn embed(&self, queries: &Tensor, input_ids: &Tensor) -> Tensor {
+        let t = input_ids.size()[1];
+        let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()));
+        let text = self.word_embeddings.forward(input_ids)
+            + self.position_embeddings.forward(&positions).unsqueeze(0);
+        let x = Tensor::cat(&[queries.to_kind(text.kind()), text], 1);
+        self.embed_norm.forward(&x)
+    }
+
+    /// One layer. The first `query_len` positions are the queries: only they
+    /// cross-attend to `image` `[n, P, V]` and they have their own
+    /// feed-forward; `self_mask` is the additive mask over the whole sequence.
+    pub fn layer(
+        &self,
+        index: usize,
+        x: &Tensor,
+        self_mask: &Tensor,
+        image: &Tensor,
+        query_len: i64,
+    ) -> Tensor {
+        let layer = &self.layers[index];
+        let h = layer.attention.forward(x, x, Some(self_mask));
+        let seq = h.size()[1];
+        let mut queries = h.narrow(1, 0, query_len);
+        if let Some(cross) = &layer.crossattention {
+            queries = cross.forward(&queries, image, None);
+        }
+        let queries = layer.query_ffn.forward(&queries);
+        if seq > query_len {
+            let text = layer
+                .text_ffn
+                .forward(&h.narrow(1, query_len, seq - query_len));
+            Tensor::cat(&[queries, text], 1)
+        } else {
+            queries
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! SAM: InstructBLIP with bidirectional semantic guidance between the images
+//! of one sample (Wu et al., ACM MM 2024).
+//!
+//! Per image, the vision encoder gives patch features `E_j`. The adaptive
+//! adjustment scores each patch (`Linear(V -> 1)`), softmaxes the scores over
+//! the sample's images and fuses them into one context `I_hat`. The W-former
+//! is a second pass through the same Q-Former layers that cross-attends to
+//! `I_hat`. At the last layer the two streams exchange: `w += one_2_multiple(h)`
+//! before the W-former's last layer, `h += multiple_2_one(w_out)` before the
+//! Q-Former's own. Both exchange Linears start at zero, so SAM starts equal
+//! to InstructBLIP. The query outputs of every image are projected to the
+//! LLM's width and put, in image order, before the text.
+//!
+//! Unlike SAM's own code, one batch may mix samples with different numbers
+//! of images: `image_mask` marks the real slots (real images first), padded
+//! slots get no vision compute, no share of `I_hat`, no attention and no
+//! rotary position.
+
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+use crate::config::SamConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::{DecoderInput, Llama, LoraTargets};
+use crate::nn::{additive_key_mask, normal_var, Linear};
+use crate::parallel::{GradTape, TensorParallel};
+use crate::qformer::QFormer;
+use crate::vision::VisionModel;
+
+/// One batch of model inputs (see `samtrain model forward`).
+#[derive(Debug)]
+pub struct SamInputs {
+    /// `[B, N, 3, H, W]`.
+    pub pixel_values: Tensor,
+    /// `[B, N]`, 1 for a real image; all ones when absent.
+    pub image_mask: Option<Tensor>,
+    /// `[B, Tq]`: the instruction for the Q-Former.
+    pub qformer_input_ids: Tensor,
+    pub qformer_attention_mask: Option<Tensor>,
+    /// `[B, T]`: the text for the LLM, padded on the right.
+    pub input_ids: Tensor,
+    pub attention_mask: Option<Tensor>,
+}
+
+/// SEA's supervision for some visual tokens: the index of each token in the
+/// flattened `[B * N * num_query_tokens]` visual tokens, and the LLM token ids
+/// of its word label, padded with -1.
+#[derive(Debug)]
+pub struct SeaTargets {
+    pub token_index: Tensor,
+    pub label_ids: Tensor,
+}
+
+/// The LLM's input sequence: visual tokens then text.
+#[derive(Debug)]
+pub struct Sequence {
+    /// `[B, N * Q + T, D]`.
+    pub embeds: Tensor,
+    /// `[B, N * Q + T]`, 1 where a position is real.
+    pub key_mask: Tensor,
+    /// Rotary positions: real positions count up, padding takes none.
+    pub positions: Tensor,
+    /// The visual tokens `[B, N * Q, D]` (zero in padded slots).
+    pub visual: Tensor,
+    /// Real images per sample `[B]`.
+    pub images_per_sample: Tensor,
+}
+
+/// The losses of one forward pass.
+#[derive(Debug)]
+pub struct Losses {
+    /// What to differentiate: `lm + sea_weight * sea`.
+    pub total: Tensor,
+    pub lm: Tensor,
+    pub sea: Option<Tensor>,
+    /// Answer tokens the LM loss averaged over.
+    pub tokens: i64,
+}
+
+#[derive(Debug)]
+struct Guidance {
+    adaptive_adjustment: Linear,
+    one_2_multiple: Linear,
+    multiple_2_one: Linear,
+}
+
+/// The whole network.
+#[derive(Debug)]
+pub struct SamModel {
+    pub config: SamConfig,
+    vision: VisionModel,
+    query_tokens: Tensor,
+    qformer: QFormer,
+    projection: Linear,
+    llm: Llama,
+    guidance: Guidance,
+    sea_logit_scale: Option<Tensor>,
+}
+
+/// CLIP's initial temperature, 0.07, as a log inverse.
+const SEA_INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778;
+/// CLIP's cap on the inverse temperature, 100.
+const SEA_MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092;
+
+impl SamModel {
+    /// Builds the network on `p` (usually a `VarStore`'s root) with fresh
+    /// weights; `weights::load` then fills them from a checkpoint.
+    pub fn new(p: &Path, config: &SamConfig, tp: Option<TensorParallel>) -> Result<Self> {
+        let (v, q, t) = (
+            &config.vision_config,
+            &config.qformer_config,
+            &config.text_config,
+        );
+        let lora = config.samtrain.lora.as_ref().map(|l| LoraTargets {
+            modules: &l.target_modules,
+            rank: l.rank,
+            alpha: l.alpha,
+        });
+        let s = p / "sam";
+        Ok(Self {
+            vision: VisionModel::new(&(p / "vision_model"), v),
+            query_tokens: normal_var(
+                p,
+                "query_tokens",
+                &[1, config.num_query_tokens, q.hidden_size],
+            ),
+            qformer: QFormer::new(&(p / "qformer"), q),
+            projection: Linear::new(
+                &(p / "language_projection"),
+                q.hidden_size,
+                t.hidden_size,
+                true,
+            ),
+            llm: Llama::new(&(p / "language_model"), t, tp, lora.as_ref())?,
+            guidance: Guidance {
+                adaptive_adjustment: Linear::new(
+                    &(&s / "adaptive_adjustment"),
+                    v.hidden_size,
+                    1,
+                    true,
+                ),
+                one_2_multiple: Linear::zeros(
+                    &(&s / "one_2_multiple"),
+                    q.hidden_size,
+                    q.hidden_size,
+                ),
+                multiple_2_one: Linear::zeros(
+                    &(&s / "multiple_2_one"),
+                    q.hidden_size,
+                    q.hidden_size,
+                ),
+            },
+            sea_logit_scale: (config.samtrain.sea_weight > 0.0)
+                .then(|| (&s / "sea").var("logit_scale", &[], Init::Const(SEA_INIT_LOGIT_SCALE))),
+            config: config.clone(),
+        })
+    }
+
+    pub fn llm(&self) -> &Llama {
+        &self.llm
+    }
+
+    /// The LLM input sequence for a batch. With a tape (tensor-parallel
+    /// training), the visual tokens are cut so that the LM and SEA losses
+    /// share one backward pass through the vision side.
+    pub fn sequence(&self, inputs: &SamInputs, tape: Option<&mut GradTape>) -> Result<Sequence> {
+        let images = check_inputs(inputs, &self.config)?;
+        let (b, n) = (images.size()[0], images.size()[1]);
+        let slots = self.visual_tokens(inputs, &images)?;
+        let visual = match tape {
+            Some(t) => t.cut(slots),
+            None => slots,
+        };
+        let d = self.config.text_config.hidden_size;
+        let qn = self.config.num_query_tokens;
+        let text = self.llm.embed(&inputs.input_ids);
+        let text_mask = match &inputs.attention_mask {
+            Some(m) => m.to_kind(Kind::Int64),
+            None => inputs.input_ids.ones_like(),
+        };
+        let embeds = Tensor::cat(
+            &[visual.view([b, n * qn, d]), text.to_kind(visual.kind())],
+            1,
+        );
+        let key_mask = Tensor::cat(
+            &[images.repeat_interleave_self_int(qn, 1, None), text_mask],
+            1,
+        );
+        let positions = (key_mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        Ok(Sequence {
+            embeds,
+            key_mask,
+            positions,
+            visual: visual.view([b, n * qn, d]),
+            images_per_sample: images.sum_dim_intlist(1, false, Kind::Int64),
+        })
+    }
+
+    /// Logits `[B, N * Q + T, vocab]` for every position.
+    pub fn forward(&self, inputs: &SamInputs) -> Result<Tensor> {
+        let seq = self.sequence(inputs, None)?;
+        let hidden = self.llm.forward(
+            &seq.embeds,
+            &DecoderInput {
+                positions: &seq.positions,
+                key_mask: &seq.key_mask,
+            },
+            None,
+            None,
+        );
+        Ok(self.llm.logits(&hidden))
+    }
+
+    /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
+    /// aligned with `input_ids`, -100 where there is no loss), averaged over
+    /// every answer token of the batch, plus SEA's loss when configured.
+    pub fn loss(
+        &self,
+        inputs: &SamInputs,
+        labels: &Tensor,
+        sea: Option<&SeaTargets>,
+        mut tape: Option<&mut GradTape>,
+    ) -> Result<Losses> {
+        if labels.size() != inputs.input_ids.size() {
+            return Err(ModelError::Input {
+                name: "labels".into(),
+                message: format!(
+                    "shape {:?} differs from input_ids {:?}",
+                    labels.size(),
+                    inputs.input_ids.size()
+                ),
+            });
+        }
+        let seq = self.sequence(inputs, tape.as_deref_mut())?;
+        let hidden = self.llm.forward(
+            &seq.embeds,
+            &DecoderInput {
+                positions: &seq.positions,
+                key_mask: &seq.key_mask,
+            },
+            None,
+            tape,
+        );
+        let t = labels.size()[1];
+        let visual_len = seq.visual.size()[1];
+        // Text token 0 is predicted by the last *real* visual token, which is
+        // not the last slot when a sample has padded image slots.
+        let last_real = (&seq.images_per_sample * self.config.num_query_tokens - 1)
+            .view([-1, 1, 1])
+            .expand([-1, 1, hidden.size()[2]], false);
+        let first = hidden.gather(1, &last_real, false);
+        let text_hidden = hidden.narrow(1, visual_len, t);
+        let predictors = Tensor::cat(&[first, text_hidden.narrow(1, 0, t - 1)], 1);
+        let labelled = labels.ne(-100).view([-1]).nonzero().squeeze_dim(1);
+        let tokens = labelled.size()[0];
+        let d = predictors.size()[2];
+        let logits = self
+            .llm
+            .logits(&predictors.reshape([-1, d]).index_select(0, &labelled))
+            .to_kind(Kind::Float);
+        let targets = labels.reshape([-1]).index_select(0, &labelled);
+        let lm = logits.cross_entropy_for_logits(&targets);
+        let (total, sea_loss) = match (sea, &self.sea_logit_scale) {
+            (Some(targets), Some(scale)) => {
+                let l = self.sea_loss(&seq.visual, targets, scale)?;
+                (&lm + &l * self.config.samtrain.sea_weight, Some(l))
+            }
+            _ => (lm.shallow_clone(), None),
+        };
+        Ok(Losses {
+            total,
+            lm,
+            sea: sea_loss,
+            tokens,
+        })
+    }
+
+    /// The trainable SEA temperature, when SEA is on.
+    pub fn sea_logit_scale(&self) -> Option<&Tensor> {
+        self.sea_logit_scale.as_ref()
+    }
+
+    /// SEA's symmetric InfoNCE between visual tokens and the mean input
+    /// embedding of their word labels, with cosine similarity and a learnable
+    /// temperature.
+    fn sea_loss(&self, visual: &Tensor, t: &SeaTargets, logit_scale: &Tensor) -> Result<Tensor> {
+        let d = visual.size()[2];
+        let count = visual.size()[0] * visual.size()[1];
+        let k = t.token_index.size()[0];
+        if k < 2 || t.label_ids.dim() != 2 || t.label_ids.size()[0] != k {
+            return Err(ModelError::Input {
+                name: "sea".into(),
+                message: format!(
+                    "need at least 2 labelled tokens and label_ids [K, L] with K = {k}, got {:?}",
+                    t.label_ids.size()
+                ),
+            });
+        }
+        let max_index = t.token_index.max().int64_value(&[]);
+        if max_index >= count || t.token_index.min().int64_value(&[]) < 0 {
+            return Err(ModelError::Input {
+                name: "sea.token_index".into(),
+                message: format!("index {max_index} outside the {count} visual tokens"),
+            });
+        }
+        let tokens = visual.reshape([-1, d]).index_select(0, &t.token_index);
+        let valid = t.label_ids.ge(0);
+        let counts = valid.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
+        let embedded = self
+            .llm
+            .embed(&t.label_ids.clamp_min(0))
+            .detach()
+            .to_kind(Kind::Float);
+        let targets =
+            (embedded * valid.unsqueeze(-1)).sum_dim_intlist(1, false, Kind::Float) / counts;
+        let a = normalize(&tokens.to_kind(Kind::Float));
+        let b = normalize(&targets);
+        let sim = a.matmul(&b.tr()) * logit_scale.clamp_max(SEA_MAX_LOGIT_SCALE).exp();
+        let labels = Tensor::arange(k, (Kind::Int64, sim.device()));
+        Ok(
+            (sim.cross_entropy_for_logits(&labels) + sim.tr().cross_entropy_for_logits(&labels))
+                / 2.0,
+        )
+    }
+
+    /// Visual tokens `[B * N, Q, D]`, zero in padded slots.
+    fn visual_tokens(&self, inputs: &SamInputs, images: &Tensor) -> Result<Tensor> {
+        let (b, n) = (images.size()[0], images.size()[1]);
+        let device = inputs.pixel_values.device();
+        let size = inputs.pixel_values.size();
+        let real = images.reshape([-1]).nonzero().squeeze_dim(1);
+        let sample_of = real.divide_scalar_mode(n, "floor");
+        let pixels = inputs
+            .pixel_values
+            .reshape([b * n, size[2], size[3], size[4]])
+            .index_select(0, &real);
+        let e = self.vision.forward(&pixels);
+        let qn = self.config.num_query_tokens;
+        let qf_mask = match &inputs.qformer_attention_mask {
+            Some(m) => m.to_kind(Kind::Int64),
+            None => inputs.qformer_input_ids.ones_like(),
+        };
+        let self_mask = additive_key_mask(
+            &Tensor::cat(&[Tensor::ones([b, qn], (Kind::Int64, device)), qf_mask], 1),
+            e.kind(),
+        );
+        let queries = self.query_tokens.expand([b, -1, -1], false);
+        let w0 = self.qformer.embed(&queries, &inputs.qformer_input_ids);
+        let per_image_mask = self_mask.index_select(0, &sample_of);
+        let mut h = w0.index_select(0, &sample_of);
+        let last = self.qformer.num_layers() - 1;
+        let guided = self.config.samtrain.guidance;
+        let shared_layers = if guided { last } else { last + 1 };
+        for l in 0..shared_layers {
+            h = self.qformer.layer(l, &h, &per_image_mask, &e, qn);
+        }
+        if guided {
+            let i_hat = self.fused_context(&e, &real, b, n);
+            let mut w = w0;
+            for l in 0..last {
+                w = self.qformer.layer(l, &w, &self_mask, &i_hat, qn);
+            }
+            let w = w.index_select(0, &sample_of) + self.guidance.one_2_multiple.forward(&h);
+            let i_hat = i_hat.index_select(0, &sample_of);
+            let w_out = self.qformer.layer(last, &w, &per_image_mask, &i_hat, qn);
+            // Not `+=`: the exchange Linear's backward still needs `h` as it was.
+            let guided = h + self.guidance.multiple_2_one.forward(&w_out);
+            h = self.qformer.layer(last, &guided, &per_image_mask, &e, qn);
+        }
+        let tokens = self.projection.forward(&h.narrow(1, 0, qn));
+        let d = tokens.size()[2];
+        Ok(Tensor::zeros([b * n, qn, d], (tokens.kind(), device)).index_copy(0, &real, &tokens))
+    }
+
+    /// SAM's adaptive adjustment: `I_hat = sum_j softmax_j(score_j) * E_j`
+    /// over the real images of each sample, `[B, P, V]`.
+    fn fused_context(&self, e: &Tensor, real: &Tensor, b: i64, n: i64) -> Tensor {
+        let (p, v) = (e.size()[1], e.size()[2]);
+        let scores = self.guidance.adaptive_adjustment.forward(e).squeeze_dim(-1);
+        let opts = (e.kind(), e.device());
+        let all_scores = Tensor::full([b * n, p], f64::NEG_INFINITY, opts)
+            .index_copy(0, real, &scores)
+            .view([b, n, p]);
+        let weights = all_scores.softmax(1, e.kind()).unsqueeze(-1);
+        let features = Tensor::zeros([b * n, p, v], opts)
+            .index_copy(0, real, e)
+            .view([b, n, p, v]);
+        (weights * features).sum_dim_intlist(1, false, e.kind())
+    }
+}
+
+fn normalize(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-8)
+}
+
+/// Checks shapes and the image mask; returns the mask as int64 `[B, N]`.
+fn check_inputs(inputs: &SamInputs, config: &SamConfig) -> Result<Tensor> {
+    let bad = |name: &str, message: String| ModelError::Input {
+        name: name.into(),
+        message,
+    };
+    let px = inputs.pixel_values.size();
+    let image = config.vision_config.image_size;
+    if px.len() != 5 || px[2] != 3 || px[3] != image || px[4] != image {
+        return Err(bad(
+            "pixel_values",
+            format!("expected [B, N, 3, {image}, {image}], found {px:?}"),
+        ));
+    }
+    let (b, n) = (px[0], px[1]);
+    let check_2d = |name: &str, t: &Tensor, cols: Option<i64>| -> Result<()> {
+        let s = t.size();
+        if s.len() != 2 || s[0] != b || cols.is_some_and(|c| s[1] != c) {
+            return Err(bad(
+                name,
+                format!(
+                    "expected [{b}, {}], found {s:?}",
+                    cols.map_or("T".into(), |c| c.to_string())
+                ),
+            ));
+        }
+        Ok(())
+    };
+    check_2d("input_ids", &inputs.input_ids, None)?;
+    check_2d("qformer_input_ids", &inputs.qformer_input_ids, None)?;
+    let t = inputs.input_ids.size()[1];
+    let tq = inputs.qformer_input_ids.size()[1];
+    if t < 1 {
+        return Err(bad("input_ids", "needs at least one token".into()));
+    }
+    if let Some(m) = &inputs.attention_mask {
+        check_2d("attention_mask", m, Some(t))?;
+    }
+    if let Some(m) = &inputs.qformer_attention_mask {
+        check_2d("qformer_attention_mask", m, Some(tq))?;
+    }
+    let max_q = config.qformer_config.max_position_embeddings;
+    if tq > max_q {
+        return Err(bad(
+            "qformer_input_ids",
+            format!("{tq} tokens exceed the Q-Former's {max_q} positions"),
+        ));
+    }
+    check_ids(
+        "input_ids",
+        &inputs.input_ids,
+        config.text_config.vocab_size,
+    )?;
+    check_ids(
+        "qformer_input_ids",
+        &inputs.qformer_input_ids,
+        config.qformer_config.vocab_size,
+    )?;
+    let images = match &inputs.image_mask {
+        Some(m) => {
+            check_2d("image_mask", m, Some(n))?;
+            m.to_kind(Kind::Int64)
+        }
+        None => Tensor::ones([b, n], (Kind::Int64, inputs.pixel_values.device())),
+    };
+    let counts = images.sum_dim_intlist(1, false, Kind::Int64);
+    if counts.min().int64_value(&[]) < 1 {
+        return Err(bad(
+            "image_mask",
+            "every sample needs at least one image".into(),
+        ));
+    }
+    // Real images first: a slot is real exactly when its index is below the count.
+    let slots = Tensor::arange(n, (Kind::Int64, images.device())).unsqueeze(0);
+    if slots
+        .lt_tensor(&counts.unsqueeze(1))
+        .to_kind(Kind::Int64)
+        .ne_tensor(&images)
+        .any()
+        .int64_value(&[])
+        != 0
+    {
+        return Err(bad(
+            "image_mask",
+            "must be 1s followed by 0s in each sample (real images first)".into(),
+        ));
+    }
+    Ok(images)
+}
+
+fn check_ids(name: &str, ids: &Tensor, vocab: i64) -> Result<()> {
+    if ids.numel() == 0 {
+        return Ok(());
+    }
+    let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+    if lo < 0 || hi >= vocab {
+        return Err(ModelError::Input {
+            name: name.into(),
+            message: format!("token ids must lie in [0, {vocab}), found [{lo}, {hi}]"),
+        });
+    }
+    Ok(())
+}

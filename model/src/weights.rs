@@ -1,0 +1,188 @@
+//! Checkpoint I/O in the Hugging Face layout.
+//!
+//! A model folder holds `config.json`, the InstructBLIP tensors in
+//! `model.safetensors` (or shards listed by `model.safetensors.index.json`)
+//! and SAM's own tensors (guidance, LoRA, SEA) in `sam.safetensors`. Every
+//! tensor is matched by name; a wrong shape is an error naming the tensor.
+//! SAM's tensors may be absent: they keep their initialisation (the exchange
+//! Linears zero), so an InstructBLIP checkpoint loads as SAM at its start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use crate::config::SamConfig;
+use crate::error::{ModelError, Result};
+use crate::parallel::shard_dim;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SAM_FILE: &str = "sam.safetensors";
+
+/// Tensors that are samtrain's, not InstructBLIP's: they go to `sam.safetensors`.
+pub fn is_sam_tensor(name: &str) -> bool {
+    name.starts_with("sam.") || name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// Checkpoint tensors transformers keeps that samtrain recomputes.
+fn is_ignored(name: &str) -> bool {
+    name.ends_with("position_ids") || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// The safetensors files of a model folder, in load order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX_FILE);
+    let mut files = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Weights {
+                path: index.clone(),
+                message: "no weight_map object".into(),
+            })?;
+        let mut shards: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards
+    } else if dir.join(MODEL_FILE).exists() {
+        vec![dir.join(MODEL_FILE)]
+    } else {
+        return Err(ModelError::Weights {
+            path: dir.to_path_buf(),
+            message: format!("neither {MODEL_FILE} nor {INDEX_FILE} found"),
+        });
+    };
+    if dir.join(SAM_FILE).exists() {
+        files.push(dir.join(SAM_FILE));
+    }
+    Ok(files)
+}
+
+/// What a load did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// SAM tensors absent from the checkpoint, left at their initialisation.
+    pub initialised: Vec<String>,
+    /// Checkpoint tensors the model has no use for.
+    pub unused: Vec<String>,
+}
+
+/// Fills every variable of `vs` from the model folder `dir`. Under tensor
+/// parallelism (`tp = (rank, world)`), split tensors are cut to this rank's
+/// slice.
+pub fn load(vs: &VarStore, dir: &Path, tp: Option<(i64, i64)>) -> Result<LoadReport> {
+    let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
+    for file in weight_files(dir)? {
+        let tensors = Tensor::read_safetensors(&file).map_err(|e| ModelError::Weights {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        for (name, t) in tensors {
+            found.insert(name, (t, file.clone()));
+        }
+    }
+    let mut report = LoadReport::default();
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for (name, var) in &vars {
+        let Some((source, path)) = found.remove(name) else {
+            if is_sam_tensor(name) {
+                report.initialised.push(name.clone());
+                continue;
+            }
+            return Err(ModelError::MissingTensor {
+                name: name.clone(),
+                path: dir.to_path_buf(),
+            });
+        };
+        let slice = match (tp, shard_dim(name)) {
+            (Some((rank, world)), Some(dim)) if world > 1 => {
+                let full = source.size();
+                let mut expected = var.size();
+                expected[dim as usize] *= world;
+                if full != expected {
+                    return Err(shape_error(name, expected, full, path));
+                }
+                let part = var.size()[dim as usize];
+                source.narrow(dim, rank * part, part)
+            }
+            _ => source,
+        };
+        if slice.size() != var.size() {
+            return Err(shape_error(name, var.size(), slice.size(), path));
+        }
+        tch::no_grad(|| var.shallow_clone().copy_(&slice.to_kind(var.kind())));
+        report.loaded += 1;
+    }
+    report.unused = found.into_keys().filter(|n| !is_ignored(n)).collect();
+    report.unused.sort();
+    if !report.unused.is_empty() {
+        tracing::warn!(count = report.unused.len(), first = %report.unused[0], "checkpoint tensors not used by the model");
+    }
+    tracing::info!(
+        loaded = report.loaded,
+        initialised = report.initialised.len(),
+        dir = %dir.display(),
+        "weights loaded"
+    );
+    Ok(report)
+}
+
+fn shape_error(name: &str, expected: Vec<i64>, found: Vec<i64>, path: PathBuf) -> ModelError {
+    ModelError::Shape {
+        name: name.into(),
+        expected,
+        found,
+        path,
+    }
+}
+
+/// Writes a model folder: `config.json`, `model.safetensors` (InstructBLIP's
+/// tensors, loadable by transformers) and `sam.safetensors` (SAM's own).
+/// Only for an unsharded model (tensor-parallel degree 1).
+pub fn save(vs: &VarStore, config: &SamConfig, dir: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let (sam, hf): (Vec<_>, Vec<_>) = vars
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.as_str(),
+                t.detach().to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
+        .partition(|(n, _)| is_sam_tensor(n));
+    for (file, tensors) in [(MODEL_FILE, hf), (SAM_FILE, sam)] {
+        let path = dir.join(file);
+        Tensor::write_safetensors(&tensors, &path).map_err(|e| ModelError::Weights {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    let mut json = serde_json::to_value(config).expect("config serialises");
+    json["model_type"] = "instructblip".into();
+    json["architectures"] = serde_json::json!(["InstructBlipForConditionalGeneration"]);
+    let path = dir.join(CONFIG_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json")).map_err(io(&path))?;
+    Ok(())
+}

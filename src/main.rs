@@ -1,0 +1,48 @@
+//! The `samtrain` binary: one program for every role. This file parses the
+//! command line and hands each subcommand to its module.
+
+mod model_cmd;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "samtrain",
+    version,
+    about = "Distributed fine-tuning of SAM multi-image multimodal LLMs"
+)]
+struct Cli {
+    /// Logs as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with a model folder: create, run, inspect.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+    /// The main job: builds a small SAM, trains it briefly on synthetic
+    /// batches and shows the loss falling and a beam-search answer.
+    Demo(model_cmd::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match cli.command {
+        Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Demo(args) => model_cmd::demo(args),
+    }
+}
