@@ -235,20 +235,18 @@ impl Llama {
         let (cos, sin) = self.rotary.cos_sin(input.positions, x.kind());
         let mut h = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let residual = cut(&mut tape, h);
+            let a = &layer.self_attn;
+            let residual = self.cut(&mut tape, h);
             let normed = layer.input_layernorm.forward(&residual);
-            let a = layer.self_attn.forward(
-                &self.enter(&mut tape, normed),
-                &cos,
-                &sin,
-                &mask,
-                cache.as_deref_mut().map(|c| (c, i)),
-            );
-            h = residual + self.exit(&layer.self_attn.o_proj, a);
-            let residual = cut(&mut tape, h);
+            let x = self.enter(&mut tape, normed, [&a.q_proj, &a.k_proj, &a.v_proj]);
+            let out = a.forward(&x, &cos, &sin, &mask, cache.as_deref_mut().map(|c| (c, i)));
+            h = residual + self.exit(&a.o_proj, out);
+            let f = &layer.mlp;
+            let residual = self.cut(&mut tape, h);
             let normed = layer.post_attention_layernorm.forward(&residual);
-            let m = layer.mlp.forward(&self.enter(&mut tape, normed));
-            h = residual + self.exit(&layer.mlp.down_proj, m);
+            let x = self.enter(&mut tape, normed, [&f.gate_proj, &f.up_proj]);
+            let inner = f.forward(&x);
+            h = residual + self.exit(&f.down_proj, inner);
         }
         self.norm.forward(&h)
     }
@@ -257,34 +255,53 @@ impl Llama {
         self.lm_head.forward(hidden)
     }
 
-    /// Megatron's `f`: identity forward; its backward all-reduce is done by the
-    /// tape, which cuts the graph here.
-    fn enter(&self, tape: &mut Option<&mut GradTape>, x: Tensor) -> Tensor {
+    /// Cuts the residual stream on the tape (tensor-parallel training only).
+    fn cut(&self, tape: &mut Option<&mut GradTape>, h: Tensor) -> Tensor {
         match (&self.tp, tape.as_deref_mut()) {
-            (Some(_), Some(t)) => t.branch(x),
+            (Some(_), Some(t)) => t.cut(h),
+            _ => h,
+        }
+    }
+
+    /// Megatron's `f` before column-parallel layers: identity forward; its
+    /// backward all-reduce is done by the tape, which cuts the graph here.
+    /// A LoRA `A` of these layers is replicated but meets only this rank's
+    /// slice of `B`, so its gradient is a partial sum: the tape reduces it.
+    fn enter<const N: usize>(
+        &self,
+        tape: &mut Option<&mut GradTape>,
+        x: Tensor,
+        layers: [&Linear; N],
+    ) -> Tensor {
+        match (&self.tp, tape.as_deref_mut()) {
+            (Some(_), Some(t)) => {
+                for lora in layers.iter().filter_map(|l| l.lora.as_ref()) {
+                    t.reduce_grad_of(&lora.a);
+                }
+                t.branch(x)
+            }
             _ => x,
         }
     }
 
-    /// Megatron's `g`: all-reduce of the row-parallel partial sums forward,
-    /// identity backward; the layer's bias is added once, after the sum.
-    fn exit(&self, layer: &Linear, partial: Tensor) -> Tensor {
-        let summed = match &self.tp {
+    /// A row-parallel layer applied to this rank's slice `x` of its input,
+    /// then Megatron's `g` (all-reduce forward, identity backward). The bias
+    /// and the LoRA up-projection are applied once, after the sum; LoRA's
+    /// rank-r down-projection is itself a partial sum and is reduced too.
+    fn exit(&self, layer: &Linear, x: Tensor) -> Tensor {
+        let reduce = |partial: Tensor| match &self.tp {
             Some(tp) => tp.reduce_forward(&partial),
             None => partial,
         };
-        match &layer.bias {
-            Some(b) => summed + b,
-            None => summed,
+        let y = reduce(x.linear::<Tensor>(&layer.weight, None));
+        let y = match &layer.bias {
+            Some(b) => y + b,
+            None => y,
+        };
+        match &layer.lora {
+            Some(lora) => y + lora.up(&reduce(lora.down(&x))),
+            None => y,
         }
-    }
-}
-
-/// Records a residual-stream cut on the tape (tensor-parallel training only).
-fn cut(tape: &mut Option<&mut GradTape>, h: Tensor) -> Tensor {
-    match tape.as_deref_mut() {
-        Some(t) => t.cut(h),
-        None => h,
     }
 }
 
@@ -310,7 +327,7 @@ impl DecoderLayer {
 }
 
 impl SelfAttention {
-    /// Returns this rank's partial output of `o_proj`, without its bias.
+    /// Returns the attention output before `o_proj` (this rank's heads).
     fn forward(
         &self,
         x: &Tensor,
@@ -339,16 +356,14 @@ impl SelfAttention {
         } else {
             (k, v)
         };
-        let out = merge_heads(&attention(&q, &k, &v, Some(mask)));
-        self.o_proj.forward_with_bias(&out, false)
+        merge_heads(&attention(&q, &k, &v, Some(mask)))
     }
 }
 
 impl Mlp {
-    /// Returns this rank's partial output of `down_proj`, without its bias.
+    /// Returns the input of `down_proj` (this rank's slice of the inner width).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.gate_proj.forward(x).silu() * self.up_proj.forward(x);
-        self.down_proj.forward_with_bias(&h, false)
+        self.gate_proj.forward(x).silu() * self.up_proj.forward(x)
     }
 }
 

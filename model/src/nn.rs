@@ -56,32 +56,37 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.size2().expect("linear weight is 2-d");
         let bound = 1.0 / (in_dim as f64).sqrt();
         self.lora = Some(Lora {
-            a: p.var(
-                "lora_A.weight",
+            a: (p / "lora_A").var(
+                "weight",
                 &[rank, in_dim],
                 Init::Uniform {
                     lo: -bound,
                     up: bound,
                 },
             ),
-            b: p.var("lora_B.weight", &[out_dim, rank], Init::Const(0.0)),
+            b: (p / "lora_B").var("weight", &[out_dim, rank], Init::Const(0.0)),
             scale: alpha / rank as f64,
         });
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_with_bias(x, true)
-    }
-
-    /// The forward pass, with the bias left out when `with_bias` is false (a
-    /// row-parallel layer adds its bias on one rank only).
-    pub fn forward_with_bias(&self, x: &Tensor, with_bias: bool) -> Tensor {
-        let bias = if with_bias { self.bias.as_ref() } else { None };
-        let y = x.linear(&self.weight, bias);
+        let y = x.linear(&self.weight, self.bias.as_ref());
         match &self.lora {
-            Some(l) => y + x.linear::<Tensor>(&l.a, None).linear::<Tensor>(&l.b, None) * l.scale,
+            Some(l) => y + l.up(&l.down(x)),
             None => y,
         }
+    }
+}
+
+impl Lora {
+    /// `A x`: the rank-r projection.
+    pub fn down(&self, x: &Tensor) -> Tensor {
+        x.linear::<Tensor>(&self.a, None)
+    }
+
+    /// `scale * B u`.
+    pub fn up(&self, u: &Tensor) -> Tensor {
+        u.linear::<Tensor>(&self.b, None) * self.scale
     }
 }
 

@@ -103,8 +103,9 @@ pub fn shard_dim(name: &str) -> Option<i64> {
         "weight" if column => Some(0),
         "weight" if row => Some(1),
         "bias" if column => Some(0),
-        // LoRA on a column-parallel layer: A replicated, B split by rows;
-        // on a row-parallel layer: A split by columns, B replicated.
+        // LoRA on a column-parallel layer: A replicated (its gradient reduced
+        // by the tape), B split by rows; on a row-parallel layer: A split by
+        // columns, B replicated (applied after the all-reduce of A x).
         "lora_B" if column => Some(0),
         "lora_A" if row => Some(1),
         _ => None,
@@ -128,6 +129,8 @@ struct Cut {
 #[derive(Default)]
 pub struct GradTape {
     cuts: Vec<Cut>,
+    /// Replicated parameters whose gradient is a partial sum over the ranks.
+    partial: Vec<Tensor>,
 }
 
 impl GradTape {
@@ -143,6 +146,19 @@ impl GradTape {
     /// Cuts at Megatron's `f`, before a column-parallel branch.
     pub fn branch(&mut self, x: Tensor) -> Tensor {
         self.record(CutKind::Branch, x)
+    }
+
+    /// Marks a replicated parameter whose gradient each rank sees only in
+    /// part; the backward pass all-reduces it (once, however often marked).
+    pub fn reduce_grad_of(&mut self, param: &Tensor) {
+        if param.requires_grad()
+            && !self
+                .partial
+                .iter()
+                .any(|p| p.data_ptr() == param.data_ptr())
+        {
+            self.partial.push(param.shallow_clone());
+        }
     }
 
     fn record(&mut self, kind: CutKind, attached: Tensor) -> Tensor {
@@ -171,6 +187,15 @@ impl GradTape {
                 _ => grad,
             };
             (&cut.attached * grad).sum(cut.attached.kind()).backward();
+        }
+        if let Some(comm) = comm {
+            for p in &self.partial {
+                let mut grad = p.grad();
+                if grad.defined() {
+                    let summed = comm.all_reduce_sum(&grad)?;
+                    tch::no_grad(|| grad.copy_(&summed));
+                }
+            }
         }
         Ok(())
     }
