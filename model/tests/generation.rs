@@ -22,7 +22,7 @@ struct Fixture {
 /// The checkpoint zeroes the image placeholder's row of `lm_head`: transformers
 /// puts the placeholder ids in its repetition-penalty set, samtrain has no id
 /// for visual tokens, and a logit of exactly 0 is left as it is by the penalty.
-fn fixture(variant: &str, images: &str, input_seed: u32) -> Fixture {
+fn fixture(variant: &str, images: &str, text_len: u32, input_seed: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let inputs = dir.path().join("inputs.safetensors");
@@ -46,7 +46,7 @@ fn fixture(variant: &str, images: &str, input_seed: u32) -> Fixture {
         "--images",
         images,
         "--text-len",
-        "8",
+        &text_len.to_string(),
         "--qformer-len",
         "5",
         "--seed",
@@ -147,7 +147,7 @@ fn assert_eos_and_limit(answers: &[Vec<i64>], max_new_tokens: usize) {
 #[test]
 fn greedy_matches_transformers_with_text_padding() {
     // Sample 1's text is padded on the right.
-    let f = fixture("mha", "1", 2);
+    let f = fixture("mha", "1", 7, 2);
     f.compare(1, 12, 1.0);
     let penalised = f.compare(1, 12, 1.5);
     assert_eos_and_limit(&penalised, 12);
@@ -155,7 +155,7 @@ fn greedy_matches_transformers_with_text_padding() {
 
 #[test]
 fn beam_search_matches_transformers_gqa() {
-    let f = fixture("gqa", "1", 2);
+    let f = fixture("gqa", "1", 8, 2);
     let answers = f.compare(5, 16, 1.5);
     assert_eos_and_limit(&answers, 16);
 }
@@ -163,14 +163,14 @@ fn beam_search_matches_transformers_gqa() {
 #[test]
 fn beam_search_matches_transformers_with_several_images() {
     // Sample 1 has 2 images and a padded slot between them and its text.
-    let f = fixture("mha", "3,2", 3);
+    let f = fixture("mha", "3,2", 8, 3);
     let answers = f.compare(3, 16, 1.5);
     assert_eos_and_limit(&answers, 16);
 }
 
 #[test]
 fn rejects_bad_settings_and_allows_zero_tokens() {
-    let f = fixture("mha", "1", 2);
+    let f = fixture("mha", "1", 8, 2);
     let batch = common::read(&f.inputs);
     let inputs = common::inputs_from(&batch);
     let run = |config: GenerationConfig| generate(&f.loaded.model, &inputs, &config);

@@ -33,7 +33,7 @@ fn write_model(dir: &Path) -> SamConfig {
     tch::no_grad(|| {
         for (name, t) in m.vs.variables() {
             if name.starts_with("sam.") || name.contains("lora_B") || name.ends_with("bias") {
-                let _ = t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
+                t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
             }
         }
     });
