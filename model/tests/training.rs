@@ -62,7 +62,9 @@ fn policy_decides_which_tensors_get_gradients() {
     let dir = tempfile::tempdir().unwrap();
     let (m, i) = reference_model(dir.path(), "random");
     let batch = common::read(std::path::Path::new(&i));
-    let cases: [(Trainable, bool, fn(&str) -> bool); 3] = [
+    /// A policy, whether LoRA is on, and which tensors must train.
+    type Case = (Trainable, bool, fn(&str) -> bool);
+    let cases: [Case; 3] = [
         (Trainable::default(), false, |n| n.starts_with("sam.")),
         (
             Trainable {
