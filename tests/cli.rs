@@ -1,0 +1,171 @@
+//! The `samtrain model` commands as a user runs them: real processes, real
+//! files, values checked.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tch::{Device, Kind, Tensor};
+
+const CONFIG: &str = r#"{
+  "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+  "qformer_config": {"hidden_size": 12, "intermediate_size": 24, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "encoder_hidden_size": 16, "vocab_size": 30,
+                     "max_position_embeddings": 16},
+  "text_config": {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "vocab_size": 37},
+  "num_query_tokens": 2
+}"#;
+
+fn samtrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_samtrain"))
+        .args(args)
+        .output()
+        .expect("run samtrain")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = samtrain(args);
+    assert!(
+        out.status.success(),
+        "samtrain {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn init(dir: &Path) -> String {
+    let config = dir.join("config.json");
+    std::fs::write(&config, CONFIG).unwrap();
+    let model = dir.join("model");
+    ok(&[
+        "model",
+        "init",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "9",
+    ]);
+    model.to_str().unwrap().to_string()
+}
+
+fn write_inputs(path: &Path, with_mask: bool) {
+    tch::manual_seed(4);
+    let opts = (Kind::Int64, Device::Cpu);
+    let mut tensors = vec![
+        (
+            "pixel_values",
+            Tensor::randn([2, 2, 3, 8, 8], (Kind::Float, Device::Cpu)),
+        ),
+        (
+            "qformer_input_ids",
+            Tensor::randint_low(1, 30, [2, 3], opts),
+        ),
+        ("input_ids", Tensor::randint_low(3, 37, [2, 5], opts)),
+    ];
+    if with_mask {
+        tensors.push(("image_mask", Tensor::from_slice2(&[[1i64, 1], [1, 0]])));
+    }
+    Tensor::write_safetensors(&tensors, path).unwrap();
+}
+
+#[test]
+fn inspect_counts_sams_trainable_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init(dir.path());
+    let out: serde_json::Value =
+        serde_json::from_str(&ok(&["model", "inspect", "--model", &model, "--json"])).unwrap();
+    // Adaptive adjustment Linear(16 -> 1) and two exchange Linear(12 -> 12).
+    assert_eq!(out["trainable"], 16 + 1 + 2 * (12 * 12 + 12));
+    assert!(out["parameters"].as_i64().unwrap() > 10_000);
+}
+
+#[test]
+fn forward_writes_the_logits_of_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init(dir.path());
+    let inputs = dir.path().join("inputs.safetensors");
+    let out = dir.path().join("out.safetensors");
+    write_inputs(&inputs, true);
+    ok(&[
+        "model",
+        "forward",
+        "--model",
+        &model,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let logits: Vec<(String, Tensor)> = Tensor::read_safetensors(&out).unwrap();
+    assert_eq!(logits[0].0, "logits");
+    // 2 slots x 2 query tokens + 5 text tokens, vocabulary 37, float32.
+    assert_eq!(logits[0].1.size(), vec![2, 9, 37]);
+    assert_eq!(logits[0].1.kind(), Kind::Float);
+
+    let loaded = samtrain_model::LoadedModel::load(Path::new(&model), Device::Cpu, None).unwrap();
+    let read: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let expected = tch::no_grad(|| {
+        loaded.model.forward(&samtrain_model::SamInputs {
+            pixel_values: read["pixel_values"].shallow_clone(),
+            image_mask: Some(read["image_mask"].shallow_clone()),
+            qformer_input_ids: read["qformer_input_ids"].shallow_clone(),
+            qformer_attention_mask: None,
+            input_ids: read["input_ids"].shallow_clone(),
+            attention_mask: None,
+        })
+    })
+    .unwrap();
+    assert!(logits[0].1.equal(&expected));
+}
+
+#[test]
+fn bad_input_files_fail_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = init(dir.path());
+    let inputs = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&[("input_ids", Tensor::from_slice2(&[[1i64, 2]]))], &inputs)
+        .unwrap();
+    let out = samtrain(&[
+        "model",
+        "forward",
+        "--model",
+        &model,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pixel_values") && stderr.contains("inputs.safetensors"),
+        "{stderr}"
+    );
+
+    let config = dir.path().join("bad.json");
+    std::fs::write(
+        &config,
+        r#"{"vision_config": {"image_size": 10, "patch_size": 4}}"#,
+    )
+    .unwrap();
+    let out = samtrain(&[
+        "model",
+        "init",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("image_size 10") && stderr.contains("bad.json"),
+        "{stderr}"
+    );
+}
