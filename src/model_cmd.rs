@@ -26,24 +26,11 @@ pub enum ModelCommand {
     },
     /// Runs the model on tensors read from a safetensors file and writes
     /// `logits` (float32, every position).
-    Forward {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        inputs: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Forward(RunArgs),
     /// Generates answers; writes `sequences` (int64, padded with -1) and `lengths`.
     Generate {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        inputs: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
         #[arg(long, default_value_t = 5)]
         num_beams: i64,
         #[arg(long, default_value_t = 256)]
@@ -52,8 +39,6 @@ pub enum ModelCommand {
         repetition_penalty: f64,
         #[arg(long, default_value_t = 1.0)]
         length_penalty: f64,
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// Prints parameter counts, total and trainable, per component.
     Inspect {
@@ -62,6 +47,31 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A model folder, an input file and an output file.
+#[derive(Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors with `pixel_values` [B,N,3,H,W], `image_mask` [B,N]
+    /// (optional), `qformer_input_ids`, `qformer_attention_mask` (optional),
+    /// `input_ids`, `attention_mask` (optional).
+    #[arg(long)]
+    inputs: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl RunArgs {
+    fn load(&self) -> Result<(LoadedModel, SamInputs)> {
+        let device = parse_device(&self.device)?;
+        let model = LoadedModel::load(&self.model, device, None)?;
+        Ok((model, read_inputs(&self.inputs, device)?))
+    }
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
@@ -76,31 +86,19 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             tracing::info!(out = %out.display(), "model written");
             Ok(())
         }
-        ModelCommand::Forward {
-            model,
-            inputs,
-            out,
-            device,
-        } => {
-            let device = parse_device(&device)?;
-            let m = LoadedModel::load(&model, device, None)?;
-            let inputs = read_inputs(&inputs, device)?;
+        ModelCommand::Forward(run) => {
+            let (m, inputs) = run.load()?;
             let logits = tch::no_grad(|| m.model.forward(&inputs))?;
-            write_tensors(&out, &[("logits", logits.to_kind(Kind::Float))])
+            write_tensors(&run.out, &[("logits", logits.to_kind(Kind::Float))])
         }
         ModelCommand::Generate {
-            model,
-            inputs,
-            out,
+            run,
             num_beams,
             max_new_tokens,
             repetition_penalty,
             length_penalty,
-            device,
         } => {
-            let device = parse_device(&device)?;
-            let m = LoadedModel::load(&model, device, None)?;
-            let inputs = read_inputs(&inputs, device)?;
+            let (m, inputs) = run.load()?;
             let config = GenerationConfig {
                 max_new_tokens,
                 num_beams,
@@ -110,7 +108,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             };
             let answers = tch::no_grad(|| generate(&m.model, &inputs, &config))?;
             let (sequences, lengths) = pad_answers(&answers, max_new_tokens);
-            write_tensors(&out, &[("sequences", sequences), ("lengths", lengths)])
+            write_tensors(&run.out, &[("sequences", sequences), ("lengths", lengths)])
         }
         ModelCommand::Inspect { model, json } => inspect(&model, json),
     }

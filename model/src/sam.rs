@@ -199,16 +199,16 @@ impl SamModel {
     /// Logits `[B, N * Q + T, vocab]` for every position.
     pub fn forward(&self, inputs: &SamInputs) -> Result<Tensor> {
         let seq = self.sequence(inputs, None)?;
-        let hidden = self.llm.forward(
-            &seq.embeds,
-            &DecoderInput {
-                positions: &seq.positions,
-                key_mask: &seq.key_mask,
-            },
-            None,
-            None,
-        );
-        Ok(self.llm.logits(&hidden))
+        Ok(self.llm.logits(&self.decode(&seq, None)))
+    }
+
+    /// The decoder's final hidden states over a whole sequence (no cache).
+    fn decode(&self, seq: &Sequence, tape: Option<&mut GradTape>) -> Tensor {
+        let input = DecoderInput {
+            positions: &seq.positions,
+            key_mask: &seq.key_mask,
+        };
+        self.llm.forward(&seq.embeds, &input, None, tape)
     }
 
     /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
@@ -232,15 +232,7 @@ impl SamModel {
             });
         }
         let seq = self.sequence(inputs, tape.as_deref_mut())?;
-        let hidden = self.llm.forward(
-            &seq.embeds,
-            &DecoderInput {
-                positions: &seq.positions,
-                key_mask: &seq.key_mask,
-            },
-            None,
-            tape,
-        );
+        let hidden = self.decode(&seq, tape);
         let t = labels.size()[1];
         let visual_len = seq.visual.size()[1];
         // Text token 0 is predicted by the last *real* visual token, which is
