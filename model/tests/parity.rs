@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use samtrain_model::config::Trainable;
 use samtrain_model::{trainable, LoadedModel};
 use tch::Device;
@@ -15,50 +13,16 @@ use tch::Device;
 /// Builds a tiny checkpoint and inputs with the reference, runs both models,
 /// returns the largest logit difference over the real positions.
 fn forward_case(variant: &str, guidance: &str, images: &str, seed: u32) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let inputs = dir.path().join("inputs.safetensors");
-    let expected = dir.path().join("expected.safetensors");
-    let (m, i, e) = (
-        model.to_str().unwrap(),
-        inputs.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    );
-    let seed = seed.to_string();
-    common::reference(&[
-        "make-checkpoint",
-        "--variant",
+    let f = common::Fixture::new(common::Spec {
         variant,
-        "--seed",
-        &seed,
-        "--guidance",
         guidance,
-        "--out",
-        m,
-    ]);
-    common::reference(&[
-        "make-inputs",
-        "--model",
-        m,
-        "--batch",
-        "2",
-        "--images",
         images,
-        "--text-len",
-        "9",
-        "--qformer-len",
-        "6",
-        "--seed",
-        &seed,
-        "--pad-text",
-        "--out",
-        i,
-    ]);
-    common::reference(&["forward", "--model", m, "--inputs", i, "--out", e]);
-    let loaded = LoadedModel::load(&model, Device::Cpu, None).unwrap();
-    let batch = common::read(&inputs);
-    let logits = tch::no_grad(|| loaded.model.forward(&common::inputs_from(&batch))).unwrap();
-    let reference = common::read(&expected);
+        seed,
+        ..Default::default()
+    });
+    let reference = f.reference("forward", &[]);
+    let loaded = LoadedModel::load(&f.model, Device::Cpu, None).unwrap();
+    let logits = tch::no_grad(|| loaded.model.forward(&common::inputs_from(&f.batch()))).unwrap();
     common::max_diff_where(&logits, &reference["logits"], &reference["valid"])
 }
 
@@ -95,71 +59,30 @@ fn guidance_matches_reference() {
 
 /// Loss and gradients of the trainable tensors against PyTorch autograd.
 fn gradient_case(variant: &str, all: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let inputs = dir.path().join("inputs.safetensors");
-    let expected = dir.path().join("expected.safetensors");
-    let (m, i, e) = (
-        model.to_str().unwrap(),
-        inputs.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    );
-    common::reference(&[
-        "make-checkpoint",
-        "--variant",
+    let f = common::Fixture::new(common::Spec {
         variant,
-        "--seed",
-        "21",
-        "--guidance",
-        "random",
-        "--out",
-        m,
-    ]);
-    common::reference(&[
-        "make-inputs",
-        "--model",
-        m,
-        "--batch",
-        "2",
-        "--images",
-        "3,2",
-        "--text-len",
-        "10",
-        "--qformer-len",
-        "5",
-        "--seed",
-        "22",
-        "--pad-text",
-        "--out",
-        i,
-    ]);
+        seed: 21,
+        guidance: "random",
+        images: "3,2",
+        text_len: 10,
+        qformer_len: 5,
+        ..Default::default()
+    });
     let scope = if all { "all" } else { "sam" };
-    common::reference(&[
-        "loss-grad",
-        "--model",
-        m,
-        "--inputs",
-        i,
-        "--out",
-        e,
-        "--trainable",
-        scope,
-    ]);
-
-    let loaded = LoadedModel::load(&model, Device::Cpu, None).unwrap();
+    let reference = f.reference("loss-grad", &["--trainable", scope]);
+    let loaded = LoadedModel::load(&f.model, Device::Cpu, None).unwrap();
     let mut options = loaded.model.config.samtrain.clone();
     options.trainable = Trainable {
         all,
         ..Trainable::default()
     };
     let params = trainable::apply(&loaded.vs, &options);
-    let batch = common::read(&inputs);
+    let batch = f.batch();
     let losses = loaded
         .model
         .loss(&common::inputs_from(&batch), &batch["labels"], None, None)
         .unwrap();
     losses.total.backward();
-    let reference = common::read(&expected);
     let loss_diff = (losses.total.double_value(&[]) - reference["loss"].double_value(&[0])).abs();
     assert!(loss_diff < 1e-5, "loss differs by {loss_diff}");
 
@@ -190,50 +113,22 @@ fn all_gradients_match_autograd() {
 #[test]
 fn exchange_weights_change_the_output() {
     // The guidance test is only meaningful if guidance changes the logits.
-    let with = forward_case("mha", "random", "3,2", 15);
-    assert!(with < TOLERANCE);
-    let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    let i = dir.path().join("i.safetensors");
-    common::reference(&[
-        "make-checkpoint",
-        "--variant",
-        "mha",
-        "--seed",
-        "15",
-        "--guidance",
-        "random",
-        "--out",
-        m.to_str().unwrap(),
-    ]);
-    common::reference(&[
-        "make-inputs",
-        "--model",
-        m.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--images",
-        "3,2",
-        "--text-len",
-        "9",
-        "--qformer-len",
-        "6",
-        "--seed",
-        "15",
-        "--out",
-        i.to_str().unwrap(),
-    ]);
-    let guided = logits_with_guidance(&m, &i, true);
-    let plain = logits_with_guidance(&m, &i, false);
+    let f = common::Fixture::new(common::Spec {
+        guidance: "random",
+        images: "3,2",
+        seed: 15,
+        ..Default::default()
+    });
+    let guided = logits_with_guidance(&f, true);
+    let plain = logits_with_guidance(&f, false);
     let d = common::max_diff(&guided, &plain);
     assert!(d > 1e-3, "guidance changed the logits by only {d}");
 }
 
-fn logits_with_guidance(model: &Path, inputs: &Path, guidance: bool) -> tch::Tensor {
-    let mut config = samtrain_model::SamConfig::from_file(&model.join("config.json")).unwrap();
+fn logits_with_guidance(f: &common::Fixture, guidance: bool) -> tch::Tensor {
+    let mut config = samtrain_model::SamConfig::from_file(&f.model.join("config.json")).unwrap();
     config.samtrain.guidance = guidance;
     let loaded = LoadedModel::init(&config, Device::Cpu, None).unwrap();
-    samtrain_model::weights::load(&loaded.vs, model, None).unwrap();
-    let batch = common::read(inputs);
-    tch::no_grad(|| loaded.model.forward(&common::inputs_from(&batch))).unwrap()
+    samtrain_model::weights::load(&loaded.vs, &f.model, None).unwrap();
+    tch::no_grad(|| loaded.model.forward(&common::inputs_from(&f.batch()))).unwrap()
 }

@@ -7,49 +7,23 @@ mod common;
 use samtrain_model::config::{LoraConfig, Trainable};
 use samtrain_model::sam::SeaTargets;
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig};
+use std::path::Path;
+
 use tch::{Device, Kind, Tensor};
 
-fn reference_model(dir: &std::path::Path, guidance: &str) -> (String, String) {
-    let m = dir.join("model");
-    let i = dir.join("inputs.safetensors");
-    let (ms, is) = (
-        m.to_str().unwrap().to_string(),
-        i.to_str().unwrap().to_string(),
-    );
-    common::reference(&[
-        "make-checkpoint",
-        "--variant",
-        "gqa",
-        "--seed",
-        "31",
-        "--guidance",
-        guidance,
-        "--out",
-        &ms,
-    ]);
-    common::reference(&[
-        "make-inputs",
-        "--model",
-        &ms,
-        "--batch",
-        "2",
-        "--images",
-        "3,2",
-        "--text-len",
-        "8",
-        "--qformer-len",
-        "5",
-        "--seed",
-        "32",
-        "--pad-text",
-        "--out",
-        &is,
-    ]);
-    (ms, is)
+fn reference_model() -> common::Fixture {
+    common::Fixture::new(common::Spec {
+        variant: "gqa",
+        seed: 31,
+        guidance: "random",
+        images: "3,2",
+        text_len: 8,
+        qformer_len: 5,
+        ..Default::default()
+    })
 }
 
-fn load_with(dir: &str, edit: impl FnOnce(&mut SamConfig)) -> LoadedModel {
-    let path = std::path::Path::new(dir);
+fn load_with(path: &Path, edit: impl FnOnce(&mut SamConfig)) -> LoadedModel {
     let mut config = SamConfig::from_file(&path.join("config.json")).unwrap();
     edit(&mut config);
     let m = LoadedModel::init(&config, Device::Cpu, None).unwrap();
@@ -59,9 +33,8 @@ fn load_with(dir: &str, edit: impl FnOnce(&mut SamConfig)) -> LoadedModel {
 
 #[test]
 fn policy_decides_which_tensors_get_gradients() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, i) = reference_model(dir.path(), "random");
-    let batch = common::read(std::path::Path::new(&i));
+    let f = reference_model();
+    let batch = f.batch();
     /// A policy, whether LoRA is on, and which tensors must train.
     type Case = (Trainable, bool, fn(&str) -> bool);
     let cases: [Case; 3] = [
@@ -85,7 +58,7 @@ fn policy_decides_which_tensors_get_gradients() {
         }),
     ];
     for (policy, lora, expected) in cases {
-        let model = load_with(&m, |c| {
+        let model = load_with(&f.model, |c| {
             c.samtrain.trainable = policy.clone();
             c.samtrain.lora = lora.then(|| LoraConfig {
                 rank: 2,
@@ -116,11 +89,10 @@ fn policy_decides_which_tensors_get_gradients() {
 
 #[test]
 fn lora_starts_as_a_no_op() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, i) = reference_model(dir.path(), "random");
-    let batch = common::read(std::path::Path::new(&i));
-    let plain = load_with(&m, |_| {});
-    let with_lora = load_with(&m, |c| {
+    let f = reference_model();
+    let batch = f.batch();
+    let plain = load_with(&f.model, |_| {});
+    let with_lora = load_with(&f.model, |c| {
         c.samtrain.lora = Some(LoraConfig {
             rank: 4,
             alpha: 8.0,
@@ -134,9 +106,8 @@ fn lora_starts_as_a_no_op() {
 
 #[test]
 fn sea_loss_matches_reference() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, i) = reference_model(dir.path(), "random");
-    let mut batch = common::read(std::path::Path::new(&i));
+    let f = reference_model();
+    let mut batch = f.batch();
     // Six labelled visual tokens; labels of one to three subword ids.
     let token_index = Tensor::from_slice(&[0i64, 3, 7, 12, 21, 26]);
     let label_ids = Tensor::from_slice2(&[
@@ -149,23 +120,11 @@ fn sea_loss_matches_reference() {
     ]);
     batch.insert("sea_token_index".into(), token_index.shallow_clone());
     batch.insert("sea_label_ids".into(), label_ids.shallow_clone());
-    let with_sea = dir.path().join("with_sea.safetensors");
     let named: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&named, &with_sea).unwrap();
-    let expected = dir.path().join("sea.safetensors");
+    Tensor::write_safetensors(&named, &f.inputs).unwrap();
     let logit_scale = (1.0f64 / 0.07).ln().to_string();
-    common::reference(&[
-        "sea-loss",
-        "--model",
-        &m,
-        "--inputs",
-        with_sea.to_str().unwrap(),
-        "--out",
-        expected.to_str().unwrap(),
-        "--logit-scale",
-        &logit_scale,
-    ]);
-    let model = load_with(&m, |c| c.samtrain.sea_weight = 0.5);
+    let expected = f.reference("sea-loss", &["--logit-scale", &logit_scale]);
+    let model = load_with(&f.model, |c| c.samtrain.sea_weight = 0.5);
     let targets = SeaTargets {
         token_index,
         label_ids,
@@ -184,7 +143,7 @@ fn sea_loss_matches_reference() {
         .as_ref()
         .expect("SEA loss computed")
         .double_value(&[]);
-    let want = common::read(&expected)["sea_loss"].double_value(&[0]);
+    let want = expected["sea_loss"].double_value(&[0]);
     assert!(
         (sea - want).abs() < 1e-5,
         "SEA loss {sea}, reference {want}"

@@ -84,3 +84,107 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size(), "shapes differ");
     (a - b).abs().max().double_value(&[])
 }
+
+/// A tiny checkpoint and an input batch, both made by the reference, in a
+/// temporary folder that lives as long as the fixture.
+pub struct Fixture {
+    dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub inputs: PathBuf,
+}
+
+/// What [`Fixture::new`] builds.
+pub struct Spec<'a> {
+    pub variant: &'a str,
+    pub seed: u32,
+    /// "zero" (SAM at initialisation) or "random" exchange weights.
+    pub guidance: &'a str,
+    /// Real images per sample, e.g. "3,2" (one value: every sample).
+    pub images: &'a str,
+    pub text_len: u32,
+    pub qformer_len: u32,
+    /// Further `make-checkpoint` flags.
+    pub checkpoint_flags: &'a [&'a str],
+}
+
+impl Default for Spec<'_> {
+    fn default() -> Self {
+        Self {
+            variant: "mha",
+            seed: 1,
+            guidance: "zero",
+            images: "1",
+            text_len: 9,
+            qformer_len: 6,
+            checkpoint_flags: &[],
+        }
+    }
+}
+
+impl Fixture {
+    pub fn new(spec: Spec) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        let inputs = dir.path().join("inputs.safetensors");
+        let seed = spec.seed.to_string();
+        let mut args = vec![
+            "make-checkpoint",
+            "--variant",
+            spec.variant,
+            "--seed",
+            &seed,
+            "--guidance",
+            spec.guidance,
+            "--out",
+            model.to_str().unwrap(),
+        ];
+        args.extend_from_slice(spec.checkpoint_flags);
+        reference(&args);
+        let (text, qformer) = (spec.text_len.to_string(), spec.qformer_len.to_string());
+        reference(&[
+            "make-inputs",
+            "--model",
+            model.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--images",
+            spec.images,
+            "--text-len",
+            &text,
+            "--qformer-len",
+            &qformer,
+            "--seed",
+            &seed,
+            "--pad-text",
+            "--out",
+            inputs.to_str().unwrap(),
+        ]);
+        Self { dir, model, inputs }
+    }
+
+    /// Runs a reference subcommand on this fixture's model and inputs and
+    /// returns the tensors it wrote.
+    pub fn reference(&self, command: &str, extra: &[&str]) -> HashMap<String, Tensor> {
+        let out = self.dir.path().join(format!("{command}.safetensors"));
+        let mut args = vec![
+            command,
+            "--model",
+            self.model.to_str().unwrap(),
+            "--inputs",
+            self.inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        reference(&args);
+        read(&out)
+    }
+
+    pub fn batch(&self) -> HashMap<String, Tensor> {
+        read(&self.inputs)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
