@@ -14,16 +14,17 @@
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
-# The venv's packages, one per line. Changing this list (or TORCH_VERSION)
-# makes the next run reinstall.
+# The venv's packages, one per line, pinned so that the reference numbers the
+# tests compare against cannot move under them. Changing this list (or
+# TORCH_VERSION) makes the next run reinstall.
 PY_PACKAGES="torch==${TORCH_VERSION}
-transformers>=5,<6
-safetensors
-pycocoevalcap
-rouge
-moto[server]
-numpy
-pillow"
+transformers==5.23.0
+safetensors==0.8.0
+pycocoevalcap==1.2
+rouge==1.0.1
+moto[server]==5.2.5
+numpy==2.4.6
+pillow==13.0.0"
 # Import names of the packages above (torch itself is imported for real).
 PY_MODULES="transformers safetensors pycocoevalcap rouge moto numpy PIL"
 
