@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use samtrain_model::generation::{generate, GenerationConfig};
+use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
@@ -39,6 +39,10 @@ pub enum ModelCommand {
         repetition_penalty: f64,
         #[arg(long, default_value_t = 1.0)]
         length_penalty: f64,
+        /// `prompt`: penalise prompt ids too, as transformers' generate;
+        /// `generated`: only generated tokens, as SAM's own code.
+        #[arg(long, default_value = "prompt")]
+        penalty_scope: String,
     },
     /// Prints parameter counts, total and trainable, per component.
     Inspect {
@@ -97,7 +101,13 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             max_new_tokens,
             repetition_penalty,
             length_penalty,
+            penalty_scope,
         } => {
+            let penalty_scope = match penalty_scope.as_str() {
+                "prompt" => PenaltyScope::Prompt,
+                "generated" => PenaltyScope::Generated,
+                other => bail!("--penalty-scope {other:?}: expected prompt or generated"),
+            };
             let (m, inputs) = run.load()?;
             let config = GenerationConfig {
                 max_new_tokens,
@@ -105,6 +115,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 repetition_penalty,
                 length_penalty,
                 eos_token_ids: Vec::new(),
+                penalty_scope,
             };
             let answers = tch::no_grad(|| generate(&m.model, &inputs, &config))?;
             let (sequences, lengths) = pad_answers(&answers, max_new_tokens);

@@ -9,9 +9,13 @@
 //! own sample's count of real positions; so each sample sees exactly its own
 //! prompt, as if it had been run alone with the padding cut off.
 //!
-//! The repetition penalty covers the prompt's real text ids and the tokens
-//! generated so far (visual tokens have no id). As in transformers, greedy
-//! search penalises the raw logits, beam search the log-probabilities.
+//! The repetition penalty covers the tokens generated so far and, by default,
+//! the prompt as transformers sees it: its real text ids and the image
+//! placeholder id (transformers' InstructBLIP puts one placeholder id per
+//! visual token in the prompt). SAM's own code passes only embeddings, so
+//! only generated tokens are penalised there: [`PenaltyScope::Generated`].
+//! As in transformers, greedy search penalises the raw logits, beam search
+//! the log-probabilities.
 
 use tch::{Device, Kind, Tensor};
 
@@ -29,6 +33,18 @@ pub struct GenerationConfig {
     pub length_penalty: f64,
     /// Empty: the model config's EOS ids.
     pub eos_token_ids: Vec<i64>,
+    pub penalty_scope: PenaltyScope,
+}
+
+/// Which ids the repetition penalty counts as already seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PenaltyScope {
+    /// The prompt's text ids, the image placeholder id and the generated
+    /// tokens, as transformers' `generate` on InstructBLIP.
+    #[default]
+    Prompt,
+    /// Only the generated tokens, as SAM's (LAVIS) code.
+    Generated,
 }
 
 impl Default for GenerationConfig {
@@ -39,6 +55,7 @@ impl Default for GenerationConfig {
             repetition_penalty: 1.5,
             length_penalty: 1.0,
             eos_token_ids: Vec::new(),
+            penalty_scope: PenaltyScope::Prompt,
         }
     }
 }
@@ -78,7 +95,8 @@ pub fn generate(
         });
     }
     tch::no_grad(|| {
-        let (mut decoder, logits) = Decoder::prefill(model, inputs, config.num_beams)?;
+        let (mut decoder, logits) =
+            Decoder::prefill(model, inputs, config.num_beams, config.penalty_scope)?;
         if config.num_beams == 1 {
             greedy(&mut decoder, logits, config, &eos)
         } else {
@@ -144,10 +162,16 @@ struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    /// Runs the prompt through the decoder once per sample and copies the
-    /// cache to its `beams` rows; returns the next-token logits `[rows, vocab]`
-    /// (float32) taken at each sample's last real position.
-    fn prefill(model: &'a SamModel, inputs: &SamInputs, beams: i64) -> Result<(Self, Tensor)> {
+    /// Runs the batch's prompts through the decoder (one row per sample) and
+    /// copies each row's cache to its `beams` rows; returns the next-token
+    /// logits `[rows, vocab]` (float32) taken at each sample's last real
+    /// position.
+    fn prefill(
+        model: &'a SamModel,
+        inputs: &SamInputs,
+        beams: i64,
+        scope: PenaltyScope,
+    ) -> Result<(Self, Tensor)> {
         let llm = model.llm();
         let seq = model.sequence(inputs, None)?;
         let (batch, len, width) = seq.embeds.size3()?;
@@ -162,8 +186,8 @@ impl<'a> Decoder<'a> {
             Some(&mut cache),
             None,
         );
-        // Positions only grow along the sequence, so the largest masked index
-        // is the last real one.
+        // Index times mask peaks at the last real position (right padding,
+        // and padded slots are not the end of the prompt).
         let last = (Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0) * &seq.key_mask)
             .argmax(1, false);
         let last_hidden = hidden
@@ -189,7 +213,7 @@ impl<'a> Decoder<'a> {
                 .key_mask
                 .sum_dim_intlist(1, false, Kind::Int64)
                 .index_select(0, &rows),
-            prompt_ids: prompt_id_set(inputs, vocab, device).index_select(0, &rows),
+            prompt_ids: prompt_id_set(inputs, model, vocab, scope, device).index_select(0, &rows),
             kind: seq.embeds.kind(),
             batch,
             vocab,
@@ -232,15 +256,40 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// `[batch, vocab]` bool: the ids of each sample's real text tokens.
-fn prompt_id_set(inputs: &SamInputs, vocab: i64, device: Device) -> Tensor {
+/// `[batch, vocab]` bool: the prompt ids the penalty counts as seen.
+fn prompt_id_set(
+    inputs: &SamInputs,
+    model: &SamModel,
+    vocab: i64,
+    scope: PenaltyScope,
+    device: Device,
+) -> Tensor {
+    let b = inputs.input_ids.size()[0];
+    if scope == PenaltyScope::Generated {
+        return Tensor::zeros([b, vocab], (Kind::Bool, device));
+    }
     let ids = inputs.input_ids.to_device(device).to_kind(Kind::Int64);
+    let ids = match model.config.image_token_index {
+        Some(placeholder) if (0..vocab).contains(&placeholder) => Tensor::cat(
+            &[
+                ids,
+                Tensor::full([b, 1], placeholder, (Kind::Int64, device)),
+            ],
+            1,
+        ),
+        _ => ids,
+    };
+    let ids_mask = inputs.attention_mask.as_ref().map(|m| {
+        let m = m.to_device(device);
+        let extra = ids.size()[1] - m.size()[1];
+        let ones = Tensor::ones([b, extra], (m.kind(), device));
+        Tensor::cat(&[m, ones], 1)
+    });
     // Padding goes to an extra column that is dropped afterwards.
-    let ids = match &inputs.attention_mask {
-        Some(m) => ids.masked_fill(&m.to_device(device).eq(0), vocab),
+    let ids = match &ids_mask {
+        Some(m) => ids.masked_fill(&m.eq(0), vocab),
         None => ids,
     };
-    let b = ids.size()[0];
     Tensor::zeros([b, vocab + 1], (Kind::Bool, device))
         .scatter_value(1, &ids, 1)
         .narrow(1, 0, vocab)
@@ -249,7 +298,7 @@ fn prompt_id_set(inputs: &SamInputs, vocab: i64, device: Device) -> Tensor {
 /// transformers' `RepetitionPenaltyLogitsProcessor`: seen ids get
 /// `s * penalty` where `s < 0`, else `s / penalty`.
 fn penalise(scores: &Tensor, seen: &Tensor, penalty: f64) -> Tensor {
-    // transformers adds no processor at 1.0; skipping it keeps -0.0 and the like.
+    // transformers adds no processor at 1.0 (scaling by 1 would change nothing).
     if penalty == 1.0 {
         return scores.shallow_clone();
     }

@@ -5,66 +5,42 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 
-use samtrain_model::generation::{generate, GenerationConfig};
+use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::LoadedModel;
-use tch::Device;
+use tch::{Device, Tensor};
 
-/// A tiny checkpoint and one input batch, written by the reference.
-struct Fixture {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    inputs: PathBuf,
+use common::{Fixture, Spec};
+
+/// A reference fixture and the model loaded from it.
+struct Case {
+    fixture: Fixture,
     loaded: LoadedModel,
 }
 
-/// The checkpoint zeroes the image placeholder's row of `lm_head`: transformers
-/// puts the placeholder ids in its repetition-penalty set, samtrain has no id
-/// for visual tokens, and a logit of exactly 0 is left as it is by the penalty.
-fn fixture(variant: &str, images: &str, text_len: u32, input_seed: u32) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let inputs = dir.path().join("inputs.safetensors");
-    let (m, i) = (model.to_str().unwrap(), inputs.to_str().unwrap());
-    common::reference(&[
-        "make-checkpoint",
-        "--variant",
-        variant,
-        "--seed",
-        "1",
-        "--image-token-id-zero-row",
-        "--out",
-        m,
-    ]);
-    common::reference(&[
-        "make-inputs",
-        "--model",
-        m,
-        "--batch",
-        "2",
-        "--images",
-        images,
-        "--text-len",
-        &text_len.to_string(),
-        "--qformer-len",
-        "5",
-        "--seed",
-        &input_seed.to_string(),
-        "--pad-text",
-        "--out",
-        i,
-    ]);
-    let loaded = LoadedModel::load(&model, Device::Cpu, None).unwrap();
-    Fixture {
-        _dir: dir,
-        model,
-        inputs,
-        loaded,
+impl Case {
+    /// The seeds of the EOS tests were chosen on checkpoints whose image
+    /// placeholder row of `lm_head` is zero (`zero_row`).
+    fn new(variant: &str, seed: u32, images: &str, text_len: u32, zero_row: bool) -> Self {
+        let flags: &[&str] = if zero_row {
+            &["--image-token-id-zero-row"]
+        } else {
+            &[]
+        };
+        let fixture = Fixture::new(Spec {
+            variant,
+            seed,
+            images,
+            text_len,
+            qformer_len: 5,
+            checkpoint_flags: flags,
+            ..Spec::default()
+        });
+        let loaded = LoadedModel::load(&fixture.model, Device::Cpu, None).unwrap();
+        Self { fixture, loaded }
     }
-}
 
-impl Fixture {
     /// Generates with both implementations, asserts equal tokens and returns
     /// the answers.
     fn compare(
@@ -73,52 +49,58 @@ impl Fixture {
         max_new_tokens: i64,
         repetition_penalty: f64,
     ) -> Vec<Vec<i64>> {
-        let expected = self.reference(num_beams, max_new_tokens, repetition_penalty);
-        let batch = common::read(&self.inputs);
+        self.compare_scoped(
+            num_beams,
+            max_new_tokens,
+            repetition_penalty,
+            PenaltyScope::Prompt,
+        )
+    }
+
+    fn compare_scoped(
+        &self,
+        num_beams: i64,
+        max_new_tokens: i64,
+        repetition_penalty: f64,
+        penalty_scope: PenaltyScope,
+    ) -> Vec<Vec<i64>> {
+        let scope = match penalty_scope {
+            PenaltyScope::Prompt => "prompt",
+            PenaltyScope::Generated => "generated",
+        };
+        let expected = answers(&self.fixture.reference(
+            "generate",
+            &[
+                "--num-beams",
+                &num_beams.to_string(),
+                "--max-new-tokens",
+                &max_new_tokens.to_string(),
+                "--repetition-penalty",
+                &repetition_penalty.to_string(),
+                "--penalty-scope",
+                scope,
+            ],
+        ));
         let config = GenerationConfig {
             max_new_tokens,
             num_beams,
             repetition_penalty,
             length_penalty: 1.0,
             eos_token_ids: Vec::new(),
+            penalty_scope,
         };
+        let batch = self.fixture.batch();
         let got = generate(&self.loaded.model, &common::inputs_from(&batch), &config).unwrap();
         assert_eq!(
             got, expected,
-            "beams {num_beams}, max {max_new_tokens}, penalty {repetition_penalty}: Rust (left) vs transformers"
+            "beams {num_beams}, max {max_new_tokens}, penalty {repetition_penalty} ({scope}): Rust (left) vs transformers"
         );
         got
-    }
-
-    fn reference(
-        &self,
-        num_beams: i64,
-        max_new_tokens: i64,
-        repetition_penalty: f64,
-    ) -> Vec<Vec<i64>> {
-        let out = self.model.parent().unwrap().join("generated.safetensors");
-        common::reference(&[
-            "generate",
-            "--model",
-            self.model.to_str().unwrap(),
-            "--inputs",
-            self.inputs.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--num-beams",
-            &num_beams.to_string(),
-            "--max-new-tokens",
-            &max_new_tokens.to_string(),
-            "--repetition-penalty",
-            &repetition_penalty.to_string(),
-        ]);
-        answers(&out)
     }
 }
 
 /// `sequences` `[B, M]` cut to `lengths` `[B]`.
-fn answers(path: &Path) -> Vec<Vec<i64>> {
-    let t = common::read(path);
+fn answers(t: &HashMap<String, Tensor>) -> Vec<Vec<i64>> {
     let sequences = Vec::<Vec<i64>>::try_from(&t["sequences"]).unwrap();
     let lengths = Vec::<i64>::try_from(&t["lengths"]).unwrap();
     sequences
@@ -147,33 +129,43 @@ fn assert_eos_and_limit(answers: &[Vec<i64>], max_new_tokens: usize) {
 #[test]
 fn greedy_matches_transformers_with_text_padding() {
     // Sample 1's text is padded on the right.
-    let f = fixture("mha", "1", 7, 2);
-    f.compare(1, 12, 1.0);
-    let penalised = f.compare(1, 12, 1.5);
+    let c = Case::new("mha", 7, "1", 8, true);
+    c.compare(1, 12, 1.0);
+    let penalised = c.compare(1, 12, 1.5);
     assert_eos_and_limit(&penalised, 12);
 }
 
 #[test]
 fn beam_search_matches_transformers_gqa() {
-    let f = fixture("gqa", "1", 8, 2);
-    let answers = f.compare(5, 16, 1.5);
+    let c = Case::new("gqa", 2, "1", 8, true);
+    let answers = c.compare(5, 16, 1.5);
     assert_eos_and_limit(&answers, 16);
 }
 
 #[test]
 fn beam_search_matches_transformers_with_several_images() {
     // Sample 1 has 2 images and a padded slot between them and its text.
-    let f = fixture("mha", "3,2", 8, 3);
-    let answers = f.compare(3, 16, 1.5);
+    let c = Case::new("mha", 3, "3,2", 8, true);
+    let answers = c.compare(3, 16, 1.5);
     assert_eos_and_limit(&answers, 16);
 }
 
 #[test]
+fn penalty_scopes_match_transformers_and_sam() {
+    // A live placeholder row: transformers penalises the placeholder id in
+    // beam search's log-probabilities, SAM's code penalises no prompt id.
+    let c = Case::new("gqa", 5, "2,1", 8, false);
+    let hf = c.compare_scoped(4, 10, 1.5, PenaltyScope::Prompt);
+    let sam = c.compare_scoped(4, 10, 1.5, PenaltyScope::Generated);
+    assert_ne!(hf, sam, "the scopes should differ on this prompt");
+}
+
+#[test]
 fn rejects_bad_settings_and_allows_zero_tokens() {
-    let f = fixture("mha", "1", 8, 2);
-    let batch = common::read(&f.inputs);
+    let c = Case::new("mha", 1, "1", 8, true);
+    let batch = c.fixture.batch();
     let inputs = common::inputs_from(&batch);
-    let run = |config: GenerationConfig| generate(&f.loaded.model, &inputs, &config);
+    let run = |config: GenerationConfig| generate(&c.loaded.model, &inputs, &config);
     for bad in [
         GenerationConfig {
             num_beams: 0,
