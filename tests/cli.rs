@@ -51,6 +51,19 @@ fn init(dir: &Path) -> String {
     model.to_str().unwrap().to_string()
 }
 
+fn forward(model: &str, inputs: &Path, out: &Path) -> Output {
+    samtrain(&[
+        "model",
+        "forward",
+        "--model",
+        model,
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn write_inputs(path: &Path, with_mask: bool) {
     tch::manual_seed(4);
     let opts = (Kind::Int64, Device::Cpu);
@@ -89,16 +102,8 @@ fn forward_writes_the_logits_of_the_library() {
     let inputs = dir.path().join("inputs.safetensors");
     let out = dir.path().join("out.safetensors");
     write_inputs(&inputs, true);
-    ok(&[
-        "model",
-        "forward",
-        "--model",
-        &model,
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let run = forward(&model, &inputs, &out);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let logits: Vec<(String, Tensor)> = Tensor::read_safetensors(&out).unwrap();
     assert_eq!(logits[0].0, "logits");
     // 2 slots x 2 query tokens + 5 text tokens, vocabulary 37, float32.
@@ -131,16 +136,7 @@ fn bad_input_files_fail_with_a_message() {
     let inputs = dir.path().join("inputs.safetensors");
     Tensor::write_safetensors(&[("input_ids", Tensor::from_slice2(&[[1i64, 2]]))], &inputs)
         .unwrap();
-    let out = samtrain(&[
-        "model",
-        "forward",
-        "--model",
-        &model,
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--out",
-        dir.path().join("o.safetensors").to_str().unwrap(),
-    ]);
+    let out = forward(&model, &inputs, &dir.path().join("o.safetensors"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
