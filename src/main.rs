@@ -1,6 +1,7 @@
 //! The `samtrain` binary: one program for every role. This file parses the
 //! command line and hands each subcommand to its module.
 
+mod demo;
 mod model_cmd;
 
 use clap::{Parser, Subcommand};
@@ -25,9 +26,9 @@ enum Command {
     /// Work with a model folder: create, run, inspect.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
-    /// The main job: builds a small SAM, trains it briefly on synthetic
-    /// batches and shows the loss falling and a beam-search answer.
-    Demo(model_cmd::DemoArgs),
+    /// The main job: trains a small SAM from scratch on synthetic
+    /// multi-image samples and scores it on held-out ones.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +44,6 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Model(cmd) => model_cmd::run(cmd),
-        Command::Demo(args) => model_cmd::demo(args),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -3,13 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
-use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
@@ -241,132 +239,3 @@ fn component(name: &str) -> String {
         None => String::new(),
     }
 }
-
-#[derive(Args)]
-pub struct DemoArgs {
-    /// Training steps.
-    #[arg(long, default_value_t = 60)]
-    steps: i64,
-    /// Where the trained model folder goes.
-    #[arg(long, default_value = "target/demo/model")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    seed: i64,
-}
-
-/// A small SAM trained from scratch on a fixed synthetic batch (each sample's
-/// answer is determined by its images), to show the whole model learning.
-pub fn demo(args: DemoArgs) -> Result<()> {
-    let config: SamConfig = serde_json::from_str(DEMO_CONFIG).context("built-in demo config")?;
-    let mut config = config;
-    config.samtrain.init_seed = args.seed;
-    let m = LoadedModel::init(&config, Device::Cpu, None)?;
-    let trainable = trainable::apply(&m.vs, &config.samtrain);
-    println!(
-        "samtrain demo: SAM with {} parameters ({} trainable)",
-        m.vs.variables()
-            .values()
-            .map(|t| t.numel() as i64)
-            .sum::<i64>(),
-        trainable::count(&trainable)
-    );
-    let (inputs, labels) = demo_batch(&config, args.seed);
-    let mut opt = tch::nn::AdamW::default().build(&m.vs, 3e-3)?;
-    let start = Instant::now();
-    let mut first = None;
-    let mut last = 0.0;
-    for step in 1..=args.steps {
-        let losses = m.model.loss(&inputs, &labels, None, None)?;
-        opt.zero_grad();
-        losses.total.backward();
-        opt.step();
-        last = losses.lm.double_value(&[]);
-        first.get_or_insert(last);
-        if step % 10 == 0 || step == 1 {
-            println!(
-                "step {step:>4}  loss {last:.4}  ({:.1} s)",
-                start.elapsed().as_secs_f64()
-            );
-        }
-    }
-    let first = first.unwrap_or(last);
-    weights::save(&m.vs, &config, &args.out)?;
-    let prompt = SamInputs {
-        input_ids: inputs.input_ids.narrow(1, 0, 1),
-        attention_mask: None,
-        ..inputs
-    };
-    let answers = tch::no_grad(|| {
-        generate(
-            &m.model,
-            &prompt,
-            &GenerationConfig {
-                max_new_tokens: 6,
-                num_beams: 5,
-                ..GenerationConfig::default()
-            },
-        )
-    })?;
-    let expected: Vec<Vec<i64>> = (0..labels.size()[0])
-        .map(|b| Vec::<i64>::try_from(labels.get(b).narrow(0, 1, 4)).unwrap_or_default())
-        .collect();
-    let correct = answers
-        .iter()
-        .zip(&expected)
-        .filter(|(a, e)| a.starts_with(e))
-        .count();
-    println!(
-        "loss {first:.4} -> {last:.4}; beam search reproduces {correct}/{} answers",
-        expected.len()
-    );
-    println!("model folder: {}", args.out.display());
-    Ok(())
-}
-
-/// Random images; the answer tokens are a function of each sample's mean
-/// pixel per image, so the model must read every image to answer.
-fn demo_batch(config: &SamConfig, seed: i64) -> (SamInputs, Tensor) {
-    tch::manual_seed(seed + 1);
-    let (b, n, s) = (8, 3, config.vision_config.image_size);
-    let pixel_values = Tensor::randn([b, n, 3, s, s], (Kind::Float, Device::Cpu));
-    let vocab = config.text_config.vocab_size;
-    // Answer token k of sample i: derived from the sign pattern of its images.
-    let signs = pixel_values
-        .mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
-        .gt(0.0)
-        .to_kind(Kind::Int64);
-    let code = (signs.select(1, 0) + signs.select(1, 1) * 2 + signs.select(1, 2) * 4).unsqueeze(1);
-    let answer = (code * 7 + Tensor::arange(4, (Kind::Int64, Device::Cpu)).unsqueeze(0) * 3)
-        .remainder(vocab - 10)
-        + 10;
-    let prompt = Tensor::full([b, 1], 5, (Kind::Int64, Device::Cpu));
-    let eos = Tensor::full([b, 1], 2, (Kind::Int64, Device::Cpu));
-    let input_ids = Tensor::cat(&[&prompt, &answer, &eos], 1);
-    let labels = input_ids.copy();
-    let _ = labels.narrow(1, 0, 1).fill_(-100);
-    let qformer_input_ids = Tensor::full([b, 2], 3, (Kind::Int64, Device::Cpu));
-    (
-        SamInputs {
-            pixel_values,
-            image_mask: None,
-            qformer_input_ids,
-            qformer_attention_mask: None,
-            input_ids,
-            attention_mask: None,
-        },
-        labels,
-    )
-}
-
-const DEMO_CONFIG: &str = r#"{
-  "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-  "qformer_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "encoder_hidden_size": 64, "vocab_size": 64,
-                     "max_position_embeddings": 64},
-  "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96,
-                  "max_position_embeddings": 256},
-  "num_query_tokens": 4,
-  "samtrain": {"trainable": {"all": true}}
-}"#;

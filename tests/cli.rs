@@ -103,7 +103,11 @@ fn forward_writes_the_logits_of_the_library() {
     let out = dir.path().join("out.safetensors");
     write_inputs(&inputs, true);
     let run = forward(&model, &inputs, &out);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let logits: Vec<(String, Tensor)> = Tensor::read_safetensors(&out).unwrap();
     assert_eq!(logits[0].0, "logits");
     // 2 slots x 2 query tokens + 5 text tokens, vocabulary 37, float32.
