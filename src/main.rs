@@ -2,6 +2,7 @@
 //! command line and hands each subcommand to its module.
 
 mod demo;
+mod eval_cmd;
 mod model_cmd;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     /// The main job: trains a small SAM from scratch on synthetic
     /// multi-image samples and scores it on held-out ones.
     Demo(demo::DemoArgs),
+    /// Scores a pred.json with SAM's protocol (ROUGE-L, CIDEr, BLEU-4).
+    Eval(eval_cmd::EvalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
     }
 }
