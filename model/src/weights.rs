@@ -180,7 +180,12 @@ pub fn save(vs: &VarStore, config: &SamConfig, dir: &Path) -> Result<()> {
         })?;
     }
     let mut json = serde_json::to_value(config).expect("config serialises");
+    // transformers picks each part's class by `model_type`; without the text
+    // config's it would build its default text model (OPT) at random.
     json["model_type"] = "instructblip".into();
+    json["vision_config"]["model_type"] = "instructblip_vision_model".into();
+    json["qformer_config"]["model_type"] = "instructblip_qformer".into();
+    json["text_config"]["model_type"] = "llama".into();
     json["architectures"] = serde_json::json!(["InstructBlipForConditionalGeneration"]);
     let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, serde_json::to_string_pretty(&json).expect("json")).map_err(io(&path))?;

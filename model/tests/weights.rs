@@ -256,3 +256,18 @@ fn bad_inputs_get_errors_not_panics() {
         }
     }
 }
+
+#[test]
+fn saved_config_names_every_part_for_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    saved_model(dir.path(), 7);
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(c["model_type"], "instructblip");
+    assert_eq!(
+        c["vision_config"]["model_type"],
+        "instructblip_vision_model"
+    );
+    assert_eq!(c["qformer_config"]["model_type"], "instructblip_qformer");
+    assert_eq!(c["text_config"]["model_type"], "llama");
+}
