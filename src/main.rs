@@ -1,6 +1,7 @@
 //! The `samtrain` binary: one program for every role. This file parses the
 //! command line and hands each subcommand to its module.
 
+mod data_cmd;
 mod demo;
 mod eval_cmd;
 mod model_cmd;
@@ -32,6 +33,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Scores a pred.json with SAM's protocol (ROUGE-L, CIDEr, BLEU-4).
     Eval(eval_cmd::EvalArgs),
+    /// MmLINK datasets: validate one, or synthesise one.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval_cmd::run(args),
+        Command::Data(cmd) => data_cmd::run(cmd),
     }
 }

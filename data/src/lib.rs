@@ -1,6 +1,8 @@
 //! samtrain's data crate: everything between files on disk and the model's
-//! inputs, and back from the model's answers to scores. Today it holds SAM's
-//! evaluation protocol ([`eval`]); MmLINK reading, synthetic data and the
-//! sampler will join it, each in its own module.
+//! inputs, and back from the model's answers to scores.
+//!
+//! - [`mmlink`]: the MmLINK format: read, check, synthesise;
+//! - [`eval`]: SAM's evaluation protocol.
 
 pub mod eval;
+pub mod mmlink;
