@@ -1,6 +1,7 @@
 //! The `samtrain` binary: one program for every role. This file parses the
 //! command line and hands each subcommand to its module.
 
+mod bench;
 mod data_cmd;
 mod demo;
 mod eval_cmd;
@@ -31,6 +32,9 @@ enum Command {
     /// The main job: trains a small SAM from scratch on synthetic
     /// multi-image samples and scores it on held-out ones.
     Demo(demo::DemoArgs),
+    /// Timings of the model, to compare with transformers (docs/PERFORMANCE.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Scores a pred.json with SAM's protocol (ROUGE-L, CIDEr, BLEU-4).
     Eval(eval_cmd::EvalArgs),
     /// MmLINK datasets: validate one, or synthesise one.
@@ -52,6 +56,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
     }

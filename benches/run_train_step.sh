@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Times one training step (forward, backward, AdamW, zero_grad) of the model in
+# benches/train_step_config.json in samtrain and in Python transformers, and
+# prints a table (docs/PERFORMANCE.md, "Training step vs transformers").
+#
+# Builds samtrain in release mode, writes the model folder to target/bench/,
+# then runs the sides one after the other, ROUNDS times, so that load from
+# other processes spreads over all of them instead of hitting one side.
+# Each round runs, in this order: samtrain without guidance (the same
+# computation as transformers' InstructBLIP for one image per sample),
+# transformers with sdpa attention, samtrain with SAM's guidance (the extra
+# W-former pass), transformers with eager attention.
+#
+# On a shared machine, each run first waits (up to QUIET_WAIT seconds) for a
+# second in which other processes use less than 15% of the CPU.
+#
+# Environment: ROUNDS (3), THREADS (2), STEPS (10), WARMUP (3), BATCH (4),
+# IMAGES (1), TEXT_LEN (64), QFORMER_LEN (16), QUIET_WAIT (120), and
+# SUPPLEMENT=1 to add two transformers variants to each round: logits at the
+# text positions only, and fused AdamW (see benches/train_step.py).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+ROUNDS=${ROUNDS:-3}
+THREADS=${THREADS:-2}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-3}
+BATCH=${BATCH:-4}
+IMAGES=${IMAGES:-1}
+TEXT_LEN=${TEXT_LEN:-64}
+QFORMER_LEN=${QFORMER_LEN:-16}
+QUIET_WAIT=${QUIET_WAIT:-120}
+SUPPLEMENT=${SUPPLEMENT:-0}
+PY=$ROOT/.venv/bin/python
+OUT=target/bench
+RESULTS=$OUT/train_step.jsonl
+
+echo "bench: cargo build --release" >&2
+cargo build --release
+
+rm -rf "$OUT/model" "$OUT/model-guided"
+mkdir -p "$OUT"
+target/release/samtrain model init --config benches/train_step_config.json --out "$OUT/model" 2>/dev/null
+# The guided copy shares the weights and differs only in samtrain.guidance.
+mkdir -p "$OUT/model-guided"
+ln -s ../model/model.safetensors ../model/sam.safetensors "$OUT/model-guided/"
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+config = json.load(open(f"{out}/model/config.json"))
+config["samtrain"]["guidance"] = True
+json.dump(config, open(f"{out}/model-guided/config.json", "w"), indent=2)
+EOF
+
+FLAGS=(--batch "$BATCH" --images "$IMAGES" --text-len "$TEXT_LEN" --qformer-len "$QFORMER_LEN"
+    --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --json)
+SIDES=(samtrain hf-sdpa samtrain-guided hf-eager)
+if [[ $SUPPLEMENT == 1 ]]; then
+    SIDES+=(hf-sdpa-text-logits hf-sdpa-fused-adamw)
+fi
+
+# One run of one side; prints its JSON object.
+run_side() {
+    local st=(target/release/samtrain bench train-step "${FLAGS[@]}")
+    local hf=("$PY" benches/train_step.py --model "$OUT/model" "${FLAGS[@]}")
+    case $1 in
+    samtrain) "${st[@]}" --model "$OUT/model" ;;
+    samtrain-guided) "${st[@]}" --model "$OUT/model-guided" ;;
+    hf-sdpa) "${hf[@]}" --attn sdpa ;;
+    hf-eager) "${hf[@]}" --attn eager ;;
+    hf-sdpa-text-logits) "${hf[@]}" --attn sdpa --text-logits-only ;;
+    hf-sdpa-fused-adamw) "${hf[@]}" --attn sdpa --fused-adamw ;;
+    esac
+}
+
+# Percent of the CPU busy over one second, from /proc/stat.
+busy_percent() {
+    local a b
+    read -ra a < <(head -1 /proc/stat)
+    sleep 1
+    read -ra b < <(head -1 /proc/stat)
+    local total=0 idle=$((b[4] + b[5] - a[4] - a[5])) i
+    for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
+    echo $((100 * (total - idle) / (total > 0 ? total : 1)))
+}
+
+wait_for_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) busy
+    while busy=$(busy_percent) && ((busy >= 15)); do
+        if ((SECONDS >= deadline)); then
+            echo "bench: CPU still ${busy}% busy after ${QUIET_WAIT} s; running anyway" >&2
+            return
+        fi
+    done
+}
+
+: >"$RESULTS"
+for round in $(seq 1 "$ROUNDS"); do
+    for side in "${SIDES[@]}"; do
+        wait_for_quiet
+        echo "bench: round $round: $side" >&2
+        run_side "$side" 2>>"$OUT/train_step.log" |
+            "$PY" -c 'import json, sys; r = json.loads(sys.stdin.read()); r.update(round=int(sys.argv[1]), side=sys.argv[2]); print(json.dumps(r))' \
+                "$round" "$side" >>"$RESULTS"
+    done
+done
+
+"$PY" - "$RESULTS" <<'EOF'
+import json, statistics, sys
+
+rows = [json.loads(line) for line in open(sys.argv[1])]
+sides = list(dict.fromkeys(r["side"] for r in rows))
+by = {(r["round"], r["side"]): r for r in rows}
+rounds = sorted({r["round"] for r in rows})
+first = by[(rounds[0], "samtrain")]
+print(f"median ms per step over {first['steps']} steps; {first['threads']} threads, batch "
+      f"{first['batch']} x {first['images']} image(s), text {first['text_len']}, "
+      f"instruction {first['qformer_len']}")
+
+
+# Every side but samtrain gets a ratio column: samtrain / transformers for the
+# transformers sides, the cost of guidance (guided / samtrain) for samtrain-guided.
+def ratio(side, ms):
+    return ms[side] / ms["samtrain"] if side.startswith("samtrain-") else ms["samtrain"] / ms[side]
+
+
+head = ["round"] + [c for s in sides for c in ([s] if s == "samtrain" else [s, "ratio"])]
+widths = [max(len(h), 6) + 2 for h in head]
+
+
+def line(label, ms):
+    cells = [label]
+    for s in sides:
+        cells.append(f"{ms[s]:.0f}")
+        if s != "samtrain":
+            cells.append(f"{ratio(s, ms):.2f}")
+    print("".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+
+
+print("".join(f"{h:>{w}}" for h, w in zip(head, widths)))
+for n in rounds:
+    line(str(n), {s: by[(n, s)]["median_ms"] for s in sides})
+line("median", {s: statistics.median(by[(n, s)]["median_ms"] for n in rounds) for s in sides})
+print("ratio: samtrain / transformers; for samtrain-guided: samtrain-guided / samtrain")
+print("min ms per step, by round:")
+for s in sides:
+    print(f"  {s:<20}" + "".join(f"{by[(n, s)]['min_ms']:>8.0f}" for n in rounds))
+print("medians of the phases over the rounds (ms):")
+for s in sides:
+    f, b, o = (statistics.median(by[(n, s)][p] for n in rounds) for p in ("forward_ms", "backward_ms", "optimizer_ms"))
+    print(f"  {s:<20} forward {f:5.0f}  backward {b:5.0f}  optimizer {o:5.0f}")
+print("first-step loss: " + ", ".join(f"{s} {by[(rounds[0], s)]['first_loss']:.6f}" for s in sides))
+print("trained parameters: " + ", ".join(f"{s} {by[(rounds[0], s)]['parameters']}" for s in sides))
+EOF

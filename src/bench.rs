@@ -1,0 +1,228 @@
+//! `samtrain bench ...`: timings of the model on this machine, made to be
+//! compared with the same model in Python transformers
+//! (`benches/train_step.py`; results and method in docs/PERFORMANCE.md).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::{Args, Subcommand};
+use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Times one training step: forward, backward, AdamW step and zero_grad,
+    /// with every parameter trainable, on a fixed random batch.
+    TrainStep(TrainStepArgs),
+}
+
+#[derive(Args)]
+pub struct TrainStepArgs {
+    /// Model folder (`config.json`, `model.safetensors`, `sam.safetensors`).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    batch: i64,
+    /// Images per sample.
+    #[arg(long, default_value_t = 1)]
+    images: i64,
+    /// Text tokens per sample (the LLM's sequence is images * query tokens + this).
+    #[arg(long, default_value_t = 64)]
+    text_len: i64,
+    /// Instruction tokens per sample for the Q-Former.
+    #[arg(long, default_value_t = 16)]
+    qformer_len: i64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first (first-use allocations, caches).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// libtorch's intra-op threads.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Seed of the random batch.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::TrainStep(args) => train_step(&args),
+    }
+}
+
+// AdamW as on the Python side: `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`
+// (betas 0.9 and 0.999 and eps 1e-8 are the defaults of both).
+const LEARNING_RATE: f64 = 1e-4;
+const WEIGHT_DECAY: f64 = 0.01;
+
+/// Wall-clock time of each phase of one step.
+struct StepTimes {
+    forward: Duration,
+    backward: Duration,
+    optimizer: Duration,
+}
+
+impl StepTimes {
+    fn total(&self) -> Duration {
+        self.forward + self.backward + self.optimizer
+    }
+}
+
+fn train_step(args: &TrainStepArgs) -> Result<()> {
+    ensure!(args.steps > 0, "--steps must be positive");
+    ensure!(
+        args.text_len >= 2,
+        "--text-len must be at least 2 (half of it is supervised)"
+    );
+    tch::set_num_threads(args.threads);
+    let m = LoadedModel::load(&args.model, Device::Cpu, None)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let config = &m.model.config;
+    // Every parameter trains, as in the transformers run it is compared with,
+    // whatever the folder's own policy says.
+    let mut options = config.samtrain.clone();
+    options.trainable.all = true;
+    let params = trainable::apply(&m.vs, &options);
+    let mut opt = tch::nn::AdamW::default()
+        .wd(WEIGHT_DECAY)
+        .build(&m.vs, LEARNING_RATE)?;
+    let (inputs, labels) = random_batch(config, args);
+
+    let mut times = Vec::with_capacity(args.steps);
+    let mut first_loss = None;
+    for step in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let losses = m.model.loss(&inputs, &labels, None, None)?;
+        let forward = start.elapsed();
+        losses.total.backward();
+        let backward = start.elapsed();
+        opt.step();
+        opt.zero_grad();
+        let done = start.elapsed();
+        // Read after the clock stops: the value is only a cross-check that both
+        // sides compute the same loss on the same batch.
+        first_loss.get_or_insert_with(|| losses.lm.double_value(&[]));
+        if step >= args.warmup {
+            times.push(StepTimes {
+                forward,
+                backward: backward - forward,
+                optimizer: done - backward,
+            });
+        }
+    }
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median_of = |phase: fn(&StepTimes) -> Duration| median(times.iter().map(|t| ms(phase(t))));
+    let median_ms = median_of(StepTimes::total);
+    let min_ms = times
+        .iter()
+        .map(|t| ms(t.total()))
+        .fold(f64::INFINITY, f64::min);
+    let (forward_ms, backward_ms, optimizer_ms) = (
+        median_of(|t| t.forward),
+        median_of(|t| t.backward),
+        median_of(|t| t.optimizer),
+    );
+    let parameters = trainable::count(&params);
+    let first_loss = first_loss.expect("--steps is positive, so a step ran");
+    if args.json {
+        let out = serde_json::json!({
+            "median_ms": median_ms,
+            "min_ms": min_ms,
+            "steps": args.steps,
+            "threads": args.threads,
+            "batch": args.batch,
+            "parameters": parameters,
+            "images": args.images,
+            "text_len": args.text_len,
+            "qformer_len": args.qformer_len,
+            "guidance": config.samtrain.guidance,
+            "forward_ms": forward_ms,
+            "backward_ms": backward_ms,
+            "optimizer_ms": optimizer_ms,
+            "first_loss": first_loss,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "train step: {} parameters, batch {} x {} image(s), text {}, instruction {}, \
+             guidance {}, {} threads, {} steps after {} warm-up",
+            parameters,
+            args.batch,
+            args.images,
+            args.text_len,
+            args.qformer_len,
+            if config.samtrain.guidance {
+                "on"
+            } else {
+                "off"
+            },
+            args.threads,
+            args.steps,
+            args.warmup
+        );
+        println!("  median {median_ms:.1} ms, min {min_ms:.1} ms");
+        println!(
+            "  medians by phase: forward {forward_ms:.1} ms, backward {backward_ms:.1} ms, \
+             optimizer {optimizer_ms:.1} ms"
+        );
+        println!("  loss at the first step {first_loss:.6}");
+    }
+    Ok(())
+}
+
+/// A seeded random batch and its labels (the first half of each text is
+/// not supervised). The draws are those of `benches/train_step.py`, in the
+/// same order from the same libtorch generator, so both sides see the same
+/// numbers.
+fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor) {
+    tch::manual_seed(args.seed);
+    let (b, size) = (args.batch, config.vision_config.image_size);
+    let cpu = (Kind::Int64, Device::Cpu);
+    let pixel_values = Tensor::randn([b, args.images, 3, size, size], (Kind::Float, Device::Cpu));
+    // Ids from 3 up, below the last id: never pad, bos or eos, nor the image
+    // placeholder transformers reserves at the end of the vocabulary.
+    let qformer_input_ids = Tensor::randint_low(
+        3,
+        config.qformer_config.vocab_size - 1,
+        [b, args.qformer_len],
+        cpu,
+    );
+    let input_ids = Tensor::randint_low(
+        3,
+        config.text_config.vocab_size - 1,
+        [b, args.text_len],
+        cpu,
+    );
+    let labels = input_ids.copy();
+    let _ = labels.narrow(1, 0, args.text_len / 2).fill_(-100);
+    (
+        SamInputs {
+            pixel_values,
+            image_mask: None,
+            qformer_input_ids,
+            qformer_attention_mask: None,
+            input_ids,
+            attention_mask: None,
+        },
+        labels,
+    )
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
