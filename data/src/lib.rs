@@ -2,7 +2,11 @@
 //! inputs, and back from the model's answers to scores.
 //!
 //! - [`mmlink`]: the MmLINK format: read, check, synthesise;
+//! - [`preprocess`]: images and text to model-ready batches, ahead of the step;
+//! - [`sampler`]: the global sample order and each rank's slice of it;
 //! - [`eval`]: SAM's evaluation protocol.
 
 pub mod eval;
 pub mod mmlink;
+pub mod preprocess;
+pub mod sampler;
