@@ -4,9 +4,11 @@
 //! - [`mmlink`]: the MmLINK format: read, check, synthesise;
 //! - [`preprocess`]: images and text to model-ready batches, ahead of the step;
 //! - [`sampler`]: the global sample order and each rank's slice of it;
+//! - [`rng`]: the seeded generator behind the sample order and synthetic data;
 //! - [`eval`]: SAM's evaluation protocol.
 
 pub mod eval;
 pub mod mmlink;
 pub mod preprocess;
+pub mod rng;
 pub mod sampler;

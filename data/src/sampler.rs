@@ -16,6 +16,7 @@
 //! [`TailPolicy`], like the `drop_last` option of torch's
 //! `DistributedSampler`.
 
+use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 /// What happens to the last, partial global batch of an epoch.
@@ -211,36 +212,11 @@ impl Sampler {
 pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     // Mixing the epoch through SplitMix64 before combining it with the seed
     // keeps (seed, epoch) and (seed + 1, epoch - 1) from sharing a stream.
-    let mut rng = SplitMix64(seed ^ SplitMix64(epoch ^ 0x5341_4d54_5241_494e).next());
+    let mut rng = SplitMix64::new(seed ^ SplitMix64::new(epoch ^ 0x5341_4d54_5241_494e).next_u64());
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         let j = rng.below(i as u64 + 1) as usize;
         order.swap(i, j);
     }
     order
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and fixed here forever.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (`bound >= 1`), by Lemire's multiply-and-reject,
-    /// so no index is favoured as a plain modulo would.
-    fn below(&mut self, bound: u64) -> u64 {
-        let threshold = bound.wrapping_neg() % bound;
-        loop {
-            let m = u128::from(self.next()) * u128::from(bound);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
 }

@@ -7,32 +7,17 @@
 //! reference, stories with more than 32 periods, and integer and string ids
 //! that look alike.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
+
+use common::{python, workspace_root};
 
 use samtrain_data::eval::normalize::normalize;
 use samtrain_data::eval::{self, SAMPLES_FILE, SUMMARY_FILE};
+use samtrain_data::rng::SplitMix64;
 use serde_json::{json, Value};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the data crate sits in the workspace")
-        .to_path_buf()
-}
-
-/// The venv python with `rouge` and `pycocoevalcap` (scripts/setup.sh).
-fn python() -> PathBuf {
-    let path = std::env::var_os("SAMTRAIN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        path.exists(),
-        "the reference python {} is missing: run scripts/setup.sh",
-        path.display()
-    );
-    path
-}
 
 /// Runs `eval_reference.py ARGS...` with `stdin`, returns its stdout.
 fn reference(args: &[&str], stdin: Option<&Path>) -> String {
@@ -52,20 +37,12 @@ fn reference(args: &[&str], stdin: Option<&Path>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// SplitMix64: a seeded generator that needs no crate and never changes.
-struct Rng(u64);
+/// The crate's SplitMix64 with the draws the corpus needs.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
 
     fn chance(&mut self, percent: usize) -> bool {
@@ -218,7 +195,7 @@ fn prediction_text(rng: &mut Rng, reference: &str) -> String {
 /// `n` records; ids alternate between integers and strings that spell
 /// another record's integer (`0` and `"0"` are two samples to SAM).
 fn corpus(seed: u64, n: usize) -> Value {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64::new(seed));
     let records: Vec<Value> = (0..n)
         .map(|i| {
             let gt = reference_text(&mut rng);

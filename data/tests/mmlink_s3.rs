@@ -2,6 +2,8 @@
 //! the venv that scripts/setup.sh installs), started by this test on
 //! loopback and stopped by its PID: the records equal those read from disk.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -27,26 +29,13 @@ impl Drop for Server {
     }
 }
 
-fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let path = std::env::var_os("SAMTRAIN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".venv/bin/python"));
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/setup.sh",
-        path.display()
-    );
-    path
-}
-
 fn start_server() -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let moto = python().parent().unwrap().join("moto_server");
+    let moto = common::python().parent().unwrap().join("moto_server");
     let child = Command::new(&moto)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use super::record::{Record, RecordId};
+use crate::rng::SplitMix64;
 
 /// Side of every image, in pixels.
 pub const IMAGE_SIZE: u32 = 96;
@@ -72,22 +73,13 @@ pub enum SynthError {
     Tokenizer { path: PathBuf, message: String },
 }
 
-/// SplitMix64: tiny, fast, good enough for scenes, and the same stream on
-/// every platform and every version of every crate.
-struct Rng(u64);
+/// The crate's SplitMix64 with the draws scenes need.
+struct Rng(SplitMix64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// Uniform in `0..n` (`n > 0`); the modulo bias is below 2^-50 here.
     fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
 
     /// Uniform in `lo..=hi`.
@@ -691,7 +683,7 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
         path: images_dir.clone(),
         source,
     })?;
-    let mut rng = Rng(options.seed);
+    let mut rng = Rng(SplitMix64::new(options.seed));
     let mut records = Vec::with_capacity(options.samples);
     for index in 0..options.samples {
         let sample = match options.task {
@@ -785,7 +777,7 @@ mod tests {
 
     #[test]
     fn shared_object_is_never_the_largest() {
-        let mut rng = Rng(7);
+        let mut rng = Rng(SplitMix64::new(7));
         for _ in 0..500 {
             let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
             let scene = group_scene(&mut rng, shared, &HashSet::new());
@@ -799,7 +791,7 @@ mod tests {
 
     #[test]
     fn only_the_shared_kind_is_in_every_image() {
-        let mut rng = Rng(11);
+        let mut rng = Rng(SplitMix64::new(11));
         for k in 2..6 {
             for _ in 0..200 {
                 let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
@@ -819,7 +811,7 @@ mod tests {
 
     #[test]
     fn objects_stay_inside_the_image() {
-        let mut rng = Rng(3);
+        let mut rng = Rng(SplitMix64::new(3));
         for _ in 0..300 {
             for o in group_scene(&mut rng, (Shape::Star, 0), &HashSet::new()) {
                 assert!(o.x - o.r >= 0 && o.x + o.r < IMAGE_SIZE as i32, "{o:?}");
@@ -830,7 +822,7 @@ mod tests {
 
     #[test]
     fn story_prompt_follows_sam() {
-        let mut rng = Rng(5);
+        let mut rng = Rng(SplitMix64::new(5));
         let s = story_sample(&mut rng, 3);
         assert!(s.instruction.starts_with(STORY_PROMPT));
         assert!(s.instruction.ends_with("{image#3}Caption#3:"));
