@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
-use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
+use samtrain_model::{weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Subcommand)]
@@ -196,8 +196,9 @@ fn inspect(dir: &Path, json: bool) -> Result<()> {
         }
     }
     parts.sort();
-    let trainable = trainable::apply(&m.vs, &m.model.config.samtrain);
+    // Loading applied the policy already: requires_grad is the trainable set.
     let total: i64 = parts.iter().map(|p| p.1).sum();
+    let trained: i64 = parts.iter().map(|p| p.2).sum();
     if json {
         let rows: Vec<_> = parts
             .iter()
@@ -205,7 +206,7 @@ fn inspect(dir: &Path, json: bool) -> Result<()> {
             .collect();
         let out = serde_json::json!({
             "parameters": total,
-            "trainable": trainable::count(&trainable),
+            "trainable": trained,
             "components": rows,
         });
         println!("{out}");
@@ -217,12 +218,7 @@ fn inspect(dir: &Path, json: bool) -> Result<()> {
         for (c, n, t) in &parts {
             println!("{c:<24} {n:>14} {t:>14}");
         }
-        println!(
-            "{:<24} {:>14} {:>14}",
-            "total",
-            total,
-            trainable::count(&trainable)
-        );
+        println!("{:<24} {:>14} {:>14}", "total", total, trained);
     }
     Ok(())
 }
