@@ -41,6 +41,9 @@ fn write_model(dir: &Path) -> SamConfig {
     config
 }
 
+/// The inputs every rank trains on. Built once, on one thread: libtorch's
+/// random generator is global, so ranks that each seeded and drew their own
+/// batch concurrently would interleave their draws and see different inputs.
 fn batch(config: &SamConfig) -> (SamInputs, Tensor) {
     tch::manual_seed(7);
     let s = config.vision_config.image_size;
@@ -66,10 +69,24 @@ struct RankResult {
     grads: BTreeMap<String, Tensor>,
 }
 
-fn run_rank(dir: &Path, config: &SamConfig, comm: Option<LocalCollective>) -> RankResult {
+/// A deep copy, so that ranks on threads share no tensor storage.
+fn copy_batch((inputs, labels): &(SamInputs, Tensor)) -> (SamInputs, Tensor) {
+    let opt = |t: &Option<Tensor>| t.as_ref().map(Tensor::copy);
+    let inputs = SamInputs {
+        pixel_values: inputs.pixel_values.copy(),
+        image_mask: opt(&inputs.image_mask),
+        qformer_input_ids: inputs.qformer_input_ids.copy(),
+        qformer_attention_mask: opt(&inputs.qformer_attention_mask),
+        input_ids: inputs.input_ids.copy(),
+        attention_mask: opt(&inputs.attention_mask),
+    };
+    (inputs, labels.copy())
+}
+
+fn run_rank(dir: &Path, data: (SamInputs, Tensor), comm: Option<LocalCollective>) -> RankResult {
     let tp = comm.clone().map(|c| TensorParallel::new(Arc::new(c)));
     let m = LoadedModel::load(dir, Device::Cpu, tp).unwrap();
-    let (inputs, labels) = batch(config);
+    let (inputs, labels) = data;
     let logits = tch::no_grad(|| m.model.forward(&inputs)).unwrap();
     let mut tape = GradTape::new();
     let losses = m
@@ -102,14 +119,15 @@ fn run_rank(dir: &Path, config: &SamConfig, comm: Option<LocalCollective>) -> Ra
 fn degree_two_equals_degree_one() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_model(dir.path());
-    let single = run_rank(dir.path(), &config, None);
+    let data = batch(&config);
+    let single = run_rank(dir.path(), copy_batch(&data), None);
 
     let ranks: Vec<RankResult> = LocalCollective::group(2)
         .into_iter()
         .map(|comm| {
             let dir = dir.path().to_path_buf();
-            let config = config.clone();
-            std::thread::spawn(move || run_rank(&dir, &config, Some(comm)))
+            let data = copy_batch(&data);
+            std::thread::spawn(move || run_rank(&dir, data, Some(comm)))
         })
         .collect::<Vec<_>>()
         .into_iter()

@@ -1,3 +1,4 @@
-//! samtrain's gRPC API: the `.proto` definitions and their generated code,
-//! and nothing else. The services (jobs, workers, rendezvous) are defined
-//! with the coordinator; until then this crate only holds the workspace's place.
+//! samtrain's API: the job spec users submit ([`spec`]) and the gRPC
+//! services between the command line, the coordinator and the workers.
+
+pub mod spec;

@@ -1,0 +1,1 @@
+//! Checkpoints for samtrain in object storage.

@@ -1,0 +1,595 @@
+//! The job spec: what a user submits, in TOML, and what every worker of the
+//! job trains by. It travels inside the gRPC API as its TOML text, so the
+//! coordinator (which never links libtorch) and the workers read one format.
+//!
+//! [`JobSpec::from_toml`] parses and checks it: a syntax or type error names
+//! its line and column; otherwise every semantic problem is listed at once,
+//! each with its field path (`training.lr`), so a user fixes them in one go
+//! and nothing is scheduled until the spec is clean.
+
+use serde::{Deserialize, Serialize};
+
+/// A whole job. Fields left out take the defaults documented on each type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Lower-case letters, digits and `-`, at most 63 characters (it names
+    /// the job in the store's keys and in Kubernetes objects).
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    #[serde(default)]
+    pub parallel: ParallelSpec,
+    pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub restart: RestartSpec,
+    #[serde(default)]
+    pub evaluation: EvaluationSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A model folder (`config.json` plus Hugging Face InstructBLIP
+    /// safetensors, `sam.safetensors` optional), as every worker sees it.
+    pub path: String,
+}
+
+/// What happens to a record that fails its checks while data loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BadRecords {
+    /// Stop the job with an error naming the file, record and field.
+    #[default]
+    Fail,
+    /// Leave the record out and count it in the job's report.
+    Skip,
+}
+
+/// The end of an epoch, as torch's `drop_last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tail {
+    #[default]
+    Drop,
+    Pad,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// The training set: an MmLINK folder or annotations file.
+    pub train: String,
+    /// A held-out set; when given, the job ends with predict + eval on it.
+    #[serde(default)]
+    pub eval: Option<String>,
+    /// The LLM's `tokenizer.json`; default `<model.path>/tokenizer.json`.
+    #[serde(default)]
+    pub llm_tokenizer: Option<String>,
+    /// The Q-Former's `tokenizer.json`; default the LLM's.
+    #[serde(default)]
+    pub qformer_tokenizer: Option<String>,
+    #[serde(default = "default_max_txt_len")]
+    pub max_txt_len: usize,
+    #[serde(default = "default_max_output_txt_len")]
+    pub max_output_txt_len: usize,
+    #[serde(default)]
+    pub bad_records: BadRecords,
+    #[serde(default)]
+    pub tail: Tail,
+    /// Preprocessing threads per worker.
+    #[serde(default = "default_loader_threads")]
+    pub loader_threads: usize,
+    /// Batches prepared ahead of the training step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_max_txt_len() -> usize {
+    128
+}
+fn default_max_output_txt_len() -> usize {
+    256
+}
+fn default_loader_threads() -> usize {
+    2
+}
+fn default_prefetch() -> usize {
+    4
+}
+
+/// Where a worker computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// CUDA when the worker has a GPU, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSpec {
+    /// Optimizer steps in all.
+    pub steps: u64,
+    /// Samples per data-parallel rank per micro-batch.
+    pub batch_size: u64,
+    /// Micro-batches per optimizer step; the global batch is
+    /// `batch_size x grad_accum x data-parallel size`.
+    pub grad_accum: u64,
+    /// Peak learning rate, reached after `warmup_steps`, then cosine decay
+    /// to `min_lr` at `steps`.
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip gradients to this global norm; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// Seeds the sample order and every random draw of training.
+    pub seed: u64,
+    pub device: DeviceKind,
+    /// bf16 autocast on CUDA (the CPU always computes in float32).
+    pub bf16: bool,
+    /// Steps between progress logs and reports.
+    pub log_every: u64,
+    /// libtorch's intra-op threads per worker; 0 leaves libtorch's default.
+    pub threads: u32,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 1e-4,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            seed: 42,
+            device: DeviceKind::Auto,
+            bf16: true,
+            log_every: 10,
+            threads: 0,
+        }
+    }
+}
+
+/// The collective backend between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// NCCL on CUDA, the TCP ring on the CPU.
+    #[default]
+    Auto,
+    Ring,
+    Nccl,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelSpec {
+    /// Tensor-parallel degree (keep it within one node). The data-parallel
+    /// degree is the number of workers divided by `tp`.
+    pub tp: u32,
+    /// The job waits for at least this many workers, and after a failure
+    /// goes on with any number between the two (a multiple of `tp`).
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub backend: Backend,
+    /// A collective that waits longer than this on a peer fails the
+    /// generation (a stuck or dead peer), in seconds.
+    pub collective_timeout_s: f64,
+    /// After the first `min_workers` have joined, how long rendezvous waits
+    /// for more (up to `max_workers`), in seconds: torchrun's "last call".
+    pub last_call_s: f64,
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        ParallelSpec {
+            tp: 1,
+            min_workers: 1,
+            max_workers: 1,
+            backend: Backend::Auto,
+            collective_timeout_s: 60.0,
+            last_call_s: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// `file://`, `s3://`, `gs://`, `az://` URL or a local path.
+    pub url: String,
+    /// Optimizer steps between checkpoints (the last step is always saved).
+    #[serde(default = "default_every_steps")]
+    pub every_steps: u64,
+    /// Committed checkpoints kept, newest first; 0 keeps all.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_every_steps() -> u64 {
+    100
+}
+fn default_keep() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartSpec {
+    /// Generations that may end in a failure before the job fails.
+    pub max_restarts: u32,
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec { max_restarts: 3 }
+    }
+}
+
+/// Generation settings of the final predict + eval (SAM's by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluationSpec {
+    pub num_beams: usize,
+    pub max_new_tokens: usize,
+    pub repetition_penalty: f64,
+    /// Samples per generation batch.
+    pub batch_size: usize,
+    /// Evaluate at most this many samples; 0 means all.
+    pub max_samples: usize,
+}
+
+impl Default for EvaluationSpec {
+    fn default() -> Self {
+        EvaluationSpec {
+            num_beams: 5,
+            max_new_tokens: 256,
+            repetition_penalty: 1.5,
+            batch_size: 8,
+            max_samples: 0,
+        }
+    }
+}
+
+/// One thing wrong with a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    /// The field's path, `training.lr`; empty for the whole document.
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// A spec that cannot run, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid job spec{}:\n  {}", .source_name.as_ref().map(|s| format!(" {s}")).unwrap_or_default(), .problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+pub struct SpecError {
+    /// The file the spec came from, when known.
+    pub source_name: Option<String>,
+    pub problems: Vec<SpecProblem>,
+}
+
+impl JobSpec {
+    /// Parses and checks a spec. `source_name` (a file name) only labels
+    /// the error.
+    pub fn from_toml(text: &str, source_name: Option<&str>) -> Result<JobSpec, SpecError> {
+        let fail = |problems| SpecError {
+            source_name: source_name.map(str::to_owned),
+            problems,
+        };
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            fail(vec![SpecProblem {
+                field: String::new(),
+                message: e.to_string().trim_end().replace('\n', "\n  "),
+            }])
+        })?;
+        let problems = spec.problems();
+        if problems.is_empty() {
+            Ok(spec)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// The spec as TOML, as it travels in the API.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a job spec always serialises to TOML")
+    }
+
+    /// Every semantic problem, in field order.
+    pub fn problems(&self) -> Vec<SpecProblem> {
+        let mut p = Problems::default();
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !self.name.starts_with('-')
+            && !self.name.ends_with('-');
+        p.check(
+            name_ok,
+            "name",
+            format!(
+                "`{}` must be 1 to 63 lower-case letters, digits or `-`, not starting or ending with `-`",
+                self.name
+            ),
+        );
+        p.check(
+            !self.model.path.is_empty(),
+            "model.path",
+            "must not be empty",
+        );
+
+        let d = &self.data;
+        p.check(!d.train.is_empty(), "data.train", "must not be empty");
+        if let Some(eval) = &d.eval {
+            p.check(
+                !eval.is_empty(),
+                "data.eval",
+                "must not be empty when given",
+            );
+        }
+        p.check(d.max_txt_len >= 2, "data.max_txt_len", "must be at least 2");
+        p.check(
+            d.max_output_txt_len >= 2,
+            "data.max_output_txt_len",
+            "must be at least 2",
+        );
+        p.check(
+            d.loader_threads >= 1,
+            "data.loader_threads",
+            "must be at least 1",
+        );
+        p.check(d.prefetch >= 1, "data.prefetch", "must be at least 1");
+
+        let t = &self.training;
+        p.check(t.steps >= 1, "training.steps", "must be at least 1");
+        p.check(
+            t.batch_size >= 1,
+            "training.batch_size",
+            "must be at least 1",
+        );
+        p.check(
+            t.grad_accum >= 1,
+            "training.grad_accum",
+            "must be at least 1",
+        );
+        p.positive(t.lr, "training.lr");
+        p.check(
+            t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr,
+            "training.min_lr",
+            format!(
+                "must be between 0 and training.lr ({}), got {}",
+                t.lr, t.min_lr
+            ),
+        );
+        p.check(
+            t.warmup_steps <= t.steps,
+            "training.warmup_steps",
+            format!(
+                "must not exceed training.steps ({}), got {}",
+                t.steps, t.warmup_steps
+            ),
+        );
+        p.check(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "training.weight_decay",
+            format!("must be 0 or more, got {}", t.weight_decay),
+        );
+        for (beta, field) in [(t.beta1, "training.beta1"), (t.beta2, "training.beta2")] {
+            p.check(
+                (0.0..1.0).contains(&beta),
+                field,
+                format!("must be in [0, 1), got {beta}"),
+            );
+        }
+        p.positive(t.eps, "training.eps");
+        p.check(
+            t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
+            "training.max_grad_norm",
+            format!("must be 0 (off) or more, got {}", t.max_grad_norm),
+        );
+        p.check(t.log_every >= 1, "training.log_every", "must be at least 1");
+
+        let par = &self.parallel;
+        p.check(par.tp >= 1, "parallel.tp", "must be at least 1");
+        p.check(
+            par.min_workers >= 1,
+            "parallel.min_workers",
+            "must be at least 1",
+        );
+        p.check(
+            par.max_workers >= par.min_workers,
+            "parallel.max_workers",
+            format!(
+                "must be at least parallel.min_workers ({}), got {}",
+                par.min_workers, par.max_workers
+            ),
+        );
+        if par.tp >= 1 {
+            p.check(
+                par.min_workers >= par.tp,
+                "parallel.min_workers",
+                format!(
+                    "must be at least parallel.tp ({}): a tensor-parallel group needs that many workers, got {}",
+                    par.tp, par.min_workers
+                ),
+            );
+            p.check(
+                par.max_workers % par.tp == 0,
+                "parallel.max_workers",
+                format!(
+                    "must be a multiple of parallel.tp ({}), got {}",
+                    par.tp, par.max_workers
+                ),
+            );
+        }
+        p.positive(par.collective_timeout_s, "parallel.collective_timeout_s");
+        p.check(
+            par.last_call_s.is_finite() && par.last_call_s >= 0.0,
+            "parallel.last_call_s",
+            format!("must be 0 or more, got {}", par.last_call_s),
+        );
+
+        let c = &self.checkpoint;
+        p.check(!c.url.is_empty(), "checkpoint.url", "must not be empty");
+        if let Some((scheme, _)) = c.url.split_once("://") {
+            p.check(
+                matches!(
+                    scheme,
+                    "file" | "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure"
+                ),
+                "checkpoint.url",
+                format!("scheme `{scheme}` is not one of file, s3, gs, az"),
+            );
+        }
+        p.check(
+            c.every_steps >= 1,
+            "checkpoint.every_steps",
+            "must be at least 1",
+        );
+
+        let e = &self.evaluation;
+        p.check(
+            e.num_beams >= 1,
+            "evaluation.num_beams",
+            "must be at least 1",
+        );
+        p.check(
+            e.max_new_tokens >= 1,
+            "evaluation.max_new_tokens",
+            "must be at least 1",
+        );
+        p.check(
+            e.repetition_penalty.is_finite() && e.repetition_penalty > 0.0,
+            "evaluation.repetition_penalty",
+            format!("must be more than 0, got {}", e.repetition_penalty),
+        );
+        p.check(
+            e.batch_size >= 1,
+            "evaluation.batch_size",
+            "must be at least 1",
+        );
+        p.0
+    }
+
+    /// The data-parallel degree for `workers` workers.
+    pub fn data_parallel_size(&self, workers: u32) -> u32 {
+        workers / self.parallel.tp.max(1)
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<SpecProblem>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, field: &str, message: impl Into<String>) {
+        if !ok {
+            self.0.push(SpecProblem {
+                field: field.to_owned(),
+                message: message.into(),
+            });
+        }
+    }
+
+    fn positive(&mut self, value: f64, field: &str) {
+        self.check(
+            value.is_finite() && value > 0.0,
+            field,
+            format!("must be more than 0, got {value}"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "demo"
+[model]
+path = "models/sam"
+[data]
+train = "data/train"
+[checkpoint]
+url = "file:///tmp/ckpt"
+"#;
+
+    #[test]
+    fn minimal_spec_takes_defaults_and_round_trips() {
+        let spec = JobSpec::from_toml(MINIMAL, None).unwrap();
+        assert_eq!(spec.training.steps, 100);
+        assert_eq!(spec.parallel.tp, 1);
+        assert_eq!(spec.checkpoint.keep, 3);
+        assert_eq!(spec.restart.max_restarts, 3);
+        assert_eq!(spec.evaluation.num_beams, 5);
+        let again = JobSpec::from_toml(&spec.to_toml(), None).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let text = format!(
+            "{MINIMAL}\n[training]\nlr = -1.0\nsteps = 0\n[parallel]\ntp = 2\nmin_workers = 1\nmax_workers = 3\n"
+        )
+        .replace("\"demo\"", "\"Demo_1\"");
+        let err = JobSpec::from_toml(&text, Some("job.toml")).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "name",
+                "training.steps",
+                "training.lr",
+                "training.min_lr",
+                "parallel.min_workers",
+                "parallel.max_workers",
+            ]
+        );
+        let message = err.to_string();
+        assert!(
+            message.starts_with("invalid job spec job.toml:"),
+            "{message}"
+        );
+        assert!(
+            message.contains("training.lr: must be more than 0, got -1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_types_name_their_place() {
+        let err =
+            JobSpec::from_toml(&format!("{MINIMAL}\n[training]\nstepz = 3\n"), None).unwrap_err();
+        assert!(err.to_string().contains("stepz"), "{err}");
+        let err = JobSpec::from_toml(&MINIMAL.replace("\"data/train\"", "3"), None).unwrap_err();
+        assert!(err.to_string().contains("train"), "{err}");
+    }
+}
