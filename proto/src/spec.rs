@@ -254,6 +254,9 @@ pub struct EvaluationSpec {
     pub batch_size: usize,
     /// Evaluate at most this many samples; 0 means all.
     pub max_samples: usize,
+    /// A local folder for `pred.json`, `eval.json` and `eval_score.json`;
+    /// left out, the scores are only reported.
+    pub output: Option<String>,
 }
 
 impl Default for EvaluationSpec {
@@ -264,6 +267,7 @@ impl Default for EvaluationSpec {
             repetition_penalty: 1.5,
             batch_size: 8,
             max_samples: 0,
+            output: None,
         }
     }
 }
@@ -497,6 +501,13 @@ impl JobSpec {
             "evaluation.batch_size",
             "must be at least 1",
         );
+        if let Some(output) = &e.output {
+            p.check(
+                !output.is_empty(),
+                "evaluation.output",
+                "must not be empty when given",
+            );
+        }
         p.0
     }
 
