@@ -35,6 +35,12 @@ pub struct ModelSpec {
     /// A model folder (`config.json` plus Hugging Face InstructBLIP
     /// safetensors, `sam.safetensors` optional), as every worker sees it.
     pub path: String,
+    /// A `config.json` to create the model folder from, with freshly
+    /// initialised weights, when `path` holds no model yet (training from
+    /// scratch, as the demo does). `samtrain local` does it before the
+    /// workers start.
+    #[serde(default)]
+    pub init: Option<String>,
 }
 
 /// What happens to a record that fails its checks while data loads.
@@ -85,6 +91,26 @@ pub struct DataSpec {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Synthesise `train` and `eval` (MmLINK format) when they do not
+    /// exist yet; `samtrain local` does it before the workers start.
+    #[serde(default)]
+    pub synth: Option<SynthSpec>,
+}
+
+/// A synthetic MmLINK dataset (`samtrain data synth`): the train set takes
+/// `seed`, the held-out set `seed + 1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthSpec {
+    /// `group` (group captioning) or `story` (storytelling).
+    pub task: String,
+    pub train_samples: usize,
+    #[serde(default)]
+    pub eval_samples: usize,
+    /// Images per sample.
+    pub images: usize,
+    #[serde(default)]
+    pub seed: u64,
 }
 
 fn default_max_txt_len() -> usize {
@@ -372,6 +398,24 @@ impl JobSpec {
             "must be at least 1",
         );
         p.check(d.prefetch >= 1, "data.prefetch", "must be at least 1");
+        if let Some(synth) = &d.synth {
+            p.check(
+                matches!(synth.task.as_str(), "group" | "story"),
+                "data.synth.task",
+                format!("must be `group` or `story`, got `{}`", synth.task),
+            );
+            p.check(
+                synth.train_samples >= 1,
+                "data.synth.train_samples",
+                "must be at least 1",
+            );
+            p.check(
+                synth.eval_samples >= 1 || d.eval.is_none(),
+                "data.synth.eval_samples",
+                "must be at least 1 when data.eval is given",
+            );
+            p.check(synth.images >= 2, "data.synth.images", "must be at least 2");
+        }
 
         let t = &self.training;
         p.check(t.steps >= 1, "training.steps", "must be at least 1");
