@@ -1,0 +1,728 @@
+//! The Helm chart (`helm/samtrain`) and the Dockerfile, checked as far as a
+//! machine without a cluster or a container engine can: `helm lint --strict`,
+//! `helm template` with the default values and with each example values
+//! file, every rendered manifest validated against the Kubernetes 1.30
+//! schemas (`kubernetes-validate --strict`), the values the manifests carry,
+//! the chart refusing bad values by name, and the image agreeing with the
+//! chart and with `scripts/setup.sh`.
+//!
+//! helm comes from `scripts/setup.sh` (`$SAMTRAIN_CACHE/bin/helm`, or set
+//! `SAMTRAIN_HELM`); kubernetes-validate and PyYAML from its venv
+//! (`SAMTRAIN_PYTHON`, default `<workspace>/.venv/bin/python`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const RELEASE: &str = "samtrain";
+const NAMESPACE: &str = "ml";
+const KUBERNETES_VERSION: &str = "1.30";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    root().join("helm/samtrain")
+}
+
+fn example(name: &str) -> String {
+    chart()
+        .join("examples")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// helm as `scripts/setup.sh` installs it (same cache directory rule).
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(find_helm)
+}
+
+fn find_helm() -> PathBuf {
+    let helm = match std::env::var_os("SAMTRAIN_HELM") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::var_os("SAMTRAIN_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("samtrain"))
+            })
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/samtrain")))
+            .expect("neither SAMTRAIN_CACHE, XDG_CACHE_HOME nor HOME is set")
+            .join("bin/helm"),
+    };
+    assert!(
+        helm.is_file(),
+        "helm not found at {}: run scripts/setup.sh, or set SAMTRAIN_HELM",
+        helm.display()
+    );
+    helm
+}
+
+/// The venv's python, which has kubernetes-validate and PyYAML.
+fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(find_python)
+}
+
+fn find_python() -> PathBuf {
+    let python = std::env::var_os("SAMTRAIN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"));
+    let out = Command::new(&python)
+        .args(["-c", "import kubernetes_validate, yaml"])
+        .output();
+    assert!(
+        matches!(&out, Ok(o) if o.status.success()),
+        "{} cannot import kubernetes_validate and yaml: run scripts/setup.sh, or set SAMTRAIN_PYTHON ({out:?})",
+        python.display()
+    );
+    python
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// `helm template` with values files and `--set` pairs: the manifests, or
+/// helm's error output.
+fn render(values: &[&str], set: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE]);
+    for file in values {
+        cmd.args(["--values", file]);
+    }
+    for pair in set {
+        cmd.args(["--set", pair]);
+    }
+    let out = run(&mut cmd);
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn render_ok(values: &[&str]) -> String {
+    render(values, &[]).unwrap_or_else(|e| panic!("helm template {values:?} failed:\n{e}"))
+}
+
+/// Validates the manifests against the Kubernetes schemas, strictly
+/// (unknown fields are errors), from a file as CI would keep it.
+fn validate(manifests: &str, label: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{label}.yaml"));
+    std::fs::write(&file, manifests).unwrap();
+    let out = run(Command::new(python())
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k"])
+        .arg(KUBERNETES_VERSION)
+        .arg(&file));
+    assert!(
+        out.status.success(),
+        "{label}: manifests do not validate against Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The documents of a multi-document YAML stream, as JSON.
+fn parse(yaml: &str) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = run(Command::new(python())
+        .arg("-c")
+        .arg(
+            "import json, sys, yaml\n\
+         docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+         json.dump(docs, sys.stdout)",
+        )
+        .arg(&file));
+    assert!(
+        out.status.success(),
+        "not YAML: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Renders, validates and parses.
+fn manifests(values: &[&str], label: &str) -> Vec<Value> {
+    let yaml = render_ok(values);
+    validate(&yaml, label);
+    parse(&yaml)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| {
+            let all: Vec<String> = docs
+                .iter()
+                .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
+                .collect();
+            panic!("no {kind} {name} among {all:?}")
+        })
+}
+
+fn kinds(docs: &[Value], kind: &str) -> Vec<String> {
+    docs.iter()
+        .filter(|d| d["kind"] == kind)
+        .map(|d| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| {
+            e["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has no plain value"))
+        })
+}
+
+fn env_names(container: &Value) -> Vec<String> {
+    container["env"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The container port a probe's named port stands for.
+fn probe_port(container: &Value, probe: &str) -> (String, u64) {
+    let get = &container[probe]["httpGet"];
+    let port_name = get["port"].as_str().expect("probes use named ports");
+    let port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == port_name)
+        .unwrap_or_else(|| panic!("{probe} names port {port_name}, which is not declared"))
+        ["containerPort"]
+        .as_u64()
+        .unwrap();
+    (get["path"].as_str().unwrap().to_string(), port)
+}
+
+fn etcd_members(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!("http://samtrain-etcd-{i}.samtrain-etcd.{NAMESPACE}.svc.cluster.local:2379")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn lint_is_clean_with_every_values_file() {
+    for values in [
+        None,
+        Some("gpu-bundled-etcd.yaml"),
+        Some("external-etcd-s3.yaml"),
+        Some("cpu-only.yaml"),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["lint", "--strict"]).arg(chart());
+        if let Some(file) = values {
+            cmd.args(["--values", &example(file)]);
+        }
+        let out = run(&mut cmd);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "helm lint --strict with {values:?}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn default_values_give_two_coordinators_bundled_etcd_and_gpu_workers() {
+    let docs = manifests(&[], "default");
+
+    // Coordinator: 2 replicas, probes on the health port, etcd's 3 members.
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    assert_eq!(
+        deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        "100%"
+    );
+    let coord = container(deploy, "coordinator");
+    assert_eq!(coord["args"][0], "coordinator");
+    assert_eq!(
+        probe_port(coord, "readinessProbe"),
+        ("/readyz".into(), 7071)
+    );
+    assert_eq!(
+        probe_port(coord, "livenessProbe"),
+        ("/healthz".into(), 7071)
+    );
+    assert_eq!(env(coord, "SAMTRAIN_LISTEN"), Some("0.0.0.0:7070"));
+    assert_eq!(env(coord, "SAMTRAIN_HEALTH_LISTEN"), Some("0.0.0.0:7071"));
+    assert_eq!(env(coord, "SAMTRAIN_NODE_ID"), Some("$(POD_NAME)"));
+    assert_eq!(env(coord, "SAMTRAIN_LEASE_TTL"), Some("5"));
+    assert_eq!(env(coord, "SAMTRAIN_ETCD"), Some(etcd_members(3).as_str()));
+    assert_eq!(env(coord, "SAMTRAIN_ETCD_PREFIX"), Some("/samtrain"));
+
+    // The Service selects exactly the coordinator pods, on the gRPC port.
+    let service = find(&docs, "Service", "samtrain-coordinator");
+    let pod_labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[key], value, "selector label {key}");
+    }
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/component"],
+        "coordinator"
+    );
+    assert_eq!(service["spec"]["ports"][0]["port"], 7070);
+
+    // Workers: a StatefulSet whose headless Service gives stable peer names.
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    assert_eq!(workers["spec"]["replicas"], 2);
+    assert_eq!(workers["spec"]["serviceName"], "samtrain-workers");
+    let headless = find(&docs, "Service", "samtrain-workers");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
+    let worker = container(workers, "worker");
+    assert_eq!(worker["args"][0], "worker");
+    assert_eq!(
+        env(worker, "SAMTRAIN_ADVERTISE"),
+        Some("$(POD_NAME).samtrain-workers.$(POD_NAMESPACE).svc.cluster.local")
+    );
+    assert_eq!(
+        env(worker, "SAMTRAIN_COORDINATOR"),
+        Some("http://samtrain-coordinator.ml.svc.cluster.local:7070")
+    );
+    assert_eq!(env(worker, "SAMTRAIN_NAME"), Some("$(POD_NAME)"));
+    assert_eq!(env(worker, "SAMTRAIN_COLLECTIVE_PORT"), Some("29500"));
+    assert_eq!(env(worker, "SAMTRAIN_DEVICE"), Some("auto"));
+    assert_eq!(env(worker, "SAMTRAIN_ETCD"), Some(etcd_members(3).as_str()));
+    assert_eq!(
+        probe_port(worker, "readinessProbe"),
+        ("/readyz".into(), 7072)
+    );
+    assert_eq!(
+        probe_port(worker, "livenessProbe"),
+        ("/healthz".into(), 7072)
+    );
+    assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
+    // /dev/shm is memory-backed and sized from values.
+    let shm = workers["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "shm")
+        .unwrap();
+    assert_eq!(shm["emptyDir"]["medium"], "Memory");
+    assert_eq!(shm["emptyDir"]["sizeLimit"], "8Gi");
+
+    // Bundled etcd: 3 members with persistent volumes, forming one cluster.
+    let etcd = find(&docs, "StatefulSet", "samtrain-etcd");
+    assert_eq!(etcd["spec"]["replicas"], 3);
+    assert_eq!(etcd["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(
+        etcd["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "8Gi"
+    );
+    let etcd_args: Vec<&str> = container(etcd, "etcd")["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let cluster = etcd_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--initial-cluster="))
+        .expect("--initial-cluster");
+    assert_eq!(cluster.split(',').count(), 3, "{cluster}");
+    assert!(cluster.starts_with(
+        "samtrain-etcd-0=http://samtrain-etcd-0.samtrain-etcd.ml.svc.cluster.local:2380,"
+    ));
+    assert_eq!(
+        find(&docs, "Service", "samtrain-etcd")["spec"]["clusterIP"],
+        "None"
+    );
+
+    // Disruption budgets: workers one at a time, etcd keeps its quorum; none
+    // for the coordinator, whose standby is never Ready.
+    assert_eq!(
+        find(&docs, "PodDisruptionBudget", "samtrain-workers")["spec"]["maxUnavailable"],
+        1
+    );
+    assert_eq!(
+        find(&docs, "PodDisruptionBudget", "samtrain-etcd")["spec"]["minAvailable"],
+        2
+    );
+    assert_eq!(kinds(&docs, "PodDisruptionBudget").len(), 2);
+
+    // No Kubernetes API rights at all: no roles, no token in the pods.
+    for kind in ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"] {
+        assert!(kinds(&docs, kind).is_empty(), "unexpected {kind}");
+    }
+    assert_eq!(
+        find(&docs, "ServiceAccount", "samtrain")["automountServiceAccountToken"],
+        false
+    );
+    for workload in [deploy, workers, etcd] {
+        let pod = &workload["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "samtrain");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(pod["securityContext"]["runAsUser"], 10001);
+        for c in pod["containers"].as_array().unwrap() {
+            assert!(
+                c["resources"]["requests"].is_object(),
+                "{} requests",
+                c["name"]
+            );
+            assert!(c["resources"]["limits"].is_object(), "{} limits", c["name"]);
+        }
+    }
+
+    // Without job specs there is nothing to submit.
+    assert!(kinds(&docs, "ConfigMap").is_empty());
+    assert!(kinds(&docs, "Job").is_empty());
+    assert!(kinds(&docs, "Secret").is_empty());
+}
+
+#[test]
+fn gpu_example_requests_gpus_and_submits_its_job() {
+    let docs = manifests(&[&example("gpu-bundled-etcd.yaml")], "gpu-bundled-etcd");
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    assert_eq!(workers["spec"]["replicas"], 8);
+    let pod = &workers["spec"]["template"]["spec"];
+    let worker = container(workers, "worker");
+    assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
+    assert_eq!(worker["resources"]["limits"]["memory"], "160Gi");
+    assert_eq!(env(worker, "SAMTRAIN_DEVICE"), Some("cuda"));
+    assert_eq!(env(worker, "NCCL_DEBUG"), Some("WARN"));
+    assert_eq!(pod["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
+    assert_eq!(
+        pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"][0],
+        "NVIDIA-H100-80GB-HBM3"
+    );
+    let mounts: Vec<&str> = worker["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert_eq!(mounts, ["/dev/shm", "/var/lib/samtrain", "/tmp", "/models"]);
+    assert_eq!(worker["envFrom"][0]["secretRef"]["name"], "samtrain-gcs");
+
+    let etcd = find(&docs, "StatefulSet", "samtrain-etcd");
+    let claim = &etcd["spec"]["volumeClaimTemplates"][0]["spec"];
+    assert_eq!(claim["storageClassName"], "premium-rwo");
+    assert_eq!(claim["resources"]["requests"]["storage"], "20Gi");
+
+    // The spec is in the ConfigMap, which the hook and the coordinators mount.
+    let jobs = find(&docs, "ConfigMap", "samtrain-jobs");
+    let spec = jobs["data"]["group-captioning.toml"].as_str().unwrap();
+    assert!(spec.starts_with("name = \"group-captioning\"\n"), "{spec}");
+    assert!(
+        spec.contains("min_workers = 4\nmax_workers = 8\n"),
+        "{spec}"
+    );
+    let hook = find(&docs, "Job", "samtrain-submit");
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook"],
+        "post-install"
+    );
+    let submit = container(hook, "submit");
+    assert!(submit["command"][2]
+        .as_str()
+        .unwrap()
+        .contains("samtrain submit \"$spec\""));
+    assert_eq!(
+        env(submit, "SAMTRAIN_COORDINATOR"),
+        Some("http://samtrain-coordinator.ml.svc.cluster.local:7070")
+    );
+    assert_eq!(
+        hook["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"],
+        "samtrain-jobs"
+    );
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(
+        container(deploy, "coordinator")["volumeMounts"][1]["mountPath"],
+        "/jobs"
+    );
+}
+
+#[test]
+fn external_etcd_example_uses_its_endpoints_and_s3_secret() {
+    let docs = manifests(&[&example("external-etcd-s3.yaml")], "external-etcd-s3");
+    assert!(kinds(&docs, "StatefulSet") == ["samtrain-workers"]);
+    assert!(kinds(&docs, "PodDisruptionBudget") == ["samtrain-workers"]);
+    assert!(!kinds(&docs, "Service").contains(&"samtrain-etcd".to_string()));
+    // The Secret is the user's: the chart makes none.
+    assert!(kinds(&docs, "Secret").is_empty());
+
+    let endpoints = "http://etcd-0.etcd.platform.svc.cluster.local:2379,\
+                     http://etcd-1.etcd.platform.svc.cluster.local:2379,\
+                     http://etcd-2.etcd.platform.svc.cluster.local:2379";
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    for c in [
+        container(deploy, "coordinator"),
+        container(workers, "worker"),
+    ] {
+        assert_eq!(env(c, "SAMTRAIN_ETCD"), Some(endpoints));
+        assert_eq!(env(c, "SAMTRAIN_ETCD_PREFIX"), Some("/samtrain/research"));
+        assert_eq!(env(c, "AWS_REGION"), Some("eu-west-1"));
+        assert_eq!(
+            env(c, "AWS_ENDPOINT"),
+            Some("http://seaweedfs-s3.storage.svc.cluster.local:8333")
+        );
+        assert_eq!(env(c, "AWS_ALLOW_HTTP"), Some("true"));
+        assert_eq!(c["envFrom"][0]["secretRef"]["name"], "samtrain-s3");
+    }
+}
+
+#[test]
+fn cpu_example_has_no_gpus_and_no_etcd() {
+    let yaml = render_ok(&[&example("cpu-only.yaml")]);
+    assert!(
+        !yaml.contains("nvidia.com/gpu"),
+        "a GPU request in:\n{yaml}"
+    );
+    validate(&yaml, "cpu-only");
+    let docs = parse(&yaml);
+
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    let worker = container(workers, "worker");
+    assert_eq!(env(worker, "SAMTRAIN_DEVICE"), Some("cpu"));
+    assert_eq!(worker["resources"]["limits"]["cpu"], "2");
+    // No etcd: the coordinator's embedded store, and no etcd objects.
+    for c in [container(deploy, "coordinator"), worker] {
+        let names = env_names(c);
+        assert!(
+            !names.iter().any(|n| n.starts_with("SAMTRAIN_ETCD")),
+            "{names:?}"
+        );
+    }
+    assert!(kinds(&docs, "StatefulSet") == ["samtrain-workers"]);
+
+    // Credentials given as values go into a Secret the chart makes.
+    let secret = find(&docs, "Secret", "samtrain-object-store");
+    assert_eq!(secret["stringData"]["AWS_ACCESS_KEY_ID"], "samtrain");
+    assert_eq!(
+        worker["envFrom"][0]["secretRef"]["name"],
+        "samtrain-object-store"
+    );
+    assert!(
+        find(&docs, "ConfigMap", "samtrain-jobs")["data"]["demo.toml"]
+            .as_str()
+            .unwrap()
+            .contains("device = \"cpu\"")
+    );
+}
+
+#[test]
+fn bad_values_are_refused_with_the_field_named() {
+    // A values file with two mistakes: the schema lists both.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "workers:\n  device: tpu\n  gpus: -1\ncoordinator:\n  replicas: 2\n  leaseTtl: 5\n",
+    )
+    .unwrap();
+    let err = render(&[bad.to_str().unwrap()], &[]).expect_err("bad values rendered");
+    assert!(
+        err.contains("values don't meet the specifications of the schema"),
+        "{err}"
+    );
+    assert!(
+        err.contains("at '/workers/device': value must be one of 'auto', 'cuda', 'cpu'"),
+        "{err}"
+    );
+    assert!(err.contains("at '/workers/gpus'"), "{err}");
+    assert!(
+        err.contains("at '/coordinator': additional properties 'leaseTtl' not allowed"),
+        "{err}"
+    );
+
+    // One mistake at a time: (--set, what the refusal must say).
+    let cases: &[(&[&str], &str)] = &[
+        (&["etcd.mode=zookeeper"], "at '/etcd/mode'"),
+        (
+            &["etcd.bundled.replicas=2"],
+            "at '/etcd/bundled/replicas': value must be one of 1, 3, 5, 7",
+        ),
+        (
+            &["workers.shmSize=lots"],
+            "at '/workers/shmSize': 'lots' does not match pattern",
+        ),
+        (
+            &["workers.resources.limits.memory=lots"],
+            "at '/workers/resources/limits/memory'",
+        ),
+        (&["coordinator.replicas=0"], "at '/coordinator/replicas'"),
+        (&["coordinator.port=70000"], "at '/coordinator/port'"),
+        (&["etcd.prefix=samtrain"], "at '/etcd/prefix'"),
+        (
+            &["objectStore.credentials.aws_secret=x"],
+            "at '/objectStore/credentials': additional properties 'aws_secret' not allowed",
+        ),
+        (
+            &["etcd.mode=external", "etcd.external.endpoints[0]=etcd:2379"],
+            "at '/etcd/external/endpoints/0'",
+        ),
+        (
+            &["jobs.Demo_Job=x"],
+            "at '/jobs': additional properties 'Demo_Job' not allowed",
+        ),
+        // Mistakes across values, which the templates refuse.
+        (
+            &["etcd.mode=none"],
+            "coordinator.replicas is 2 but etcd.mode is \"none\"",
+        ),
+        (&["etcd.mode=external"], "etcd.external.endpoints is empty"),
+        (
+            &["workers.device=cuda", "workers.gpus=0"],
+            "workers.gpus is 0",
+        ),
+        (
+            &["workers.device=cpu"],
+            "workers.device is \"cpu\" but workers.gpus is 1",
+        ),
+        (
+            &[
+                "objectStore.existingSecret=s3",
+                "objectStore.credentials.AWS_ACCESS_KEY_ID=k",
+            ],
+            "objectStore.existingSecret and objectStore.credentials are both set",
+        ),
+    ];
+    for (set, message) in cases {
+        let err = render(&[], set).expect_err(&format!("{set:?} rendered"));
+        assert!(
+            err.contains(message),
+            "{set:?}: expected {message:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn notes_say_how_to_submit_and_watch() {
+    let out = run(Command::new(helm())
+        .args(["install", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE, "--dry-run=client", "--values"])
+        .arg(example("cpu-only.yaml")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let notes = text.split_once("NOTES:").expect("NOTES").1;
+    for line in [
+        "kubectl -n ml exec deploy/samtrain-coordinator -- samtrain submit /jobs/demo.toml",
+        "kubectl -n ml port-forward svc/samtrain-coordinator 7070:7070",
+        "kubectl -n ml exec deploy/samtrain-coordinator -- samtrain watch JOB",
+        "kubectl -n ml exec deploy/samtrain-coordinator -- samtrain status JOB",
+        "kubectl -n ml logs job/samtrain-submit",
+        "etcd: none",
+    ] {
+        assert!(notes.contains(line), "{line:?} not in NOTES:\n{notes}");
+    }
+}
+
+/// The values of `values.yaml`, as JSON.
+fn default_values() -> Value {
+    let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    parse(&text).remove(0)
+}
+
+/// `NAME=value` of a shell assignment or Dockerfile ARG, unquoted.
+fn assignment<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?}"))
+        .trim()
+        .trim_matches('"')
+}
+
+#[test]
+fn image_agrees_with_the_chart_and_setup() {
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let setup = std::fs::read_to_string(root().join("scripts/setup.sh")).unwrap();
+    // The image's libtorch is the one tch is built against here.
+    assert_eq!(
+        assignment(&dockerfile, "ARG TORCH_VERSION="),
+        assignment(&setup, "TORCH_VERSION=")
+    );
+
+    // It exposes the chart's default ports.
+    let values = default_values();
+    let exposed: Vec<u64> = assignment(&dockerfile, "EXPOSE ")
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    for port in [
+        &values["coordinator"]["port"],
+        &values["coordinator"]["healthPort"],
+        &values["workers"]["healthPort"],
+        &values["workers"]["collectivePort"],
+    ] {
+        assert!(
+            exposed.contains(&port.as_u64().unwrap()),
+            "{port} not exposed"
+        );
+    }
+
+    // It runs as the user the chart's pods require, with samtrain as the
+    // entry point the chart's `args` follow (and on PATH for the hook).
+    assert_eq!(assignment(&dockerfile, "USER "), "10001:10001");
+    let yaml = render_ok(&[]);
+    assert!(yaml.contains("runAsUser: 10001"));
+    assert_eq!(
+        assignment(&dockerfile, "ENTRYPOINT "),
+        r#"["/usr/bin/tini", "--", "/usr/local/bin/samtrain"]"#
+    );
+    assert!(dockerfile.contains("install -D -m 0755 target/release/samtrain /out/bin/samtrain"));
+    assert!(dockerfile.contains("COPY --from=build /out/bin/samtrain /usr/local/bin/samtrain"));
+
+    // The build context keeps what the build needs.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    let ignored: Vec<&str> = ignore
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    for needed in ["Cargo.toml", "Cargo.lock", ".cargo", "proto", "src"] {
+        assert!(!ignored.contains(&needed), "{needed} is in .dockerignore");
+    }
+    assert!(Path::new(&root().join(".cargo/config.toml")).is_file());
+}
