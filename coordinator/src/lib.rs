@@ -1,4 +1,17 @@
 //! The control plane: the job state machine, the store (etcd or in-memory)
-//! behind one trait, leases, leader election, rendezvous, the restart policy
-//! and the gRPC server. It never depends on libtorch. It holds the
-//! workspace's place until the control plane lands.
+//! behind one trait, leases, leader election, rendezvous, the restart policy,
+//! the gRPC server, the health probes, the client the command line uses and
+//! the agent each worker runs. It never depends on libtorch.
+
+pub mod agent;
+pub mod client;
+mod control;
+pub mod election;
+pub mod health;
+pub mod jobs;
+pub mod rendezvous;
+pub mod server;
+pub mod store;
+
+pub use control::WorkerRecord;
+pub use server::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};

@@ -1,4 +1,12 @@
 //! samtrain's API: the job spec users submit ([`spec`]) and the gRPC
-//! services between the command line, the coordinator and the workers.
+//! services between the command line, the coordinator and the workers
+//! ([`v1`], generated from `proto/samtrain.proto`).
 
 pub mod spec;
+
+/// The `samtrain.v1` gRPC package: messages, `jobs_client`/`jobs_server`
+/// and `workers_client`/`workers_server`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("samtrain.v1");
+}
