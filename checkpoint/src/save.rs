@@ -1,0 +1,306 @@
+//! Saving: staging a rank's tensors, then (on the upload thread) writing its
+//! shard and part record, and on tp rank 0 the training state, the manifest
+//! once every rank's part is in the store, and the retention sweep.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use samtrain_model::parallel::shard_dim;
+
+use crate::error::CheckpointError;
+use crate::format::{
+    self, checksum, crc_hex, encode, optimizer_file, params_file, part_file, stage, step_folder,
+    FileEntry, Manifest, PartRecord, Staged, FORMAT, MANIFEST_FILE, META_FILE,
+};
+use crate::store::Store;
+use crate::{load, run_blocking, Inner, SaveOutcome, SaveStatus, ShardState};
+
+/// A staged save, waiting for the upload thread.
+pub(crate) struct Job {
+    pub step: u64,
+    tp_rank: u32,
+    tp_size: u32,
+    params: Vec<Staged>,
+    optimizer: Vec<Staged>,
+    meta: Bytes,
+    pub staging: Duration,
+}
+
+impl Job {
+    /// Copies the tensors of `state` (the part of a save training waits for).
+    pub fn stage(state: ShardState) -> Result<Self, CheckpointError> {
+        let dims: HashMap<&str, Option<i64>> = state
+            .tensors
+            .iter()
+            .map(|(n, _)| (n.as_str(), shard_dim(n)))
+            .collect();
+        let params = state
+            .tensors
+            .iter()
+            .map(|(n, t)| stage(n, t, dims[n.as_str()]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let optimizer = state
+            .optimizer
+            .iter()
+            .map(|(n, t)| stage(n, t, optimizer_dim(n, &dims)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = serde_json::to_vec_pretty(&state.meta).expect("a JSON value serialises");
+        Ok(Self {
+            step: state.step,
+            tp_rank: state.tp_rank,
+            tp_size: state.tp_size,
+            params,
+            optimizer,
+            meta: Bytes::from(meta),
+            staging: Duration::ZERO,
+        })
+    }
+
+    /// Bytes of tensor data staged.
+    pub fn bytes(&self) -> u64 {
+        self.params
+            .iter()
+            .chain(&self.optimizer)
+            .map(|s| s.data.len() as u64)
+            .sum()
+    }
+}
+
+/// The split of optimizer state `name`: that of the parameter it ends with
+/// (`exp_avg.<param>`), or else what `shard_dim` says of the name itself.
+fn optimizer_dim(name: &str, params: &HashMap<&str, Option<i64>>) -> Option<i64> {
+    name.match_indices('.')
+        .find_map(|(i, _)| params.get(&name[i + 1..]).copied())
+        .unwrap_or_else(|| shard_dim(name))
+}
+
+/// Uploads `job` and reports how it went; never panics, never fails.
+pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
+    let start = Instant::now();
+    let retries_before = inner.store.retries();
+    let (step, tp_rank, staging) = (job.step, job.tp_rank, job.staging);
+    let bytes = job.bytes();
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| run_blocking(inner, upload(inner, job))))
+            .unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(CheckpointError::Runtime(format!(
+                    "upload panicked: {message}"
+                )))
+            });
+    let upload = start.elapsed();
+    let status = match result {
+        Ok(status) => {
+            tracing::info!(step, tp_rank, bytes, upload_ms = upload.as_millis() as u64, status = ?status, "checkpoint saved");
+            status
+        }
+        Err(e) => {
+            tracing::error!(step, tp_rank, error = %e, "checkpoint save failed; training goes on");
+            SaveStatus::Failed(e.to_string())
+        }
+    };
+    SaveOutcome {
+        step,
+        tp_rank,
+        status,
+        bytes,
+        staging,
+        upload,
+        retries: inner.store.retries() - retries_before,
+    }
+}
+
+async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> {
+    let store = &inner.store;
+    let folder = step_folder(job.step);
+    let at = |name: &str| format!("{folder}/{name}");
+    if job.tp_rank == 0 {
+        // A manifest left by an earlier attempt at this step would commit
+        // files this save is about to replace.
+        store.delete(&at(MANIFEST_FILE)).await?;
+    }
+    let params = encode(&job.params);
+    let optimizer = encode(&job.optimizer);
+    let entry = |name: String, chunks: &[Bytes]| {
+        let (size, crc) = checksum(chunks);
+        FileEntry {
+            name,
+            size,
+            crc32: crc_hex(crc),
+        }
+    };
+    let files = vec![
+        entry(params_file(job.tp_rank, job.tp_size), &params),
+        entry(optimizer_file(job.tp_rank, job.tp_size), &optimizer),
+    ];
+    let meta = entry(META_FILE.into(), std::slice::from_ref(&job.meta));
+    let (params_at, optimizer_at) = (at(&files[0].name), at(&files[1].name));
+    futures::try_join!(
+        store.put(&params_at, &params),
+        store.put(&optimizer_at, &optimizer),
+        async {
+            if job.tp_rank == 0 {
+                store
+                    .put(&at(META_FILE), std::slice::from_ref(&job.meta))
+                    .await
+            } else {
+                Ok(())
+            }
+        }
+    )?;
+    let part = PartRecord {
+        format: FORMAT.into(),
+        step: job.step,
+        tp_rank: job.tp_rank,
+        tp_size: job.tp_size,
+        meta_crc32: meta.crc32.clone(),
+        files,
+        params: job.params.iter().map(|s| s.entry.clone()).collect(),
+        optimizer: job.optimizer.iter().map(|s| s.entry.clone()).collect(),
+    };
+    // The staged tensors are in the store: their memory can go.
+    drop(job.params);
+    drop(job.optimizer);
+    let record = serde_json::to_vec_pretty(&part).expect("a part record serialises");
+    store
+        .put(
+            &at(&part_file(part.tp_rank, part.tp_size)),
+            &[Bytes::from(record)],
+        )
+        .await?;
+    if part.tp_rank != 0 {
+        return Ok(SaveStatus::Uploaded);
+    }
+
+    let shards = gather_parts(inner, &part).await?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step: part.step,
+        tp_size: part.tp_size,
+        created_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        meta,
+        shards,
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+    store.put(&at(MANIFEST_FILE), &[Bytes::from(bytes)]).await?;
+    tracing::info!(step = part.step, url = %store.shown(&folder), "checkpoint committed");
+    if let Err(e) = retain(store, inner.options.keep, part.step).await {
+        tracing::warn!(error = %e, "checkpoint retention failed; old checkpoints stay for now");
+    }
+    Ok(SaveStatus::Committed)
+}
+
+/// Every rank's part record for this save, once all are in the store.
+async fn gather_parts(inner: &Inner, own: &PartRecord) -> Result<Vec<PartRecord>, CheckpointError> {
+    let store = &inner.store;
+    let folder = step_folder(own.step);
+    let deadline = Instant::now() + inner.tuning.commit_timeout;
+    let mut parts: Vec<Option<PartRecord>> = (0..own.tp_size).map(|_| None).collect();
+    parts[0] = Some(own.clone());
+    loop {
+        for (rank, slot) in parts.iter_mut().enumerate() {
+            if slot.is_some() {
+                continue;
+            }
+            let name = format!("{folder}/{}", part_file(rank as u32, own.tp_size));
+            match store.get_if_exists(&name).await {
+                Ok(Some(bytes)) => match serde_json::from_slice::<PartRecord>(&bytes) {
+                    Ok(p)
+                        if p.step == own.step
+                            && p.tp_rank == rank as u32
+                            && p.meta_crc32 == own.meta_crc32 =>
+                    {
+                        *slot = Some(p)
+                    }
+                    Ok(_) => {
+                        tracing::debug!(file = %store.shown(&name), "part record of another save; waiting")
+                    }
+                    Err(e) => {
+                        tracing::debug!(file = %store.shown(&name), error = %e, "part record unreadable; waiting")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(file = %store.shown(&name), error = %e, "part record not readable yet")
+                }
+            }
+        }
+        if parts.iter().all(Option::is_some) {
+            return Ok(parts.into_iter().flatten().collect());
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = parts
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.is_none())
+                .map(|(i, _)| i)
+                .collect();
+            return Err(CheckpointError::Layout {
+                step: own.step,
+                message: format!(
+                    "the parts of tp ranks {missing:?} did not appear within {:?}; not committed",
+                    inner.tuning.commit_timeout
+                ),
+            });
+        }
+        tokio::time::sleep(inner.tuning.poll_interval).await;
+    }
+}
+
+/// Deletes the committed checkpoints beyond the newest `keep` (0: none),
+/// and the uncommitted step folders older than the newest committed one
+/// (saves that never completed).
+async fn retain(store: &Store, keep: usize, newest: u64) -> Result<(), CheckpointError> {
+    let committed: Vec<u64> = load::list(store).await?.iter().map(|c| c.step).collect();
+    let mut doomed: Vec<u64> = Vec::new();
+    if keep > 0 && committed.len() > keep {
+        doomed.extend(&committed[..committed.len() - keep]);
+    }
+    for folder in store.folders().await? {
+        if let Some(step) = format::parse_step(&folder) {
+            if step < newest && !committed.contains(&step) {
+                doomed.push(step);
+            }
+        }
+    }
+    for step in doomed {
+        let folder = step_folder(step);
+        // The manifest goes first: from then on the checkpoint does not
+        // exist, whatever happens to the deletion of its other files.
+        store.delete(&format!("{folder}/{MANIFEST_FILE}")).await?;
+        for file in store.files_under(&folder).await? {
+            store.delete(&file).await?;
+        }
+        tracing::info!(step, url = %store.shown(&folder), "old checkpoint deleted");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optimizer_state_is_split_like_its_parameter() {
+        let q = "language_model.model.layers.0.self_attn.q_proj.weight";
+        let o = "language_model.model.layers.0.self_attn.o_proj.weight";
+        let norm = "language_model.model.norm.weight";
+        let dims: HashMap<&str, Option<i64>> = [q, o, norm]
+            .into_iter()
+            .map(|n| (n, shard_dim(n)))
+            .collect();
+        assert_eq!(optimizer_dim(&format!("exp_avg.{q}"), &dims), Some(0));
+        assert_eq!(optimizer_dim(&format!("exp_avg_sq.{o}"), &dims), Some(1));
+        assert_eq!(optimizer_dim(&format!("exp_avg.{norm}"), &dims), None);
+        assert_eq!(optimizer_dim("step", &dims), None);
+    }
+}

@@ -1,0 +1,274 @@
+//! Checkpoints on local disk: bit-exact round trips, the manifest as the
+//! commit point, checksums, retention, resharding between tensor-parallel
+//! sizes, and saves that return before their upload.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_same, copy, model_state, shard};
+use samtrain_checkpoint::{
+    CheckpointError, CheckpointOptions, CheckpointTuning, Checkpointer, SaveStatus, ShardState,
+};
+use serde_json::json;
+use tch::Tensor;
+
+fn state(step: u64, tp_rank: u32, tp_size: u32, seed: i64) -> ShardState {
+    let (params, optimizer) = model_state(seed);
+    ShardState {
+        step,
+        tp_rank,
+        tp_size,
+        writer: true,
+        tensors: shard(&params, tp_rank.into(), tp_size.into()),
+        optimizer: shard(&optimizer, tp_rank.into(), tp_size.into()),
+        meta: json!({ "step": step, "sampler": { "position": step * 8 }, "attempt": "t" }),
+    }
+}
+
+fn open(url: &str, keep: usize) -> Checkpointer {
+    let mut options = CheckpointOptions::new(url);
+    options.keep = keep;
+    Checkpointer::open(options).unwrap()
+}
+
+fn save_all(ck: &Checkpointer, s: ShardState) -> SaveStatus {
+    let ticket = ck.save(s).unwrap();
+    ticket.wait().status
+}
+
+#[test]
+fn round_trip_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/ckpt", dir.path().display());
+    let ck = open(&url, 0);
+    assert!(ck.latest().unwrap().is_none());
+    let s = state(10, 0, 1, 1);
+    let (params, optimizer, meta) = (copy(&s.tensors), copy(&s.optimizer), s.meta.clone());
+    let ticket = ck.save(s).unwrap();
+    let outcomes = ck.flush().unwrap();
+    assert_eq!(outcomes.len(), 1);
+    assert_eq!(outcomes[0].status, SaveStatus::Committed);
+    assert_eq!(ticket.outcome().unwrap(), outcomes[0]);
+    assert!(outcomes[0].bytes > 0);
+
+    let folder = dir.path().join("ckpt/step-00000010");
+    let mut files: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "manifest.json",
+            "meta.json",
+            "optim-tp-00-of-01.safetensors",
+            "part-tp-00-of-01.json",
+            "tp-00-of-01.safetensors"
+        ]
+    );
+    // The shard is a plain safetensors file that libtorch's reader takes.
+    let read = Tensor::read_safetensors(folder.join("tp-00-of-01.safetensors")).unwrap();
+    assert_eq!(read.len(), params.len());
+
+    let info = ck.latest().unwrap().unwrap();
+    assert_eq!((info.step, info.tp_size), (10, 1));
+    assert!(info.url.ends_with("/ckpt/step-00000010"), "{}", info.url);
+    let loaded = ck.load(&info, 0, 1).unwrap();
+    assert_eq!(loaded.step, 10);
+    assert_same(&loaded.tensors, &params);
+    assert_same(&loaded.optimizer, &optimizer);
+    assert_eq!(loaded.meta, meta);
+
+    // A second Checkpointer on the same folder, by plain path, sees it too.
+    let again = open(dir.path().join("ckpt").to_str().unwrap(), 0);
+    let listed = again.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].manifest, info.manifest);
+}
+
+#[test]
+fn the_manifest_is_the_commit_point_and_checksums_guard_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().to_str().unwrap(), 0);
+    for step in [10, 20, 30] {
+        assert_eq!(
+            save_all(&ck, state(step, 0, 1, step as i64)),
+            SaveStatus::Committed
+        );
+    }
+    assert_eq!(ck.latest().unwrap().unwrap().step, 30);
+
+    // Step 30's shard loses a byte's worth of bits, its size unchanged.
+    let shard = dir.path().join("step-00000030/tp-00-of-01.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    std::fs::write(&shard, &bytes).unwrap();
+    let list = ck.list().unwrap();
+    let thirty = list.iter().find(|c| c.step == 30).unwrap();
+    match ck.verify(thirty) {
+        Err(CheckpointError::Checksum { path, .. }) => assert!(
+            path.ends_with("step-00000030/tp-00-of-01.safetensors"),
+            "{path}"
+        ),
+        other => panic!("expected a checksum mismatch, got {other:?}"),
+    }
+    assert!(matches!(
+        ck.load(thirty, 0, 1),
+        Err(CheckpointError::Checksum { .. })
+    ));
+    assert_eq!(ck.latest().unwrap().unwrap().step, 20);
+
+    // Without its manifest, step 20 does not exist.
+    std::fs::remove_file(dir.path().join("step-00000020/manifest.json")).unwrap();
+    let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [10, 30]);
+    let latest = ck.latest().unwrap().unwrap();
+    assert_eq!(latest.step, 10);
+    let (params, _) = model_state(10);
+    assert_same(&ck.load(&latest, 0, 1).unwrap().tensors, &params);
+
+    // A truncated file is caught by its size.
+    let shard = dir
+        .path()
+        .join("step-00000010/optim-tp-00-of-01.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 8]).unwrap();
+    assert!(matches!(
+        ck.verify(&latest),
+        Err(CheckpointError::Size { .. })
+    ));
+    assert!(ck.latest().unwrap().is_none());
+}
+
+#[test]
+fn retention_keeps_the_newest_k_and_sweeps_torn_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().to_str().unwrap(), 2);
+    for step in 1..=3 {
+        assert_eq!(save_all(&ck, state(step, 0, 1, 0)), SaveStatus::Committed);
+    }
+    // A tp-2 save whose rank 1 never uploads: not committed after the timeout.
+    let torn = Checkpointer::open_with(
+        CheckpointOptions::new(dir.path().to_str().unwrap()),
+        CheckpointTuning {
+            commit_timeout: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(50),
+            ..CheckpointTuning::default()
+        },
+    )
+    .unwrap();
+    match save_all(&torn, state(4, 0, 2, 0)) {
+        SaveStatus::Failed(message) => assert!(message.contains("[1]"), "{message}"),
+        other => panic!("a save missing rank 1 committed: {other:?}"),
+    }
+    assert!(dir
+        .path()
+        .join("step-00000004/tp-00-of-02.safetensors")
+        .exists());
+    assert_eq!(ck.latest().unwrap().unwrap().step, 3);
+
+    for step in 5..=6 {
+        assert_eq!(save_all(&ck, state(step, 0, 1, 0)), SaveStatus::Committed);
+    }
+    let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [5, 6]);
+    let mut folders: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    folders.sort();
+    assert_eq!(folders, ["step-00000005", "step-00000006"]);
+}
+
+/// Saves the model state of `seed` at tp size `size` (one Checkpointer per
+/// rank, as in a real job) and returns the committed checkpoint.
+fn save_sharded(url: &str, step: u64, size: u32, seed: i64) {
+    let ranks: Vec<Checkpointer> = (0..size).map(|_| open(url, 0)).collect();
+    // Rank 0 first: its commit waits for the others' parts.
+    let tickets: Vec<_> = ranks
+        .iter()
+        .enumerate()
+        .map(|(r, ck)| ck.save(state(step, r as u32, size, seed)).unwrap())
+        .collect();
+    for (r, t) in tickets.iter().enumerate() {
+        let expected = if r == 0 {
+            SaveStatus::Committed
+        } else {
+            SaveStatus::Uploaded
+        };
+        assert_eq!(t.wait().status, expected, "rank {r}");
+    }
+}
+
+#[test]
+fn checkpoints_reshard_between_tensor_parallel_sizes() {
+    let (params, optimizer) = model_state(7);
+    for (saved, loaded) in [(2u32, 1u32), (1, 2), (2, 4), (4, 2), (2, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().to_str().unwrap();
+        save_sharded(url, 5, saved, 7);
+        let ck = open(url, 0);
+        let info = ck.latest().unwrap().unwrap();
+        assert_eq!(info.tp_size, saved);
+        let mut full_params: Vec<Vec<(String, Tensor)>> = Vec::new();
+        for rank in 0..loaded {
+            let state = ck.load(&info, rank, loaded).unwrap();
+            assert_eq!(state.meta["sampler"]["position"], 40);
+            assert_same(&state.tensors, &shard(&params, rank.into(), loaded.into()));
+            assert_same(
+                &state.optimizer,
+                &shard(&optimizer, rank.into(), loaded.into()),
+            );
+            full_params.push(state.tensors);
+        }
+        // The split tensors really are split.
+        let q = &full_params[0][0].1;
+        assert_eq!(q.size(), [8 / loaded as i64, 4], "{saved} -> {loaded}");
+    }
+}
+
+#[test]
+fn a_split_that_does_not_divide_is_an_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap();
+    save_sharded(url, 1, 1, 0);
+    let ck = open(url, 0);
+    let info = ck.latest().unwrap().unwrap();
+    match ck.load(&info, 0, 3) {
+        Err(CheckpointError::Tensor { name, message }) => {
+            assert!(
+                name.contains("q_proj") && message.contains("3"),
+                "{name}: {message}"
+            )
+        }
+        other => panic!("expected a tensor error, got {other:?}"),
+    }
+    assert!(matches!(
+        ck.load(&info, 2, 2),
+        Err(CheckpointError::Rank { .. })
+    ));
+}
+
+#[test]
+fn only_writers_upload_and_bad_ranks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().to_str().unwrap(), 0);
+    let mut s = state(3, 0, 1, 0);
+    s.writer = false;
+    let ticket = ck.save(s).unwrap();
+    assert_eq!(ticket.outcome().unwrap().status, SaveStatus::Skipped);
+    assert_eq!(ck.flush().unwrap()[0].status, SaveStatus::Skipped);
+    assert!(ck.list().unwrap().is_empty());
+    let mut bad = state(3, 0, 1, 0);
+    bad.tp_rank = 1;
+    assert!(matches!(
+        ck.save(bad),
+        Err(CheckpointError::Rank {
+            tp_rank: 1,
+            tp_size: 1
+        })
+    ));
+}
