@@ -1,0 +1,269 @@
+//! Prediction for evaluation: beam search (SAM's settings by default) over
+//! an MmLINK set, written as SAM's `pred.json` (`[{"sample_id",
+//! "pred_response", "gt_response"}]`) and scored with SAM's protocol
+//! (`samtrain_data::eval`).
+//!
+//! The model sees each record's prompt exactly as in training (images, the
+//! Q-Former's instruction, `BOS + instruction` for the LLM) and generates
+//! the answer; the repetition penalty counts only generated tokens, as SAM's
+//! own (LAVIS) generation does.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use samtrain_data::eval::{self, Evaluation, Prediction, SampleId};
+use samtrain_data::mmlink::{Record, RecordId};
+use samtrain_data::preprocess::batch::IGNORE_INDEX;
+use samtrain_data::preprocess::{collate, Preprocessor, TextConfig, Tokenizers};
+use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
+use samtrain_model::SamModel;
+use samtrain_proto::spec::EvaluationSpec;
+use tch::Device;
+use tokenizers::Tokenizer;
+
+use crate::error::{from_panic, TrainError};
+use crate::inputs::to_device;
+
+/// Everything prediction needs besides the model.
+pub struct Predictor {
+    pre: Preprocessor,
+    tokenizers: Tokenizers,
+    decoder: Tokenizer,
+    image_size: u32,
+    settings: EvaluationSpec,
+}
+
+fn eval_error(message: impl Into<String>) -> TrainError {
+    TrainError::Eval {
+        message: message.into(),
+    }
+}
+
+impl Predictor {
+    /// `root`: the dataset folder that image paths are relative to.
+    pub fn new(
+        root: &Path,
+        text: &TextConfig,
+        image_size: i64,
+        settings: EvaluationSpec,
+    ) -> Result<Self, TrainError> {
+        let image = samtrain_data::preprocess::ImageConfig {
+            size: image_size as u32,
+            ..Default::default()
+        };
+        let pre = Preprocessor::new(root, image, text).map_err(|e| eval_error(e.to_string()))?;
+        let tokenizers = Tokenizers::load(text).map_err(|e| eval_error(e.to_string()))?;
+        let decoder = Tokenizer::from_file(&text.llm_tokenizer)
+            .map_err(|e| eval_error(format!("tokenizer {}: {e}", text.llm_tokenizer.display())))?;
+        Ok(Predictor {
+            pre,
+            tokenizers,
+            decoder,
+            image_size: image.size,
+            settings,
+        })
+    }
+
+    /// The records evaluated: all, or the first `max_samples`.
+    pub fn selected<'a>(&self, records: &'a [Record]) -> &'a [Record] {
+        match self.settings.max_samples {
+            0 => records,
+            n => &records[..n.min(records.len())],
+        }
+    }
+
+    /// Generates an answer for every selected record, in record order. Under
+    /// tensor parallelism every rank of the tp group calls this together.
+    pub fn predict(
+        &self,
+        model: &SamModel,
+        device: Device,
+        records: &[Record],
+    ) -> Result<Vec<Prediction>, TrainError> {
+        let config = GenerationConfig {
+            max_new_tokens: self.settings.max_new_tokens as i64,
+            num_beams: self.settings.num_beams as i64,
+            repetition_penalty: self.settings.repetition_penalty,
+            penalty_scope: PenaltyScope::Generated,
+            ..GenerationConfig::default()
+        };
+        let eos = model.config.text_config.eos_token_ids();
+        let mut out = Vec::new();
+        for chunk in self
+            .selected(records)
+            .chunks(self.settings.batch_size.max(1))
+        {
+            let mut samples = Vec::with_capacity(chunk.len());
+            for record in chunk {
+                let mut sample = self
+                    .pre
+                    .sample(record)
+                    .map_err(|e| eval_error(e.to_string()))?;
+                // Keep the prompt: the positions without a label.
+                let prompt = sample
+                    .text
+                    .labels
+                    .iter()
+                    .take_while(|&&l| l == IGNORE_INDEX)
+                    .count();
+                sample.text.input_ids.truncate(prompt);
+                sample.text.labels.truncate(prompt);
+                samples.push(sample);
+            }
+            let batch = collate(
+                &samples,
+                self.image_size,
+                self.tokenizers.pad_id(),
+                self.tokenizers.qformer_pad_id(),
+            )
+            .map_err(|e| eval_error(e.to_string()))?;
+            let (inputs, _) = to_device(&batch, device);
+            // The model's tensor-parallel all-reduce panics on a dead peer.
+            let generated = catch_unwind(AssertUnwindSafe(|| generate(model, &inputs, &config)))
+                .map_err(|p| from_panic(0, p.as_ref()))?
+                .map_err(|e| TrainError::from_model("", "generation", e))?;
+            for (record, ids) in chunk.iter().zip(generated) {
+                let end = ids
+                    .iter()
+                    .position(|t| eos.contains(t))
+                    .unwrap_or(ids.len());
+                let ids: Vec<u32> = ids[..end].iter().map(|&t| t as u32).collect();
+                let text = self.decoder.decode(&ids, true).map_err(|e| {
+                    eval_error(format!("decoding the answer to record {}: {e}", record.id))
+                })?;
+                out.push(Prediction {
+                    sample_id: sample_id(&record.id),
+                    pred_response: text.trim().to_owned(),
+                    gt_response: record.output.clone(),
+                });
+            }
+            tracing::debug!(done = out.len(), "predicted");
+        }
+        Ok(out)
+    }
+}
+
+fn sample_id(id: &RecordId) -> SampleId {
+    match id {
+        RecordId::Int(i) => SampleId::Integer((*i).into()),
+        RecordId::Str(s) => SampleId::Text(s.clone()),
+    }
+}
+
+/// SAM's `pred.json`.
+pub fn to_json(predictions: &[Prediction]) -> serde_json::Value {
+    serde_json::Value::Array(
+        predictions
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "sample_id": p.sample_id,
+                    "pred_response": p.pred_response,
+                    "gt_response": p.gt_response,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Writes `pred.json` at `path`.
+pub fn write_predictions(path: &Path, predictions: &[Prediction]) -> Result<(), TrainError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| eval_error(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let text = serde_json::to_string_pretty(&to_json(predictions)).expect("JSON serialises");
+    std::fs::write(path, text)
+        .map_err(|e| eval_error(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Scores predictions; with `out_dir`, writes `eval.json` and
+/// `eval_score.json` there.
+pub fn score(predictions: &[Prediction], out_dir: Option<&Path>) -> Result<Evaluation, TrainError> {
+    let evaluation = eval::evaluate(predictions).map_err(|e| eval_error(e.to_string()))?;
+    if let Some(dir) = out_dir {
+        eval::write_outputs(&evaluation, dir).map_err(|e| eval_error(e.to_string()))?;
+    }
+    Ok(evaluation)
+}
+
+/// A model ready to predict, and where it came from.
+pub struct PredictModel {
+    pub loaded: samtrain_model::LoadedModel,
+    /// The model folder its frozen tensors come from.
+    pub model_path: std::path::PathBuf,
+    /// The job spec of the checkpoint, when loaded from one.
+    pub spec: Option<samtrain_proto::spec::JobSpec>,
+    /// The checkpoint's step, when loaded from one.
+    pub step: Option<u64>,
+}
+
+/// Loads `location` for prediction: a model folder (it holds
+/// `config.json`), or a checkpoint location, meaning its newest committed
+/// checkpoint: the model folder recorded in its metadata plus the
+/// checkpoint's trainable tensors (resharded to one rank).
+pub fn load_model(location: &str, device: Device) -> Result<PredictModel, TrainError> {
+    use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
+    let local = Path::new(location);
+    if local.join(samtrain_model::weights::CONFIG_FILE).is_file() {
+        let loaded = samtrain_model::LoadedModel::load(local, device, None)
+            .map_err(|e| TrainError::from_model(location, "loading the model", e))?;
+        return Ok(PredictModel {
+            loaded,
+            model_path: local.to_path_buf(),
+            spec: None,
+            step: None,
+        });
+    }
+    let store_error = |source| TrainError::Checkpoint {
+        url: location.to_owned(),
+        source,
+    };
+    let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
+    let info = ckpt
+        .latest()
+        .map_err(store_error)?
+        .ok_or_else(|| TrainError::Resume {
+            url: location.to_owned(),
+            message:
+                "neither a model folder (no config.json) nor a location with a committed checkpoint"
+                    .into(),
+        })?;
+    let state = ckpt.load(&info, 0, 1).map_err(store_error)?;
+    let bad = |message: String| TrainError::Resume {
+        url: info.url.clone(),
+        message,
+    };
+    let meta: crate::trainer::CheckpointMeta = serde_json::from_value(state.meta)
+        .map_err(|e| bad(format!("meta.json is not samtrain's training state: {e}")))?;
+    let spec = samtrain_proto::spec::JobSpec::from_toml(&meta.spec, Some("meta.json"))
+        .map_err(|e| bad(e.to_string()))?;
+    let model_path = std::path::PathBuf::from(&meta.model_path);
+    let loaded = samtrain_model::LoadedModel::load(&model_path, device, None)
+        .map_err(|e| TrainError::from_model(&meta.model_path, "loading the model", e))?;
+    let vars: std::collections::HashMap<String, tch::Tensor> =
+        loaded.vs.variables().into_iter().collect();
+    for (name, value) in &state.tensors {
+        let var = vars.get(name).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` is not in the model {}",
+                meta.model_path
+            ))
+        })?;
+        if var.size() != value.size() {
+            return Err(bad(format!(
+                "tensor `{name}` has shape {:?}, the model {:?}",
+                value.size(),
+                var.size()
+            )));
+        }
+        tch::no_grad(|| var.shallow_clone().copy_(value));
+    }
+    tracing::info!(url = %info.url, step = meta.step, model = %meta.model_path, tensors = state.tensors.len(), "checkpoint loaded for prediction");
+    Ok(PredictModel {
+        loaded,
+        model_path,
+        spec: Some(spec),
+        step: Some(meta.step),
+    })
+}

@@ -1,0 +1,181 @@
+//! What the worker's tests share: a synthetic MmLINK set, a tiny model
+//! folder that reads its tokenizer, job specs, and ranks run on threads
+//! with the in-process collective.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
+use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
+use samtrain_model::parallel::{Collective, LocalCollective};
+use samtrain_model::{weights, LoadedModel, SamConfig};
+use samtrain_proto::spec::JobSpec;
+use samtrain_worker::{train, Groups, TrainError, TrainEvent, TrainJob, TrainOutcome};
+use tch::{Device, Tensor};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub model: PathBuf,
+}
+
+/// A model whose every part trains (so sharded LLM weights train too) and
+/// whose zero-initialised tensors are made non-zero.
+pub fn fixture(samples: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let made = synth(
+        &data,
+        &SynthOptions {
+            task: Task::Group,
+            samples,
+            images: 2,
+            seed: 5,
+        },
+    )
+    .unwrap();
+    let vocab = made.vocabulary + 3;
+    let config = format!(
+        r#"{{
+  "vision_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 4, "image_size": 16, "patch_size": 8}},
+  "qformer_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "encoder_hidden_size": 32, "vocab_size": {vocab},
+                     "max_position_embeddings": 64}},
+  "text_config": {{"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": {vocab},
+                  "max_position_embeddings": 256}},
+  "num_query_tokens": 3,
+  "samtrain": {{"trainable": {{"all": true}}, "init_seed": 3}}
+}}"#
+    );
+    let config: SamConfig = serde_json::from_str(&config).unwrap();
+    let m = LoadedModel::init(&config, Device::Cpu, None).unwrap();
+    tch::no_grad(|| {
+        for (name, t) in m.vs.variables() {
+            if name.starts_with("sam.") {
+                t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
+            }
+        }
+    });
+    let model = dir.path().join("model");
+    weights::save(&m.vs, &config, &model).unwrap();
+    std::fs::copy(data.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    Fixture { dir, data, model }
+}
+
+impl Fixture {
+    /// A spec over the fixture; `extra` is appended (more TOML tables).
+    pub fn spec(&self, ckpt: &str, training: &str, extra: &str) -> JobSpec {
+        let text = format!(
+            r#"
+name = "test"
+[model]
+path = "{}"
+[data]
+train = "{}"
+max_txt_len = 24
+max_output_txt_len = 12
+loader_threads = 1
+prefetch = 2
+[training]
+lr = 1e-3
+weight_decay = 0.1
+max_grad_norm = 1.0
+threads = 1
+log_every = 1
+{training}
+[checkpoint]
+url = "{}"
+every_steps = 5
+keep = 0
+{extra}
+"#,
+            self.model.display(),
+            self.data.display(),
+            self.dir.path().join(ckpt).display(),
+        );
+        JobSpec::from_toml(&text, None).unwrap()
+    }
+
+    pub fn ckpt(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+/// Runs `dp x tp` ranks on threads; `events` may set a rank's abort flag.
+pub fn run_threads(
+    spec: &JobSpec,
+    dp: usize,
+    tp: usize,
+    stop_after: Option<u64>,
+) -> Vec<Result<TrainOutcome, TrainError>> {
+    let world = dp * tp;
+    let dp_groups: Vec<Vec<LocalCollective>> =
+        (0..tp).map(|_| LocalCollective::group(dp as i64)).collect();
+    let tp_groups: Vec<Vec<LocalCollective>> =
+        (0..dp).map(|_| LocalCollective::group(tp as i64)).collect();
+    let dp_groups = Arc::new(Mutex::new(dp_groups));
+    let tp_groups = Arc::new(Mutex::new(tp_groups));
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (d, t) = (rank / tp, rank % tp);
+            let dp_comm: Arc<dyn Collective> = Arc::new(dp_groups.lock().unwrap()[t][d].clone());
+            let tp_comm: Option<Arc<dyn Collective>> = (tp > 1)
+                .then(|| Arc::new(tp_groups.lock().unwrap()[d][t].clone()) as Arc<dyn Collective>);
+            let spec = spec.clone();
+            std::thread::spawn(move || {
+                let abort = Arc::new(AtomicBool::new(false));
+                let flag = abort.clone();
+                train(TrainJob {
+                    spec,
+                    rank: rank as u32,
+                    world_size: world as u32,
+                    groups: Groups {
+                        dp: dp_comm,
+                        tp: tp_comm,
+                    },
+                    abort,
+                    events: Box::new(move |e| {
+                        if let (TrainEvent::Progress(m), Some(stop)) = (&e, stop_after) {
+                            if m.step == stop {
+                                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
+                    }),
+                })
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// The trainable tensors of the newest checkpoint at `url`, unsharded.
+pub fn final_weights(url: &str) -> Vec<(String, Tensor)> {
+    let c = Checkpointer::open(CheckpointOptions::new(url)).unwrap();
+    let info = c.latest().unwrap().expect("a committed checkpoint");
+    let mut t = c.load(&info, 0, 1).unwrap().tensors;
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// The largest absolute difference between two sets of named tensors.
+pub fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+pub fn python() -> PathBuf {
+    std::env::var_os("SAMTRAIN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}

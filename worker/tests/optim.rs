@@ -1,0 +1,177 @@
+//! AdamW and gradient clipping against PyTorch (`torch.optim.AdamW`,
+//! `torch.nn.utils.clip_grad_norm_`) on the same parameters and gradients,
+//! through the venv's python.
+
+mod common;
+
+use std::process::Command;
+
+use samtrain_worker::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use tch::{Device, Kind, Tensor};
+
+const STEPS: usize = 6;
+
+/// A matrix (decays) and a vector (does not), with gradients that change
+/// every step, written where python reads them.
+fn setup() -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
+    let opts = (Kind::Float, Device::Cpu);
+    let w = (Tensor::arange(12, opts).view([4, 3]) * 0.37).sin();
+    let b = (Tensor::arange(3, opts) * 1.3).cos();
+    let params = vec![
+        ("b".to_string(), b.set_requires_grad(true)),
+        ("w".to_string(), w.set_requires_grad(true)),
+    ];
+    let grads = (0..STEPS)
+        .map(|s| {
+            params
+                .iter()
+                .map(|(_, p)| {
+                    let n = p.numel() as i64;
+                    ((Tensor::arange(n, opts) * (0.7 + s as f64) + s as f64).sin() * 0.3)
+                        .view(p.size().as_slice())
+                })
+                .collect()
+        })
+        .collect();
+    (params, grads)
+}
+
+const SCRIPT: &str = r#"
+import sys, math, torch
+from safetensors.torch import load_file, save_file
+t = load_file(sys.argv[1])
+lrs = [float(x) for x in sys.argv[3].split(',')]
+w = torch.nn.Parameter(t['w'].clone()); b = torch.nn.Parameter(t['b'].clone())
+opt = torch.optim.AdamW([{'params': [w], 'weight_decay': 0.1}, {'params': [b], 'weight_decay': 0.0}],
+                        lr=lrs[0], betas=(0.9, 0.95), eps=1e-8, foreach=False)
+for s, lr in enumerate(lrs):
+    for g in opt.param_groups: g['lr'] = lr
+    w.grad = t[f'gw{s}'].clone(); b.grad = t[f'gb{s}'].clone()
+    opt.step()
+st = opt.state
+w.grad = t['gw0'].clone(); b.grad = t['gb0'].clone()
+out = {'w': w.detach(), 'b': b.detach(), 'mw': st[w]['exp_avg'], 'vw': st[w]['exp_avg_sq'],
+       'mb': st[b]['exp_avg'], 'vb': st[b]['exp_avg_sq']}
+norm = torch.nn.utils.clip_grad_norm_([w, b], 0.5)
+out['norm'] = norm.reshape(1); out['cw'] = w.grad; out['cb'] = b.grad
+save_file(out, sys.argv[2])
+"#;
+
+#[test]
+fn adamw_and_clipping_equal_torch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (params, grads) = setup();
+    let lrs: Vec<f64> = (0..STEPS).map(|s| 1e-2 * (1.0 + s as f64) / 3.0).collect();
+    let mut inputs: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.detach().copy()))
+        .collect();
+    for (s, g) in grads.iter().enumerate() {
+        inputs.push((format!("gb{s}"), g[0].copy()));
+        inputs.push((format!("gw{s}"), g[1].copy()));
+    }
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    Tensor::write_safetensors(&inputs, &input).unwrap();
+    let lr_arg = lrs
+        .iter()
+        .map(|l| format!("{l:e}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let run = Command::new(common::python())
+        .args(["-c", SCRIPT])
+        .arg(&input)
+        .arg(&output)
+        .arg(&lr_arg)
+        .output()
+        .expect("run the venv's python");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let want: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
+        .unwrap()
+        .into_iter()
+        .collect();
+
+    let mut opt = AdamW::new(
+        &params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    );
+    for (s, lr) in lrs.iter().enumerate() {
+        for ((_, p), g) in params.iter().zip(&grads[s]) {
+            let mut grad = p.grad();
+            if grad.defined() {
+                let _ = grad.copy_(g);
+            } else {
+                (p * g).sum(Kind::Float).backward();
+            }
+        }
+        opt.step(*lr);
+    }
+    assert_eq!(opt.steps(), STEPS as u64);
+    let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    assert!(
+        diff(&params[1].1, &want["w"]) < 1e-6,
+        "w differs by {}",
+        diff(&params[1].1, &want["w"])
+    );
+    assert!(
+        diff(&params[0].1, &want["b"]) < 1e-6,
+        "b differs by {}",
+        diff(&params[0].1, &want["b"])
+    );
+    let state: std::collections::HashMap<String, Tensor> = opt.state().into_iter().collect();
+    for (ours, theirs) in [
+        ("exp_avg.w", "mw"),
+        ("exp_avg_sq.w", "vw"),
+        ("exp_avg.b", "mb"),
+        ("exp_avg_sq.b", "vb"),
+    ] {
+        let d = diff(&state[ours], &want[theirs]);
+        assert!(d < 1e-7, "{ours} differs by {d}");
+    }
+
+    // A restored optimizer continues exactly as the original.
+    let mut copy = AdamW::new(
+        &params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().copy().set_requires_grad(true)))
+            .collect::<Vec<_>>(),
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+    );
+    copy.load_state(
+        opt.state()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect(),
+        opt.steps(),
+    )
+    .unwrap();
+    assert_eq!(copy.steps(), STEPS as u64);
+
+    // Clipping: the gradients of step 0, clipped to a norm of 0.5.
+    for ((_, p), g) in params.iter().zip(&grads[0]) {
+        let _ = p.grad().copy_(g);
+    }
+    let norm = clip_grad_norm(&params, 0.5, None).unwrap();
+    let want_norm = want["norm"].double_value(&[0]);
+    assert!(
+        (norm - want_norm).abs() < 1e-6,
+        "norm {norm} vs {want_norm}"
+    );
+    assert!(norm > 0.5, "the test must clip");
+    assert!(diff(&params[1].1.grad(), &want["cw"]) < 1e-7);
+    assert!(diff(&params[0].1.grad(), &want["cb"]) < 1e-7);
+}
