@@ -135,6 +135,9 @@ pub fn copy(list: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
     list.iter().map(|(n, t)| (n.clone(), t.copy())).collect()
 }
 
+/// Tensors with their names, in order.
+pub type Named = Vec<(String, Tensor)>;
+
 /// Values that depend only on `seed` and `salt`, not on a global RNG that
 /// tests running in parallel would share.
 pub fn values(shape: &[i64], seed: i64, salt: i64) -> Tensor {
@@ -148,7 +151,7 @@ pub fn values(shape: &[i64], seed: i64, salt: i64) -> Tensor {
 
 /// Parameters of several dtypes, odd values included, named as in the model
 /// (split and replicated ones), and AdamW-like state for each float one.
-pub fn model_state(seed: i64) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+pub fn model_state(seed: i64) -> (Named, Named) {
     let layer = "language_model.model.layers.0";
     let special = values(&[4, 8], seed, 1);
     let _ = special.get(0).get(0).fill_(f64::NAN);
