@@ -16,6 +16,9 @@ pub enum BenchCommand {
     /// Times one training step: forward, backward, AdamW step and zero_grad,
     /// with every parameter trainable, on a fixed random batch.
     TrainStep(TrainStepArgs),
+    /// Times saving and loading a checkpoint of a given size, and how long
+    /// a save blocks training.
+    Checkpoint(crate::bench_checkpoint::CheckpointArgs),
 }
 
 #[derive(Args)]
@@ -54,6 +57,7 @@ pub struct TrainStepArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::TrainStep(args) => train_step(&args),
+        BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
     }
 }
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Saves and loads BYTES of f32 tensors with samtrain's checkpoints and with
+# torch.save / torch.load, to the same local folder, ROUNDS times each, and
+# prints a table (docs/PERFORMANCE.md, "Checkpoints vs torch.save").
+#
+# Environment: BYTES (1GiB), TENSORS (16), ROUNDS (3), REPEATS (3: the two
+# sides alternate this many times, so that load from other processes spreads
+# over both), DIR (target/bench/checkpoint), DEVICE (cpu; cuda stages from
+# GPU memory on the samtrain side).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+BYTES=${BYTES:-1GiB}
+TENSORS=${TENSORS:-16}
+ROUNDS=${ROUNDS:-3}
+REPEATS=${REPEATS:-3}
+DIR=${DIR:-target/bench/checkpoint}
+DEVICE=${DEVICE:-cpu}
+PY=$ROOT/.venv/bin/python
+
+echo "bench: cargo build --release" >&2
+cargo build --release --bin samtrain
+
+BYTES_N=$("$PY" - "$BYTES" <<'PYEOF'
+import re, sys
+m = re.fullmatch(r"([\d.]+)\s*([KMG]i?B|B)?", sys.argv[1].strip(), re.I)
+units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+print(int(float(m.group(1)) * units[(m.group(2) or "").upper()]))
+PYEOF
+)
+
+RESULTS=$(mktemp)
+for ((i = 0; i < REPEATS; i++)); do
+    rm -rf "$DIR"
+    mkdir -p "$DIR"
+    target/release/samtrain bench checkpoint --bytes "$BYTES_N" --tensors "$TENSORS" \
+        --rounds "$ROUNDS" --device "$DEVICE" --url "file://$ROOT/$DIR/samtrain" --json 2>/dev/null >>"$RESULTS"
+    "$PY" benches/checkpoint_torch.py --bytes "$BYTES_N" --tensors "$TENSORS" \
+        --rounds "$ROUNDS" --dir "$DIR/torch" >>"$RESULTS"
+done
+rm -rf "$DIR"
+
+"$PY" - "$RESULTS" <<'PYEOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+side = lambda s: [r for r in rows if r["side"] == s]
+st, pt = side("samtrain"), side("torch")
+med = lambda rs, k: statistics.median(r[k] for r in rs)
+print(f"{st[0]['bytes'] / 2**20:.0f} MiB in {st[0]['tensors']} f32 tensors, "
+      f"medians of {len(st)} runs of {st[0]['rounds']} rounds each")
+# The last column is samtrain's speed over torch's: above 1, samtrain is faster.
+print(f"{'':28}{'samtrain':>12}{'torch':>12}{'speedup':>10}")
+for key, label in [("staging_ms", "training blocked (ms)"), ("save_ms", "save (ms)"),
+                   ("load_ms", "load (ms)"), ("save_gbps", "save (GB/s)"), ("load_gbps", "load (GB/s)")]:
+    a, b = med(st, key), med(pt, key)
+    speedup = a / b if key.endswith("gbps") else b / a
+    print(f"{label:28}{a:12.2f}{b:12.2f}{speedup:10.2f}")
+print(f"{'samtrain latest() (ms)':28}{med(st, 'latest_ms'):12.1f}")
+PYEOF
+rm -f "$RESULTS"
