@@ -1,2 +1,23 @@
-//! Process groups for samtrain: implementations of the model's `Collective`
-//! interface across processes.
+//! Process groups for samtrain: implementations of the model's
+//! [`Collective`](samtrain_model::parallel::Collective) interface across
+//! processes.
+//!
+//! - [`ring`]: a TCP ring for CPU tensors (all-reduce, all-gather,
+//!   broadcast, barrier), deterministic, bounded by a timeout and an
+//!   [`Abort`] flag.
+//! - [`groups`]: the data-parallel x tensor-parallel layout and the
+//!   connections of its world, dp and tp groups ([`ProcessGroups::connect`]).
+//! - `nccl` (cargo feature `nccl`): NCCL communicators for CUDA tensors,
+//!   loading libnccl at run time.
+
+pub mod abort;
+pub mod error;
+pub mod groups;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod ring;
+
+pub use abort::Abort;
+pub use error::{CollectiveError, Result};
+pub use groups::{GroupOptions, Layout, ProcessGroups};
+pub use ring::RingCollective;
