@@ -73,7 +73,8 @@ const PARTS_IN_FLIGHT: usize = 8;
 /// retried.
 pub(crate) struct Store {
     store: Arc<dyn ObjectStore>,
-    /// The same store, where it has multipart uploads with explicit part numbers.
+    /// The same store, where it has multipart uploads with explicit part
+    /// numbers: every remote store, and no local one.
     multipart: Option<Arc<dyn MultipartStore>>,
     base: StorePath,
     /// The location as given, for messages and checkpoint URLs.
@@ -323,8 +324,14 @@ impl Store {
         .await
     }
 
-    /// `name`'s size and checksum, read as a stream (no whole copy in memory).
+    /// `name`'s size and checksum; from a remote store read as a stream (no
+    /// whole copy in memory), from a local one in one read (its stream comes
+    /// in small chunks, several times slower).
     pub(crate) async fn digest(&self, name: &str) -> Result<(u64, u32), CheckpointError> {
+        if self.multipart.is_none() {
+            let bytes = self.get(name).await?;
+            return Ok((bytes.len() as u64, crc32fast::hash(&bytes)));
+        }
         let path = self.path(name);
         self.retried("read", name, || async {
             let mut stream = self.store.get(&path).await?.into_stream();
