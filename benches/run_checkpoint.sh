@@ -19,6 +19,8 @@ REPEATS=${REPEATS:-3}
 DIR=${DIR:-target/bench/checkpoint}
 DEVICE=${DEVICE:-cpu}
 PY=$ROOT/.venv/bin/python
+mkdir -p "$DIR"
+DIR=$(cd "$DIR" && pwd)
 
 echo "bench: cargo build --release" >&2
 cargo build --release --bin samtrain
@@ -36,7 +38,7 @@ for ((i = 0; i < REPEATS; i++)); do
     rm -rf "$DIR"
     mkdir -p "$DIR"
     target/release/samtrain bench checkpoint --bytes "$BYTES_N" --tensors "$TENSORS" \
-        --rounds "$ROUNDS" --device "$DEVICE" --url "file://$ROOT/$DIR/samtrain" --json 2>/dev/null >>"$RESULTS"
+        --rounds "$ROUNDS" --device "$DEVICE" --url "file://$DIR/samtrain" --json 2>/dev/null >>"$RESULTS"
     "$PY" benches/checkpoint_torch.py --bytes "$BYTES_N" --tensors "$TENSORS" \
         --rounds "$ROUNDS" --dir "$DIR/torch" >>"$RESULTS"
 done
