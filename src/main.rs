@@ -2,11 +2,12 @@
 //! command line and hands each subcommand to its module.
 
 mod bench;
-mod bench_checkpoint;
 mod data_cmd;
 mod demo;
 mod eval_cmd;
 mod model_cmd;
+mod predict_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -41,6 +42,10 @@ enum Command {
     /// MmLINK datasets: validate one, or synthesise one.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Trains a job spec: one process, or one rank of a static world (--peers).
+    Train(train_cmd::TrainArgs),
+    /// Answers an MmLINK set with a model folder or checkpoint (pred.json) and scores it.
+    Predict(predict_cmd::PredictArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +65,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Train(args) => train_cmd::run(args),
+        Command::Predict(args) => predict_cmd::run(args),
     }
 }

@@ -89,7 +89,7 @@ impl GradBuckets {
                 for mut g in grads {
                     let n = g.numel() as i64;
                     let part = summed.narrow(0, offset, n).view_as(&g);
-                    let _ = g.copy_(&part);
+                    g.copy_(&part);
                     offset += n;
                 }
             });

@@ -19,8 +19,10 @@ pub enum TrainError {
     #[error("model {path}: {source}")]
     Model {
         path: String,
+        // Boxed, as the next one: the sources are large and would bloat
+        // every `Result` of the crate.
         #[source]
-        source: ModelError,
+        source: Box<ModelError>,
     },
     /// A dataset cannot be read, or a record cannot be preprocessed.
     #[error("data {location}: {message}")]
@@ -34,7 +36,7 @@ pub enum TrainError {
     Checkpoint {
         url: String,
         #[source]
-        source: CheckpointError,
+        source: Box<CheckpointError>,
     },
     /// A committed checkpoint does not fit this job's model.
     #[error("checkpoint {url}: {message}")]
@@ -82,8 +84,16 @@ impl TrainError {
             },
             source => TrainError::Model {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             },
+        }
+    }
+
+    /// The checkpoint store at `url` failed.
+    pub(crate) fn store(url: &str, source: CheckpointError) -> Self {
+        TrainError::Checkpoint {
+            url: url.to_owned(),
+            source: Box::new(source),
         }
     }
 

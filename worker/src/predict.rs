@@ -215,10 +215,7 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, TrainE
             step: None,
         });
     }
-    let store_error = |source| TrainError::Checkpoint {
-        url: location.to_owned(),
-        source,
-    };
+    let store_error = |source| TrainError::store(location, source);
     let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
     let info = ckpt
         .latest()

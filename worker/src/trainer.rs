@@ -319,10 +319,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome, TrainError> {
         keep: spec.checkpoint.keep,
         retry: RetryPolicy::default(),
     })
-    .map_err(|source| TrainError::Checkpoint {
-        url: spec.checkpoint.url.clone(),
-        source,
-    })?;
+    .map_err(|source| TrainError::store(&spec.checkpoint.url, source))?;
     let resumed = resume(&ckpt, &groups, &layout, &params, &mut optimizer)?;
     let (mut step, mut position, mut samples_consumed) = match &resumed {
         Some(meta) => (meta.step, meta.position, meta.samples_consumed),
@@ -492,10 +489,9 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome, TrainError> {
                 optimizer: optimizer.state(),
                 meta: serde_json::to_value(&meta).expect("checkpoint meta serialises"),
             };
-            let ticket = ckpt.save(state).map_err(|source| TrainError::Checkpoint {
-                url: spec.checkpoint.url.clone(),
-                source,
-            })?;
+            let ticket = ckpt
+                .save(state)
+                .map_err(|source| TrainError::store(&spec.checkpoint.url, source))?;
             tickets.push(ticket);
         }
         collect_saves(
@@ -599,10 +595,7 @@ fn resume(
     params: &[(String, Tensor)],
     optimizer: &mut AdamW,
 ) -> Result<Option<CheckpointMeta>, TrainError> {
-    let store_error = |source| TrainError::Checkpoint {
-        url: ckpt.url().to_owned(),
-        source,
-    };
+    let store_error = |source| TrainError::store(ckpt.url(), source);
     let mine = if layout.rank == 0 {
         ckpt.latest().map_err(store_error)?
     } else {

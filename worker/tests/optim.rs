@@ -108,7 +108,7 @@ fn adamw_and_clipping_equal_torch() {
         for ((_, p), g) in params.iter().zip(&grads[s]) {
             let mut grad = p.grad();
             if grad.defined() {
-                let _ = grad.copy_(g);
+                grad.copy_(g);
             } else {
                 (p * g).sum(Kind::Float).backward();
             }
@@ -163,7 +163,7 @@ fn adamw_and_clipping_equal_torch() {
 
     // Clipping: the gradients of step 0, clipped to a norm of 0.5.
     for ((_, p), g) in params.iter().zip(&grads[0]) {
-        let _ = p.grad().copy_(g);
+        p.grad().copy_(g);
     }
     let norm = clip_grad_norm(&params, 0.5, None).unwrap();
     let want_norm = want["norm"].double_value(&[0]);

@@ -179,3 +179,16 @@ pub fn python() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
+
+/// How far training moved the trainable tensors of `trained` from the
+/// model folder's values.
+pub fn moved(model: &Path, trained: &[(String, Tensor)]) -> f64 {
+    let mut initial = std::collections::HashMap::new();
+    for file in weights::weight_files(model).unwrap() {
+        initial.extend(Tensor::read_safetensors(&file).unwrap());
+    }
+    trained
+        .iter()
+        .map(|(n, t)| (t - &initial[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}

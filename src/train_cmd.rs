@@ -1,0 +1,124 @@
+//! `samtrain train JOB.toml [--rank R --peers host:port,...]`: a static
+//! launch without a coordinator, as torchrun with a fixed world. Each
+//! process is given its rank and every rank's address; it listens on its
+//! own, joins the world's data- and tensor-parallel groups over the TCP
+//! ring, and trains. Without `--peers` it is a one-process job.
+//!
+//! The exit code follows Kubeflow's `ExitCode` restart policy: 1 for a
+//! permanent failure (bad spec, bad data), 128 for one a restart may mend
+//! (a dead peer, an abort, an unreachable store).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
+use samtrain_model::parallel::{Collective, LocalCollective};
+use samtrain_proto::spec::JobSpec;
+use samtrain_worker::{train, Groups, TrainJob};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The job spec (TOML).
+    job: PathBuf,
+    /// This process's rank in the world.
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Every rank's `host:port`, in rank order, comma-separated; this rank
+    /// listens on its own entry.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Print a final JSON line: step, samples consumed, checkpoint, eval.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.job)
+        .with_context(|| format!("cannot read {}", args.job.display()))?;
+    let spec = JobSpec::from_toml(&text, args.job.to_str())?;
+    let (groups, world_size) = if args.peers.is_empty() {
+        if args.rank != 0 || spec.parallel.tp != 1 {
+            bail!(
+                "a job without --peers is one process: rank 0 and parallel.tp = 1 (got rank {}, tp {})",
+                args.rank,
+                spec.parallel.tp
+            );
+        }
+        let single: Arc<dyn Collective> = Arc::new(LocalCollective::group(1).remove(0));
+        (
+            Groups {
+                dp: single,
+                tp: None,
+            },
+            1,
+        )
+    } else {
+        let world = args.peers.len() as u32;
+        let own = args
+            .peers
+            .get(args.rank as usize)
+            .with_context(|| format!("--rank {} is not in the {world} --peers", args.rank))?;
+        let listener = TcpListener::bind(own)
+            .with_context(|| format!("cannot listen on {own} (rank {})", args.rank))?;
+        let groups = ProcessGroups::connect(
+            GroupOptions {
+                rank: i64::from(args.rank),
+                peers: args.peers.clone(),
+                tp: i64::from(spec.parallel.tp),
+                generation: 0,
+                timeout: Duration::from_secs_f64(spec.parallel.collective_timeout_s),
+                abort: Abort::new(),
+            },
+            listener,
+        )
+        .with_context(|| format!("rank {} joining the process groups", args.rank))?;
+        tracing::info!(layout = ?groups.layout, "process groups connected");
+        (
+            Groups {
+                dp: groups.dp,
+                tp: Some(groups.tp),
+            },
+            world,
+        )
+    };
+    let outcome = train(TrainJob {
+        spec,
+        rank: args.rank,
+        world_size,
+        groups,
+        abort: Arc::new(AtomicBool::new(false)),
+        events: Box::new(|_| {}),
+    });
+    match outcome {
+        Ok(o) => {
+            if args.json {
+                let line = serde_json::json!({
+                    "rank": args.rank,
+                    "step": o.final_step,
+                    "samples_consumed": o.samples_consumed,
+                    "checkpoint": o.checkpoint,
+                    "resumed_from": o.resumed_from,
+                    "skipped_records": o.skipped_records,
+                    "eval": o.eval,
+                });
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let kind = if e.retriable() {
+                "retriable"
+            } else {
+                "permanent"
+            };
+            tracing::error!(rank = args.rank, error = %e, kind, "training failed");
+            eprintln!("error (rank {}, {kind}): {e}", args.rank);
+            std::process::exit(e.exit_code());
+        }
+    }
+}

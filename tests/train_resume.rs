@@ -1,0 +1,281 @@
+//! `samtrain train` as a user runs it: real processes joined by the TCP
+//! ring, checkpoints on local disk. A job killed with SIGKILL and started
+//! again ends with the weights of a job never interrupted, bit for bit, and
+//! the same samples consumed; it also resumes at another data-parallel size;
+//! and a killed peer makes the survivor fail fast, naming the peer.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
+use samtrain_model::{weights, LoadedModel, SamConfig};
+use tch::{Device, Tensor};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let made = synth(
+            &data,
+            &SynthOptions {
+                task: Task::Story,
+                samples: 48,
+                images: 3,
+                seed: 11,
+            },
+        )
+        .unwrap();
+        let vocab = made.vocabulary + 1;
+        let config: SamConfig = serde_json::from_str(&format!(
+            r#"{{
+  "vision_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 4, "image_size": 16, "patch_size": 8}},
+  "qformer_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "encoder_hidden_size": 32, "vocab_size": {vocab},
+                     "max_position_embeddings": 64}},
+  "text_config": {{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": {vocab}}},
+  "num_query_tokens": 4,
+  "samtrain": {{"trainable": {{"qformer": true, "projection": true}}}}
+}}"#
+        ))
+        .unwrap();
+        let m = LoadedModel::init(&config, Device::Cpu, None).unwrap();
+        let model = dir.path().join("model");
+        weights::save(&m.vs, &config, &model).unwrap();
+        std::fs::copy(data.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+        Fixture { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A job spec file: `batch` samples per rank, checkpoints in `ckpt`.
+    fn job(&self, name: &str, ckpt: &str, batch: u32) -> PathBuf {
+        let text = format!(
+            r#"
+name = "resume-test"
+[model]
+path = "{}"
+[data]
+train = "{}"
+max_txt_len = 32
+max_output_txt_len = 16
+loader_threads = 1
+[training]
+steps = 20
+batch_size = {batch}
+lr = 2e-3
+warmup_steps = 3
+min_lr = 1e-4
+threads = 1
+log_every = 1
+[parallel]
+collective_timeout_s = 10.0
+[checkpoint]
+url = "{}"
+every_steps = 10
+keep = 0
+"#,
+            self.path("model").display(),
+            self.path("data").display(),
+            self.path(ckpt).display(),
+        );
+        let file = self.path(name);
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+}
+
+fn free_ports(n: usize) -> Vec<String> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+/// Starts every rank of `job` (one process each); stderr carries JSON logs.
+fn launch(job: &Path, ranks: usize) -> Vec<Child> {
+    let peers = free_ports(ranks).join(",");
+    (0..ranks)
+        .map(|rank| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_samtrain"));
+            cmd.args(["--log-json", "train"]).arg(job).arg("--json");
+            if ranks > 1 {
+                cmd.args(["--rank", &rank.to_string(), "--peers", &peers]);
+            }
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start samtrain train")
+        })
+        .collect()
+}
+
+/// Waits for every rank; returns each final JSON line.
+fn finish(children: Vec<Child>) -> Vec<serde_json::Value> {
+    children
+        .into_iter()
+        .enumerate()
+        .map(|(rank, c)| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "rank {rank} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+        })
+        .collect()
+}
+
+/// The trainable tensors of the checkpoint of `step` under `url` (tp = 1:
+/// one parameter file), read straight from its safetensors.
+fn weights_at(url: &Path, step: u64) -> Vec<(String, Tensor)> {
+    {
+        let folder = url.join(format!("step-{step:08}"));
+        assert!(
+            folder.join("manifest.json").is_file(),
+            "no committed checkpoint at {}",
+            folder.display()
+        );
+        let mut tensors = Vec::new();
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("tp-") && name.ends_with(".safetensors") {
+                tensors.extend(Tensor::read_safetensors(&path).unwrap());
+            }
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(
+            !tensors.is_empty(),
+            "no parameter files in {}",
+            folder.display()
+        );
+        tensors
+    }
+}
+
+fn kill_after_step(children: &mut [Child], step: u64, ckpt: &Path) {
+    let stderr = children[0].stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let fields = &v["fields"];
+        if fields["message"] == "train step" && fields["step"].as_u64() >= Some(step) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no step {step} within 2 minutes");
+    }
+    // The step-10 checkpoint must be committed before the kill.
+    let manifest = ckpt.join("step-00000010/manifest.json");
+    while !manifest.is_file() {
+        assert!(Instant::now() < deadline, "step 10 never committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in children.iter_mut() {
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+    }
+    assert!(
+        !ckpt.join("step-00000020/manifest.json").exists(),
+        "the run finished before it was killed; the test needs slower steps"
+    );
+}
+
+#[test]
+fn killed_job_resumes_bit_for_bit() {
+    let f = Fixture::new();
+    let job_a = f.job("a.toml", "ckpt-a", 2);
+    let straight = finish(launch(&job_a, 2));
+    for line in &straight {
+        assert_eq!(line["step"], 20);
+        assert_eq!(line["samples_consumed"], 80);
+        assert_eq!(line["checkpoint"]["step"], 20);
+    }
+
+    let job_b = f.job("b.toml", "ckpt-b", 2);
+    let mut run = launch(&job_b, 2);
+    kill_after_step(&mut run, 13, &f.path("ckpt-b"));
+    let resumed = finish(launch(&job_b, 2));
+    for line in &resumed {
+        assert_eq!(line["resumed_from"], 10);
+        assert_eq!(line["step"], 20);
+        assert_eq!(line["samples_consumed"], 80);
+    }
+    let (a, b) = (
+        weights_at(&f.path("ckpt-a"), 20),
+        weights_at(&f.path("ckpt-b"), 20),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resume");
+    }
+    let start = weights_at(&f.path("ckpt-a"), 10);
+    assert!(
+        a.iter().zip(&start).any(|((_, x), (_, y))| !x.equal(y)),
+        "steps 11-20 changed nothing"
+    );
+
+    // The same checkpoint resumed by one process of twice the batch: the
+    // rest of the epoch re-sharded, the same global batch, the same count.
+    let c = f.path("ckpt-c");
+    std::fs::create_dir_all(c.join("step-00000010")).unwrap();
+    for entry in std::fs::read_dir(f.path("ckpt-a").join("step-00000010")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, c.join("step-00000010").join(p.file_name().unwrap())).unwrap();
+    }
+    let job_c = f.job("c.toml", "ckpt-c", 4);
+    let single = finish(launch(&job_c, 1));
+    assert_eq!(single[0]["resumed_from"], 10);
+    assert_eq!(single[0]["samples_consumed"], 80);
+    let c20 = weights_at(&c, 20);
+    let d = a
+        .iter()
+        .zip(&c20)
+        .map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(d < 1e-5, "dp 1 after dp 2 differs from dp 2 by {d}");
+}
+
+#[test]
+fn a_killed_peer_fails_the_survivor_fast_naming_it() {
+    let f = Fixture::new();
+    let job = f.job("k.toml", "ckpt-k", 2);
+    let mut run = launch(&job, 2);
+    // Let both ranks train, then kill rank 1.
+    let stderr = run[0].stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"train step\"") {
+            break;
+        }
+    }
+    run[1].kill().unwrap();
+    run[1].wait().unwrap();
+    let killed = Instant::now();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = run[0].wait().unwrap();
+    let waited = killed.elapsed();
+    assert_eq!(status.code(), Some(128), "a peer's death is retriable");
+    assert!(waited < Duration::from_secs(8), "took {waited:?}");
+    let text = rest.join("\n");
+    assert!(text.contains("rank 1"), "the error names the peer: {text}");
+}

@@ -1,0 +1,50 @@
+//! The job's final predict + eval, and a checkpoint loaded back for
+//! prediction: SAM's `pred.json` records, scores, the trained tensors.
+
+mod common;
+
+use common::{final_weights, fixture, run_threads};
+use samtrain_worker::predict::load_model;
+use tch::Device;
+
+#[test]
+fn job_ends_with_predict_and_eval() {
+    let f = fixture(12);
+    let out = f.dir.path().join("eval-out");
+    let spec = f.spec(
+        "ck",
+        "steps = 2\nbatch_size = 2",
+        &format!(
+            "[evaluation]\nnum_beams = 2\nmax_new_tokens = 4\nmax_samples = 5\nbatch_size = 3\noutput = \"{}\"",
+            out.display()
+        ),
+    );
+    let mut spec = spec;
+    spec.data.eval = Some(f.data.display().to_string());
+    let outcome = run_threads(&spec, 1, 1, None).remove(0).unwrap();
+    let scores = outcome.eval.expect("rank 0 scores");
+    for s in [scores.rouge, scores.cider, scores.bleu4] {
+        assert!((0.0..=1000.0).contains(&s), "{scores:?}");
+    }
+    let pred: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pred.json")).unwrap()).unwrap();
+    let records = pred.as_array().unwrap();
+    assert_eq!(records.len(), 5);
+    for r in records {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["gt_response", "pred_response", "sample_id"]);
+        assert!(!r["gt_response"].as_str().unwrap().is_empty());
+    }
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(written["cider"].as_f64().unwrap(), scores.cider);
+
+    // The checkpoint loads back on the model folder its meta names.
+    let m = load_model(&f.ckpt("ck"), Device::Cpu).unwrap();
+    assert_eq!(m.step, Some(2));
+    assert_eq!(m.model_path, f.model);
+    let vars: std::collections::HashMap<_, _> = m.loaded.vs.variables().into_iter().collect();
+    for (name, t) in final_weights(&f.ckpt("ck")) {
+        assert!(vars[&name].equal(&t), "{name} not restored");
+    }
+}
