@@ -294,8 +294,10 @@ impl NcclCollective {
     /// An all-reduce of one element, waited for on the host.
     pub fn try_barrier(&self) -> Result<()> {
         let one = Tensor::ones([1], (Kind::Float, Device::Cuda(self.device)));
-        self.try_all_reduce_sum(&one)?;
+        // Held until the device has finished with it.
+        let summed = self.try_all_reduce_sum(&one)?;
         tch::Cuda::synchronize(self.device as i64);
+        drop(summed);
         Ok(())
     }
 }

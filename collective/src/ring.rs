@@ -314,6 +314,9 @@ impl Plan {
 
     /// A pipelined chain from the root along the ring.
     fn broadcast(n: usize, r: usize, root: usize, bytes: usize) -> Plan {
+        // One chunk: the whole buffer (a one-element Vec of a Range is
+        // what it looks like, not a mistaken `vec![a..b]` for a list).
+        #[allow(clippy::single_range_in_vec_init)]
         let chunks = vec![0..bytes];
         if r == root {
             return Plan::new(chunks, vec![0], Vec::new());

@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
-use samtrain_model::parallel::Collective;
 use tch::{Kind, Tensor};
 
 const CHILD_ENV: &str = "SAMTRAIN_COLLECTIVE_TEST_CHILD";
