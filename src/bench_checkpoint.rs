@@ -51,7 +51,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok((number * scale) as u64)
 }
@@ -92,10 +96,7 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             )
         })
         .collect();
-    let bytes: u64 = tensors
-        .iter()
-        .map(|(_, t)| (t.numel() * 4) as u64)
-        .sum();
+    let bytes: u64 = tensors.iter().map(|(_, t)| (t.numel() * 4) as u64).sum();
 
     let (mut staging, mut save, mut load, mut latest) = (vec![], vec![], vec![], vec![]);
     for round in 0..args.rounds {
@@ -122,22 +123,32 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
         }
 
         let start = Instant::now();
-        let info = ck.latest()?.context("the checkpoint just saved is not found")?;
+        let info = ck
+            .latest()?
+            .context("the checkpoint just saved is not found")?;
         latest.push(start.elapsed());
         let start = Instant::now();
         let loaded = ck.load(&info, 0, 1)?;
         load.push(start.elapsed());
-        ensure!(loaded.tensors.len() == tensors.len(), "loaded {} tensors", loaded.tensors.len());
+        ensure!(
+            loaded.tensors.len() == tensors.len(),
+            "loaded {} tensors",
+            loaded.tensors.len()
+        );
         if round == 0 {
             for ((name, a), (_, b)) in loaded.tensors.iter().zip(&tensors) {
-                ensure!(a.equal(&b.to_device(Device::Cpu)), "{name} differs after the round trip");
+                ensure!(
+                    a.equal(&b.to_device(Device::Cpu)),
+                    "{name} differs after the round trip"
+                );
             }
         }
     }
 
     let ms = |d: &[Duration]| median(d.iter().map(|d| d.as_secs_f64() * 1e3));
     let gbps = |t_ms: f64| bytes as f64 / 1e9 / (t_ms / 1e3);
-    let (staging_ms, save_ms, latest_ms, load_ms) = (ms(&staging), ms(&save), ms(&latest), ms(&load));
+    let (staging_ms, save_ms, latest_ms, load_ms) =
+        (ms(&staging), ms(&save), ms(&latest), ms(&load));
     if args.json {
         let out = serde_json::json!({
             "side": "samtrain",
@@ -164,7 +175,10 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             args.rounds
         );
         println!("  training blocked (staging) {staging_ms:.1} ms");
-        println!("  save (staging, upload, commit) {save_ms:.1} ms, {:.2} GB/s", gbps(save_ms));
+        println!(
+            "  save (staging, upload, commit) {save_ms:.1} ms, {:.2} GB/s",
+            gbps(save_ms)
+        );
         println!("  latest (reads and checks every file) {latest_ms:.1} ms");
         println!("  load {load_ms:.1} ms, {:.2} GB/s", gbps(load_ms));
     }
