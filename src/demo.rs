@@ -1,155 +1,158 @@
-//! `samtrain demo`: a small SAM trained from scratch on the CPU, end to end
-//! through the model: batches of several images per sample, the LM loss,
-//! AdamW, a saved model folder, and beam search on held-out samples.
-//!
-//! The task needs every image: each image is lighter or darker than average,
-//! and the answer (four tokens) encodes the pattern across the sample's
-//! three images. Fresh images every step, so the model must learn the rule,
-//! and held-out samples measure it against the untrained model.
+//! `samtrain demo`: the main job for a newcomer, on one machine's CPU. It
+//! runs the job of `examples/demo.toml` (built into the binary) through the
+//! local cluster: a synthetic MmLINK group-captioning set (three images per
+//! sample, the answer names the object they share), a small SAM trained
+//! from scratch by two data-parallel worker processes under a coordinator,
+//! checkpoints, then predict + eval on a held-out split. It scores the
+//! untrained model on the same split first, so the gain is plain to see.
 
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use samtrain_model::generation::{generate, GenerationConfig};
-use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs, SamModel};
-use tch::nn::OptimizerConfig;
-use tch::{Device, Kind, Tensor};
+use samtrain_proto::spec::{BadRecords, JobSpec};
+use samtrain_worker::inputs;
+use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
+use serde_json::json;
+use tch::Device;
+
+use crate::local::{self, LocalOptions};
+use crate::prepare;
+
+const DEMO_SPEC: &str = include_str!("../examples/demo.toml");
+const DEMO_MODEL: &str = include_str!("../examples/demo-model.json");
+/// The folder `examples/demo.toml` writes under; `--out` replaces it.
+const SPEC_ROOT: &str = "target/demo";
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Training steps.
-    #[arg(long, default_value_t = 300)]
-    steps: i64,
-    /// Samples per step.
-    #[arg(long, default_value_t = 16)]
-    batch: i64,
-    /// Where the trained model folder goes.
-    #[arg(long, default_value = "target/demo/model")]
+    /// Where the data, model, checkpoints, scores and logs go.
+    #[arg(long, default_value = SPEC_ROOT)]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    seed: i64,
+    /// Training steps (default: the spec's).
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Worker processes (two data-parallel ranks by default).
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Start over: delete `--out` first instead of resuming what is there.
+    #[arg(long)]
+    fresh: bool,
+    /// Print one JSON object, the final state and both models' scores, as
+    /// the last line.
+    #[arg(long)]
+    json: bool,
 }
 
-const IMAGES: i64 = 3;
-const ANSWER: i64 = 4;
-const PROMPT_TOKEN: i64 = 5;
-const EOS: i64 = 2;
-const HELD_OUT: i64 = 64;
-
 pub fn run(args: DemoArgs) -> Result<()> {
-    let mut config: SamConfig =
-        serde_json::from_str(DEMO_CONFIG).context("built-in demo config")?;
-    config.samtrain.init_seed = args.seed;
-    let m = LoadedModel::init(&config, Device::Cpu, None)?;
-    let trainable = trainable::apply(&m.vs, &config.samtrain);
-    println!(
-        "samtrain demo: SAM with {} parameters, all trainable; {IMAGES} images per sample",
-        trainable::count(&trainable)
-    );
-    tch::manual_seed(args.seed + 1_000);
-    let (held_out, held_out_answers) = batch(&config, HELD_OUT);
-    let untrained = accuracy(&m.model, &held_out, &held_out_answers)?;
-
-    let mut opt = tch::nn::AdamW::default().build(&m.vs, 2e-3)?;
-    let start = Instant::now();
-    tch::manual_seed(args.seed);
-    let mut losses = Vec::new();
-    for step in 1..=args.steps {
-        let (inputs, labels) = batch(&config, args.batch);
-        let loss = m.model.loss(&inputs, &labels, None, None)?;
-        opt.zero_grad();
-        loss.total.backward();
-        opt.step();
-        losses.push(loss.lm.double_value(&[]));
-        if step == 1 || step % 25 == 0 || step == args.steps {
-            let recent = &losses[losses.len().saturating_sub(25)..];
-            println!(
-                "step {step:>4}  loss {:.4}  ({:.1} s)",
-                recent.iter().sum::<f64>() / recent.len() as f64,
-                start.elapsed().as_secs_f64()
-            );
+    if args.fresh && args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("removing {}", args.out.display()))?;
+    }
+    let spec = demo_spec(&args)?;
+    prepare::prepare(&spec)?;
+    if !args.json {
+        println!(
+            "samtrain demo: {} workers train a small SAM on {} (3 images per sample), {} steps",
+            args.workers, spec.data.train, spec.training.steps
+        );
+    }
+    let untrained = untrained_scores(&spec, &args.out)?;
+    if !args.json {
+        println!(
+            "untrained model on the held-out split: CIDEr {:.2}, BLEU-4 {:.2}, ROUGE-L {:.2}",
+            untrained.cider, untrained.bleu4, untrained.rouge
+        );
+    }
+    let result = local::run_job(
+        &spec,
+        "examples/demo.toml",
+        &LocalOptions {
+            workers: Some(args.workers),
+            etcd: Vec::new(),
+            run_dir: Some(args.out.join("run")),
+            json: args.json,
+        },
+    )?;
+    if args.json {
+        let mut line = result.to_json();
+        line["untrained_eval"] = json!(untrained);
+        line["model"] = json!(spec.model.path);
+        println!("{line}");
+    } else {
+        local::report(&result, false);
+        let trained = |k: &str| result.eval.get(k).copied().unwrap_or(f64::NAN);
+        println!("held-out scores     untrained   trained");
+        println!(
+            "  CIDEr             {:>9.2} {:>9.2}",
+            untrained.cider,
+            trained("cider")
+        );
+        println!(
+            "  BLEU-4            {:>9.2} {:>9.2}",
+            untrained.bleu4,
+            trained("bleu4")
+        );
+        println!(
+            "  ROUGE-L           {:>9.2} {:>9.2}",
+            untrained.rouge,
+            trained("rouge")
+        );
+        if let Some(dir) = &spec.evaluation.output {
+            println!("predictions and per-sample scores: {dir}");
         }
     }
-    weights::save(&m.vs, &config, &args.out)?;
-    let trained = accuracy(&m.model, &held_out, &held_out_answers)?;
-    println!(
-        "held-out exact answers (beam 5): untrained {:.1}%, trained {:.1}%",
-        100.0 * untrained,
-        100.0 * trained
-    );
-    println!("model folder: {}", args.out.display());
+    if result.state != samtrain_proto::v1::JobState::Succeeded {
+        std::process::exit(1);
+    }
     Ok(())
 }
 
-/// Samples with fresh images: the inputs (prompt and answer) and the labels.
-fn batch(config: &SamConfig, b: i64) -> (SamInputs, Tensor) {
-    let s = config.vision_config.image_size;
-    let cpu = (Kind::Float, Device::Cpu);
-    let bits = Tensor::randint(2, [b, IMAGES], (Kind::Int64, Device::Cpu));
-    let offset = (bits.to_kind(Kind::Float) - 0.5).view([b, IMAGES, 1, 1, 1]);
-    let pixel_values = Tensor::randn([b, IMAGES, 3, s, s], cpu) + offset;
-    let code = (bits.select(1, 0) + bits.select(1, 1) * 2 + bits.select(1, 2) * 4).unsqueeze(1);
-    let vocab = config.text_config.vocab_size;
-    let answer = (code * 7 + Tensor::arange(ANSWER, (Kind::Int64, Device::Cpu)).unsqueeze(0) * 3)
-        .remainder(vocab - 10)
-        + 10;
-    let prompt = Tensor::full([b, 1], PROMPT_TOKEN, (Kind::Int64, Device::Cpu));
-    let eos = Tensor::full([b, 1], EOS, (Kind::Int64, Device::Cpu));
-    let input_ids = Tensor::cat(&[&prompt, &answer, &eos], 1);
-    let labels = input_ids.copy();
-    let _ = labels.narrow(1, 0, 1).fill_(-100);
-    let inputs = SamInputs {
-        pixel_values,
-        image_mask: None,
-        qformer_input_ids: Tensor::full([b, 2], 3, (Kind::Int64, Device::Cpu)),
-        qformer_attention_mask: None,
-        input_ids,
-        attention_mask: None,
-    };
-    (inputs, labels)
+/// `examples/demo.toml` with its paths under `--out`, and its model config
+/// written there.
+fn demo_spec(args: &DemoArgs) -> Result<JobSpec> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = args.out.to_str().context("--out must be valid UTF-8")?;
+    let model_config = args.out.join("demo-model.json");
+    std::fs::write(&model_config, DEMO_MODEL)
+        .with_context(|| format!("cannot write {}", model_config.display()))?;
+    let text = DEMO_SPEC.replace(SPEC_ROOT, out);
+    let mut spec = JobSpec::from_toml(&text, Some("examples/demo.toml"))?;
+    spec.model.init = Some(model_config.display().to_string());
+    if let Some(steps) = args.steps {
+        spec.training.steps = steps;
+        spec.training.warmup_steps = spec.training.warmup_steps.min(steps);
+        spec.checkpoint.every_steps = spec.checkpoint.every_steps.min(steps);
+    }
+    if let Some(problems) = Some(spec.problems()).filter(|p| !p.is_empty()) {
+        anyhow::bail!(samtrain_proto::spec::SpecError {
+            source_name: Some("samtrain demo".into()),
+            problems
+        });
+    }
+    Ok(spec)
 }
 
-/// Share of samples whose beam-search answer starts with the right tokens.
-fn accuracy(model: &SamModel, inputs: &SamInputs, answers: &Tensor) -> Result<f64> {
-    let prompt = SamInputs {
-        pixel_values: inputs.pixel_values.shallow_clone(),
-        image_mask: None,
-        qformer_input_ids: inputs.qformer_input_ids.shallow_clone(),
-        qformer_attention_mask: None,
-        input_ids: inputs.input_ids.narrow(1, 0, 1),
-        attention_mask: None,
-    };
-    let generated = tch::no_grad(|| {
-        generate(
-            model,
-            &prompt,
-            &GenerationConfig {
-                max_new_tokens: ANSWER + 1,
-                num_beams: 5,
-                ..GenerationConfig::default()
-            },
-        )
-    })?;
-    let expected = Vec::<Vec<i64>>::try_from(answers.narrow(1, 1, ANSWER))?;
-    let correct = generated
-        .iter()
-        .zip(&expected)
-        .filter(|(g, e)| g.starts_with(e))
-        .count();
-    Ok(correct as f64 / expected.len() as f64)
+/// Scores of the freshly initialised model on the held-out split, with the
+/// job's own evaluation settings.
+fn untrained_scores(spec: &JobSpec, out: &Path) -> Result<samtrain_data::eval::Summary> {
+    let eval = spec
+        .data
+        .eval
+        .as_deref()
+        .context("the demo spec has a held-out split")?;
+    let m = load_model(&spec.model.path, Device::Cpu)?;
+    let set = inputs::load_dataset(eval, BadRecords::Fail)?;
+    let image_size = m.loaded.model.config.vision_config.image_size;
+    let predictor = Predictor::new(
+        &set.root,
+        &inputs::text_config(spec),
+        image_size,
+        spec.evaluation.clone(),
+    )?;
+    let predictions = predictor.predict(&m.loaded.model, Device::Cpu, &set.records)?;
+    let dir = out.join("untrained");
+    write_predictions(&dir.join("pred.json"), &predictions)?;
+    Ok(score(&predictions, Some(&dir))?.summary)
 }
-
-const DEMO_CONFIG: &str = r#"{
-  "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-  "qformer_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "encoder_hidden_size": 64, "vocab_size": 64,
-                     "max_position_embeddings": 64},
-  "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96,
-                  "max_position_embeddings": 256},
-  "num_query_tokens": 4,
-  "samtrain": {"trainable": {"all": true}}
-}"#;

@@ -2,12 +2,17 @@
 //! command line and hands each subcommand to its module.
 
 mod bench;
+mod bench_checkpoint;
 mod data_cmd;
 mod demo;
 mod eval_cmd;
+mod local;
+mod loss_plot;
 mod model_cmd;
 mod predict_cmd;
+mod prepare;
 mod train_cmd;
+mod worker_cmd;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -31,9 +36,14 @@ enum Command {
     /// Work with a model folder: create, run, inspect.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
-    /// The main job: trains a small SAM from scratch on synthetic
-    /// multi-image samples and scores it on held-out ones.
+    /// The main job: two local workers train a small SAM from scratch on
+    /// synthetic MmLINK data, then score it on a held-out split.
     Demo(demo::DemoArgs),
+    /// Runs a job spec on this machine: a coordinator and N worker processes.
+    Local(local::LocalArgs),
+    /// A training process of the cluster: registers with the coordinator
+    /// and trains the generations it is assigned.
+    Worker(worker_cmd::WorkerArgs),
     /// Timings of the model, to compare with transformers (docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -62,6 +72,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Model(cmd) => model_cmd::run(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Local(args) => local::run(args),
+        Command::Worker(args) => worker_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),

@@ -12,13 +12,12 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
 use samtrain_model::parallel::{Collective, LocalCollective};
 use samtrain_proto::spec::JobSpec;
+use samtrain_worker::launch::join_groups;
 use samtrain_worker::{train, Groups, TrainJob};
 
 #[derive(Args)]
@@ -65,26 +64,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .with_context(|| format!("--rank {} is not in the {world} --peers", args.rank))?;
         let listener = TcpListener::bind(own)
             .with_context(|| format!("cannot listen on {own} (rank {})", args.rank))?;
-        let groups = ProcessGroups::connect(
-            GroupOptions {
-                rank: i64::from(args.rank),
-                peers: args.peers.clone(),
-                tp: i64::from(spec.parallel.tp),
-                generation: 0,
-                timeout: Duration::from_secs_f64(spec.parallel.collective_timeout_s),
-                abort: Abort::new(),
-            },
+        let groups = join_groups(
+            args.rank,
+            &args.peers,
+            &spec,
+            0,
+            Arc::new(AtomicBool::new(false)),
             listener,
         )
         .with_context(|| format!("rank {} joining the process groups", args.rank))?;
-        tracing::info!(layout = ?groups.layout, "process groups connected");
-        (
-            Groups {
-                dp: groups.dp,
-                tp: Some(groups.tp),
-            },
-            world,
-        )
+        (groups, world)
     };
     let outcome = train(TrainJob {
         spec,

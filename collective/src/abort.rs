@@ -26,3 +26,11 @@ impl Abort {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// A flag owned elsewhere (the agent's end-of-generation flag) becomes the
+/// abort of the generation's collectives.
+impl From<Arc<AtomicBool>> for Abort {
+    fn from(flag: Arc<AtomicBool>) -> Self {
+        Abort(flag)
+    }
+}

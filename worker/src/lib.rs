@@ -6,12 +6,14 @@
 //!   launcher (`samtrain train`, the coordinator's agent);
 //! - [`optim`], [`schedule`]: AdamW on tensors, warm-up plus cosine, clipping;
 //! - [`ddp`]: data-parallel gradient averaging in buckets;
+//! - [`launch`]: joining a generation's process groups over the TCP ring;
 //! - [`inputs`]: datasets, tokenizers and batches as the model takes them;
 //! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores.
 
 pub mod ddp;
 pub mod error;
 pub mod inputs;
+pub mod launch;
 pub mod optim;
 pub mod predict;
 pub mod schedule;

@@ -1,0 +1,249 @@
+//! `samtrain worker`: one training process of the cluster. It registers
+//! with the coordinator (holding its own lease), waits for an assignment,
+//! joins the generation's process groups, trains, reports, and waits for
+//! the next generation; it exits on SIGTERM or SIGINT (revoking its lease at
+//! once) or, with `--exit-when-idle`, when no job needs it.
+//!
+//! The coordinator is never on the per-step path: progress reports are
+//! best effort, and training goes on while the coordinator fails over.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
+use samtrain_coordinator::health;
+use samtrain_proto::spec::DeviceKind;
+use samtrain_worker::{train, TrainEvent, TrainJob};
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator addresses, comma-separated; a standby is skipped.
+    #[arg(
+        long,
+        env = "SAMTRAIN_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: Vec<String>,
+    /// The host name or address peers reach this worker's collectives at
+    /// (default: this machine's host name).
+    #[arg(long, env = "SAMTRAIN_ADVERTISE")]
+    advertise: Option<String>,
+    /// The port this worker's collectives listen on; 0 takes a free one.
+    #[arg(long, env = "SAMTRAIN_COLLECTIVE_PORT", default_value_t = 29500)]
+    collective_port: u16,
+    /// HTTP health endpoint (`/healthz`, `/readyz`); none when left out.
+    #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
+    /// etcd endpoints, comma-separated: the worker then holds its lease in
+    /// etcd itself; without them it keeps it through the coordinator.
+    #[arg(long, env = "SAMTRAIN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
+    etcd_prefix: String,
+    /// A readable name; the worker's id starts with it (default: host name).
+    #[arg(long, env = "SAMTRAIN_NAME")]
+    name: Option<String>,
+    /// Where to train: `auto`, `cpu` or `cuda`; overrides the job's
+    /// `training.device` unless `auto`.
+    #[arg(long, env = "SAMTRAIN_DEVICE", default_value = "auto")]
+    device: String,
+    /// Exit once no job needs this worker (what `samtrain local` uses).
+    #[arg(long)]
+    exit_when_idle: bool,
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let device = match args.device.as_str() {
+        "auto" => DeviceKind::Auto,
+        "cpu" => DeviceKind::Cpu,
+        "cuda" => DeviceKind::Cuda,
+        other => anyhow::bail!("--device must be auto, cpu or cuda, not `{other}`"),
+    };
+    let host = match args.advertise.clone() {
+        Some(host) => host,
+        None => host_name()?,
+    };
+    // Bound once, before registering, so the advertised port is the real one
+    // and stays the same for every generation this worker joins.
+    let listener = TcpListener::bind(("0.0.0.0", args.collective_port))
+        .with_context(|| format!("cannot listen on port {}", args.collective_port))?;
+    let port = listener.local_addr()?.port();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args, device, host, port, listener))
+}
+
+async fn serve(
+    args: WorkerArgs,
+    device: DeviceKind,
+    host: String,
+    port: u16,
+    listener: TcpListener,
+) -> Result<()> {
+    let name = match args.name.clone() {
+        Some(name) => name,
+        None => host_name()?,
+    };
+    let mut agent = Agent::register(AgentOptions {
+        coordinators: args.coordinator.clone(),
+        name,
+        advertise: format!("{host}:{port}"),
+        device: args.device.clone(),
+        etcd: args.etcd.clone(),
+        etcd_prefix: args.etcd_prefix.clone(),
+        exit_when_idle: args.exit_when_idle,
+        lease_ttl: None,
+    })
+    .await
+    .context("registering with the coordinator")?;
+    tracing::info!(worker = agent.worker_id(), advertise = %format!("{host}:{port}"), "registered");
+    let _health = match args.health_listen {
+        Some(listen) => Some(
+            health::serve(listen, agent.readiness())
+                .await
+                .with_context(|| format!("cannot serve health probes on {listen}"))?,
+        ),
+        None => None,
+    };
+
+    let result = tokio::select! {
+        r = work(&mut agent, device, &listener) => r,
+        signal = stop_signal() => {
+            tracing::info!(signal = signal?, "stopping");
+            Ok(())
+        }
+    };
+    agent.shutdown().await;
+    result
+}
+
+/// Generation after generation until no job needs this worker.
+async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> Result<()> {
+    while let Some(mut assignment) = agent.next_assignment().await? {
+        if device != DeviceKind::Auto {
+            assignment.spec.training.device = device;
+        }
+        tracing::info!(
+            job = %assignment.job_id,
+            generation = assignment.generation,
+            rank = assignment.rank,
+            world_size = assignment.world_size,
+            "assigned"
+        );
+        let listener = listener
+            .try_clone()
+            .context("sharing the collective listener")?;
+        let reporter = agent.reporter();
+        let job = assignment.clone();
+        // A plain thread, not tokio's blocking pool: the data crate's
+        // blocking loaders refuse to run inside an async runtime's context.
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("train-g{}", job.generation))
+            .spawn(move || {
+                let _ = done.send(run_generation(&job, listener, reporter));
+            })
+            .context("starting the training thread")?;
+        let outcome = result.await.unwrap_or_else(|_| Outcome::Failed {
+            retriable: true,
+            message: "the training thread ended without an outcome".to_owned(),
+        });
+        if let Outcome::Failed { retriable, message } = &outcome {
+            tracing::warn!(job = %assignment.job_id, generation = assignment.generation, retriable, %message, "generation failed");
+        }
+        agent
+            .report_outcome(&assignment, outcome)
+            .await
+            .context("reporting the outcome to the coordinator")?;
+    }
+    Ok(())
+}
+
+/// Joins the process groups of one generation and trains; never panics.
+fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> Outcome {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let groups = samtrain_worker::launch::join_groups(
+            a.rank,
+            &a.peers,
+            &a.spec,
+            a.generation,
+            a.ended.clone(),
+            listener,
+        )
+        .map_err(|e| Outcome::Failed {
+            retriable: true,
+            message: format!("rank {} joining generation {}: {e}", a.rank, a.generation),
+        })?;
+        let total_steps = a.spec.training.steps;
+        let events = move |event: TrainEvent| match event {
+            TrainEvent::Progress(m) => reporter.progress(Progress {
+                step: m.step,
+                total_steps,
+                loss: m.loss,
+                lr: m.lr,
+                grad_norm: m.grad_norm,
+                samples_per_s: m.samples_per_s,
+                tokens_per_s: m.tokens_per_s,
+            }),
+            TrainEvent::Checkpoint(c) => reporter.checkpoint(c.step, c.url),
+            TrainEvent::Started { .. } => {}
+        };
+        train(TrainJob {
+            spec: a.spec.clone(),
+            rank: a.rank,
+            world_size: a.world_size,
+            groups,
+            abort: a.ended.clone(),
+            events: Box::new(events),
+        })
+        .map_err(|e| Outcome::Failed {
+            retriable: e.retriable(),
+            message: e.to_string(),
+        })
+    }));
+    match result {
+        Ok(Ok(outcome)) => Outcome::Completed {
+            eval: outcome.eval.map(|s| {
+                BTreeMap::from([
+                    ("cider".to_owned(), s.cider),
+                    ("bleu4".to_owned(), s.bleu4),
+                    ("rouge".to_owned(), s.rouge),
+                ])
+            }),
+            step: outcome.final_step,
+        },
+        Ok(Err(failed)) => failed,
+        // The model's tensor-parallel all-reduce panics when a peer fails
+        // mid-forward; a new generation may mend that, so it is retriable.
+        Err(panic) => Outcome::Failed {
+            retriable: true,
+            message: format!("training panicked: {}", panic_message(&panic)),
+        },
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or SIGINT.
+async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT").context("waiting for SIGINT"),
+    }
+}
+
+fn host_name() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read this machine's host name; pass --advertise and --name")?;
+    Ok(name.trim().to_owned())
+}

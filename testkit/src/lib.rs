@@ -1,0 +1,165 @@
+//! What samtrain's tests share, so each test starts real parts the same
+//! way: an etcd server and an S3-compatible server (moto's) on loopback
+//! ports, each started for one test and killed by its PID when dropped; the
+//! venv python that holds the reference implementations; free ports.
+//!
+//! A dev-dependency only: nothing here is part of samtrain itself.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace's root folder.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the testkit crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// The venv python that scripts/setup.sh installs (`SAMTRAIN_PYTHON`
+/// overrides it).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("SAMTRAIN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "the reference python {} is missing: run scripts/setup.sh",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nothing listens on as of now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("binding a loopback port")
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
+/// Waits until something accepts connections on `port`.
+pub fn wait_for_port(port: u16, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An etcd server (Debian's etcd-server) with a temporary data folder.
+pub struct Etcd {
+    child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("a temporary folder for etcd");
+        let client = free_port();
+        let peer = free_port();
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd on PATH (Debian etcd-server): run scripts/setup.sh");
+        let etcd = Etcd {
+            child,
+            endpoint,
+            _dir: dir,
+        };
+        wait_for_port(client, "etcd", Duration::from_secs(10));
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// moto's S3 server from the venv, with one bucket.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    /// Starts a server on `port` (see [`free_port`]) and creates `bucket`.
+    pub fn start(port: u16, bucket: &str) -> S3Server {
+        let moto = python()
+            .parent()
+            .expect("the venv python sits in bin/")
+            .join("moto_server");
+        let child = Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", moto.display()));
+        let server = S3Server { child, port };
+        wait_for_port(port, "moto_server", Duration::from_secs(30));
+        server.create_bucket(bucket);
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment object_store reads to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint().as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Creates a bucket with a plain HTTP request (moto does not check
+    /// signatures).
+    fn create_bucket(&self, bucket: &str) {
+        let port = self.port;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connecting to moto");
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .expect("sending the request");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("reading the reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
