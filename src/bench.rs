@@ -19,6 +19,8 @@ pub enum BenchCommand {
     /// Times saving and loading a checkpoint of a given size, and how long
     /// a save blocks training.
     Checkpoint(crate::bench_checkpoint::CheckpointArgs),
+    /// Times all-reduce between local processes over a collective backend.
+    Allreduce(crate::bench_allreduce::AllreduceArgs),
 }
 
 #[derive(Args)]
@@ -58,6 +60,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::TrainStep(args) => train_step(&args),
         BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
+        BenchCommand::Allreduce(args) => crate::bench_allreduce::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! command line and hands each subcommand to its module.
 
 mod bench;
+mod bench_allreduce;
 mod bench_checkpoint;
 mod data_cmd;
 mod demo;
