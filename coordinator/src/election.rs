@@ -37,6 +37,7 @@ pub struct LeaderState {
 /// This node's part in the election; the campaign runs in the background.
 pub struct Election {
     state: watch::Receiver<LeaderState>,
+    tx: Arc<watch::Sender<LeaderState>>,
     key: String,
     me: Vec<u8>,
     lease: Arc<std::sync::Mutex<Option<LeaseId>>>,
@@ -50,6 +51,7 @@ impl Election {
         let key = format!("{prefix}/leader");
         let value = serde_json::to_vec(&me).expect("leader info serialises");
         let (tx, state) = watch::channel(LeaderState::default());
+        let tx = Arc::new(tx);
         let lease = Arc::new(std::sync::Mutex::new(None));
         let task = tokio::spawn(campaign(
             store.clone(),
@@ -57,11 +59,12 @@ impl Election {
             value.clone(),
             me,
             ttl,
-            tx,
+            tx.clone(),
             lease.clone(),
         ));
         Election {
             state,
+            tx,
             key,
             me: value,
             lease,
@@ -86,9 +89,13 @@ impl Election {
 
     /// Stops campaigning and, when leading, hands the leadership over at
     /// once by revoking the lease (a standby need not wait for the TTL).
-    pub async fn resign(self) {
+    pub async fn resign(&self) {
         self.task.abort();
-        let lease = *self.lease.lock().expect("election lease lock");
+        self.tx.send_modify(|s| {
+            s.is_leader = false;
+            s.leader = None;
+        });
+        let lease = self.lease.lock().expect("election lease lock").take();
         if let Some(lease) = lease {
             let _ = self
                 .store
@@ -101,11 +108,6 @@ impl Election {
                 .await;
             let _ = self.store.revoke(lease).await;
         }
-    }
-
-    /// Stops campaigning without a word, as a crash would (tests).
-    pub fn abandon(self) {
-        self.task.abort();
     }
 }
 
@@ -121,7 +123,7 @@ async fn campaign(
     value: Vec<u8>,
     me: LeaderInfo,
     ttl: Duration,
-    tx: watch::Sender<LeaderState>,
+    tx: Arc<watch::Sender<LeaderState>>,
     lease_slot: Arc<std::sync::Mutex<Option<LeaseId>>>,
 ) {
     // A standby checks often enough to take over well within a second of

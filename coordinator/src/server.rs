@@ -118,20 +118,25 @@ impl RunningCoordinator {
         serving.await.unwrap_or(Ok(()))
     }
 
-    /// Stops serving and hands the leadership over at once.
+    /// Hands the leadership over at once (the workers' streams end, so
+    /// their agents move to the new leader) and stops serving; streams
+    /// still open after 2 s are cut.
     pub async fn shutdown(mut self) -> Result<(), CoordinatorError> {
+        self.control.election.resign().await;
+        // Dropping the workers' feeds ends their streams now.
+        *self.control.view.lock().await = View::default();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let serving = std::mem::replace(&mut self.serving, tokio::spawn(async { Ok(()) }));
-        let result = serving.await.unwrap_or(Ok(()));
-        let control = self.control.clone();
-        drop(self);
-        // The services hold the last references once the server stopped.
-        if let Ok(control) = Arc::try_unwrap(control) {
-            control.election.resign().await;
+        let abort = serving.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(2), serving).await {
+            Ok(result) => result.unwrap_or(Ok(())),
+            Err(_) => {
+                abort.abort();
+                Ok(())
+            }
         }
-        result
     }
 }
 
@@ -178,6 +183,17 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
         },
         options.lease_ttl,
     );
+    // Let the first round of the election settle, so a caller that
+    // submits right after `run` finds a leader (at once when embedded).
+    let mut first = election.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while !first.borrow_and_update().store_ok {
+            if first.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
     let control = Arc::new(Control {
         store,
         prefix,

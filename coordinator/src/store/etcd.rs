@@ -160,7 +160,17 @@ impl Store for EtcdStore {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        let answer = self.call("lease keep-alive", renew).await?;
+        let answer = match self.call("lease keep-alive", renew).await {
+            Ok(a) => a,
+            // etcd answers a renewal of an expired lease with this error.
+            Err(StoreError::Operation { message, .. }) if message.contains("lease not found") => {
+                return Err(StoreError::LeaseNotFound {
+                    store: self.describe(),
+                    lease,
+                })
+            }
+            Err(e) => return Err(e),
+        };
         match answer {
             Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
             Some(_) => Err(StoreError::LeaseNotFound {
@@ -180,9 +190,7 @@ impl Store for EtcdStore {
         match self.call("lease revoke", c.lease_revoke(lease)).await {
             Ok(_) => Ok(()),
             // Revoking a lease that already expired is what the caller wanted.
-            Err(StoreError::Operation { message, .. })
-                if message.contains("requested lease not found") =>
-            {
+            Err(StoreError::Operation { message, .. }) if message.contains("lease not found") => {
                 Ok(())
             }
             Err(e) => Err(e),

@@ -1,0 +1,328 @@
+//! Control-plane scenarios with real coordinators and real agents (no
+//! training): a generation forms and completes, a lost lease or a
+//! reported failure restarts it, max_restarts fails the job, cancel, an
+//! invalid spec, and the state as it lands in etcd.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{agent, eventually, spec, Etcd, Node};
+use samtrain_coordinator::agent::{Assignment, Outcome, Progress};
+use samtrain_coordinator::client::Client;
+use samtrain_coordinator::jobs::{JobRecord, JobState};
+use samtrain_coordinator::store;
+use samtrain_proto::v1;
+use tonic::Code;
+
+async fn next(a: &mut samtrain_coordinator::agent::Agent) -> Assignment {
+    tokio::time::timeout(Duration::from_secs(10), a.next_assignment())
+        .await
+        .expect("an assignment within 10 s")
+        .unwrap()
+        .expect("an assignment, not idle")
+}
+
+async fn state(client: &mut Client, id: &str) -> v1::Job {
+    client.get(id).await.unwrap()
+}
+
+#[tokio::test]
+async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
+    let etcd = Etcd::start();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let node = Node::start(endpoints.clone(), "c1", Duration::from_secs(2));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone());
+    let id = client
+        .submit(&spec("pair", 2, 2, 1, 3), "pair.toml")
+        .await
+        .unwrap();
+    assert!(id.starts_with("pair-"), "{id}");
+    let mut watch = client.watch(&id).await.unwrap();
+
+    // Workers hold their leases in etcd themselves.
+    let mut w0 = agent(&coords, &endpoints, "w0", 6100).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut w1 = agent(&coords, &endpoints, "w1", 6101).await;
+    let (a0, a1) = (next(&mut w0).await, next(&mut w1).await);
+    assert_eq!((a0.rank, a1.rank), (0, 1));
+    assert_eq!((a0.world_size, a0.tp, a0.generation), (2, 1, 0));
+    assert_eq!(a0.peers, ["127.0.0.1:6100", "127.0.0.1:6101"]);
+    assert_eq!(a1.peers, a0.peers);
+    assert_eq!(a0.spec.name, "pair");
+    assert_eq!(a0.resume_checkpoint, None);
+
+    let job = state(&mut client, &id).await;
+    assert_eq!(job.state(), v1::JobState::Running);
+    let members: Vec<&str> = job.members.iter().map(|m| m.worker_id.as_str()).collect();
+    assert_eq!(members, [w0.worker_id(), w1.worker_id()]);
+
+    let r = w0.reporter();
+    r.progress(Progress {
+        step: 10,
+        total_steps: 50,
+        loss: 2.5,
+        lr: 1e-4,
+        ..Progress::default()
+    });
+    r.checkpoint(10, "file:///tmp/ckpt/pair/step-10");
+    eventually(Duration::from_secs(5), "progress and checkpoint", || {
+        let mut c = client.clone();
+        let id = id.clone();
+        async move {
+            let j = c.get(&id).await.unwrap();
+            j.step == 10 && j.loss == Some(2.5) && j.latest_checkpoint.is_some_and(|c| c.step == 10)
+        }
+    })
+    .await;
+
+    let eval = BTreeMap::from([
+        ("cider".to_owned(), 0.75),
+        ("bleu4".to_owned(), 0.25),
+        ("rouge".to_owned(), 0.5),
+    ]);
+    w1.report_outcome(
+        &a1,
+        Outcome::Completed {
+            eval: None,
+            step: 50,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        state(&mut client, &id).await.state(),
+        v1::JobState::Running,
+        "rank 1 does not end the job"
+    );
+    w0.report_outcome(
+        &a0,
+        Outcome::Completed {
+            eval: Some(eval.clone()),
+            step: 50,
+        },
+    )
+    .await
+    .unwrap();
+    let job = state(&mut client, &id).await;
+    assert_eq!(job.state(), v1::JobState::Succeeded);
+    assert_eq!(job.eval.get("cider"), Some(&0.75));
+    assert!(job.finished_unix_ms.is_some());
+
+    // The watch saw the whole story, in order, and closed after the end.
+    let mut kinds = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        kinds.push(match e.event.unwrap() {
+            v1::job_event::Event::Snapshot(_) => "snapshot".to_owned(),
+            v1::job_event::Event::StateChanged(s) => format!("state:{}", s.state().as_str_name()),
+            v1::job_event::Event::Progress(p) => format!("progress:{}", p.step),
+            v1::job_event::Event::CheckpointCommitted(c) => format!("checkpoint:{}", c.step),
+            v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
+            v1::job_event::Event::Finished(f) => {
+                format!("finished:{}:{}", f.state().as_str_name(), f.eval["rouge"])
+            }
+        });
+    }
+    assert_eq!(
+        kinds,
+        [
+            "snapshot",
+            "state:JOB_STATE_RUNNING",
+            "progress:10",
+            "checkpoint:10",
+            "state:JOB_STATE_SUCCEEDED",
+            "finished:JOB_STATE_SUCCEEDED:0.5",
+        ]
+    );
+
+    // The final state is in etcd, readable without the coordinator.
+    let s = store::open(&endpoints).await.unwrap();
+    let kv = s
+        .get(&format!("/samtrain-test/jobs/{id}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: JobRecord = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.eval, eval);
+    assert_eq!(
+        stored.checkpoint.unwrap().url,
+        "file:///tmp/ckpt/pair/step-10"
+    );
+
+    // A clean exit revokes the worker's lease at once.
+    let key = format!("/samtrain-test/workers/{}", w0.worker_id());
+    assert!(s.get(&key).await.unwrap().is_some());
+    w0.shutdown().await;
+    assert!(s.get(&key).await.unwrap().is_none());
+    drop(w1);
+}
+
+/// A worker whose lease stops ends the generation; the survivor and a new
+/// worker form the next one. Embedded mode: leases kept by Heartbeat.
+#[tokio::test]
+async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
+    let node = Node::start(Vec::new(), "solo", Duration::from_secs(1));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone());
+    let id = client
+        .submit(&spec("elastic", 2, 2, 1, 1), "elastic.toml")
+        .await
+        .unwrap();
+    let mut w0 = agent(&coords, &[], "w0", 6200).await;
+    let w1 = agent(&coords, &[], "w1", 6201).await;
+    let mut w1 = w1;
+    let (a0, _a1) = (next(&mut w0).await, next(&mut w1).await);
+    assert_eq!(a0.generation, 0);
+
+    // w1 dies without a word: its heartbeats stop, its lease lapses.
+    let t0 = Instant::now();
+    drop(w1);
+    eventually(Duration::from_secs(5), "the generation to end", || async {
+        a0.ended.load(Ordering::SeqCst)
+    })
+    .await;
+    let noticed = t0.elapsed();
+    assert!(
+        noticed < Duration::from_secs(3),
+        "lease loss seen after {noticed:?}"
+    );
+    let job = state(&mut client, &id).await;
+    assert_eq!((job.generation, job.restarts), (1, 1));
+    assert!(job.message.contains("lost its lease"), "{}", job.message);
+
+    // A replacement joins; survivor and newcomer form generation 1.
+    let mut w2 = agent(&coords, &[], "w2", 6202).await;
+    let (b0, b2) = (next(&mut w0).await, next(&mut w2).await);
+    assert_eq!((b0.generation, b2.generation), (1, 1));
+    assert_eq!((b0.rank, b2.rank), (0, 1));
+    assert_eq!(b0.peers, ["127.0.0.1:6200", "127.0.0.1:6202"]);
+    assert_eq!(state(&mut client, &id).await.state(), v1::JobState::Running);
+
+    // A retriable failure ends the generation at once (not after a TTL);
+    // with max_restarts = 1 used up, the job fails with the reason.
+    let t0 = Instant::now();
+    w2.report_outcome(
+        &b2,
+        Outcome::Failed {
+            retriable: true,
+            message: "peer rank 0 at 127.0.0.1:6200 closed the connection".into(),
+        },
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(2), "the survivor to hear", || async {
+        b0.ended.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    let job = state(&mut client, &id).await;
+    assert_eq!(job.state(), v1::JobState::Failed);
+    assert!(
+        job.message.contains("max_restarts (1)") && job.message.contains("closed the connection"),
+        "{}",
+        job.message
+    );
+    // A late, repeated report is acknowledged and ignored.
+    w0.report_outcome(
+        &b0,
+        Outcome::Completed {
+            eval: None,
+            step: 3,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(state(&mut client, &id).await.state(), v1::JobState::Failed);
+    w0.shutdown().await;
+    w2.shutdown().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_cancel_invalid_spec_and_idle_workers() {
+    let node = Node::start(Vec::new(), "solo", Duration::from_secs(1));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone());
+
+    // Every problem of the spec is named; nothing is stored.
+    let bad = spec("Bad_Name", 3, 2, 2, 1).replace("steps = 50", "steps = 0");
+    let err = client.submit(&bad, "bad.toml").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    let message = err.to_string();
+    for field in ["bad.toml", "name", "training.steps", "parallel.max_workers"] {
+        assert!(message.contains(field), "{field} missing in {message}");
+    }
+    assert!(client.list().await.unwrap().is_empty());
+    let err = client.get("nope-123").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+    assert!(err.to_string().contains("nope-123"));
+
+    // A permanent failure fails the job at once, without restarts.
+    let id = client
+        .submit(&spec("perm", 1, 1, 1, 3), "perm.toml")
+        .await
+        .unwrap();
+    let mut w = agent(&coords, &[], "w", 6300).await;
+    let a = next(&mut w).await;
+    w.report_outcome(
+        &a,
+        Outcome::Failed {
+            retriable: false,
+            message: "record 7 of /data/train: no images".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let job = state(&mut client, &id).await;
+    assert_eq!((job.state(), job.restarts), (v1::JobState::Failed, 0));
+    assert!(job.message.contains("no images"), "{}", job.message);
+
+    // Cancel ends the generation; the member hears it.
+    let id = client
+        .submit(&spec("stop", 1, 1, 1, 3), "stop.toml")
+        .await
+        .unwrap();
+    let b = next(&mut w).await;
+    assert_eq!(b.job_id, id);
+    let job = client.cancel(&id).await.unwrap();
+    assert_eq!(job.state(), v1::JobState::Cancelled);
+    eventually(
+        Duration::from_secs(2),
+        "the member to hear of the cancel",
+        || async { b.ended.load(Ordering::SeqCst) },
+    )
+    .await;
+    let err = client.cancel(&id).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert_eq!(client.list().await.unwrap().len(), 2);
+
+    // No job left: a local-mode agent is told it is idle.
+    let mut local =
+        samtrain_coordinator::agent::Agent::register(samtrain_coordinator::agent::AgentOptions {
+            coordinators: coords.clone(),
+            name: "local".into(),
+            advertise: "127.0.0.1:6301".into(),
+            exit_when_idle: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let idle = tokio::time::timeout(Duration::from_secs(5), local.next_assignment())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(idle.is_none());
+    local.shutdown().await;
+    w.shutdown().await;
+}
