@@ -125,7 +125,7 @@ pub struct Progress {
 }
 
 enum Incoming {
-    Assignment(Assignment),
+    Assignment(Box<Assignment>),
     Idle,
 }
 
@@ -355,7 +355,7 @@ impl Agent {
             match self.incoming.recv().await {
                 Some(Incoming::Assignment(a)) => {
                     if !a.ended.load(Ordering::SeqCst) {
-                        return Ok(Some(a));
+                        return Ok(Some(*a));
                     }
                 }
                 Some(Incoming::Idle) => {
@@ -689,7 +689,7 @@ async fn handle(
             }));
             tracing::info!(job = %a.job_id, generation = a.generation, rank = a.rank, world = a.world_size, "assigned");
             incoming
-                .send(Incoming::Assignment(Assignment {
+                .send(Incoming::Assignment(Box::new(Assignment {
                     job_id: a.job_id,
                     generation: a.generation,
                     rank: a.rank,
@@ -699,7 +699,7 @@ async fn handle(
                     spec,
                     resume_checkpoint: a.resume_checkpoint.map(|c| c.url),
                     ended,
-                }))
+                })))
                 .await
                 .is_ok()
         }

@@ -144,7 +144,12 @@ async fn memory_store_semantics() {
 #[tokio::test]
 async fn etcd_store_semantics() {
     let etcd = common::Etcd::start();
-    semantics(store::open(&[etcd.endpoint.clone()]).await.unwrap()).await;
+    semantics(
+        store::open(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,0 +1,407 @@
+//! The control-plane commands: `coordinator` runs one (embedded, or one of
+//! several on etcd with leader election); `submit`, `status`, `list`,
+//! `cancel` and `watch` talk to the leader. Every flag also reads an env
+//! var (`SAMTRAIN_*`), which the Helm chart sets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use samtrain_coordinator::client::Client;
+use samtrain_coordinator::CoordinatorOptions;
+use samtrain_proto::v1;
+use serde_json::{json, Value};
+
+#[derive(Subcommand)]
+pub enum ControlCommand {
+    /// Runs a coordinator: the gRPC API, leader election (with etcd) and
+    /// the health probes. Without --etcd it runs embedded, in memory.
+    Coordinator(CoordinatorArgs),
+    /// Submits a job spec (TOML); prints the job id.
+    Submit(SubmitArgs),
+    /// Shows one job.
+    Status(JobArgs),
+    /// Lists every job, oldest first.
+    List(ListArgs),
+    /// Cancels a job (its checkpoints are kept).
+    Cancel(JobArgs),
+    /// Follows a job until it ends; exits 0 only if it succeeded.
+    Watch(JobArgs),
+}
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "SAMTRAIN_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// `/healthz` and `/readyz` (200 only on the leader).
+    #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
+    health_listen: SocketAddr,
+    /// etcd endpoints, comma-separated; none runs embedded (in memory).
+    #[arg(long, env = "SAMTRAIN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The prefix of every key in etcd.
+    #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
+    etcd_prefix: String,
+    /// This coordinator's name in the election (default: the host name).
+    #[arg(long, env = "SAMTRAIN_NODE_ID")]
+    node_id: Option<String>,
+    /// Lease TTL in seconds, of the leader and (by default) the workers.
+    #[arg(long, env = "SAMTRAIN_LEASE_TTL", default_value_t = 5)]
+    lease_ttl: u64,
+    /// The address standbys give clients for this node when it leads
+    /// (default: the bound listen address).
+    #[arg(long, env = "SAMTRAIN_ADVERTISE")]
+    advertise: Option<String>,
+}
+
+#[derive(Args)]
+pub struct Remote {
+    /// Coordinator addresses, comma-separated (the leader is found).
+    #[arg(
+        long,
+        env = "SAMTRAIN_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: Vec<String>,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// The job spec.
+    spec: std::path::PathBuf,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    /// The job id (`samtrain list` shows them).
+    job: String,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    remote: Remote,
+}
+
+pub fn run(cmd: ControlCommand) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cmd {
+            ControlCommand::Coordinator(args) => coordinator(args).await,
+            ControlCommand::Submit(args) => submit(args).await,
+            ControlCommand::Status(args) => status(args).await,
+            ControlCommand::List(args) => list(args).await,
+            ControlCommand::Cancel(args) => cancel(args).await,
+            ControlCommand::Watch(args) => watch(args).await,
+        }
+    })
+}
+
+async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let node_id = args.node_id.unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("coordinator-{}", std::process::id()))
+    });
+    let running = samtrain_coordinator::run(CoordinatorOptions {
+        listen: args.listen,
+        health_listen: Some(args.health_listen),
+        etcd: args.etcd,
+        prefix: args.etcd_prefix,
+        node_id,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        advertise: args.advertise,
+    })
+    .await
+    .context("starting the coordinator")?;
+    eprintln!(
+        "coordinator on {} (health on {})",
+        running.addr(),
+        running
+            .health_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; handing the leadership over");
+    running.shutdown().await.context("stopping the coordinator")
+}
+
+fn state_name(state: i32) -> &'static str {
+    match v1::JobState::try_from(state).unwrap_or(v1::JobState::Unspecified) {
+        v1::JobState::Unspecified => "unknown",
+        v1::JobState::Pending => "pending",
+        v1::JobState::Rendezvous => "rendezvous",
+        v1::JobState::Running => "running",
+        v1::JobState::Restarting => "restarting",
+        v1::JobState::Succeeded => "succeeded",
+        v1::JobState::Failed => "failed",
+        v1::JobState::Cancelled => "cancelled",
+    }
+}
+
+fn job_json(job: &v1::Job) -> Value {
+    json!({
+        "id": job.id,
+        "name": job.name,
+        "state": state_name(job.state),
+        "generation": job.generation,
+        "restarts": job.restarts,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "loss": job.loss,
+        "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({"step": c.step, "url": c.url})),
+        "members": job.members.iter().map(|m| json!({
+            "rank": m.rank, "worker_id": m.worker_id, "name": m.name, "advertise": m.advertise,
+        })).collect::<Vec<_>>(),
+        "message": job.message,
+        "eval": job.eval.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "created_unix_ms": job.created_unix_ms,
+        "updated_unix_ms": job.updated_unix_ms,
+        "finished_unix_ms": job.finished_unix_ms,
+    })
+}
+
+fn print_job(job: &v1::Job) {
+    println!("job        {} ({})", job.id, job.name);
+    println!("state      {}", state_name(job.state));
+    println!("generation {} ({} restarts)", job.generation, job.restarts);
+    let loss = job
+        .loss
+        .map(|l| format!(", loss {l:.4}"))
+        .unwrap_or_default();
+    println!("step       {} of {}{loss}", job.step, job.total_steps);
+    if let Some(c) = &job.latest_checkpoint {
+        println!("checkpoint step {} at {}", c.step, c.url);
+    }
+    for m in &job.members {
+        println!("rank {:<5} {} at {}", m.rank, m.worker_id, m.advertise);
+    }
+    if !job.eval.is_empty() {
+        let mut scores: Vec<_> = job.eval.iter().collect();
+        scores.sort_by(|a, b| a.0.cmp(b.0));
+        let scores: Vec<String> = scores.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!("eval       {}", scores.join(", "));
+    }
+    if !job.message.is_empty() {
+        println!("message    {}", job.message);
+    }
+}
+
+async fn submit(args: SubmitArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("reading the job spec {}", args.spec.display()))?;
+    let source = args.spec.display().to_string();
+    let id = Client::new(args.remote.coordinator)
+        .submit(&text, &source)
+        .await?;
+    if args.remote.json {
+        println!("{}", json!({ "job_id": id }));
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+async fn status(args: JobArgs) -> Result<()> {
+    let job = Client::new(args.remote.coordinator).get(&args.job).await?;
+    if args.remote.json {
+        println!("{}", job_json(&job));
+    } else {
+        print_job(&job);
+    }
+    Ok(())
+}
+
+async fn list(args: ListArgs) -> Result<()> {
+    let jobs = Client::new(args.remote.coordinator).list().await?;
+    if args.remote.json {
+        println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<11} {:>13} {:>8}  MESSAGE",
+        "JOB", "STATE", "STEP", "RESTARTS"
+    );
+    for j in &jobs {
+        println!(
+            "{:<28} {:<11} {:>13} {:>8}  {}",
+            j.id,
+            state_name(j.state),
+            format!("{}/{}", j.step, j.total_steps),
+            j.restarts,
+            j.message
+        );
+    }
+    Ok(())
+}
+
+async fn cancel(args: JobArgs) -> Result<()> {
+    let job = Client::new(args.remote.coordinator)
+        .cancel(&args.job)
+        .await?;
+    if args.remote.json {
+        println!("{}", job_json(&job));
+    } else {
+        println!("cancelled {}", job.id);
+    }
+    Ok(())
+}
+
+/// One event as a line for people.
+fn describe(event: &v1::job_event::Event) -> String {
+    use v1::job_event::Event;
+    match event {
+        Event::Snapshot(j) => format!(
+            "{}: {} at generation {}, step {}/{}{}",
+            j.id,
+            state_name(j.state),
+            j.generation,
+            j.step,
+            j.total_steps,
+            if j.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", j.message)
+            }
+        ),
+        Event::StateChanged(s) => {
+            let members: Vec<String> = s
+                .members
+                .iter()
+                .map(|m| format!("{}@{}", m.rank, m.advertise))
+                .collect();
+            let members = if members.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", members.join(" "))
+            };
+            format!(
+                "state {} (generation {}){members}: {}",
+                state_name(s.state),
+                s.generation,
+                s.message
+            )
+        }
+        Event::Progress(p) => format!(
+            "step {}/{} loss {:.4} lr {:.2e} grad-norm {:.3} {:.1} samples/s {:.0} tokens/s",
+            p.step, p.total_steps, p.loss, p.lr, p.grad_norm, p.samples_per_s, p.tokens_per_s
+        ),
+        Event::CheckpointCommitted(c) => format!("checkpoint step {} at {}", c.step, c.url),
+        Event::Restarted(r) => format!(
+            "restart {} (generation {} -> {}): {}",
+            r.restarts, r.ended_generation, r.next_generation, r.reason
+        ),
+        Event::Finished(f) => {
+            let mut scores: Vec<_> = f.eval.iter().collect();
+            scores.sort_by(|a, b| a.0.cmp(b.0));
+            let scores: Vec<String> = scores.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            format!(
+                "{} at step {}: {}{}",
+                state_name(f.state),
+                f.step,
+                f.message,
+                if scores.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", scores.join(", "))
+                }
+            )
+        }
+    }
+}
+
+fn event_json(e: &v1::JobEvent) -> Value {
+    use v1::job_event::Event;
+    let body = match &e.event {
+        Some(Event::Snapshot(j)) => json!({"snapshot": job_json(j)}),
+        Some(Event::StateChanged(s)) => {
+            json!({"state": state_name(s.state), "generation": s.generation, "message": s.message,
+            "members": s.members.iter().map(|m| json!({"rank": m.rank, "worker_id": m.worker_id, "advertise": m.advertise})).collect::<Vec<_>>()})
+        }
+        Some(Event::Progress(p)) => {
+            json!({"progress": {"step": p.step, "total_steps": p.total_steps, "loss": p.loss, "lr": p.lr,
+            "grad_norm": p.grad_norm, "samples_per_s": p.samples_per_s, "tokens_per_s": p.tokens_per_s}})
+        }
+        Some(Event::CheckpointCommitted(c)) => {
+            json!({"checkpoint": {"step": c.step, "url": c.url}})
+        }
+        Some(Event::Restarted(r)) => json!({"restarted": {"ended_generation": r.ended_generation,
+            "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason}}),
+        Some(Event::Finished(f)) => {
+            json!({"finished": {"state": state_name(f.state), "message": f.message, "step": f.step,
+            "eval": f.eval.iter().collect::<std::collections::BTreeMap<_, _>>()}})
+        }
+        None => json!({}),
+    };
+    json!({"job_id": e.job_id, "unix_ms": e.unix_ms, "event": body})
+}
+
+async fn watch(args: JobArgs) -> Result<()> {
+    let mut client = Client::new(args.remote.coordinator);
+    // A broken stream (a failover) is opened again; its snapshot catches up.
+    let mut failures = 0;
+    loop {
+        let mut stream = match client.watch(&args.job).await {
+            Ok(s) => s,
+            Err(e) if e.code().is_none() && failures < 30 => {
+                failures += 1;
+                tracing::warn!(error = %e, "no leader yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        failures = 0;
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(e)) => e,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::warn!(reason = status.message(), "watch broke; reconnecting");
+                    break;
+                }
+            };
+            let Some(body) = &event.event else { continue };
+            if args.remote.json {
+                println!("{}", event_json(&event));
+            } else {
+                println!("{}", describe(body));
+            }
+            let end = match body {
+                v1::job_event::Event::Finished(f) => Some((f.state, f.message.clone())),
+                v1::job_event::Event::Snapshot(j)
+                    if matches!(
+                        v1::JobState::try_from(j.state),
+                        Ok(v1::JobState::Succeeded
+                            | v1::JobState::Failed
+                            | v1::JobState::Cancelled)
+                    ) =>
+                {
+                    Some((j.state, j.message.clone()))
+                }
+                _ => None,
+            };
+            if let Some((state, message)) = end {
+                if state == v1::JobState::Succeeded as i32 {
+                    return Ok(());
+                }
+                bail!("job {} {}: {message}", args.job, state_name(state));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
