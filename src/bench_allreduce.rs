@@ -1,7 +1,9 @@
 //! `samtrain bench allreduce`: all-reduce bandwidth of the collective
 //! backends between real local processes, in the method of nccl-tests and
 //! in the output format of `benches/allreduce_gloo.py`, which measures
-//! PyTorch's Gloo the same way (docs/PERFORMANCE.md).
+//! PyTorch's Gloo the same way (docs/PERFORMANCE.md): both time an in-place
+//! all-reduce (`Collective::all_reduce_sum_` here) of a buffer refilled with
+//! the input, untimed, before each call.
 //!
 //! The command re-executes this binary once per rank with a hidden
 //! `--worker-rank`. Each worker binds a listener on 127.0.0.1 port 0 and
@@ -302,14 +304,23 @@ fn worker(args: &AllreduceArgs, rank: usize, sizes: &[usize]) -> Result<()> {
             sum.equal(&expected),
             "rank {rank}: the all-reduce of {bytes} bytes is not the sum"
         );
+        // Timed in place, as Gloo's `all_reduce` is: the input is restored
+        // into the same buffer before each call, untimed.
+        let mut y = x.copy();
+        comm.all_reduce_sum_(&mut y)?;
+        ensure!(
+            y.equal(&sum),
+            "rank {rank}: the in-place all-reduce of {bytes} bytes differs from the allocating one"
+        );
         let mut times = Vec::with_capacity(args.iters);
         for i in 0..args.warmup + args.iters {
+            y.copy_(&x);
+            sync();
             comm.barrier()?;
             let start = Instant::now();
-            let out = comm.all_reduce_sum(&x)?;
+            comm.all_reduce_sum_(&mut y)?;
             sync();
             let took = start.elapsed();
-            drop(out);
             if i >= args.warmup {
                 times.push(took.as_secs_f64());
             }

@@ -348,14 +348,20 @@ struct Transfer<'a> {
     group: &'static str,
     links: &'a Links,
     plan: &'a Plan,
+    /// Where the result goes: received pieces, sums and forwarded pieces.
     buf: *mut u8,
+    /// This rank's input, the same layout as `buf`: the chunks sent first
+    /// and the local operand of reduce steps. Equal to `buf` when the
+    /// operation works in place; else never written.
+    src: *const u8,
     sum: Option<Sum>,
     scratch: &'a mut [u8],
     header_out: [u8; HEADER_LEN],
     header_sent: usize,
     header_in: [u8; HEADER_LEN],
     header_got: usize,
-    queue: VecDeque<Range<usize>>,
+    /// Byte ranges to send, each from `src` (true) or `buf` (false).
+    queue: VecDeque<(bool, Range<usize>)>,
     /// Data bytes written to the next rank so far.
     sent: usize,
     step: usize,
@@ -407,13 +413,13 @@ impl Transfer<'_> {
         }
     }
 
-    fn enqueue(&mut self, r: Range<usize>) {
+    fn enqueue(&mut self, from_src: bool, r: Range<usize>) {
         if r.is_empty() {
             return;
         }
         match self.queue.back_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ => self.queue.push_back(r),
+            Some((f, last)) if *f == from_src && last.end == r.start => last.end = r.end,
+            _ => self.queue.push_back((from_src, r)),
         }
     }
 
@@ -455,10 +461,15 @@ impl Transfer<'_> {
         loop {
             let result = if self.header_sent < HEADER_LEN {
                 (&self.links.next.stream).write(&self.header_out[self.header_sent..])
-            } else if let Some(r) = self.queue.front() {
-                // SAFETY: `buf` is valid for every chunk range of the plan,
-                // and no other slice of these bytes is alive.
-                let data = unsafe { std::slice::from_raw_parts(self.buf.add(r.start), r.len()) };
+            } else if let Some((from_src, r)) = self.queue.front() {
+                let base = if *from_src {
+                    self.src
+                } else {
+                    self.buf.cast_const()
+                };
+                // SAFETY: `src` and `buf` are valid for every chunk range of
+                // the plan, and no mutable slice of these bytes is alive.
+                let data = unsafe { std::slice::from_raw_parts(base.add(r.start), r.len()) };
                 (&self.links.next.stream).write(data)
             } else {
                 return Ok(progress);
@@ -473,7 +484,7 @@ impl Transfer<'_> {
                         self.header_sent += n;
                     } else {
                         self.sent += n;
-                        let front = self.queue.front_mut().expect("a range was written");
+                        let (_, front) = self.queue.front_mut().expect("a range was written");
                         front.start += n;
                         if front.start == front.end {
                             self.queue.pop_front();
@@ -541,14 +552,19 @@ impl Transfer<'_> {
                 let piece = chunk.start + self.done..chunk.start + end;
                 if step.reduce {
                     let sum = self.sum.expect("reduce steps come with a sum");
-                    // SAFETY: `piece` lies in the buffer and is not queued
+                    // SAFETY: `piece` lies in both buffers and is not queued
                     // for sending (`wait_sent`); scratch holds its bytes.
                     unsafe {
-                        add_into(sum, self.buf.add(piece.start), &self.scratch[..piece.len()])
+                        add_into(
+                            sum,
+                            self.buf.add(piece.start),
+                            self.src.add(piece.start),
+                            &self.scratch[..piece.len()],
+                        )
                     };
                 }
                 if step.forward {
-                    self.enqueue(piece);
+                    self.enqueue(false, piece);
                 }
                 self.done = end;
                 if end == chunk.len() {
@@ -626,7 +642,7 @@ impl Transfer<'_> {
 
     fn run(&mut self, expected: &Header, timeout: Duration, abort: &Abort) -> Result<()> {
         for c in self.plan.initial.clone() {
-            self.enqueue(self.plan.chunks[c].clone());
+            self.enqueue(true, self.plan.chunks[c].clone());
         }
         self.skip_empty_steps();
         let mut last_progress = Instant::now();
@@ -732,26 +748,41 @@ fn advise_huge_pages(t: &Tensor) {
     }
 }
 
-/// Adds `src` (raw bytes of a piece) element-wise into `dst`.
+/// `dst = local + received` element-wise, over one piece: `received` is
+/// its raw bytes from the wire, `local` this rank's input (which may be
+/// `dst` itself), so the input is read and the output written in one pass.
 ///
 /// # Safety
-/// `dst` must be valid for `src.len()` bytes, aligned for the element type,
+/// `dst` and `local` must be valid for `received.len()` bytes and aligned
+/// for the element type; `dst` must be either `local` or disjoint from it,
 /// and not aliased by any live reference.
-unsafe fn add_into(sum: Sum, dst: *mut u8, src: &[u8]) {
-    unsafe fn typed<T: Copy>(dst: *mut u8, src: &[u8], add: impl Fn(T, T) -> T) {
-        let n = src.len() / std::mem::size_of::<T>();
-        let d = std::slice::from_raw_parts_mut(dst as *mut T, n);
+unsafe fn add_into(sum: Sum, dst: *mut u8, local: *const u8, received: &[u8]) {
+    unsafe fn typed<T: Copy>(
+        dst: *mut u8,
+        local: *const u8,
+        received: &[u8],
+        add: impl Fn(T, T) -> T,
+    ) {
+        let n = received.len() / std::mem::size_of::<T>();
         // Scratch is 8-byte aligned and pieces start at multiples of 8.
-        let s = std::slice::from_raw_parts(src.as_ptr() as *const T, n);
-        for (a, b) in d.iter_mut().zip(s) {
-            *a = add(*a, *b);
+        let r = std::slice::from_raw_parts(received.as_ptr() as *const T, n);
+        let d = std::slice::from_raw_parts_mut(dst as *mut T, n);
+        if std::ptr::eq(dst.cast_const(), local) {
+            for (a, b) in d.iter_mut().zip(r) {
+                *a = add(*a, *b);
+            }
+        } else {
+            let l = std::slice::from_raw_parts(local as *const T, n);
+            for ((a, x), b) in d.iter_mut().zip(l).zip(r) {
+                *a = add(*x, *b);
+            }
         }
     }
     match sum {
-        Sum::F32 => typed::<f32>(dst, src, |a, b| a + b),
-        Sum::F64 => typed::<f64>(dst, src, |a, b| a + b),
-        Sum::I32 => typed::<i32>(dst, src, i32::wrapping_add),
-        Sum::I64 => typed::<i64>(dst, src, i64::wrapping_add),
+        Sum::F32 => typed::<f32>(dst, local, received, |a, b| a + b),
+        Sum::F64 => typed::<f64>(dst, local, received, |a, b| a + b),
+        Sum::I32 => typed::<i32>(dst, local, received, i32::wrapping_add),
+        Sum::I64 => typed::<i64>(dst, local, received, i64::wrapping_add),
     }
 }
 
@@ -790,8 +821,16 @@ impl RingCollective {
         self.group
     }
 
-    /// Runs `plan` over the buffer at `buf`, under the group's lock.
-    fn exchange(&self, call: Call, buf: *mut u8, plan: &Plan, sum: Option<Sum>) -> Result<()> {
+    /// Runs `plan` over the buffer at `buf` (with `src` as this rank's
+    /// input, `buf` itself unless the operation writes elsewhere), under the
+    /// group's lock.
+    fn exchange(
+        &self,
+        call: Call,
+        (src, buf): (*const u8, *mut u8),
+        plan: &Plan,
+        sum: Option<Sum>,
+    ) -> Result<()> {
         let Call {
             op,
             kind,
@@ -836,6 +875,7 @@ impl RingCollective {
             links,
             plan,
             buf,
+            src,
             sum,
             scratch,
             header_out: header.encode(),
@@ -867,15 +907,7 @@ impl RingCollective {
     }
 
     fn cpu_copy(&self, op: Op, tensor: &Tensor, kind: Kind) -> Result<Tensor> {
-        if tensor.device() != Device::Cpu {
-            return Err(CollectiveError::Invalid {
-                op: op.name(),
-                message: format!(
-                    "the TCP ring takes CPU tensors, this one is on {:?}",
-                    tensor.device()
-                ),
-            });
-        }
+        Self::check_cpu(op, tensor)?;
         let mut out = Tensor::empty(tensor.size(), (kind, Device::Cpu));
         advise_huge_pages(&out);
         out.f_copy_(tensor)
@@ -897,47 +929,125 @@ impl RingCollective {
         }
     }
 
+    /// The dtype a sum runs in and how, for a tensor of `kind`.
+    fn sum_kind(kind: Kind) -> Result<(Kind, Sum)> {
+        match kind {
+            Kind::Float | Kind::BFloat16 | Kind::Half => Ok((Kind::Float, Sum::F32)),
+            Kind::Double => Ok((Kind::Double, Sum::F64)),
+            Kind::Int => Ok((Kind::Int, Sum::I32)),
+            Kind::Int64 => Ok((Kind::Int64, Sum::I64)),
+            other => Err(CollectiveError::Invalid {
+                op: Op::AllReduce.name(),
+                message: format!("cannot sum dtype {other:?} (f32, f64, bf16, f16, i32, i64)"),
+            }),
+        }
+    }
+
+    fn check_cpu(op: Op, tensor: &Tensor) -> Result<()> {
+        if tensor.device() == Device::Cpu {
+            Ok(())
+        } else {
+            Err(CollectiveError::Invalid {
+                op: op.name(),
+                message: format!(
+                    "the TCP ring takes CPU tensors, this one is on {:?}",
+                    tensor.device()
+                ),
+            })
+        }
+    }
+
+    /// Whether the ring can work directly on `tensor`'s memory: contiguous
+    /// and already in the dtype the sum runs in.
+    fn direct(tensor: &Tensor, work: Kind) -> bool {
+        tensor.kind() == work && tensor.is_contiguous()
+    }
+
+    /// Sums `numel` elements of `call.kind` over the group: this rank's
+    /// input at `src`, the result written to `dst` (which may be `src`).
+    fn all_reduce_raw(&self, call: Call, sum: Sum, src: *const u8, dst: *mut u8) -> Result<()> {
+        let elem = match sum {
+            Sum::F32 | Sum::I32 => 4,
+            Sum::F64 | Sum::I64 => 8,
+        };
+        let plan = Plan::all_reduce(self.world as usize, self.rank as usize, call.numel, elem);
+        self.exchange(call, (src, dst), &plan, Some(sum))
+    }
+
+    fn call(tensor: &Tensor) -> Call {
+        Call {
+            op: Op::AllReduce,
+            kind: tensor.kind(),
+            numel: tensor.numel(),
+            root: 0,
+        }
+    }
+
     /// Element-wise sum over the group (see the module docs for dtypes).
     pub fn try_all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
         let op = Op::AllReduce;
-        let (work, sum) = match tensor.kind() {
-            Kind::Float | Kind::BFloat16 | Kind::Half => (Kind::Float, Sum::F32),
-            Kind::Double => (Kind::Double, Sum::F64),
-            Kind::Int => (Kind::Int, Sum::I32),
-            Kind::Int64 => (Kind::Int64, Sum::I64),
-            other => {
-                return Err(CollectiveError::Invalid {
-                    op: op.name(),
-                    message: format!("cannot sum dtype {other:?} (f32, f64, bf16, f16, i32, i64)"),
-                })
-            }
+        let torch = |source| CollectiveError::Torch {
+            op: op.name(),
+            source,
         };
-        let out = self.cpu_copy(op, tensor, work)?;
-        if self.world > 1 {
-            let numel = out.numel();
-            let plan = Plan::all_reduce(
-                self.world as usize,
-                self.rank as usize,
-                numel,
-                work.elt_size_in_bytes(),
-            );
-            let call = Call {
-                op,
-                kind: tensor.kind(),
-                numel,
-                root: 0,
+        Self::check_cpu(op, tensor)?;
+        let (work, sum) = Self::sum_kind(tensor.kind())?;
+        if !Self::direct(tensor, work) {
+            // Converted (or made contiguous) into a fresh buffer anyway:
+            // sum in that one.
+            let mut out = self.cpu_copy(op, tensor, work)?;
+            self.reduce_in_place(Self::call(tensor), &mut out, sum)?;
+            return if work == tensor.kind() {
+                Ok(out)
+            } else {
+                out.f_to_kind(tensor.kind()).map_err(torch)
             };
-            self.exchange(call, out.data_ptr() as *mut u8, &plan, Some(sum))?;
         }
-        if work == tensor.kind() {
-            Ok(out)
-        } else {
-            out.f_to_kind(tensor.kind())
-                .map_err(|source| CollectiveError::Torch {
-                    op: op.name(),
-                    source,
-                })
+        let mut out = Tensor::empty(tensor.size(), (work, Device::Cpu));
+        advise_huge_pages(&out);
+        if self.world == 1 {
+            out.f_copy_(tensor).map_err(torch)?;
+            return Ok(out);
         }
+        // The input is read where it lies, by the first sends and the reduce
+        // steps, and every byte of `out` is written once by the ring: no
+        // separate first copy.
+        self.all_reduce_raw(
+            Self::call(tensor),
+            sum,
+            tensor.data_ptr() as *const u8,
+            out.data_ptr() as *mut u8,
+        )?;
+        Ok(out)
+    }
+
+    /// Sums `buf` (contiguous, of the dtype `sum` works in) in place;
+    /// `call` describes the caller's tensor for the header.
+    fn reduce_in_place(&self, call: Call, buf: &mut Tensor, sum: Sum) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let ptr = buf.data_ptr() as *mut u8;
+        self.all_reduce_raw(call, sum, ptr, ptr)
+    }
+
+    /// [`RingCollective::try_all_reduce_sum`] into `tensor` itself, with
+    /// the same values bit for bit. A contiguous f32, f64, i32 or i64
+    /// tensor is reduced in its own memory, with no allocation or copy.
+    pub fn try_all_reduce_sum_(&self, tensor: &mut Tensor) -> Result<()> {
+        let op = Op::AllReduce;
+        Self::check_cpu(op, tensor)?;
+        let (work, sum) = Self::sum_kind(tensor.kind())?;
+        if Self::direct(tensor, work) {
+            return self.reduce_in_place(Self::call(tensor), tensor, sum);
+        }
+        let summed = self.try_all_reduce_sum(tensor)?;
+        tensor
+            .f_copy_(&summed)
+            .map_err(|source| CollectiveError::Torch {
+                op: op.name(),
+                source,
+            })
     }
 
     /// Every rank's tensor in rank order; all must have the same size and dtype.
@@ -970,7 +1080,8 @@ impl RingCollective {
             numel,
             root: 0,
         };
-        self.exchange(call, all.data_ptr() as *mut u8, &plan, None)?;
+        let ptr = all.data_ptr() as *mut u8;
+        self.exchange(call, (ptr, ptr), &plan, None)?;
         Ok((0..n).map(slot).collect())
     }
 
@@ -994,7 +1105,8 @@ impl RingCollective {
                 numel: out.numel(),
                 root,
             };
-            self.exchange(call, out.data_ptr() as *mut u8, &plan, None)?;
+            let ptr = out.data_ptr() as *mut u8;
+            self.exchange(call, (ptr, ptr), &plan, None)?;
         }
         Ok(out)
     }
@@ -1014,7 +1126,8 @@ impl RingCollective {
             numel: 1,
             root: 0,
         };
-        self.exchange(call, flags.as_mut_ptr(), &plan, None)
+        let ptr = flags.as_mut_ptr();
+        self.exchange(call, (ptr, ptr), &plan, None)
     }
 }
 
@@ -1029,6 +1142,10 @@ impl Collective for RingCollective {
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> samtrain_model::Result<Tensor> {
         Ok(self.try_all_reduce_sum(tensor)?)
+    }
+
+    fn all_reduce_sum_(&self, tensor: &mut Tensor) -> samtrain_model::Result<()> {
+        Ok(self.try_all_reduce_sum_(tensor)?)
     }
 
     fn all_gather(&self, tensor: &Tensor) -> samtrain_model::Result<Vec<Tensor>> {

@@ -30,6 +30,15 @@ fn input(rank: usize, numel: i64, kind: Kind) -> Tensor {
 /// by the world size, and several pipeline pieces per chunk.
 const SIZES: [i64; 6] = [0, 1, 3, 7, 1001, 400_003];
 
+/// The raw bytes of a tensor, to compare results bit for bit (`equal`
+/// would take -0.0 for 0.0).
+fn bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.contiguous();
+    let mut out = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut out, t.numel());
+    out
+}
+
 fn check_all_reduce(world: usize, kind: Kind, tolerance: f64) {
     let groups = common::connect(world, 1, TIMEOUT);
     let results = common::on_all(groups, move |rank, g| {
@@ -38,8 +47,12 @@ fn check_all_reduce(world: usize, kind: Kind, tolerance: f64) {
             .map(|&n| {
                 let x = input(rank, n, kind);
                 let first = g.world.all_reduce_sum(&x).unwrap();
+                assert_eq!(bytes(&x), bytes(&input(rank, n, kind)), "input untouched");
                 let again = g.world.all_reduce_sum(&x).unwrap();
                 assert!(first.equal(&again), "same inputs, same result");
+                let mut inplace = x.copy();
+                g.world.all_reduce_sum_(&mut inplace).unwrap();
+                assert_eq!(bytes(&inplace), bytes(&first), "in place, the same bits");
                 assert_eq!(first.kind(), kind);
                 assert_eq!(first.size(), vec![n]);
                 first
@@ -96,6 +109,36 @@ fn all_reduce_half_types_sum_in_f32() {
         check_all_reduce(world, Kind::BFloat16, 1.0 / 128.0);
         check_all_reduce(world, Kind::Half, 1.0 / 1024.0);
     }
+}
+
+#[test]
+fn in_place_sums_views_and_non_contiguous_tensors_in_their_own_memory() {
+    let groups = common::connect(3, 1, TIMEOUT);
+    common::on_all(groups, |rank, g| {
+        for kind in [Kind::Float, Kind::Double, Kind::BFloat16] {
+            let x = input(rank, 6 * 50_001, kind).view([6, 50_001]);
+            // A row: contiguous, at an offset into a bigger storage, whose
+            // other rows must stay as they were.
+            let mut whole = x.copy();
+            let mut row = whole.narrow(0, 2, 1);
+            let expected = g.world.all_reduce_sum(&row).unwrap();
+            let before = row.data_ptr();
+            g.world.all_reduce_sum_(&mut row).unwrap();
+            assert_eq!(row.data_ptr(), before, "{kind:?}: the same memory");
+            assert_eq!(bytes(&row), bytes(&expected), "{kind:?}");
+            assert_eq!(bytes(&whole.narrow(0, 3, 3)), bytes(&x.narrow(0, 3, 3)));
+            // A transposed (non-contiguous) tensor is summed through a copy.
+            let mut t = x.copy().transpose(0, 1);
+            let expected = g.world.all_reduce_sum(&t).unwrap();
+            g.world.all_reduce_sum_(&mut t).unwrap();
+            assert!(!t.is_contiguous());
+            assert_eq!(bytes(&t), bytes(&expected), "{kind:?}");
+            // The whole tensor, in place.
+            let expected = g.world.all_reduce_sum(&whole).unwrap();
+            g.world.all_reduce_sum_(&mut whole).unwrap();
+            assert_eq!(bytes(&whole), bytes(&expected), "{kind:?}");
+        }
+    });
 }
 
 #[test]
@@ -184,6 +227,9 @@ fn single_rank_group_needs_no_sockets() {
     let g = RingCollective::single("world");
     let x = Tensor::from_slice(&[1.5f32, -2.0]);
     assert!(g.all_reduce_sum(&x).unwrap().equal(&x));
+    let mut y = x.copy();
+    g.all_reduce_sum_(&mut y).unwrap();
+    assert!(y.equal(&x));
     assert!(g.broadcast(&x, 0).unwrap().equal(&x));
     assert_eq!(g.all_gather(&x).unwrap().len(), 1);
     g.barrier().unwrap();

@@ -25,6 +25,15 @@ pub trait Collective: Send + Sync {
     fn world_size(&self) -> i64;
     /// Element-wise sum over the group; every rank gets the result.
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
+    /// [`Collective::all_reduce_sum`] into `tensor` itself, bit for bit the
+    /// same values. Backends that can reduce in the caller's buffer override
+    /// it to save the allocation and copy of a fresh result; by default it
+    /// copies the allocating result back.
+    fn all_reduce_sum_(&self, tensor: &mut Tensor) -> Result<()> {
+        let summed = self.all_reduce_sum(tensor)?;
+        tensor.f_copy_(&summed)?;
+        Ok(())
+    }
     /// Every rank's tensor, in rank order.
     fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>>;
     /// Rank `root`'s tensor, on every rank.

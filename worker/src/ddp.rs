@@ -1,7 +1,9 @@
 //! Data-parallel gradient averaging: the trainable gradients, flattened into
 //! buckets of about 25 MB in a fixed order (the parameters sorted by name,
-//! the same on every rank), each all-reduced over the data-parallel group
-//! and copied back.
+//! the same on every rank), each all-reduced in place over the
+//! data-parallel group and copied back. Each bucket's flat buffer is
+//! allocated on the first step and reused by every later one, so a step
+//! neither allocates nor faults in fresh pages for its buckets.
 //!
 //! The buckets are reduced after the whole backward pass, not overlapped
 //! with it as torch's DDP does: DDP starts a bucket's all-reduce from
@@ -16,6 +18,8 @@
 //! mean loss, also when ranks hold different numbers of tokens, where
 //! dividing by the group size would weigh every rank alike.
 
+use std::sync::Mutex;
+
 use samtrain_model::parallel::Collective;
 use samtrain_model::ModelError;
 use tch::{Kind, Tensor};
@@ -23,12 +27,31 @@ use tch::{Kind, Tensor};
 /// torch DDP's default bucket size.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
-/// The bucket plan over a list of parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The bucket plan over a list of parameters, and its flat buffers.
+#[derive(Debug)]
 pub struct GradBuckets {
     /// Indices into the parameter list, in order; each bucket holds one dtype.
     buckets: Vec<Vec<usize>>,
+    /// One flat buffer per bucket, made on first use (its size, dtype and
+    /// device are the gradients'), then reused.
+    flats: Mutex<Vec<Option<Tensor>>>,
 }
+
+impl Clone for GradBuckets {
+    /// The same plan with buffers of its own.
+    fn clone(&self) -> Self {
+        Self::from_plan(self.buckets.clone())
+    }
+}
+
+impl PartialEq for GradBuckets {
+    /// Plans are equal when they bucket the same parameters alike.
+    fn eq(&self, other: &Self) -> bool {
+        self.buckets == other.buckets
+    }
+}
+
+impl Eq for GradBuckets {}
 
 impl GradBuckets {
     /// Consecutive parameters fill a bucket until it holds at least
@@ -48,7 +71,12 @@ impl GradBuckets {
             bytes += size;
             kind = Some(p.kind());
         }
-        GradBuckets { buckets }
+        Self::from_plan(buckets)
+    }
+
+    fn from_plan(buckets: Vec<Vec<usize>>) -> Self {
+        let flats = Mutex::new((0..buckets.len()).map(|_| None).collect());
+        GradBuckets { buckets, flats }
     }
 
     pub fn len(&self) -> usize {
@@ -71,7 +99,10 @@ impl GradBuckets {
         if comm.world_size() <= 1 {
             return Ok(());
         }
-        for bucket in &self.buckets {
+        // The buffers are scratch, fully rewritten by every call: a panic
+        // in an earlier one leaves nothing to distrust.
+        let mut flats = self.flats.lock().unwrap_or_else(|e| e.into_inner());
+        for (bucket, slot) in self.buckets.iter().zip(flats.iter_mut()) {
             let grads: Vec<Tensor> = bucket.iter().map(|&i| params[i].1.grad()).collect();
             if let Some(i) = bucket.iter().zip(&grads).find(|(_, g)| !g.defined()) {
                 return Err(ModelError::Input {
@@ -79,20 +110,26 @@ impl GradBuckets {
                     message: "has no gradient buffer to all-reduce".into(),
                 });
             }
-            let flat = Tensor::cat(
-                &grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
-                0,
-            );
-            let summed = comm.all_reduce_sum(&flat)?;
+            let numel: usize = grads.iter().map(Tensor::numel).sum();
+            let (kind, device) = (grads[0].kind(), grads[0].device());
+            let fits = |t: &Tensor| t.numel() == numel && t.kind() == kind && t.device() == device;
+            let flat = match slot {
+                Some(t) if fits(t) => t,
+                _ => slot.insert(Tensor::f_empty([numel as i64], (kind, device))?),
+            };
+            let parts: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
+            // Returns another handle to `flat`.
+            let _filled = tch::no_grad(|| Tensor::f_cat_out(flat, &parts, 0))?;
+            comm.all_reduce_sum_(flat)?;
             let mut offset = 0;
-            tch::no_grad(|| {
+            tch::no_grad(|| -> Result<(), ModelError> {
                 for mut g in grads {
                     let n = g.numel() as i64;
-                    let part = summed.narrow(0, offset, n).view_as(&g);
-                    g.copy_(&part);
+                    g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
                     offset += n;
                 }
-            });
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -138,17 +175,42 @@ mod tests {
                     let plan = GradBuckets::new(&ps, 16);
                     assert_eq!(plan.len(), 2);
                     plan.all_reduce(&ps, &comm).unwrap();
-                    ps.iter()
+                    let first = ps
+                        .iter()
                         .map(|(_, p)| Vec::<f32>::try_from(p.grad()).unwrap())
-                        .collect::<Vec<_>>()
+                        .collect::<Vec<_>>();
+                    let buffers = |plan: &GradBuckets| {
+                        let flats = plan.flats.lock().unwrap();
+                        flats
+                            .iter()
+                            .map(|t| t.as_ref().unwrap().data_ptr() as usize)
+                            .collect::<Vec<_>>()
+                    };
+                    let before = buffers(&plan);
+                    // A second step: fresh gradients, the same buffers.
+                    for (i, (_, p)) in ps.iter().enumerate() {
+                        let _ = p.grad().zero_();
+                        (p.sum(Kind::Float) * (10.0 * (r + 1.0) + i as f64)).backward();
+                    }
+                    plan.all_reduce(&ps, &comm).unwrap();
+                    assert_eq!(buffers(&plan), before, "flat buffers are reused");
+                    let second = ps
+                        .iter()
+                        .map(|(_, p)| Vec::<f32>::try_from(p.grad()).unwrap())
+                        .collect::<Vec<_>>();
+                    (first, second)
                 })
             })
             .collect();
         for h in handles {
-            let grads = h.join().unwrap();
-            for (i, g) in grads.iter().enumerate() {
+            let (first, second) = h.join().unwrap();
+            for (i, g) in first.iter().enumerate() {
                 // (1 + 2) * (i + 1) on both ranks.
                 assert!(g.iter().all(|&x| x == 3.0 * (i as f32 + 1.0)), "{i}: {g:?}");
+            }
+            for (i, g) in second.iter().enumerate() {
+                // (10 + i) + (20 + i).
+                assert!(g.iter().all(|&x| x == 30.0 + 2.0 * i as f32), "{i}: {g:?}");
             }
         }
     }
