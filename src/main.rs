@@ -4,6 +4,7 @@
 mod bench;
 mod bench_allreduce;
 mod bench_checkpoint;
+mod control_cmd;
 mod data_cmd;
 mod demo;
 mod eval_cmd;
@@ -57,6 +58,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Answers an MmLINK set with a model folder or checkpoint (pred.json) and scores it.
     Predict(predict_cmd::PredictArgs),
+    #[command(flatten)]
+    Control(control_cmd::ControlCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,5 +83,6 @@ fn main() -> anyhow::Result<()> {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(args),
         Command::Predict(args) => predict_cmd::run(args),
+        Command::Control(cmd) => control_cmd::run(cmd),
     }
 }
