@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares this machine to build and test samtrain, and is quick to rerun:
-#   - Debian packages: etcd (server + client), protoc, a Java runtime (for the
+#   - Debian packages: etcd (server + client), protoc and its well-known
+#     .proto files, a Java runtime (for the
 #     PTB tokenizer pycocoevalcap uses), a C++ compiler, python3-venv;
 #   - a Python venv holding the PyPI torch wheel (which carries libtorch for
 #     tch) and the Python reference packages the tests compare against, kept
@@ -56,6 +57,8 @@ need() { # need PACKAGE CHECK...
 need etcd-server          command -v etcd
 need etcd-client          command -v etcdctl
 need protobuf-compiler    command -v protoc
+# etcd-client's build imports google/protobuf/descriptor.proto.
+need libprotobuf-dev      test -f /usr/include/google/protobuf/descriptor.proto
 need default-jre-headless command -v java
 need g++                  command -v c++
 need python3-venv         "$BASE_PYTHON" -c 'import ensurepip, venv'

@@ -140,7 +140,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     running.shutdown().await.context("stopping the coordinator")
 }
 
-fn state_name(state: i32) -> &'static str {
+pub(crate) fn state_name(state: i32) -> &'static str {
     match v1::JobState::try_from(state).unwrap_or(v1::JobState::Unspecified) {
         v1::JobState::Unspecified => "unknown",
         v1::JobState::Pending => "pending",
@@ -205,6 +205,9 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.spec)
         .with_context(|| format!("reading the job spec {}", args.spec.display()))?;
     let source = args.spec.display().to_string();
+    // Checked here first, so a bad spec is refused with every problem named
+    // even when no coordinator answers; the coordinator checks it again.
+    samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
     let id = Client::new(args.remote.coordinator)
         .submit(&text, &source)
         .await?;

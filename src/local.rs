@@ -22,6 +22,7 @@ use samtrain_proto::spec::JobSpec;
 use samtrain_proto::v1::{self, job_event::Event, JobState};
 use serde_json::json;
 
+use crate::control_cmd::state_name;
 use crate::{loss_plot, prepare};
 
 #[derive(Args)]
@@ -67,7 +68,7 @@ impl LocalResult {
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "job_id": self.job_id,
-            "state": self.state.as_str_name().trim_start_matches("JOB_STATE_").to_lowercase(),
+            "state": state_name(self.state as i32),
             "steps": self.step,
             "restarts": self.restarts,
             "worker_restarts": self.worker_restarts,
@@ -102,11 +103,7 @@ pub fn report(result: &LocalResult, json: bool) {
     println!(
         "job {}: {} after {} steps, {} restarts ({} worker processes restarted)",
         result.job_id,
-        result
-            .state
-            .as_str_name()
-            .trim_start_matches("JOB_STATE_")
-            .to_lowercase(),
+        state_name(result.state as i32),
         result.step,
         result.restarts,
         result.worker_restarts
@@ -225,7 +222,7 @@ async fn follow(
                         bar.update(&p);
                     }
                     Some(Event::StateChanged(s)) => {
-                        bar.note(&format!("job {}: generation {}{}", s.state().as_str_name().trim_start_matches("JOB_STATE_").to_lowercase(), s.generation, if s.message.is_empty() { String::new() } else { format!(" ({})", s.message) }));
+                        bar.note(&format!("job {}: generation {}{}", state_name(s.state), s.generation, if s.message.is_empty() { String::new() } else { format!(" ({})", s.message) }));
                     }
                     Some(Event::Restarted(r)) => {
                         bar.note(&format!("restart {}: generation {} ended: {}", r.restarts, r.ended_generation, r.reason));
@@ -238,13 +235,11 @@ async fn follow(
                         let job = client.get(job_id).await.context("reading the finished job")?;
                         return Ok((job, losses));
                     }
-                    Some(Event::Snapshot(job)) => {
-                        if is_final(job.state()) {
-                            bar.finish();
-                            return Ok((job, losses));
-                        }
+                    Some(Event::Snapshot(job)) if is_final(job.state()) => {
+                        bar.finish();
+                        return Ok((job, losses));
                     }
-                    None => {}
+                    Some(Event::Snapshot(_)) | None => {}
                 },
                 // The stream ended or broke: open it again (the snapshot
                 // tells what was missed).

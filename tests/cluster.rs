@@ -1,0 +1,442 @@
+//! The cluster end to end, as an operator runs it: a real etcd, a real S3
+//! server (moto), `samtrain coordinator` and `samtrain worker` processes on
+//! loopback, jobs submitted and followed with the CLI. Each test kills only
+//! processes it started, by their PIDs.
+//!
+//! The tests run one at a time: several small clusters at once on a
+//! two-core machine would starve each other's lease keep-alives.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use samtrain_testkit::{free_port, wait_for_port, Etcd, S3Server};
+use serde_json::Value;
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_samtrain");
+const STEPS: u64 = 40;
+
+/// A process this test started; killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(args: &[&str], env: &[(String, String)], log: PathBuf) -> Proc {
+        let out = File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start samtrain");
+        Proc { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One test's cluster: etcd, S3, a folder with data, model and job spec.
+struct Cluster {
+    etcd: Etcd,
+    s3: S3Server,
+    dir: tempfile::TempDir,
+    spec: PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let etcd = Etcd::start();
+        let s3 = S3Server::start(free_port(), "ckpt");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = write_job(dir.path());
+        Cluster {
+            etcd,
+            s3,
+            dir,
+            spec,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn coordinator(&self, name: &str) -> (Proc, String, u16) {
+        let port = free_port();
+        let health = free_port();
+        let p = Proc::start(
+            &[
+                "coordinator",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--health-listen",
+                &format!("127.0.0.1:{health}"),
+                "--etcd",
+                &self.etcd.endpoint,
+                "--node-id",
+                name,
+                "--lease-ttl",
+                "2",
+            ],
+            &[],
+            self.path(&format!("{name}.log")),
+        );
+        wait_for_port(port, "the coordinator", Duration::from_secs(20));
+        (p, format!("http://127.0.0.1:{port}"), health)
+    }
+
+    fn worker(&self, name: &str, coordinators: &str) -> Proc {
+        Proc::start(
+            &[
+                "worker",
+                "--coordinator",
+                coordinators,
+                "--etcd",
+                &self.etcd.endpoint,
+                "--advertise",
+                "127.0.0.1",
+                "--collective-port",
+                "0",
+                "--name",
+                name,
+                "--device",
+                "cpu",
+            ],
+            &self.s3.env(),
+            self.path(&format!("{name}.log")),
+        )
+    }
+}
+
+/// Synthetic data, a small model and a job that checkpoints to S3.
+fn write_job(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    for (split, samples, seed) in [("train", "64", "3"), ("eval", "8", "4")] {
+        run_ok(&[
+            "data",
+            "synth",
+            "--task",
+            "group",
+            "--samples",
+            samples,
+            "--images",
+            "3",
+            "--seed",
+            seed,
+            "--out",
+            data.join(split).to_str().unwrap(),
+        ]);
+    }
+    let model = dir.join("model");
+    let config = samtrain_testkit::workspace_root().join("examples/demo-model.json");
+    run_ok(&[
+        "model",
+        "init",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    let spec = dir.join("job.toml");
+    let text = format!(
+        r#"name = "e2e"
+[model]
+path = "{model}"
+[data]
+train = "{train}"
+eval = "{eval}"
+llm_tokenizer = "{train}/tokenizer.json"
+loader_threads = 1
+max_txt_len = 32
+max_output_txt_len = 16
+[training]
+steps = {STEPS}
+batch_size = 4
+lr = 2e-3
+device = "cpu"
+log_every = 1
+threads = 1
+[parallel]
+min_workers = 2
+max_workers = 2
+collective_timeout_s = 20
+[checkpoint]
+url = "s3://ckpt/e2e"
+every_steps = 10
+keep = 2
+[restart]
+max_restarts = 3
+[evaluation]
+num_beams = 2
+max_new_tokens = 12
+"#,
+        model = model.display(),
+        train = data.join("train").display(),
+        eval = data.join("eval").display(),
+    );
+    std::fs::write(&spec, text).unwrap();
+    spec
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run samtrain")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "samtrain {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn submit(coordinators: &str, spec: &Path) -> String {
+    let out = run_ok(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--coordinator",
+        coordinators,
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["job_id"].as_str().expect("job_id").to_owned()
+}
+
+fn status(coordinators: &str, job: &str) -> Option<Value> {
+    let out = run(&["status", job, "--coordinator", coordinators, "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `samtrain status` until `done` holds; the last status.
+fn wait_status(
+    coordinators: &str,
+    job: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Some(s) = status(coordinators, job) {
+            if done(&s) {
+                return s;
+            }
+            last = s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{what}: not within {timeout:?}; last status: {last}");
+}
+
+fn state(s: &Value) -> &str {
+    s["state"].as_str().unwrap_or("")
+}
+
+fn step(s: &Value) -> u64 {
+    s["step"].as_u64().unwrap_or(0)
+}
+
+fn finished(s: &Value) -> bool {
+    matches!(state(s), "succeeded" | "failed" | "cancelled")
+}
+
+fn assert_succeeded(s: &Value) {
+    assert_eq!(state(s), "succeeded", "{s}");
+    assert_eq!(step(s), STEPS, "{s}");
+    let cider = s["eval"]["cider"].as_f64().unwrap_or(-1.0);
+    assert!(cider >= 0.0, "no CIDEr in {s}");
+    let ckpt = s["latest_checkpoint"]["url"].as_str().unwrap_or("");
+    assert!(
+        ckpt.starts_with("s3://ckpt/e2e/") && ckpt.ends_with("step-00000040"),
+        "{s}"
+    );
+}
+
+#[test]
+fn two_workers_train_to_the_end_and_report_their_evaluation() {
+    let _one = serial();
+    let c = Cluster::new();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let _w0 = c.worker("w0", &addr);
+    let _w1 = c.worker("w1", &addr);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
+    let _one = serial();
+    let c = Cluster::new();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let _w0 = c.worker("w0", &addr);
+    let mut w1 = c.worker("w1", &addr);
+    wait_status(&addr, &job, Duration::from_secs(300), "a checkpoint", |s| {
+        s["latest_checkpoint"]["step"].as_u64().unwrap_or(0) >= 10 && step(s) >= 12
+    });
+    let killed = Instant::now();
+    w1.kill();
+    let _w2 = c.worker("w2", &addr);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "restart", |s| {
+        s["restarts"].as_u64().unwrap_or(0) >= 1 && state(s) == "running"
+    });
+    let resumed = Instant::now() - killed;
+    eprintln!("worker SIGKILL to the next generation running: {resumed:?} ({s})");
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(1), "{s}");
+}
+
+#[test]
+fn a_standby_coordinator_takes_over_without_restarting_workers() {
+    let _one = serial();
+    let c = Cluster::new();
+    let (mut leader, a, a_health) = c.coordinator("c-a");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready(a_health) {
+        assert!(Instant::now() < deadline, "c-a never led");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_standby, b, b_health) = c.coordinator("c-b");
+    assert!(!ready(b_health), "two leaders");
+    let both = format!("{a},{b}");
+    let job = submit(&both, &c.spec);
+    let _w0 = c.worker("w0", &both);
+    let _w1 = c.worker("w1", &both);
+    wait_status(&both, &job, Duration::from_secs(300), "training", |s| {
+        step(s) >= 5
+    });
+    let killed = Instant::now();
+    leader.kill();
+    while !ready(b_health) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the standby did not lead within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "leader SIGKILL to the standby leading: {:?}",
+        killed.elapsed()
+    );
+    let s = wait_status(&b, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(0), "workers restarted: {s}");
+}
+
+#[test]
+fn an_interrupted_job_resumes_when_the_cluster_comes_back() {
+    let _one = serial();
+    let c = Cluster::new();
+    let (mut coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let mut w0 = c.worker("w0", &addr);
+    let mut w1 = c.worker("w1", &addr);
+    wait_status(&addr, &job, Duration::from_secs(300), "a checkpoint", |s| {
+        s["latest_checkpoint"]["step"].as_u64().unwrap_or(0) >= 10
+    });
+    // Everything stops at once, as in a power cut.
+    coord.kill();
+    w0.kill();
+    w1.kill();
+    let (_coord, addr, _) = c.coordinator("c1");
+    let w2 = c.worker("w2", &addr);
+    let _w3 = c.worker("w3", &addr);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    let log = w2.log();
+    assert!(
+        log.contains("resum"),
+        "the new workers did not resume from a checkpoint:\n{log}"
+    );
+}
+
+#[test]
+fn bad_specs_and_unreachable_etcd_get_clear_errors() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("bad.toml");
+    std::fs::write(
+        &spec,
+        "name = \"Bad_Name\"\n[model]\npath = \"m\"\n[data]\ntrain = \"d\"\n[checkpoint]\nurl = \"ftp://x\"\n[training]\nlr = 0.0\n",
+    )
+    .unwrap();
+    // Refused before any coordinator is asked.
+    let out = run(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--coordinator",
+        "http://127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["name", "training.lr", "checkpoint.url"] {
+        assert!(err.contains(field), "{field} not named in: {err}");
+    }
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--etcd", &dead])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead), "the endpoint is not named: {err}");
+}
+
+/// Whether the coordinator's `/readyz` answers 200 (it leads).
+fn ready(health_port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", health_port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.starts_with("HTTP/1.1 200")
+}
