@@ -314,8 +314,15 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
     let s = wait_status(&addr, &job, Duration::from_secs(300), "restart", |s| {
         s["restarts"].as_u64().unwrap_or(0) >= 1 && state(s) == "running"
     });
-    let resumed = Instant::now() - killed;
-    eprintln!("worker SIGKILL to the next generation running: {resumed:?} ({s})");
+    let regrouped = killed.elapsed();
+    let stale = step(&s);
+    wait_status(&addr, &job, Duration::from_secs(300), "a step", |s| {
+        step(s) != stale
+    });
+    eprintln!(
+        "worker SIGKILL to the next generation running: {regrouped:?}; to its first training step: {:?}",
+        killed.elapsed()
+    );
     let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
     assert_succeeded(&s);
     assert_eq!(s["restarts"].as_u64(), Some(1), "{s}");
