@@ -726,3 +726,33 @@ fn image_agrees_with_the_chart_and_setup() {
     }
     assert!(Path::new(&root().join(".cargo/config.toml")).is_file());
 }
+
+/// Every `SAMTRAIN_*` variable the chart gives a container is one the
+/// binary's subcommand for that container reads (`[env: ...]` in its help),
+/// so a renamed flag cannot silently drop a setting in the cluster.
+#[test]
+fn chart_settings_are_flags_the_binary_reads() {
+    let docs = manifests(&[&example("external-etcd-s3.yaml")], "external-etcd-s3 (flags)");
+    let help = |command: &str| {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_samtrain")).args([command, "--help"]));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for (kind, name, container_name, command) in [
+        ("Deployment", "samtrain-coordinator", "coordinator", "coordinator"),
+        ("StatefulSet", "samtrain-workers", "worker", "worker"),
+    ] {
+        let c = container(find(&docs, kind, name), container_name);
+        assert_eq!(c["args"][0], command, "{name} runs `samtrain {command}`");
+        let help = help(command);
+        for var in env_names(c).iter().filter(|v| v.starts_with("SAMTRAIN_")) {
+            // The CLI of `samtrain submit` inside the pod reads this one.
+            if var == "SAMTRAIN_COORDINATOR" && command == "coordinator" {
+                continue;
+            }
+            assert!(
+                help.contains(&format!("env: {var}")),
+                "{name} sets {var}, which `samtrain {command}` does not read"
+            );
+        }
+    }
+}
