@@ -8,10 +8,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_same, copy, free_port, model_state, s3_options, values, S3Server};
+use common::{assert_same, copy, model_state, values};
 use samtrain_checkpoint::{
     CheckpointOptions, CheckpointTuning, Checkpointer, RetryPolicy, SaveStatus, ShardState,
 };
+use samtrain_testkit::{free_port, s3_options, S3Server};
 use serde_json::json;
 use tch::Kind;
 
@@ -86,7 +87,7 @@ fn round_trip_on_s3_is_bit_exact() {
     let big = Checkpointer::open_with(
         options,
         CheckpointTuning {
-            store_options: s3_options(&server.endpoint()),
+            store_options: server.options(),
             ..CheckpointTuning::default()
         },
     )

@@ -9,12 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{agent, eventually, spec, Etcd, Node};
+use common::{agent, eventually, spec, Node};
 use samtrain_coordinator::agent::{Assignment, Outcome, Progress};
 use samtrain_coordinator::client::Client;
 use samtrain_coordinator::jobs::{JobRecord, JobState};
 use samtrain_coordinator::store;
 use samtrain_proto::v1;
+use samtrain_testkit::Etcd;
 use tonic::Code;
 
 async fn next(a: &mut samtrain_coordinator::agent::Agent) -> Assignment {

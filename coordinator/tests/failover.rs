@@ -9,10 +9,11 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{agent, spec, Etcd, Node};
+use common::{agent, spec, Node};
 use samtrain_coordinator::agent::{Outcome, Progress};
 use samtrain_coordinator::client::Client;
 use samtrain_proto::v1;
+use samtrain_testkit::Etcd;
 use tonic::Code;
 
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {

@@ -3,9 +3,9 @@
 //! deleting keys (and watches seeing it), and an unreachable etcd failing
 //! fast with the endpoints named.
 
-mod common;
-
 use std::time::{Duration, Instant};
+
+use samtrain_testkit::{free_port, Etcd};
 
 use samtrain_coordinator::store::{
     self, Compare, LeaseKeeper, Op, SharedStore, StoreError, WatchEvent,
@@ -143,7 +143,7 @@ async fn memory_store_semantics() {
 
 #[tokio::test]
 async fn etcd_store_semantics() {
-    let etcd = common::Etcd::start();
+    let etcd = Etcd::start();
     semantics(
         store::open(std::slice::from_ref(&etcd.endpoint))
             .await
@@ -154,7 +154,7 @@ async fn etcd_store_semantics() {
 
 #[tokio::test]
 async fn unreachable_etcd_fails_fast_naming_the_endpoints() {
-    let endpoint = format!("http://127.0.0.1:{}", common::free_port());
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
     let t0 = Instant::now();
     let err = match store::open(std::slice::from_ref(&endpoint)).await {
         Ok(_) => panic!("nothing listens there"),

@@ -7,12 +7,10 @@
 //! reference, stories with more than 32 periods, and integer and string ids
 //! that look alike.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::{python, workspace_root};
+use samtrain_testkit::{python, workspace_root};
 
 use samtrain_data::eval::normalize::normalize;
 use samtrain_data::eval::{self, SAMPLES_FILE, SUMMARY_FILE};

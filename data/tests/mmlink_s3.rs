@@ -2,75 +2,18 @@
 //! the venv that scripts/setup.sh installs), started by this test on
 //! loopback and stopped by its PID: the records equal those read from disk.
 
-mod common;
-
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStoreExt, PutPayload};
 use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
 use samtrain_data::mmlink::{load, LoadOptions};
-
-/// The S3 server; killed (by its PID) when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let moto = common::python().parent().unwrap().join("moto_server");
-    let child = Command::new(&moto)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", moto.display()));
-    let server = Server { child, port };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    server
-}
-
-/// Creates a bucket with a plain HTTP request (moto does not check signatures).
-fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
-}
+use samtrain_testkit::{free_port, S3Server};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_dataset_reads_like_the_local_one() {
-    let server = start_server();
-    create_bucket(server.port, "datasets");
+    let server = S3Server::start(free_port(), "datasets");
     let dir = tempfile::tempdir().unwrap();
     let options = SynthOptions {
         task: Task::Story,
@@ -80,7 +23,7 @@ async fn s3_dataset_reads_like_the_local_one() {
     };
     synth(dir.path(), &options).unwrap();
 
-    let endpoint = format!("http://127.0.0.1:{}", server.port);
+    let endpoint = server.endpoint();
     let store = AmazonS3Builder::new()
         .with_bucket_name("datasets")
         .with_endpoint(&endpoint)
@@ -98,13 +41,7 @@ async fn s3_dataset_reads_like_the_local_one() {
     }
 
     // The loader takes its S3 settings from the environment, as AWS tools do.
-    for (k, v) in [
-        ("AWS_ENDPOINT", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ] {
+    for (k, v) in server.env() {
         std::env::set_var(k, v);
     }
     let remote = load("s3://datasets/story", LoadOptions::default())

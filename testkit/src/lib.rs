@@ -141,6 +141,11 @@ impl S3Server {
         .collect()
     }
 
+    /// The object_store options that reach this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        s3_options(&self.endpoint())
+    }
+
     /// Creates a bucket with a plain HTTP request (moto does not check
     /// signatures).
     fn create_bucket(&self, bucket: &str) {
@@ -162,4 +167,20 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The object_store options for a moto server at `endpoint`; a function of
+/// the address alone, so a client can be set up before the server starts
+/// (as for a store that is down and comes back).
+pub fn s3_options(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("aws_endpoint", endpoint),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }

@@ -78,7 +78,7 @@ fn adamw_and_clipping_equal_torch() {
         .map(|l| format!("{l:e}"))
         .collect::<Vec<_>>()
         .join(",");
-    let run = Command::new(common::python())
+    let run = Command::new(samtrain_testkit::python())
         .args(["-c", SCRIPT])
         .arg(&input)
         .arg(&output)

@@ -1,12 +1,11 @@
-//! Shared by the control-plane tests: a real etcd on loopback ports (with a
-//! temporary data dir, killed by its PID), coordinators in their own
-//! runtimes (so a test can kill one as a crash would), job specs and agents.
+//! Shared by the control-plane tests: coordinators in their own runtimes (so
+//! a test can kill one as a crash would), job specs and agents (the etcd
+//! server and ports come from samtrain-testkit).
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use samtrain_coordinator::agent::{Agent, AgentOptions};
 use samtrain_coordinator::{run, CoordinatorOptions};
@@ -17,63 +16,6 @@ pub fn logs() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-}
-
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// An etcd server started for one test.
-pub struct Etcd {
-    child: Child,
-    pub endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    pub fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let client = free_port();
-        let peer = free_port();
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &endpoint])
-            .args(["--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .args(["--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd on PATH (Debian etcd-server)");
-        let etcd = Etcd {
-            child,
-            endpoint,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        etcd
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A coordinator in its own runtime on its own thread; `kill` drops the

@@ -9,27 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use samtrain_model::SamInputs;
+use samtrain_testkit::{python, workspace_root};
 use tch::{Device, Kind, Tensor};
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The venv python that has torch and transformers (set up by scripts/setup.sh).
-pub fn python() -> PathBuf {
-    let path = std::env::var_os("SAMTRAIN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".venv/bin/python"));
-    assert!(
-        path.exists(),
-        "the reference python {} is missing: run scripts/setup.sh",
-        path.display()
-    );
-    path
-}
 
 /// Runs `sam_reference.py ARGS...` and panics with its output on failure.
 pub fn reference(args: &[&str]) {

@@ -174,12 +174,6 @@ pub fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-pub fn python() -> PathBuf {
-    std::env::var_os("SAMTRAIN_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
-}
-
 /// How far training moved the trainable tensors of `trained` from the
 /// model folder's values.
 pub fn moved(model: &Path, trained: &[(String, Tensor)]) -> f64 {
