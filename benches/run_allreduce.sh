@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # All-reduce of f32 tensors between 2 local processes: samtrain's TCP ring
 # (`samtrain bench allreduce`) against PyTorch's Gloo
-# (benches/allreduce_gloo.py), same sizes, same method, printed side by side
-# (docs/PERFORMANCE.md, "All-reduce vs Gloo").
+# (benches/allreduce_gloo.py), same sizes, same method (in-place
+# all-reduces of a buffer refilled, untimed, before each), printed side by
+# side (docs/PERFORMANCE.md, "All-reduce vs Gloo"). On a shared machine run
+# it as `nice -n -10 env ROUNDS=3 benches/run_allreduce.sh`.
 #
 # Builds samtrain in release mode, then runs the two sides alternately
 # ROUNDS times so that load from other processes spreads over both, and
