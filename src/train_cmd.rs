@@ -18,6 +18,7 @@ use clap::Args;
 use samtrain_model::parallel::{Collective, LocalCollective};
 use samtrain_proto::spec::JobSpec;
 use samtrain_worker::launch::join_groups;
+use samtrain_worker::trainer::resolve_device;
 use samtrain_worker::{train, Groups, TrainJob};
 
 #[derive(Args)]
@@ -64,10 +65,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .with_context(|| format!("--rank {} is not in the {world} --peers", args.rank))?;
         let listener = TcpListener::bind(own)
             .with_context(|| format!("cannot listen on {own} (rank {})", args.rank))?;
+        let device = resolve_device(spec.training.device, args.rank)?;
         let groups = join_groups(
             args.rank,
             &args.peers,
             &spec,
+            device,
             0,
             Arc::new(AtomicBool::new(false)),
             listener,

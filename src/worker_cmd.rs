@@ -15,6 +15,8 @@ use clap::Args;
 use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
 use samtrain_coordinator::health;
 use samtrain_proto::spec::DeviceKind;
+use samtrain_worker::launch::join_groups;
+use samtrain_worker::trainer::resolve_device;
 use samtrain_worker::{train, TrainEvent, TrainJob};
 
 #[derive(Args)]
@@ -164,10 +166,16 @@ async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> 
 /// Joins the process groups of one generation and trains; never panics.
 fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> Outcome {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let groups = samtrain_worker::launch::join_groups(
+        let device =
+            resolve_device(a.spec.training.device, a.rank).map_err(|e| Outcome::Failed {
+                retriable: e.retriable(),
+                message: e.to_string(),
+            })?;
+        let groups = join_groups(
             a.rank,
             &a.peers,
             &a.spec,
+            device,
             a.generation,
             a.ended.clone(),
             listener,
