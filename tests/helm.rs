@@ -732,13 +732,21 @@ fn image_agrees_with_the_chart_and_setup() {
 /// so a renamed flag cannot silently drop a setting in the cluster.
 #[test]
 fn chart_settings_are_flags_the_binary_reads() {
-    let docs = manifests(&[&example("external-etcd-s3.yaml")], "external-etcd-s3 (flags)");
+    let docs = manifests(
+        &[&example("external-etcd-s3.yaml")],
+        "external-etcd-s3 (flags)",
+    );
     let help = |command: &str| {
         let out = run(Command::new(env!("CARGO_BIN_EXE_samtrain")).args([command, "--help"]));
         String::from_utf8(out.stdout).unwrap()
     };
     for (kind, name, container_name, command) in [
-        ("Deployment", "samtrain-coordinator", "coordinator", "coordinator"),
+        (
+            "Deployment",
+            "samtrain-coordinator",
+            "coordinator",
+            "coordinator",
+        ),
         ("StatefulSet", "samtrain-workers", "worker", "worker"),
     ] {
         let c = container(find(&docs, kind, name), container_name);
