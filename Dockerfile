@@ -41,9 +41,11 @@ COPY . .
 # scripts/setup.sh.
 RUN ln -sfn "$(/opt/venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" .libtorch
 
+# `nccl`: CUDA tensors of multi-GPU jobs go over NCCL (libnccl from the
+# nvidia-nccl wheel, loaded at run time).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin samtrain \
+    cargo build --release --locked --features nccl --bin samtrain \
     && install -D -m 0755 target/release/samtrain /out/bin/samtrain
 
 # The shared libraries the binary loads: torch/lib, and the lib folders of
