@@ -221,6 +221,7 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
                 ])
             }),
             step: outcome.final_step,
+            checkpoint: outcome.checkpoint.map(|c| (c.step, c.url)),
         },
         Ok(Err(failed)) => failed,
         // The model's tensor-parallel all-reduce panics when a peer fails

@@ -106,6 +106,8 @@ pub enum Outcome {
         /// `cider`, `bleu4`, `rouge` when evaluated.
         eval: Option<BTreeMap<String, f64>>,
         step: u64,
+        /// The newest committed checkpoint, `(step, url)`.
+        checkpoint: Option<(u64, String)>,
     },
     /// `retriable`: a peer died or timed out, the generation restarts;
     /// otherwise (bad data, bad config) the job fails.
@@ -387,12 +389,15 @@ impl Agent {
             generation: assignment.generation,
             rank: assignment.rank,
             outcome: Some(match outcome {
-                Outcome::Completed { eval, step } => {
-                    v1::outcome_report::Outcome::Completed(v1::Completed {
-                        step,
-                        eval: eval.unwrap_or_default().into_iter().collect(),
-                    })
-                }
+                Outcome::Completed {
+                    eval,
+                    step,
+                    checkpoint,
+                } => v1::outcome_report::Outcome::Completed(v1::Completed {
+                    step,
+                    eval: eval.unwrap_or_default().into_iter().collect(),
+                    checkpoint: checkpoint.map(|(step, url)| v1::Checkpoint { step, url }),
+                }),
                 Outcome::Failed { retriable, message } => {
                     v1::outcome_report::Outcome::Failed(v1::Failed { retriable, message })
                 }

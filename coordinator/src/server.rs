@@ -646,6 +646,14 @@ impl Workers for Service {
                     return Ok(Response::new(v1::Ack { stale: false }));
                 }
                 let mut job = job.clone();
+                if let Some(ck) = done.checkpoint {
+                    if job.checkpoint.as_ref().is_none_or(|old| old.step < ck.step) {
+                        job.checkpoint = Some(CheckpointRecord {
+                            step: ck.step,
+                            url: ck.url,
+                        });
+                    }
+                }
                 let eval: BTreeMap<String, f64> = done.eval.into_iter().collect();
                 let members = job.succeed(done.step, eval, now_ms());
                 c.save(&job).await?;

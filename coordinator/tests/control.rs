@@ -90,6 +90,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         Outcome::Completed {
             eval: None,
             step: 50,
+            checkpoint: None,
         },
     )
     .await
@@ -104,6 +105,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         Outcome::Completed {
             eval: Some(eval.clone()),
             step: 50,
+            checkpoint: None,
         },
     )
     .await
@@ -241,6 +243,7 @@ async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
         Outcome::Completed {
             eval: None,
             step: 3,
+            checkpoint: None,
         },
     )
     .await

@@ -137,6 +137,7 @@ async fn standby_takes_over_without_ending_the_generation() {
         Outcome::Completed {
             eval: None,
             step: 50,
+            checkpoint: None,
         },
     )
     .await
@@ -146,6 +147,7 @@ async fn standby_takes_over_without_ending_the_generation() {
         Outcome::Completed {
             eval: None,
             step: 50,
+            checkpoint: None,
         },
     )
     .await
