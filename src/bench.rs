@@ -223,7 +223,7 @@ fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor)
     )
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -325,13 +325,7 @@ fn worker(args: &AllreduceArgs, rank: usize, sizes: &[usize]) -> Result<()> {
                 times.push(took.as_secs_f64());
             }
         }
-        times.sort_by(f64::total_cmp);
-        let m = times.len();
-        let median = if m % 2 == 1 {
-            times[m / 2]
-        } else {
-            (times[m / 2 - 1] + times[m / 2]) / 2.0
-        };
+        let median = crate::bench::median(times.iter().copied());
         let algbw = bytes as f64 / median / 1e9;
         let busbw = algbw * 2.0 * (n - 1.0) / n;
         if rank == 0 {

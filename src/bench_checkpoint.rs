@@ -11,6 +11,8 @@ use clap::Args;
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer, SaveStatus, ShardState};
 use tch::{Device, Kind, Tensor};
 
+use crate::bench::median;
+
 #[derive(Args)]
 pub struct CheckpointArgs {
     /// Total size of the tensors: a number of bytes, or with a unit
@@ -183,17 +185,6 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
         println!("  load {load_ms:.1} ms, {:.2} GB/s", gbps(load_ms));
     }
     Ok(())
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 #[cfg(test)]
