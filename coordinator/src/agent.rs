@@ -19,10 +19,10 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::client::{connect, is_failover};
-use crate::control::{random_suffix, AbortOnDrop, WorkerRecord};
 use crate::health::Readiness;
-use crate::jobs::now_ms;
+use crate::records::{new_worker_id, now_ms, Keys, WorkerRecord};
 use crate::store::{etcd::EtcdStore, LeaseId, LeaseKeeper, SharedStore, StoreError};
+use crate::tasks::AbortOnDrop;
 
 /// How the agent reaches the control plane.
 #[derive(Debug, Clone)]
@@ -261,17 +261,6 @@ impl Agent {
     /// Registers the worker (retrying for up to 30 s while no coordinator
     /// answers) and starts the lease keep-alive and the subscription.
     pub async fn register(options: AgentOptions) -> Result<Agent, AgentError> {
-        let name: String = options
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
         let (lease, worker_id, ttl) = if options.etcd.is_empty() {
             let ttl_s = options
                 .lease_ttl
@@ -286,11 +275,7 @@ impl Agent {
         } else {
             let store: SharedStore = Arc::new(EtcdStore::connect(&options.etcd).await?);
             let ttl = options.lease_ttl.unwrap_or(Duration::from_secs(5));
-            let worker_id = format!(
-                "{}-{}",
-                if name.is_empty() { "worker" } else { &name },
-                random_suffix()
-            );
+            let worker_id = new_worker_id(&options.name);
             let lease = put_own_key(&store, &options, &worker_id, ttl).await?;
             (
                 LeaseHold::Etcd {
@@ -437,7 +422,7 @@ impl Agent {
     /// The clean exit: revokes the lease at once (the worker's key goes)
     /// and stops the background tasks.
     pub async fn shutdown(self) {
-        self.tasks.iter().for_each(|t| t.0.abort());
+        self.tasks.iter().for_each(AbortOnDrop::abort);
         match &self.lease {
             LeaseHold::Etcd { store, lease } => {
                 let lease = *lease.lock().expect("agent lock");
@@ -521,17 +506,8 @@ async fn put_own_key(
         registered_unix_ms: now_ms(),
         own_lease: true,
     };
-    let key = format!(
-        "{}/workers/{worker_id}",
-        options.etcd_prefix.trim_end_matches('/')
-    );
-    store
-        .put(
-            &key,
-            serde_json::to_vec(&record).expect("worker record serialises"),
-            Some(lease),
-        )
-        .await?;
+    let key = Keys::new(&options.etcd_prefix).worker(worker_id);
+    store.put(&key, record.to_json(), Some(lease)).await?;
     Ok(lease)
 }
 

@@ -11,28 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use samtrain_proto::v1;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, Mutex, Notify};
 use tokio::time::Instant;
 use tonic::Status;
 
 use crate::election::Election;
-use crate::jobs::{now_ms, GenerationEnd, JobRecord, JobState, MemberRecord};
+use crate::jobs::{GenerationEnd, JobRecord, JobState, MemberRecord};
+use crate::records::{now_ms, Keys, WorkerRecord};
 use crate::rendezvous::{self, Candidate, Decision};
 use crate::store::{Op, SharedStore, StoreError};
-
-/// A registered worker, stored under `<prefix>/workers/<id>` with the
-/// worker's lease: the key exists exactly as long as the worker is alive.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    pub worker_id: String,
-    pub name: String,
-    pub advertise: String,
-    pub device: String,
-    pub registered_unix_ms: i64,
-    /// The worker keeps its lease alive in etcd itself (else Heartbeat).
-    pub own_lease: bool,
-}
+use crate::tasks::AbortOnDrop;
 
 /// The feed of one subscribed worker.
 pub(crate) type WorkerFeed = mpsc::Sender<Result<v1::WorkerEvent, Status>>;
@@ -76,7 +64,7 @@ pub(crate) enum Ending {
 /// Everything the services and the loop share.
 pub(crate) struct Control {
     pub(crate) store: SharedStore,
-    pub(crate) prefix: String,
+    pub(crate) keys: Keys,
     pub(crate) lease_ttl: Duration,
     pub(crate) election: Election,
     pub(crate) view: Mutex<View>,
@@ -101,14 +89,6 @@ fn worker_event(e: v1::worker_event::Event) -> Result<v1::WorkerEvent, Status> {
 }
 
 impl Control {
-    pub(crate) fn job_key(&self, id: &str) -> String {
-        format!("{}/jobs/{id}", self.prefix)
-    }
-
-    pub(crate) fn worker_key(&self, id: &str) -> String {
-        format!("{}/workers/{id}", self.prefix)
-    }
-
     /// UNAVAILABLE naming the leader, unless this node leads.
     pub(crate) fn ensure_leader(&self) -> Result<(), Status> {
         let state = self.election.state();
@@ -130,9 +110,13 @@ impl Control {
         self.ensure_leader()?;
         let mut view = self.view.lock().await;
         if !view.loaded {
-            let prefix = format!("{}/jobs/", self.prefix);
             let mut jobs = BTreeMap::new();
-            for kv in self.store.range(&prefix).await.map_err(store_status)? {
+            for kv in self
+                .store
+                .range(&self.keys.jobs())
+                .await
+                .map_err(store_status)?
+            {
                 match serde_json::from_slice::<JobRecord>(&kv.value) {
                     Ok(job) => {
                         jobs.insert(job.id.clone(), job);
@@ -160,7 +144,7 @@ impl Control {
             .txn(
                 vec![self.election.guard()],
                 vec![Op::Put {
-                    key: self.job_key(&job.id),
+                    key: self.keys.job(&job.id),
                     value,
                     lease: None,
                 }],
@@ -178,10 +162,9 @@ impl Control {
 
     /// Live workers: those whose key (and so lease) exists.
     async fn live_workers(&self) -> Result<HashMap<String, WorkerRecord>, StoreError> {
-        let prefix = format!("{}/workers/", self.prefix);
         Ok(self
             .store
-            .range(&prefix)
+            .range(&self.keys.workers())
             .await?
             .into_iter()
             .filter_map(|kv| serde_json::from_slice::<WorkerRecord>(&kv.value).ok())
@@ -528,7 +511,7 @@ impl Control {
     }
 
     async fn watch_workers(&self) {
-        let prefix = format!("{}/workers/", self.prefix);
+        let prefix = self.keys.workers();
         loop {
             match self.store.watch_prefix(&prefix).await {
                 Ok(mut changes) => {
@@ -541,24 +524,4 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-}
-
-/// Aborts a task when dropped.
-pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// A short random suffix for ids (`<name>-<6 hex digits>`).
-pub(crate) fn random_suffix() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_i64(now_ms());
-    format!("{:06x}", h.finish() & 0xff_ffff)
 }

@@ -139,14 +139,6 @@ pub struct GenerationEnd {
     pub failed: bool,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl JobRecord {
     /// A new pending job.
     pub fn new(id: String, spec: &JobSpec, spec_toml: String, now: i64) -> JobRecord {

@@ -9,9 +9,11 @@ mod control;
 pub mod election;
 pub mod health;
 pub mod jobs;
+pub mod records;
 pub mod rendezvous;
 pub mod server;
 pub mod store;
+mod tasks;
 
-pub use control::WorkerRecord;
+pub use records::WorkerRecord;
 pub use server::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};

@@ -17,11 +17,13 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::control::{event, random_suffix, AbortOnDrop, Control, Ending, View, WorkerRecord};
+use crate::control::{event, Control, Ending, View};
 use crate::election::{Election, LeaderInfo};
 use crate::health::{self, HealthServer};
-use crate::jobs::{now_ms, CheckpointRecord, JobRecord, JobState};
+use crate::jobs::{CheckpointRecord, JobRecord, JobState};
+use crate::records::{new_worker_id, now_ms, random_suffix, Keys, WorkerRecord};
 use crate::store::{self, Compare, Op, StoreError};
+use crate::tasks::AbortOnDrop;
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -196,7 +198,7 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
     .await;
     let control = Arc::new(Control {
         store,
-        prefix,
+        keys: Keys::new(&prefix),
         lease_ttl: options.lease_ttl,
         election,
         view: Mutex::new(View::default()),
@@ -285,9 +287,9 @@ impl Jobs for Service {
         let created = c
             .store
             .txn(
-                vec![c.election.guard(), Compare::Absent(c.job_key(&id))],
+                vec![c.election.guard(), Compare::Absent(c.keys.job(&id))],
                 vec![Op::Put {
-                    key: c.job_key(&id),
+                    key: c.keys.job(&id),
                     value: serde_json::to_vec(&job).expect("job record serialises"),
                     lease: None,
                 }],
@@ -406,7 +408,7 @@ impl Service {
         let c = &self.control;
         let kv = c
             .store
-            .get(&c.worker_key(worker_id))
+            .get(&c.keys.worker(worker_id))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
             .ok_or_else(|| {
@@ -454,24 +456,8 @@ impl Workers for Service {
                 r.advertise
             )));
         }
-        let name: String = r
-            .name
-            .chars()
-            .map(|ch| {
-                if ch.is_ascii_alphanumeric() || ch == '-' {
-                    ch.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let name = if name.is_empty() {
-            "worker".to_owned()
-        } else {
-            name
-        };
         let worker_id = if r.worker_id.is_empty() {
-            format!("{name}-{}", random_suffix())
+            new_worker_id(&r.name)
         } else {
             r.worker_id.clone()
         };
@@ -498,11 +484,7 @@ impl Workers for Service {
             own_lease,
         };
         c.store
-            .put(
-                &c.worker_key(&worker_id),
-                serde_json::to_vec(&record).expect("worker record serialises"),
-                Some(lease),
-            )
+            .put(&c.keys.worker(&worker_id), record.to_json(), Some(lease))
             .await
             .map_err(|e| match e {
                 StoreError::LeaseNotFound { .. } => {
@@ -695,7 +677,7 @@ impl Workers for Service {
         };
         let result = match lease {
             Some(lease) => c.store.revoke(lease).await,
-            None => c.store.delete(&c.worker_key(&id)).await.map(|_| ()),
+            None => c.store.delete(&c.keys.worker(&id)).await.map(|_| ()),
         };
         result.map_err(|e| Status::unavailable(e.to_string()))?;
         tracing::info!(worker = %id, "worker deregistered");

@@ -1,0 +1,120 @@
+//! What the leader and the workers' agents agree on in the store: where
+//! each kind of record lives under the prefix, the record of a registered
+//! worker, and how ids and timestamps are made. Both sides write worker
+//! keys (the leader for heartbeat workers, the agent for workers that hold
+//! their own etcd lease), so this layout is shared rather than owned by
+//! either.
+
+use serde::{Deserialize, Serialize};
+
+/// A registered worker, stored under `<prefix>/workers/<id>` with the
+/// worker's lease: the key exists exactly as long as the worker is alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub worker_id: String,
+    pub name: String,
+    pub advertise: String,
+    pub device: String,
+    pub registered_unix_ms: i64,
+    /// The worker keeps its lease alive in etcd itself (else Heartbeat).
+    pub own_lease: bool,
+}
+
+impl WorkerRecord {
+    /// The stored form.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("worker record serialises")
+    }
+}
+
+/// The key layout under one store prefix: `<prefix>/jobs/<id>` holds a
+/// [`crate::jobs::JobRecord`], `<prefix>/workers/<id>` a [`WorkerRecord`].
+/// (The election's `<prefix>/leader` is the election's own business.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` with or without a trailing `/`.
+    pub(crate) fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub(crate) fn job(&self, id: &str) -> String {
+        format!("{}/jobs/{id}", self.prefix)
+    }
+
+    /// The range of every job record.
+    pub(crate) fn jobs(&self) -> String {
+        format!("{}/jobs/", self.prefix)
+    }
+
+    pub(crate) fn worker(&self, id: &str) -> String {
+        format!("{}/workers/{id}", self.prefix)
+    }
+
+    /// The range of every live worker's record.
+    pub(crate) fn workers(&self) -> String {
+        format!("{}/workers/", self.prefix)
+    }
+}
+
+/// A fresh worker id: the readable name, made safe for keys and host
+/// names (lower-case ASCII letters, digits and `-`), and a random suffix.
+pub(crate) fn new_worker_id(name: &str) -> String {
+    let stem: String = name
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || ch == '-' {
+                ch.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let stem = if stem.is_empty() { "worker" } else { &stem };
+    format!("{stem}-{}", random_suffix())
+}
+
+/// A short random suffix for ids (`<name>-<6 hex digits>`).
+pub(crate) fn random_suffix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_i64(now_ms());
+    format!("{:06x}", h.finish() & 0xff_ffff)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_a_trailing_slash_of_the_prefix() {
+        let keys = Keys::new("/samtrain/");
+        assert_eq!(keys.job("a-1"), "/samtrain/jobs/a-1");
+        assert_eq!(keys.worker("w-1"), "/samtrain/workers/w-1");
+        assert!(keys.worker("w-1").starts_with(&keys.workers()));
+        assert!(keys.job("a-1").starts_with(&keys.jobs()));
+    }
+
+    #[test]
+    fn worker_ids_start_with_the_name_made_safe() {
+        let id = new_worker_id("Node_7.local");
+        assert!(id.starts_with("node-7-local-"), "{id}");
+        assert!(new_worker_id("").starts_with("worker-"));
+    }
+}
