@@ -7,7 +7,7 @@
 //! block; only the final outcome is retried until a leader acknowledges it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::client::{connect, is_failover};
+use crate::failover::{Coordinators, Unanswered};
 use crate::health::Readiness;
 use crate::records::{new_worker_id, now_ms, Keys, WorkerRecord};
 use crate::store::{etcd::EtcdStore, LeaseId, LeaseKeeper, SharedStore, StoreError};
@@ -149,55 +149,33 @@ struct Shared {
     worker_id: String,
     current: Mutex<Option<Current>>,
     ended: Mutex<HashMap<(String, u64), Arc<AtomicBool>>>,
-    /// Index of the coordinator that answered last.
-    preferred: AtomicUsize,
+    coordinators: Coordinators,
     registered: AtomicBool,
 }
 
 impl Shared {
-    /// Calls `f` on each coordinator in turn (the last good one first)
-    /// until one answers with something other than "try elsewhere".
+    /// Calls the leader; a coordinator silent for 5 s counts as down, so
+    /// a hung one cannot stall the worker's keep-alive or reports.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, AgentError>
     where
         F: Fn(WorkersClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let addresses = &self.options.coordinators;
-        let n = addresses.len();
-        let start = self.preferred.load(Ordering::Relaxed);
-        let mut last_error = "no coordinator address given".to_owned();
-        for i in 0..n {
-            let index = (start + i) % n;
-            let address = &addresses[index];
-            let channel = match connect(address).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last_error = e;
-                    continue;
-                }
-            };
-            let call = tokio::time::timeout(Duration::from_secs(5), f(WorkersClient::new(channel)));
-            match call.await {
-                Ok(Ok(r)) => {
-                    self.preferred.store(index, Ordering::Relaxed);
-                    return Ok(r.into_inner());
-                }
-                Ok(Err(status)) if is_failover(&status) => {
-                    last_error = format!("{address}: {}", status.message());
-                }
-                Ok(Err(status)) => {
-                    return Err(AgentError::Refused {
-                        address: address.clone(),
-                        status,
-                    })
-                }
-                Err(_) => last_error = format!("{address}: no answer within 5 s"),
-            }
-        }
-        Err(AgentError::NoCoordinator {
-            addresses: addresses.clone(),
-            last_error,
-        })
+        self.coordinators
+            .call(Some(Duration::from_secs(5)), |channel| {
+                f(WorkersClient::new(channel))
+            })
+            .await
+            .map_err(|e| match e {
+                Unanswered::Refused { address, status } => AgentError::Refused { address, status },
+                Unanswered::NoLeader {
+                    addresses,
+                    last_error,
+                } => AgentError::NoCoordinator {
+                    addresses,
+                    last_error,
+                },
+            })
     }
 
     fn current(&self) -> Option<Current> {
@@ -288,11 +266,11 @@ impl Agent {
         };
         tracing::info!(worker = %worker_id, ttl = ?ttl, etcd = !options.etcd.is_empty(), "worker registered");
         let shared = Arc::new(Shared {
+            coordinators: Coordinators::new(options.coordinators.clone()),
             options,
             worker_id,
             current: Mutex::new(None),
             ended: Mutex::new(HashMap::new()),
-            preferred: AtomicUsize::new(0),
             registered: AtomicBool::new(true),
         });
         let (incoming_tx, incoming) = mpsc::channel(16);
@@ -458,7 +436,7 @@ async fn register_rpc(
         worker_id: worker_id.clone(),
         current: Mutex::new(None),
         ended: Mutex::new(HashMap::new()),
-        preferred: AtomicUsize::new(0),
+        coordinators: Coordinators::new(options.coordinators.clone()),
         registered: AtomicBool::new(false),
     };
     let request = v1::RegisterRequest {

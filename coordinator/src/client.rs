@@ -1,13 +1,15 @@
 //! The client of the `Jobs` service the command line uses: it tries each
-//! coordinator address in turn, so a standby (UNAVAILABLE) or a dead
-//! address only moves it on to the next, and any other error is final.
-
-use std::time::Duration;
+//! coordinator address in turn (the shared failover loop), so a standby
+//! (UNAVAILABLE) or a dead address only moves it on to the next, and any
+//! other error is final.
 
 use samtrain_proto::v1;
 use samtrain_proto::v1::jobs_client::JobsClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+pub use crate::failover::{connect, is_failover, url};
+use crate::failover::{Coordinators, Unanswered};
 
 /// What went wrong talking to the coordinators.
 #[derive(Debug, thiserror::Error)]
@@ -35,84 +37,40 @@ impl ClientError {
     }
 }
 
-/// `host:port` becomes `http://host:port`; URLs stay as they are.
-pub fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
-/// Connects to one coordinator, giving up after 2 seconds.
-pub async fn connect(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url(address))
-        .map_err(|e| format!("invalid address: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("{address}: cannot connect: {e}"))
-}
-
-/// Whether an error means "try another coordinator".
-pub fn is_failover(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    )
-}
-
 /// The `Jobs` client over a list of coordinator addresses.
 #[derive(Debug, Clone)]
 pub struct Client {
-    addresses: Vec<String>,
-    /// The address that answered last (tried first next time).
-    preferred: usize,
+    coordinators: Coordinators,
 }
 
 impl Client {
     /// `addresses` as `host:port` or `http://host:port`.
     pub fn new(addresses: Vec<String>) -> Client {
         Client {
-            addresses,
-            preferred: 0,
+            coordinators: Coordinators::new(addresses),
         }
     }
 
+    /// Calls the leader, waiting as long as it takes to answer (a watch
+    /// stream stays open for the job's life).
     async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, ClientError>
     where
         F: Fn(JobsClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let n = self.addresses.len();
-        let mut last_error = "no coordinator address given".to_owned();
-        for i in 0..n {
-            let index = (self.preferred + i) % n;
-            let address = self.addresses[index].clone();
-            let channel = match connect(&address).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last_error = e;
-                    continue;
-                }
-            };
-            match f(JobsClient::new(channel)).await {
-                Ok(r) => {
-                    self.preferred = index;
-                    return Ok(r.into_inner());
-                }
-                Err(status) if is_failover(&status) => {
-                    last_error = format!("{address}: {}", status.message());
-                }
-                Err(status) => return Err(ClientError::Status { address, status }),
-            }
-        }
-        Err(ClientError::NoLeader {
-            addresses: self.addresses.clone(),
-            last_error,
-        })
+        self.coordinators
+            .call(None, |channel| f(JobsClient::new(channel)))
+            .await
+            .map_err(|e| match e {
+                Unanswered::Refused { address, status } => ClientError::Status { address, status },
+                Unanswered::NoLeader {
+                    addresses,
+                    last_error,
+                } => ClientError::NoLeader {
+                    addresses,
+                    last_error,
+                },
+            })
     }
 
     /// Submits a spec; the new job's id.

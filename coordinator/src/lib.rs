@@ -7,6 +7,7 @@ pub mod agent;
 pub mod client;
 mod control;
 pub mod election;
+mod failover;
 pub mod health;
 pub mod jobs;
 pub mod records;
