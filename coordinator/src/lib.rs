@@ -2,6 +2,11 @@
 //! behind one trait, leases, leader election, rendezvous, the restart policy,
 //! the gRPC server, the health probes, the client the command line uses and
 //! the agent each worker runs. It never depends on libtorch.
+//!
+//! [`run`] starts a coordinator process ([`process`]); its gRPC handlers
+//! (`server`) are thin over the leader's state (`control`), which owns every
+//! job-state transition. The agent ([`agent`]) and the leader share only the
+//! store's layout ([`records`]) and the failover loop.
 
 pub mod agent;
 pub mod client;
@@ -10,11 +15,12 @@ pub mod election;
 mod failover;
 pub mod health;
 pub mod jobs;
+pub mod process;
 pub mod records;
 pub mod rendezvous;
-pub mod server;
+mod server;
 pub mod store;
 mod tasks;
 
+pub use process::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};
 pub use records::WorkerRecord;
-pub use server::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};

@@ -1,0 +1,134 @@
+//! What users ask of jobs: submit, look up, list, cancel and watch.
+
+use samtrain_proto::spec::JobSpec;
+use samtrain_proto::v1;
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::Status;
+
+use super::{event, store_status, Control, Ending};
+use crate::election::LeaderState;
+use crate::jobs::JobRecord;
+use crate::records::{now_ms, random_suffix};
+use crate::store::{Compare, Op};
+
+/// The events of one watched job, as the `Watch` stream sends them.
+pub(crate) type JobEvents = mpsc::Receiver<Result<v1::JobEvent, Status>>;
+
+impl Control {
+    /// Checks a spec and stores it as a new pending job; its id.
+    pub(crate) async fn submit(
+        &self,
+        spec_toml: String,
+        source_name: &str,
+    ) -> Result<String, Status> {
+        let source = (!source_name.is_empty()).then_some(source_name);
+        let spec = JobSpec::from_toml(&spec_toml, source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut view = self.lead().await?;
+        let id = loop {
+            let id = format!("{}-{}", spec.name, random_suffix());
+            if !view.jobs.contains_key(&id) {
+                break id;
+            }
+        };
+        let job = JobRecord::new(id.clone(), &spec, spec_toml, now_ms());
+        // Unlike `save`, creating must not overwrite: the id is new only
+        // as far as this leader's view knows.
+        let created = self
+            .store
+            .txn(
+                vec![self.election.guard(), Compare::Absent(self.keys.job(&id))],
+                vec![Op::Put {
+                    key: self.keys.job(&id),
+                    value: serde_json::to_vec(&job).expect("job record serialises"),
+                    lease: None,
+                }],
+            )
+            .await
+            .map_err(store_status)?;
+        if !created {
+            return Err(Status::unavailable(
+                "not the leader any more; submit again to the new leader",
+            ));
+        }
+        tracing::info!(job = %id, "job submitted");
+        view.jobs.insert(id.clone(), job);
+        drop(view);
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    pub(crate) async fn job(&self, job_id: &str) -> Result<JobRecord, Status> {
+        Ok(self.lead_job(job_id).await?.job)
+    }
+
+    /// Every job, oldest first.
+    pub(crate) async fn jobs(&self) -> Result<Vec<JobRecord>, Status> {
+        let view = self.lead().await?;
+        let mut jobs: Vec<JobRecord> = view.jobs.values().cloned().collect();
+        jobs.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok(jobs)
+    }
+
+    /// Cancels a job that has not ended; the job as cancelled.
+    pub(crate) async fn cancel(&self, job_id: &str) -> Result<JobRecord, Status> {
+        let mut at = self.lead_job(job_id).await?;
+        if at.job.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} already {}",
+                at.job.state.name()
+            )));
+        }
+        self.end(&mut at.view, job_id, Ending::Cancel).await
+    }
+
+    /// A snapshot of the job, then its events until it ends, or until
+    /// this node stops leading (the stream then ends with UNAVAILABLE, so
+    /// the watcher watches again on the new leader).
+    pub(crate) async fn watch(&self, job_id: &str) -> Result<JobEvents, Status> {
+        // Subscribe before the snapshot so no change falls in between.
+        let events = self.events.subscribe();
+        let job = self.lead_job(job_id).await?.job;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(forward_events(job, events, self.leadership(), tx));
+        Ok(rx)
+    }
+}
+
+/// Sends a watcher the job's snapshot and then its events.
+async fn forward_events(
+    job: JobRecord,
+    mut events: broadcast::Receiver<v1::JobEvent>,
+    mut leadership: watch::Receiver<LeaderState>,
+    tx: mpsc::Sender<Result<v1::JobEvent, Status>>,
+) {
+    let id = job.id.clone();
+    let terminal = job.state.is_terminal();
+    let snapshot = event(&id, v1::job_event::Event::Snapshot(job.to_proto()));
+    if tx.send(Ok(snapshot)).await.is_err() || terminal {
+        return;
+    }
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Ok(e) if e.job_id == id => {
+                    let last = matches!(e.event, Some(v1::job_event::Event::Finished(_)));
+                    if tx.send(Ok(e)).await.is_err() || last {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(job = %id, skipped = n, "a watcher fell behind");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            changed = leadership.changed() => {
+                if changed.is_err() || !leadership.borrow().is_leader {
+                    let _ = tx.send(Err(Status::unavailable("the coordinator lost the leadership; watch again"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}

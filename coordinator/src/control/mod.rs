@@ -1,0 +1,340 @@
+//! The leader's working state and every change to it. While this node
+//! leads it holds every job (loaded from the store when it took over) and
+//! the streams of the workers subscribed to it. Requests change it through
+//! the methods here (jobs submitted, cancelled and watched in
+//! [`job_requests`], workers' reports in [`reports`], registration and
+//! subscriptions in [`workers`]); the reconcile loop ([`reconcile`]) checks
+//! the members' leases and forms generations. All job writes go through
+//! [`Control::save`], guarded by the election, so a deposed leader cannot
+//! write.
+
+mod job_requests;
+mod reconcile;
+mod reports;
+mod workers;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use samtrain_proto::v1;
+use tokio::sync::{broadcast, mpsc, watch, Mutex, MutexGuard, Notify};
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::election::{Election, LeaderState};
+use crate::jobs::{GenerationEnd, JobRecord, JobState, MemberRecord};
+use crate::records::{now_ms, Keys, WorkerRecord};
+use crate::store::{Op, SharedStore, StoreError};
+
+/// The feed of one subscribed worker.
+type WorkerFeed = mpsc::Sender<Result<v1::WorkerEvent, Status>>;
+
+struct Subscriber {
+    feed: WorkerFeed,
+    record: WorkerRecord,
+    /// The generation it trains in, if any.
+    busy: Option<(String, u64)>,
+    idle_sent: bool,
+}
+
+/// What the leader holds in memory; empty (not `loaded`) on a standby.
+#[derive(Default)]
+struct View {
+    loaded: bool,
+    jobs: BTreeMap<String, JobRecord>,
+    subscribers: HashMap<String, Subscriber>,
+    last_call: HashMap<String, Instant>,
+}
+
+impl View {
+    /// Members of a generation that ended well go back to waiting.
+    fn release(&mut self, members: &[MemberRecord]) {
+        for m in members {
+            if let Some(s) = self.subscribers.get_mut(&m.worker_id) {
+                s.busy = None;
+            }
+        }
+    }
+}
+
+/// How a generation ends.
+enum Ending {
+    /// A retriable failure or a lost member: restart (or fail at max_restarts).
+    Retriable(String),
+    /// A permanent failure: the job fails.
+    Permanent(String),
+    Cancel,
+}
+
+/// What a request about one job works on: the leader's view, locked for
+/// the whole request so requests apply one at a time, and the job as it
+/// is now.
+struct JobAtHand<'c> {
+    view: MutexGuard<'c, View>,
+    job: JobRecord,
+}
+
+impl JobAtHand<'_> {
+    /// The reporter's place in the job's running generation; `None` when
+    /// a report about `generation` is stale (the generation is over, or
+    /// the worker is not in it).
+    fn member(&self, worker_id: &str, generation: u64) -> Option<&MemberRecord> {
+        if self.job.state == JobState::Running && self.job.generation == generation {
+            self.job.member(worker_id)
+        } else {
+            None
+        }
+    }
+}
+
+/// The leader's state, shared by the gRPC services and the reconcile loop.
+pub(crate) struct Control {
+    store: SharedStore,
+    keys: Keys,
+    /// The TTL of the leases the coordinator keeps for heartbeat workers.
+    lease_ttl: Duration,
+    election: Election,
+    view: Mutex<View>,
+    events: broadcast::Sender<v1::JobEvent>,
+    /// Wakes the reconcile loop before its next tick.
+    wake: Notify,
+}
+
+fn store_status(e: StoreError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn not_found(job_id: &str) -> Status {
+    Status::not_found(format!("no job {job_id}"))
+}
+
+fn event(job_id: &str, e: v1::job_event::Event) -> v1::JobEvent {
+    v1::JobEvent {
+        job_id: job_id.to_owned(),
+        unix_ms: now_ms(),
+        event: Some(e),
+    }
+}
+
+fn worker_event(e: v1::worker_event::Event) -> Result<v1::WorkerEvent, Status> {
+    Ok(v1::WorkerEvent { event: Some(e) })
+}
+
+impl Control {
+    pub(crate) fn new(
+        store: SharedStore,
+        keys: Keys,
+        lease_ttl: Duration,
+        election: Election,
+    ) -> Control {
+        Control {
+            store,
+            keys,
+            lease_ttl,
+            election,
+            view: Mutex::new(View::default()),
+            events: broadcast::channel(1024).0,
+            wake: Notify::new(),
+        }
+    }
+
+    /// The store, as operators should recognise it in logs and probes.
+    pub(crate) fn store_description(&self) -> String {
+        self.store.describe()
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.election.state().is_leader
+    }
+
+    /// Every change of this node's part in the election.
+    pub(crate) fn leadership(&self) -> watch::Receiver<LeaderState> {
+        self.election.subscribe()
+    }
+
+    /// `/readyz` of a coordinator: only the leader takes requests.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        let s = self.election.state();
+        if !s.store_ok {
+            Err(format!("store {} unreachable", self.store.describe()))
+        } else if !s.is_leader {
+            Err("standby (not the leader)".to_owned())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Hands the leadership over at once and forgets the view; dropping
+    /// the workers' feeds ends their streams now, so their agents move to
+    /// the new leader without waiting for a tick.
+    pub(crate) async fn step_down(&self) {
+        self.election.resign().await;
+        *self.view.lock().await = View::default();
+    }
+
+    /// UNAVAILABLE naming the leader, unless this node leads.
+    fn ensure_leader(&self) -> Result<(), Status> {
+        let state = self.election.state();
+        if state.is_leader {
+            return Ok(());
+        }
+        Err(Status::unavailable(match state.leader {
+            Some(l) => format!("not the leader; leader is {} at {}", l.node_id, l.address),
+            None if !state.store_ok => format!(
+                "not the leader; the store ({}) is unreachable",
+                self.store.describe()
+            ),
+            None => "not the leader; no leader is elected yet".to_owned(),
+        }))
+    }
+
+    /// The view, loaded from the store if this node just took over.
+    async fn lead(&self) -> Result<MutexGuard<'_, View>, Status> {
+        self.ensure_leader()?;
+        let mut view = self.view.lock().await;
+        if !view.loaded {
+            *view = View {
+                loaded: true,
+                jobs: self.load_jobs().await?,
+                ..View::default()
+            };
+        }
+        Ok(view)
+    }
+
+    /// The prologue of every request about one job: this node leads and
+    /// the job exists. Reports check their sender with
+    /// [`JobAtHand::member`].
+    async fn lead_job(&self, job_id: &str) -> Result<JobAtHand<'_>, Status> {
+        let view = self.lead().await?;
+        let job = view.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
+        let job = job.clone();
+        Ok(JobAtHand { view, job })
+    }
+
+    /// Every readable job in the store; an unreadable record is logged and
+    /// left alone rather than blocking the takeover.
+    async fn load_jobs(&self) -> Result<BTreeMap<String, JobRecord>, Status> {
+        let mut jobs = BTreeMap::new();
+        for kv in self
+            .store
+            .range(&self.keys.jobs())
+            .await
+            .map_err(store_status)?
+        {
+            match serde_json::from_slice::<JobRecord>(&kv.value) {
+                Ok(job) => {
+                    jobs.insert(job.id.clone(), job);
+                }
+                Err(e) => {
+                    tracing::error!(key = %kv.key, error = %e, "unreadable job record left alone")
+                }
+            }
+        }
+        tracing::info!(jobs = jobs.len(), "took over the jobs from the store");
+        Ok(jobs)
+    }
+
+    /// Writes a job, only while this node leads.
+    async fn save(&self, job: &JobRecord) -> Result<(), Status> {
+        let value = serde_json::to_vec(job).expect("job record serialises");
+        let written = self
+            .store
+            .txn(
+                vec![self.election.guard()],
+                vec![Op::Put {
+                    key: self.keys.job(&job.id),
+                    value,
+                    lease: None,
+                }],
+            )
+            .await
+            .map_err(store_status)?;
+        if written {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "not the leader any more; retry on the new leader",
+            ))
+        }
+    }
+
+    /// Ends the running generation of `job_id` (or fails/cancels a job
+    /// that has none), saves it and tells the members.
+    async fn end(&self, view: &mut View, job_id: &str, how: Ending) -> Result<JobRecord, Status> {
+        let Some(job) = view.jobs.get(job_id) else {
+            return Err(not_found(job_id));
+        };
+        let mut job = job.clone();
+        let now = now_ms();
+        let (end, reason): (GenerationEnd, String) = match &how {
+            Ending::Retriable(r) => (job.end_generation(r, now), r.clone()),
+            Ending::Permanent(r) => (job.fail(r, now), r.clone()),
+            Ending::Cancel => (job.cancel(now), "cancelled".to_owned()),
+        };
+        self.save(&job).await?;
+        view.jobs.insert(job.id.clone(), job.clone());
+        view.last_call.remove(job_id);
+        tracing::info!(job = %job_id, generation = end.ended_generation, state = job.state.name(), %reason, "generation ended");
+        tell_generation_ended(view, job_id, &end, &reason);
+        if matches!(how, Ending::Retriable(_)) && !end.failed {
+            let _ = self.events.send(event(
+                job_id,
+                v1::job_event::Event::Restarted(v1::Restarted {
+                    ended_generation: end.ended_generation,
+                    next_generation: job.generation,
+                    restarts: job.restarts,
+                    reason: reason.clone(),
+                }),
+            ));
+        }
+        self.announce_state(&job);
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// Publishes a state change, and the final event of an ended job.
+    fn announce_state(&self, job: &JobRecord) {
+        let _ = self.events.send(event(
+            &job.id,
+            v1::job_event::Event::StateChanged(v1::StateChanged {
+                state: job.state.to_proto() as i32,
+                generation: job.generation,
+                members: job.members.iter().map(MemberRecord::to_proto).collect(),
+                message: job.message.clone(),
+            }),
+        ));
+        if job.state.is_terminal() {
+            let _ = self.events.send(event(
+                &job.id,
+                v1::job_event::Event::Finished(v1::Finished {
+                    state: job.state.to_proto() as i32,
+                    message: job.message.clone(),
+                    eval: job.eval.clone().into_iter().collect(),
+                    step: job.step,
+                }),
+            ));
+        }
+    }
+}
+
+/// Tells the subscribed members of an ended generation, and frees those
+/// still busy with it.
+fn tell_generation_ended(view: &mut View, job_id: &str, end: &GenerationEnd, reason: &str) {
+    for m in &end.members {
+        if let Some(s) = view.subscribers.get_mut(&m.worker_id) {
+            if s.busy.as_ref().is_some_and(|(j, _)| j == job_id) {
+                s.busy = None;
+            }
+            let _ = s
+                .feed
+                .try_send(worker_event(v1::worker_event::Event::GenerationEnded(
+                    v1::GenerationEnded {
+                        job_id: job_id.to_owned(),
+                        generation: end.ended_generation,
+                        reason: reason.to_owned(),
+                    },
+                )));
+        }
+    }
+}

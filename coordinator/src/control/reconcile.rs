@@ -1,0 +1,251 @@
+//! The leader's reconcile loop: a tick (every 100 ms, or sooner when
+//! woken) ends the generations whose members lost their lease, forms
+//! generations from the waiting workers and tells idle workers there is
+//! nothing to do. On a standby it only drops what a former leadership
+//! left behind.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use samtrain_proto::v1;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::{store_status, worker_event, Control, Ending, View};
+use crate::jobs::{JobState, MemberRecord};
+use crate::records::{now_ms, WorkerRecord};
+use crate::rendezvous::{self, Candidate, Decision};
+use crate::store::StoreError;
+use crate::tasks::AbortOnDrop;
+
+impl Control {
+    /// Live workers: those whose key (and so lease) exists.
+    async fn live_workers(&self) -> Result<HashMap<String, WorkerRecord>, StoreError> {
+        Ok(self
+            .store
+            .range(&self.keys.workers())
+            .await?
+            .into_iter()
+            .filter_map(|kv| serde_json::from_slice::<WorkerRecord>(&kv.value).ok())
+            .map(|w| (w.worker_id.clone(), w))
+            .collect())
+    }
+
+    /// One pass of the leader's duties.
+    async fn reconcile(&self) -> Result<(), Status> {
+        if !self.election.state().is_leader {
+            let mut view = self.view.lock().await;
+            if view.loaded {
+                // Dropping the feeds ends the workers' streams, so their
+                // agents look for the new leader.
+                *view = View::default();
+            }
+            return Ok(());
+        }
+        let mut view = self.lead().await?;
+        let live = self.live_workers().await.map_err(store_status)?;
+
+        // Members whose lease is gone end their generation.
+        let lost: Vec<(String, String)> = view
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .filter_map(|j| {
+                j.members
+                    .iter()
+                    .find(|m| !live.contains_key(&m.worker_id))
+                    .map(|m| {
+                        (
+                            j.id.clone(),
+                            format!(
+                                "worker {} (rank {} at {}) lost its lease",
+                                m.worker_id, m.rank, m.advertise
+                            ),
+                        )
+                    })
+            })
+            .collect();
+        for (job_id, reason) in lost {
+            self.end(&mut view, &job_id, Ending::Retriable(reason))
+                .await?;
+        }
+
+        // Forget streams that closed and workers whose lease is gone.
+        view.subscribers
+            .retain(|id, s| !s.feed.is_closed() && live.contains_key(id));
+
+        self.form_generations(&mut view).await?;
+
+        let active = view.jobs.values().any(|j| !j.state.is_terminal());
+        if !active {
+            for s in view.subscribers.values_mut() {
+                if s.busy.is_none() && !s.idle_sent {
+                    s.idle_sent = true;
+                    let _ =
+                        s.feed
+                            .try_send(worker_event(v1::worker_event::Event::Idle(v1::Idle {
+                                reason: "no job is pending or running".to_owned(),
+                            })));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives waiting workers to the jobs that need them, oldest job first.
+    async fn form_generations(&self, view: &mut View) -> Result<(), Status> {
+        let mut pool: Vec<Candidate> = view
+            .subscribers
+            .values()
+            .filter(|s| s.busy.is_none())
+            .map(|s| Candidate {
+                worker_id: s.record.worker_id.clone(),
+                name: s.record.name.clone(),
+                advertise: s.record.advertise.clone(),
+                registered_unix_ms: s.record.registered_unix_ms,
+            })
+            .collect();
+        rendezvous::rank_order(&mut pool);
+        let mut order: Vec<(i64, String)> = view
+            .jobs
+            .values()
+            .filter(|j| j.state.needs_workers())
+            .map(|j| (j.created_unix_ms, j.id.clone()))
+            .collect();
+        order.sort();
+        let now = Instant::now();
+        for (_, job_id) in order {
+            let job = &view.jobs[&job_id];
+            let take = pool.len().min(job.policy.max_workers as usize);
+            let offered: Vec<Candidate> = pool.drain(..take).collect();
+            match rendezvous::decide(
+                &job.policy,
+                &offered,
+                view.last_call.get(&job_id).copied(),
+                now,
+            ) {
+                Decision::Wait => {
+                    view.last_call.remove(&job_id);
+                }
+                Decision::LastCall(since) => {
+                    view.last_call.insert(job_id.clone(), since);
+                    if job.state != JobState::Rendezvous {
+                        let mut job = job.clone();
+                        job.state = JobState::Rendezvous;
+                        job.message = format!(
+                            "{} workers wait; last call for up to {}",
+                            offered.len(),
+                            job.policy.max_workers
+                        );
+                        job.updated_unix_ms = now_ms();
+                        self.save(&job).await?;
+                        self.announce_state(&job);
+                        view.jobs.insert(job_id.clone(), job);
+                    }
+                }
+                Decision::Form(chosen) => {
+                    self.form(view, &job_id, chosen).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn form(
+        &self,
+        view: &mut View,
+        job_id: &str,
+        chosen: Vec<Candidate>,
+    ) -> Result<(), Status> {
+        let mut job = view.jobs[job_id].clone();
+        let members: Vec<MemberRecord> = chosen
+            .iter()
+            .enumerate()
+            .map(|(rank, c)| MemberRecord {
+                worker_id: c.worker_id.clone(),
+                name: c.name.clone(),
+                advertise: c.advertise.clone(),
+                rank: rank as u32,
+            })
+            .collect();
+        job.form(members.clone(), now_ms());
+        self.save(&job).await?;
+        view.last_call.remove(job_id);
+        tracing::info!(job = %job_id, generation = job.generation, workers = members.len(), "generation formed");
+        let peers: Vec<String> = members.iter().map(|m| m.advertise.clone()).collect();
+        let mut gone = HashSet::new();
+        for m in &members {
+            let assignment = v1::Assignment {
+                job_id: job_id.to_owned(),
+                generation: job.generation,
+                rank: m.rank,
+                world_size: members.len() as u32,
+                tp: job.policy.tp,
+                peers: peers.clone(),
+                spec_toml: job.spec_toml.clone(),
+                resume_checkpoint: job.checkpoint.as_ref().map(|c| c.to_proto()),
+            };
+            let s = view
+                .subscribers
+                .get_mut(&m.worker_id)
+                .expect("chosen workers are subscribed");
+            s.busy = Some((job_id.to_owned(), job.generation));
+            s.idle_sent = false;
+            if s.feed
+                .try_send(worker_event(v1::worker_event::Event::Assignment(
+                    assignment,
+                )))
+                .is_err()
+            {
+                gone.insert(m.worker_id.clone());
+            }
+        }
+        view.jobs.insert(job_id.to_owned(), job.clone());
+        self.announce_state(&job);
+        if let Some(w) = gone.into_iter().next() {
+            self.end(
+                view,
+                job_id,
+                Ending::Retriable(format!("worker {w} disconnected before its assignment")),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the reconcile loop until the task is aborted: every 100 ms
+    /// (torchft's quorum tick) or when woken. A prefix watch on the workers
+    /// wakes it as soon as a lease ends.
+    pub(crate) async fn run_loop(self: Arc<Self>) {
+        let watcher = {
+            let this = self.clone();
+            tokio::spawn(async move { this.watch_workers().await })
+        };
+        let _stop_watcher = AbortOnDrop(watcher);
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e.message(), "reconcile failed; retrying");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    async fn watch_workers(&self) {
+        let prefix = self.keys.workers();
+        loop {
+            match self.store.watch_prefix(&prefix).await {
+                Ok(mut changes) => {
+                    while changes.recv().await.is_some() {
+                        self.wake.notify_one();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watching the workers failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! What workers report about the generations they train in: progress,
+//! committed checkpoints and how a generation ended. A report about a
+//! generation that is over, or from a worker not in it, is acknowledged as
+//! stale and changes nothing, so a worker that missed a restart cannot
+//! disturb the next generation.
+
+use std::collections::BTreeMap;
+
+use samtrain_proto::v1;
+use tonic::Status;
+
+use super::{event, Control, Ending, JobAtHand};
+use crate::jobs::{CheckpointRecord, MemberRecord};
+use crate::records::now_ms;
+
+/// The answer to a report.
+fn ack(stale: bool) -> v1::Ack {
+    v1::Ack { stale }
+}
+
+impl Control {
+    /// Rank 0's progress becomes the job's; the others' is acknowledged.
+    pub(crate) async fn report_progress(&self, r: v1::ProgressReport) -> Result<v1::Ack, Status> {
+        let mut at = self.lead_job(&r.job_id).await?;
+        if at.member(&r.worker_id, r.generation).is_none() {
+            return Ok(ack(true));
+        }
+        // Rank 0 speaks for the job; the other ranks' figures would repeat it.
+        let (Some(p), 0) = (r.progress, r.rank) else {
+            return Ok(ack(false));
+        };
+        let job = &mut at.job;
+        job.step = p.step;
+        if p.total_steps > 0 {
+            job.total_steps = p.total_steps;
+        }
+        job.loss = Some(p.loss);
+        job.updated_unix_ms = now_ms();
+        self.save(job).await?;
+        at.view.jobs.insert(at.job.id.clone(), at.job);
+        let _ = self
+            .events
+            .send(event(&r.job_id, v1::job_event::Event::Progress(p)));
+        Ok(ack(false))
+    }
+
+    /// A newer committed checkpoint becomes the job's resume hint.
+    pub(crate) async fn report_checkpoint(
+        &self,
+        r: v1::CheckpointReport,
+    ) -> Result<v1::Ack, Status> {
+        let mut at = self.lead_job(&r.job_id).await?;
+        let Some(ck) = r.checkpoint else {
+            return Err(Status::invalid_argument(
+                "a checkpoint report needs its checkpoint",
+            ));
+        };
+        // A committed checkpoint stays valid whatever became of its
+        // generation; only a newer one replaces the hint.
+        if at
+            .job
+            .checkpoint
+            .as_ref()
+            .is_some_and(|old| old.step >= ck.step)
+        {
+            return Ok(ack(true));
+        }
+        at.job.checkpoint = Some(CheckpointRecord {
+            step: ck.step,
+            url: ck.url.clone(),
+        });
+        at.job.updated_unix_ms = now_ms();
+        self.save(&at.job).await?;
+        at.view.jobs.insert(at.job.id.clone(), at.job);
+        tracing::info!(job = %r.job_id, step = ck.step, url = %ck.url, "checkpoint committed");
+        let _ = self.events.send(event(
+            &r.job_id,
+            v1::job_event::Event::CheckpointCommitted(ck),
+        ));
+        Ok(ack(false))
+    }
+
+    /// Rank 0's completion ends the job well; any member's failure ends
+    /// the generation (a retriable one restarts it).
+    pub(crate) async fn report_outcome(&self, r: v1::OutcomeReport) -> Result<v1::Ack, Status> {
+        let mut at = self.lead_job(&r.job_id).await?;
+        let Some(member) = at.member(&r.worker_id, r.generation).cloned() else {
+            return Ok(ack(true));
+        };
+        match r.outcome {
+            Some(v1::outcome_report::Outcome::Completed(done)) => {
+                // Rank 0 evaluates and holds the final step; the other
+                // ranks' completions add nothing.
+                if member.rank == 0 {
+                    self.succeed(at, done).await?;
+                }
+            }
+            Some(v1::outcome_report::Outcome::Failed(failed)) => {
+                let how = failure(&member, &failed);
+                self.end(&mut at.view, &r.job_id, how).await?;
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "an outcome report needs completed or failed",
+                ))
+            }
+        }
+        Ok(ack(false))
+    }
+
+    /// The job succeeded: it keeps the scores and the newest checkpoint,
+    /// and its members go back to waiting.
+    async fn succeed(&self, at: JobAtHand<'_>, done: v1::Completed) -> Result<(), Status> {
+        let JobAtHand { mut view, mut job } = at;
+        if let Some(ck) = done.checkpoint {
+            if job.checkpoint.as_ref().is_none_or(|old| old.step < ck.step) {
+                job.checkpoint = Some(CheckpointRecord {
+                    step: ck.step,
+                    url: ck.url,
+                });
+            }
+        }
+        let eval: BTreeMap<String, f64> = done.eval.into_iter().collect();
+        let members = job.succeed(done.step, eval, now_ms());
+        self.save(&job).await?;
+        tracing::info!(job = %job.id, step = job.step, eval = ?job.eval, "job succeeded");
+        view.jobs.insert(job.id.clone(), job.clone());
+        view.release(&members);
+        self.announce_state(&job);
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// How a member's failure ends its generation.
+fn failure(member: &MemberRecord, failed: &v1::Failed) -> Ending {
+    let who = format!(
+        "rank {} ({} at {})",
+        member.rank, member.worker_id, member.advertise
+    );
+    if failed.retriable {
+        Ending::Retriable(format!("{who} failed: {}", failed.message))
+    } else {
+        Ending::Permanent(format!("{who} failed permanently: {}", failed.message))
+    }
+}

@@ -1,0 +1,257 @@
+//! Running a coordinator process: check the options, open the store, bind
+//! the gRPC listener, campaign in the election, serve the probes, start the
+//! reconcile loop and the gRPC services, and on shutdown hand the
+//! leadership over before the streams close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use samtrain_proto::v1::jobs_server::JobsServer;
+use samtrain_proto::v1::workers_server::WorkersServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::control::Control;
+use crate::election::{Election, LeaderInfo};
+use crate::health::{self, HealthServer};
+use crate::records::Keys;
+use crate::server::Service;
+use crate::store::{self, StoreError};
+use crate::tasks::AbortOnDrop;
+
+/// How to run a coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// gRPC listen address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// `/healthz` and `/readyz`; none to serve no probes.
+    pub health_listen: Option<SocketAddr>,
+    /// etcd endpoints; empty runs embedded, on the in-memory store.
+    pub etcd: Vec<String>,
+    /// The store prefix of every key, default `/samtrain`.
+    pub prefix: String,
+    /// This coordinator's name in the election.
+    pub node_id: String,
+    /// The TTL of the leader's lease and the default of the workers'.
+    pub lease_ttl: Duration,
+    /// The address standbys name for this node when it leads; default the
+    /// bound gRPC address.
+    pub advertise: Option<String>,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        CoordinatorOptions {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7070)),
+            health_listen: None,
+            etcd: Vec::new(),
+            prefix: "/samtrain".to_owned(),
+            node_id: format!("coordinator-{}", std::process::id()),
+            lease_ttl: Duration::from_secs(5),
+            advertise: None,
+        }
+    }
+}
+
+/// What can stop a coordinator from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server on {addr} failed: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("invalid option: {0}")]
+    Option(String),
+}
+
+/// A started coordinator.
+pub struct RunningCoordinator {
+    addr: SocketAddr,
+    health: Option<HealthServer>,
+    control: Arc<Control>,
+    stop: Option<oneshot::Sender<()>>,
+    serving: JoinHandle<Result<(), CoordinatorError>>,
+    _loop: AbortOnDrop<()>,
+}
+
+impl RunningCoordinator {
+    /// The bound gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The bound health address, when serving probes.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(HealthServer::addr)
+    }
+
+    /// Whether this coordinator leads now.
+    pub fn is_leader(&self) -> bool {
+        self.control.is_leader()
+    }
+
+    /// Waits until this coordinator leads.
+    pub async fn until_leader(&self) {
+        let mut state = self.control.leadership();
+        while !state.borrow_and_update().is_leader {
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Serves until the server fails or [`RunningCoordinator::shutdown`].
+    pub async fn wait(mut self) -> Result<(), CoordinatorError> {
+        let serving = std::mem::replace(&mut self.serving, tokio::spawn(async { Ok(()) }));
+        serving.await.unwrap_or(Ok(()))
+    }
+
+    /// Hands the leadership over at once (the workers' streams end, so
+    /// their agents move to the new leader) and stops serving; streams
+    /// still open after 2 s are cut.
+    pub async fn shutdown(mut self) -> Result<(), CoordinatorError> {
+        self.control.step_down().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let serving = std::mem::replace(&mut self.serving, tokio::spawn(async { Ok(()) }));
+        let abort = serving.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(2), serving).await {
+            Ok(result) => result.unwrap_or(Ok(())),
+            Err(_) => {
+                abort.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Starts a coordinator: opens the store (an unreachable etcd fails within
+/// a few seconds, naming the endpoints), campaigns for leadership, serves
+/// gRPC on `listen` and the probes on `health_listen`.
+pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, CoordinatorError> {
+    let prefix = checked_prefix(&options)?;
+    let store = store::open(&options.etcd).await?;
+    let (listener, addr) = bind(options.listen).await?;
+    let advertise = options
+        .advertise
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
+    let me = LeaderInfo {
+        node_id: options.node_id.clone(),
+        address: advertise,
+    };
+    let election = Election::start(store.clone(), &prefix, me, options.lease_ttl);
+    settle(&election).await;
+    let control = Arc::new(Control::new(
+        store,
+        Keys::new(&prefix),
+        options.lease_ttl,
+        election,
+    ));
+    let health = match options.health_listen {
+        Some(listen) => Some(serve_health(listen, control.clone()).await?),
+        None => None,
+    };
+    let reconcile = AbortOnDrop(tokio::spawn(control.clone().run_loop()));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = serve_grpc(listener, addr, control.clone(), stopped);
+    tracing::info!(%addr, node = %options.node_id, store = %control.store_description(), "coordinator serving");
+    Ok(RunningCoordinator {
+        addr,
+        health,
+        control,
+        stop: Some(stop),
+        serving,
+        _loop: reconcile,
+    })
+}
+
+/// The store prefix without its trailing `/`, once the lease TTL and the
+/// prefix are known to be usable.
+fn checked_prefix(options: &CoordinatorOptions) -> Result<String, CoordinatorError> {
+    if options.lease_ttl < Duration::from_secs(1) {
+        return Err(CoordinatorError::Option(format!(
+            "lease TTL must be at least 1 s (etcd counts in seconds), got {:?}",
+            options.lease_ttl
+        )));
+    }
+    let prefix = options.prefix.trim_end_matches('/').to_owned();
+    if prefix.is_empty() || !prefix.starts_with('/') {
+        return Err(CoordinatorError::Option(format!(
+            "the store prefix must start with `/`, got `{}`",
+            options.prefix
+        )));
+    }
+    Ok(prefix)
+}
+
+/// The gRPC listener and the address it is bound to (port 0 resolved).
+async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), CoordinatorError> {
+    let failed = |source| CoordinatorError::Listen {
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(failed)?;
+    let addr = listener.local_addr().map_err(failed)?;
+    Ok((listener, addr))
+}
+
+/// Lets the first round of the election settle (up to 3 s), so a caller
+/// that submits right after [`run`] finds a leader (at once when embedded).
+async fn settle(election: &Election) {
+    let mut first = election.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while !first.borrow_and_update().store_ok {
+            if first.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// `/healthz` and `/readyz`, ready while this node leads.
+async fn serve_health(
+    listen: SocketAddr,
+    control: Arc<Control>,
+) -> Result<HealthServer, CoordinatorError> {
+    let ready: health::Readiness = Arc::new(move || control.readiness());
+    health::serve(listen, ready)
+        .await
+        .map_err(|source| CoordinatorError::Listen {
+            addr: listen,
+            source,
+        })
+}
+
+/// Serves the `Jobs` and `Workers` services until `stopped` fires.
+fn serve_grpc(
+    listener: TcpListener,
+    addr: SocketAddr,
+    control: Arc<Control>,
+    stopped: oneshot::Receiver<()>,
+) -> JoinHandle<Result<(), CoordinatorError>> {
+    let service = Service::new(control);
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(JobsServer::new(service.clone()))
+            .add_service(WorkersServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|source| CoordinatorError::Serve { addr, source })
+    })
+}
