@@ -1,0 +1,129 @@
+//! The worker's reports about its generation, kept off the training path:
+//! the trainer hands them to a [`Reporter`] without waiting, and a
+//! background task sends them to the leader. Progress is best effort (a
+//! report the leader misses is superseded by the next); the newest
+//! committed checkpoint is retried until acknowledged, since it is where
+//! the next generation resumes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use samtrain_proto::v1;
+use tokio::sync::mpsc;
+
+use super::generations::Current;
+use super::{AgentError, Progress, Shared};
+
+pub(super) enum Report {
+    Progress(Progress),
+    Checkpoint { step: u64, url: String },
+}
+
+/// Best-effort reports of the current generation; cheap to clone, never
+/// blocks: a report that cannot be sent now is dropped (progress) or kept
+/// until it can (the newest checkpoint).
+#[derive(Clone)]
+pub struct Reporter {
+    pub(super) reports: mpsc::Sender<Report>,
+}
+
+impl Reporter {
+    pub fn progress(&self, progress: Progress) {
+        let _ = self.reports.try_send(Report::Progress(progress));
+    }
+
+    /// A committed checkpoint (its manifest is written).
+    pub fn checkpoint(&self, step: u64, url: impl Into<String>) {
+        let _ = self.reports.try_send(Report::Checkpoint {
+            step,
+            url: url.into(),
+        });
+    }
+}
+
+/// Sends reports to the leader. Progress that fails is dropped; the newest
+/// unsent checkpoint is retried every second until acknowledged.
+pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receiver<Report>) {
+    let mut pending: Option<(Current, u64, String)> = None;
+    loop {
+        let report = tokio::select! {
+            r = reports.recv() => match r {
+                Some(r) => Some(r),
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if pending.is_some() => None,
+        };
+        match report {
+            Some(Report::Progress(p)) => {
+                // Progress between generations belongs to none.
+                let Some(current) = shared.generations.current() else {
+                    continue;
+                };
+                send_progress(&shared, current, p).await;
+            }
+            Some(Report::Checkpoint { step, url }) => {
+                if let Some(current) = shared.generations.current() {
+                    if pending.as_ref().is_none_or(|(_, s, _)| step >= *s) {
+                        pending = Some((current, step, url));
+                    }
+                }
+            }
+            None => {}
+        }
+        if let Some((current, step, url)) = pending.clone() {
+            if send_checkpoint(&shared, current, step, url).await {
+                pending = None;
+            }
+        }
+    }
+}
+
+async fn send_progress(shared: &Shared, current: Current, p: Progress) {
+    let report = v1::ProgressReport {
+        worker_id: shared.worker_id.clone(),
+        job_id: current.job_id,
+        generation: current.generation,
+        rank: current.rank,
+        progress: Some(v1::Progress {
+            step: p.step,
+            total_steps: p.total_steps,
+            loss: p.loss,
+            lr: p.lr,
+            grad_norm: p.grad_norm,
+            samples_per_s: p.samples_per_s,
+            tokens_per_s: p.tokens_per_s,
+        }),
+    };
+    let sent = shared
+        .call(|mut c| {
+            let report = report.clone();
+            async move { c.report_progress(report).await }
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, step = p.step, "progress report dropped");
+    }
+}
+
+/// Whether the checkpoint is settled: acknowledged, or refused for good.
+async fn send_checkpoint(shared: &Shared, current: Current, step: u64, url: String) -> bool {
+    let report = v1::CheckpointReport {
+        worker_id: shared.worker_id.clone(),
+        job_id: current.job_id,
+        generation: current.generation,
+        checkpoint: Some(v1::Checkpoint { step, url }),
+    };
+    let sent = shared
+        .call(|mut c| {
+            let report = report.clone();
+            async move { c.report_checkpoint(report).await }
+        })
+        .await;
+    match sent {
+        Ok(_) | Err(AgentError::Refused { .. }) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, step, "checkpoint report not sent yet");
+            false
+        }
+    }
+}
