@@ -18,6 +18,7 @@ use samtrain_proto::spec::DeviceKind;
 use samtrain_worker::launch::join_groups;
 use samtrain_worker::trainer::resolve_device;
 use samtrain_worker::{train, TrainEvent, TrainJob};
+use tracing::Instrument;
 
 #[derive(Args)]
 pub struct WorkerArgs {
@@ -127,39 +128,57 @@ async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> 
         if device != DeviceKind::Auto {
             assignment.spec.training.device = device;
         }
-        tracing::info!(
-            job = %assignment.job_id,
-            generation = assignment.generation,
-            rank = assignment.rank,
-            world_size = assignment.world_size,
-            "assigned"
-        );
-        let listener = listener
-            .try_clone()
-            .context("sharing the collective listener")?;
-        let reporter = agent.reporter();
-        let job = assignment.clone();
-        // A plain thread, not tokio's blocking pool: the data crate's
-        // blocking loaders refuse to run inside an async runtime's context.
-        let (done, result) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("train-g{}", job.generation))
-            .spawn(move || {
-                let _ = done.send(run_generation(&job, listener, reporter));
-            })
-            .context("starting the training thread")?;
-        let outcome = result.await.unwrap_or_else(|_| Outcome::Failed {
-            retriable: true,
-            message: "the training thread ended without an outcome".to_owned(),
-        });
-        if let Outcome::Failed { retriable, message } = &outcome {
-            tracing::warn!(job = %assignment.job_id, generation = assignment.generation, retriable, %message, "generation failed");
-        }
-        agent
-            .report_outcome(&assignment, outcome)
-            .await
-            .context("reporting the outcome to the coordinator")?;
+        // Every log line of the generation, here and in its training
+        // thread, names the job, the generation and this worker's rank.
+        let span = assignment.span();
+        generation(agent, &assignment, listener, span.clone())
+            .instrument(span)
+            .await?;
     }
+    Ok(())
+}
+
+/// Trains one generation in its own thread (inside `span`) and reports
+/// how it ended.
+async fn generation(
+    agent: &Agent,
+    assignment: &Assignment,
+    listener: &TcpListener,
+    span: tracing::Span,
+) -> Result<()> {
+    tracing::info!(
+        job = %assignment.job_id,
+        generation = assignment.generation,
+        rank = assignment.rank,
+        world_size = assignment.world_size,
+        "assigned"
+    );
+    let listener = listener
+        .try_clone()
+        .context("sharing the collective listener")?;
+    let reporter = agent.reporter();
+    let job = assignment.clone();
+    // A plain thread, not tokio's blocking pool: the data crate's
+    // blocking loaders refuse to run inside an async runtime's context.
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("train-g{}", job.generation))
+        .spawn(move || {
+            let outcome = span.in_scope(|| run_generation(&job, listener, reporter));
+            let _ = done.send(outcome);
+        })
+        .context("starting the training thread")?;
+    let outcome = result.await.unwrap_or_else(|_| Outcome::Failed {
+        retriable: true,
+        message: "the training thread ended without an outcome".to_owned(),
+    });
+    if let Outcome::Failed { retriable, message } = &outcome {
+        tracing::warn!(job = %assignment.job_id, generation = assignment.generation, retriable, %message, "generation failed");
+    }
+    agent
+        .report_outcome(assignment, outcome)
+        .await
+        .context("reporting the outcome to the coordinator")?;
     Ok(())
 }
 

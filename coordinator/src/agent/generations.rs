@@ -30,6 +30,13 @@ pub(super) struct Current {
     pub(super) rank: u32,
 }
 
+impl Current {
+    /// The span of this worker's part in the generation.
+    pub(super) fn span(&self) -> tracing::Span {
+        super::generation_span(&self.job_id, self.generation, self.rank)
+    }
+}
+
 /// The generation the worker is in and the end flags of those it was
 /// assigned.
 #[derive(Default)]

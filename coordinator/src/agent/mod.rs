@@ -180,6 +180,19 @@ where
         })
 }
 
+/// The span every log line of one generation of this worker carries.
+fn generation_span(job_id: &str, generation: u64, rank: u32) -> tracing::Span {
+    tracing::info_span!("generation", job = %job_id, generation, rank)
+}
+
+impl Assignment {
+    /// The span to run this generation in: enter it (in every thread the
+    /// generation uses) so its log lines name the job, generation and rank.
+    pub fn span(&self) -> tracing::Span {
+        generation_span(&self.job_id, self.generation, self.rank)
+    }
+}
+
 /// The worker's agent. Dropping it stops everything without deregistering
 /// (the lease then expires); [`Agent::shutdown`] is the clean exit.
 pub struct Agent {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use samtrain_proto::v1;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::generations::Current;
 use super::{AgentError, Progress, Shared};
@@ -59,7 +60,8 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 let Some(current) = shared.generations.current() else {
                     continue;
                 };
-                send_progress(&shared, current, p).await;
+                let span = current.span();
+                send_progress(&shared, current, p).instrument(span).await;
             }
             Some(Report::Checkpoint { step, url }) => {
                 if let Some(current) = shared.generations.current() {
@@ -71,7 +73,11 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
             None => {}
         }
         if let Some((current, step, url)) = pending.clone() {
-            if send_checkpoint(&shared, current, step, url).await {
+            let span = current.span();
+            if send_checkpoint(&shared, current, step, url)
+                .instrument(span)
+                .await
+            {
                 pending = None;
             }
         }
