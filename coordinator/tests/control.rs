@@ -30,6 +30,51 @@ async fn state(client: &mut Client, id: &str) -> v1::Job {
     client.get(id).await.unwrap()
 }
 
+/// Every event of a watch until it closes, each as a short string.
+async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> {
+    let mut kinds = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        kinds.push(match e.event.unwrap() {
+            v1::job_event::Event::Snapshot(_) => "snapshot".to_owned(),
+            v1::job_event::Event::StateChanged(s) => format!("state:{}", s.state().as_str_name()),
+            v1::job_event::Event::Progress(p) => format!("progress:{}", p.step),
+            v1::job_event::Event::CheckpointCommitted(c) => format!("checkpoint:{}", c.step),
+            v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
+            v1::job_event::Event::Finished(f) => {
+                format!("finished:{}:{}", f.state().as_str_name(), f.eval["rouge"])
+            }
+        });
+    }
+    kinds
+}
+
+/// The final state is in etcd, readable without the coordinator; the
+/// store, for further checks.
+async fn stored_job_is(
+    endpoints: &[String],
+    id: &str,
+    eval: BTreeMap<String, f64>,
+) -> store::SharedStore {
+    let s = store::open(endpoints).await.unwrap();
+    let kv = s
+        .get(&format!("/samtrain-test/jobs/{id}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: JobRecord = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.eval, eval);
+    assert_eq!(
+        stored.checkpoint.unwrap().url,
+        "file:///tmp/ckpt/pair/step-10"
+    );
+    s
+}
+
 #[tokio::test]
 async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     let etcd = Etcd::start();
@@ -116,23 +161,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     assert!(job.finished_unix_ms.is_some());
 
     // The watch saw the whole story, in order, and closed after the end.
-    let mut kinds = Vec::new();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(5), watch.message())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        kinds.push(match e.event.unwrap() {
-            v1::job_event::Event::Snapshot(_) => "snapshot".to_owned(),
-            v1::job_event::Event::StateChanged(s) => format!("state:{}", s.state().as_str_name()),
-            v1::job_event::Event::Progress(p) => format!("progress:{}", p.step),
-            v1::job_event::Event::CheckpointCommitted(c) => format!("checkpoint:{}", c.step),
-            v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
-            v1::job_event::Event::Finished(f) => {
-                format!("finished:{}:{}", f.state().as_str_name(), f.eval["rouge"])
-            }
-        });
-    }
+    let kinds = event_kinds(&mut watch).await;
     assert_eq!(
         kinds,
         [
@@ -145,20 +174,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         ]
     );
 
-    // The final state is in etcd, readable without the coordinator.
-    let s = store::open(&endpoints).await.unwrap();
-    let kv = s
-        .get(&format!("/samtrain-test/jobs/{id}"))
-        .await
-        .unwrap()
-        .unwrap();
-    let stored: JobRecord = serde_json::from_slice(&kv.value).unwrap();
-    assert_eq!(stored.state, JobState::Succeeded);
-    assert_eq!(stored.eval, eval);
-    assert_eq!(
-        stored.checkpoint.unwrap().url,
-        "file:///tmp/ckpt/pair/step-10"
-    );
+    let s = stored_job_is(&endpoints, &id, eval).await;
 
     // A clean exit revokes the worker's lease at once.
     let key = format!("/samtrain-test/workers/{}", w0.worker_id());

@@ -27,22 +27,8 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-#[tokio::test]
-async fn standby_takes_over_without_ending_the_generation() {
-    let etcd = Etcd::start();
-    let endpoints = vec![etcd.endpoint.clone()];
-    // SAMTRAIN_LEADER_TTL_S=5 measures the default TTL (docs/PERFORMANCE.md).
-    let ttl_s = std::env::var("SAMTRAIN_LEADER_TTL_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let ttl = Duration::from_secs(ttl_s);
-    let first = Node::start(endpoints.clone(), "first", ttl);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = Node::start(endpoints.clone(), "second", ttl);
-    let coords = vec![first.address(), second.address()];
-
-    // Only the leader is ready; the standby names it.
+/// Only the leader is ready; the standby names it.
+async fn only_the_leader_is_ready(first: &Node, second: &Node) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(http_status(first.health, "/readyz").await, 200);
     assert_eq!(http_status(second.health, "/readyz").await, 503);
@@ -56,25 +42,13 @@ async fn standby_takes_over_without_ending_the_generation() {
             .contains(&format!("leader is first at {}", first.address())),
         "{err}"
     );
+}
 
-    let mut client = Client::new(coords.clone());
-    let id = client
-        .submit(&spec("ha", 2, 2, 1, 3), "ha.toml")
-        .await
-        .unwrap();
-    let mut w0 = agent(&coords, &endpoints, "w0", 6400).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let mut w1 = agent(&coords, &endpoints, "w1", 6401).await;
-    let a0 = w0.next_assignment().await.unwrap().unwrap();
-    let a1 = w1.next_assignment().await.unwrap().unwrap();
-    assert_eq!((a0.rank, a1.rank, a0.generation), (0, 1, 0));
-
-    // Kill the leader; the standby serves once the leader's lease expires.
-    let t0 = Instant::now();
-    first.kill();
-    let mut standby = Client::new(vec![second.address()]);
+/// Waits until `standby` serves the job, which it must within 3 TTLs of
+/// the kill at `t0`; meanwhile it may only say it does not lead.
+async fn until_serving(standby: &mut Client, id: &str, ttl: Duration, t0: Instant) {
     loop {
-        match standby.get(&id).await {
+        match standby.get(id).await {
             Ok(_) => break,
             Err(e) => assert!(
                 e.code().is_none()
@@ -93,6 +67,42 @@ async fn standby_takes_over_without_ending_the_generation() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn standby_takes_over_without_ending_the_generation() {
+    let etcd = Etcd::start();
+    let endpoints = vec![etcd.endpoint.clone()];
+    // SAMTRAIN_LEADER_TTL_S=5 measures the default TTL (docs/PERFORMANCE.md).
+    let ttl_s = std::env::var("SAMTRAIN_LEADER_TTL_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let ttl = Duration::from_secs(ttl_s);
+    let first = Node::start(endpoints.clone(), "first", ttl);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Node::start(endpoints.clone(), "second", ttl);
+    let coords = vec![first.address(), second.address()];
+
+    only_the_leader_is_ready(&first, &second).await;
+
+    let mut client = Client::new(coords.clone());
+    let id = client
+        .submit(&spec("ha", 2, 2, 1, 3), "ha.toml")
+        .await
+        .unwrap();
+    let mut w0 = agent(&coords, &endpoints, "w0", 6400).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut w1 = agent(&coords, &endpoints, "w1", 6401).await;
+    let a0 = w0.next_assignment().await.unwrap().unwrap();
+    let a1 = w1.next_assignment().await.unwrap().unwrap();
+    assert_eq!((a0.rank, a1.rank, a0.generation), (0, 1, 0));
+
+    // Kill the leader; the standby serves once the leader's lease expires.
+    let t0 = Instant::now();
+    first.kill();
+    let mut standby = Client::new(vec![second.address()]);
+    until_serving(&mut standby, &id, ttl, t0).await;
     let takeover = t0.elapsed();
     println!(
         "failover: leader killed -> standby serving in {:.2} s (lease TTL {} s)",

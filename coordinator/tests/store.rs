@@ -20,6 +20,14 @@ async fn next_event(w: &mut store::WatchStream) -> WatchEvent {
 
 async fn semantics(s: SharedStore) {
     let name = s.describe();
+    keys_and_transactions(&s, &name).await;
+    // One watch sees both lease tests' keys come and go.
+    let mut watch = s.watch_prefix("/w/").await.unwrap();
+    lease_expiry(&s, &name, &mut watch).await;
+    keep_alive_and_revocation(&s, &name, &mut watch).await;
+}
+
+async fn keys_and_transactions(s: &SharedStore, name: &str) {
     s.put("/t/a", b"1".to_vec(), None).await.unwrap();
     s.put("/t/b", b"2".to_vec(), None).await.unwrap();
     s.put("/u/c", b"3".to_vec(), None).await.unwrap();
@@ -69,13 +77,14 @@ async fn semantics(s: SharedStore) {
     assert!(s.get("/t/a").await.unwrap().is_none(), "{name}");
     assert!(s.delete("/t/b").await.unwrap());
     assert!(!s.delete("/t/b").await.unwrap());
+}
 
-    // A lease that is not renewed expires and takes its key; a watch sees it.
-    let mut watch = s.watch_prefix("/w/").await.unwrap();
+/// A lease that is not renewed expires and takes its key; a watch sees it.
+async fn lease_expiry(s: &SharedStore, name: &str, watch: &mut store::WatchStream) {
     let lease = s.grant(Duration::from_secs(1)).await.unwrap();
     s.put("/w/x", b"alive".to_vec(), Some(lease)).await.unwrap();
     assert_eq!(s.get("/w/x").await.unwrap().unwrap().lease, Some(lease));
-    match next_event(&mut watch).await {
+    match next_event(watch).await {
         WatchEvent::Put(kv) => assert_eq!(
             (kv.key.as_str(), kv.value.as_slice()),
             ("/w/x", &b"alive"[..])
@@ -84,7 +93,7 @@ async fn semantics(s: SharedStore) {
     }
     let t0 = Instant::now();
     assert_eq!(
-        next_event(&mut watch).await,
+        next_event(watch).await,
         WatchEvent::Delete { key: "/w/x".into() }
     );
     let waited = t0.elapsed();
@@ -103,8 +112,10 @@ async fn semantics(s: SharedStore) {
         s.put("/w/y", vec![], Some(lease)).await.is_err(),
         "{name}: put on a dead lease"
     );
+}
 
-    // Keep-alive holds a key past its TTL; revocation deletes it at once.
+/// Keep-alive holds a key past its TTL; revocation deletes it at once.
+async fn keep_alive_and_revocation(s: &SharedStore, name: &str, watch: &mut store::WatchStream) {
     let lease = s.grant(Duration::from_secs(1)).await.unwrap();
     s.put("/w/kept", b"k".to_vec(), Some(lease)).await.unwrap();
     let keeper = LeaseKeeper::start(s.clone(), lease, Duration::from_secs(1));
@@ -122,7 +133,7 @@ async fn semantics(s: SharedStore) {
     // The put of /w/kept, then its delete.
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        seen.push(next_event(&mut watch).await);
+        seen.push(next_event(watch).await);
     }
     assert!(
         matches!(&seen[0], WatchEvent::Put(kv) if kv.key == "/w/kept"),
