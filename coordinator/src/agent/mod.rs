@@ -6,8 +6,8 @@
 //! off the training path: progress and checkpoints are best effort and never
 //! block; only the final outcome is retried until a leader acknowledges it.
 //!
-//! The lease lives in [`lease`], the subscription and the generations it
-//! brings in [`generations`], the reports in [`reports`]; this module ties
+//! The lease lives in `lease`, the subscription and the generations it
+//! brings in `generations`, the reports in `reports`; this module ties
 //! them to the [`Agent`] the worker holds.
 
 mod generations;

@@ -10,7 +10,7 @@ use samtrain_proto::v1;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{store_status, worker_event, Control, Subscriber};
+use super::{store_status, worker_event, Control, Subscriber, View, WorkerFeed};
 use crate::jobs::JobState;
 use crate::records::{new_worker_id, now_ms, WorkerRecord};
 use crate::store::{LeaseId, StoreError};
@@ -148,41 +148,7 @@ impl Control {
         let (record, _) = self.worker(worker_id).await?;
         let mut view = self.lead().await?;
         let (feed, rx) = mpsc::channel(64);
-        let mut busy = None;
-        if let Some(cur) = current {
-            let ended = |reason: String| {
-                worker_event(v1::worker_event::Event::GenerationEnded(
-                    v1::GenerationEnded {
-                        job_id: cur.job_id.clone(),
-                        generation: cur.generation,
-                        reason,
-                    },
-                ))
-            };
-            match view.jobs.get(&cur.job_id) {
-                Some(job)
-                    if job.state == JobState::Running
-                        && job.generation == cur.generation
-                        && job.member(&record.worker_id).is_some() =>
-                {
-                    busy = Some((cur.job_id.clone(), cur.generation));
-                }
-                // A completed generation ends by itself; nothing to say.
-                Some(job)
-                    if job.state == JobState::Succeeded && job.generation == cur.generation => {}
-                Some(job) => {
-                    let _ = feed.try_send(ended(format!(
-                        "job {} is {} at generation {}",
-                        job.id,
-                        job.state.name(),
-                        job.generation
-                    )));
-                }
-                None => {
-                    let _ = feed.try_send(ended(format!("no job {}", cur.job_id)));
-                }
-            }
-        }
+        let busy = current.and_then(|cur| rejoin(&view, &record.worker_id, cur, &feed));
         tracing::info!(worker = %record.worker_id, busy = ?busy, "worker subscribed");
         view.subscribers.insert(
             record.worker_id.clone(),
@@ -197,4 +163,47 @@ impl Control {
         self.wake.notify_one();
         Ok(rx)
     }
+}
+
+/// A reconnecting worker names the generation it was in: it stays in it
+/// (busy, the returned generation) while that generation runs with it, and
+/// is told the generation ended otherwise, unless it completed.
+fn rejoin(
+    view: &View,
+    worker_id: &str,
+    cur: v1::CurrentGeneration,
+    feed: &WorkerFeed,
+) -> Option<(String, u64)> {
+    let ended = |reason: String| {
+        worker_event(v1::worker_event::Event::GenerationEnded(
+            v1::GenerationEnded {
+                job_id: cur.job_id.clone(),
+                generation: cur.generation,
+                reason,
+            },
+        ))
+    };
+    match view.jobs.get(&cur.job_id) {
+        Some(job)
+            if job.state == JobState::Running
+                && job.generation == cur.generation
+                && job.member(worker_id).is_some() =>
+        {
+            return Some((cur.job_id.clone(), cur.generation));
+        }
+        // A completed generation ends by itself; nothing to say.
+        Some(job) if job.state == JobState::Succeeded && job.generation == cur.generation => {}
+        Some(job) => {
+            let _ = feed.try_send(ended(format!(
+                "job {} is {} at generation {}",
+                job.id,
+                job.state.name(),
+                job.generation
+            )));
+        }
+        None => {
+            let _ = feed.try_send(ended(format!("no job {}", cur.job_id)));
+        }
+    }
+    None
 }
