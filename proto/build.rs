@@ -3,6 +3,13 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/samtrain.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/samtrain.proto"], &["proto"])?;
+    tonic_prost_build::configure()
+        // The one shape of a committed checkpoint: the workers' events, the
+        // coordinator's job records in the store and the API all use it.
+        .type_attribute(
+            "samtrain.v1.Checkpoint",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
+        .compile_protos(&["proto/samtrain.proto"], &["proto"])?;
     Ok(())
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
-use samtrain_model::parallel::Collective;
+use samtrain_comm::Collective;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use samtrain_proto::spec::{BadRecords, DeviceKind, EvaluationSpec};
+use samtrain_worker::device::resolve_device;
 use samtrain_worker::inputs::{self, text_config_from};
 use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
-use samtrain_worker::trainer::resolve_device;
 
 #[derive(Args)]
 pub struct PredictArgs {

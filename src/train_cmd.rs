@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use samtrain_model::parallel::{Collective, LocalCollective};
+use samtrain_collective::ProcessGroups;
 use samtrain_proto::spec::JobSpec;
+use samtrain_worker::device::resolve_device;
 use samtrain_worker::launch::join_groups;
-use samtrain_worker::trainer::resolve_device;
-use samtrain_worker::{train, Groups, TrainJob};
+use samtrain_worker::{train, TrainJob};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -41,7 +41,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("cannot read {}", args.job.display()))?;
     let spec = JobSpec::from_toml(&text, args.job.to_str())?;
-    let (groups, world_size) = if args.peers.is_empty() {
+    let groups = if args.peers.is_empty() {
         if args.rank != 0 || spec.parallel.tp != 1 {
             bail!(
                 "a job without --peers is one process: rank 0 and parallel.tp = 1 (got rank {}, tp {})",
@@ -49,14 +49,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 spec.parallel.tp
             );
         }
-        let single: Arc<dyn Collective> = Arc::new(LocalCollective::group(1).remove(0));
-        (
-            Groups {
-                dp: single,
-                tp: None,
-            },
-            1,
-        )
+        ProcessGroups::in_process(1, 1)?.remove(0)
     } else {
         let world = args.peers.len() as u32;
         let own = args
@@ -66,7 +59,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let listener = TcpListener::bind(own)
             .with_context(|| format!("cannot listen on {own} (rank {})", args.rank))?;
         let device = resolve_device(spec.training.device, args.rank)?;
-        let groups = join_groups(
+        join_groups(
             args.rank,
             &args.peers,
             &spec,
@@ -75,13 +68,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             Arc::new(AtomicBool::new(false)),
             listener,
         )
-        .with_context(|| format!("rank {} joining the process groups", args.rank))?;
-        (groups, world)
+        .with_context(|| format!("rank {} joining the process groups", args.rank))?
     };
     let outcome = train(TrainJob {
         spec,
-        rank: args.rank,
-        world_size,
         groups,
         abort: Arc::new(AtomicBool::new(false)),
         events: Box::new(|_| {}),

@@ -15,8 +15,9 @@ use clap::Args;
 use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
 use samtrain_coordinator::health;
 use samtrain_proto::spec::DeviceKind;
+use samtrain_worker::device::resolve_device;
+use samtrain_worker::error::panic_message;
 use samtrain_worker::launch::join_groups;
-use samtrain_worker::trainer::resolve_device;
 use samtrain_worker::{train, TrainEvent, TrainJob};
 use tracing::Instrument;
 
@@ -219,8 +220,6 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
         };
         train(TrainJob {
             spec: a.spec.clone(),
-            rank: a.rank,
-            world_size: a.world_size,
             groups,
             abort: a.ended.clone(),
             events: Box::new(events),
@@ -247,17 +246,9 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
         // mid-forward; a new generation may mend that, so it is retriable.
         Err(panic) => Outcome::Failed {
             retriable: true,
-            message: format!("training panicked: {}", panic_message(&panic)),
+            message: format!("training panicked: {}", panic_message(panic.as_ref())),
         },
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// SIGTERM (Kubernetes stopping the pod) or SIGINT.

@@ -108,7 +108,7 @@ pub struct ShardState {
     pub tp_size: u32,
     pub writer: bool,
     /// Trainable parameters of this tp rank, named as in the model and
-    /// split as [`samtrain_model::parallel::shard_dim`] says.
+    /// split as [`samtrain_comm::shard_dim`] says.
     pub tensors: Vec<(String, Tensor)>,
     /// Optimizer state, named `<state>.<param>` (`exp_avg.<param>`...):
     /// split as `<param>` is. Other names are split as `shard_dim` says.

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use samtrain_model::parallel::shard_dim;
+use samtrain_comm::shard_dim;
 
 use crate::error::CheckpointError;
 use crate::format::{

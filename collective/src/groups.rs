@@ -19,7 +19,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use samtrain_model::parallel::Collective;
+use samtrain_comm::{Collective, LocalCollective};
 
 use crate::abort::Abort;
 use crate::error::{CollectiveError, Result};
@@ -546,5 +546,35 @@ impl ProcessGroups {
             tp,
             layout,
         })
+    }
+
+    /// Every rank's groups of a world of `world_size` ranks that are threads
+    /// of this process ([`LocalCollective`]), in rank order: for tests, and
+    /// for a one-process run (`in_process(1, 1)`).
+    pub fn in_process(world_size: i64, tp: i64) -> Result<Vec<ProcessGroups>> {
+        let layout0 = Layout::new(world_size, tp, 0)?;
+        let mut world = LocalCollective::group(world_size);
+        let mut dp_groups: Vec<Vec<LocalCollective>> = (0..tp)
+            .map(|_| LocalCollective::group(layout0.dp))
+            .collect();
+        let mut tp_groups: Vec<Vec<LocalCollective>> = (0..layout0.dp)
+            .map(|_| LocalCollective::group(tp))
+            .collect();
+        // Taken from the back, so each group's handles come off in rank order.
+        let mut ranks = Vec::with_capacity(world_size as usize);
+        for rank in (0..world_size).rev() {
+            let layout = Layout::new(world_size, tp, rank)?;
+            let take = |v: &mut Vec<LocalCollective>| -> Arc<dyn Collective> {
+                Arc::new(v.pop().expect("one handle per member"))
+            };
+            ranks.push(ProcessGroups {
+                world: take(&mut world),
+                dp: take(&mut dp_groups[layout.tp_rank as usize]),
+                tp: take(&mut tp_groups[layout.dp_rank as usize]),
+                layout,
+            });
+        }
+        ranks.reverse();
+        Ok(ranks)
     }
 }

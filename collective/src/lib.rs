@@ -1,5 +1,5 @@
 //! Process groups for samtrain: implementations of the model's
-//! [`Collective`](samtrain_model::parallel::Collective) interface across
+//! [`Collective`](samtrain_comm::Collective) interface across
 //! processes.
 //!
 //! - [`ring`]: a TCP ring for CPU tensors (all-reduce, all-gather,
@@ -8,7 +8,9 @@
 //! - [`groups`]: the data-parallel x tensor-parallel layout and the
 //!   connections of its world, dp and tp groups ([`ProcessGroups::connect`]).
 //! - `nccl` (cargo feature `nccl`): NCCL communicators for CUDA tensors,
-//!   loading libnccl at run time.
+//!   loading libnccl at run time;
+//! - [`routed`]: groups that send CUDA tensors through NCCL and the rest
+//!   through the ring ([`ProcessGroups::route_cuda`]).
 
 pub mod abort;
 pub mod error;
@@ -16,6 +18,7 @@ pub mod groups;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
+pub mod routed;
 
 pub use abort::Abort;
 pub use error::{CollectiveError, Result};

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
 use cudarc::nccl::{result, sys};
-use samtrain_model::parallel::Collective;
+use samtrain_comm::Collective;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CollectiveError, Result};
@@ -322,19 +322,19 @@ impl Collective for NcclCollective {
         self.world
     }
 
-    fn all_reduce_sum(&self, tensor: &Tensor) -> samtrain_model::Result<Tensor> {
-        Ok(self.try_all_reduce_sum(tensor)?)
+    fn all_reduce_sum(&self, tensor: &Tensor) -> samtrain_comm::Result<Tensor> {
+        self.try_all_reduce_sum(tensor)
     }
 
-    fn all_gather(&self, tensor: &Tensor) -> samtrain_model::Result<Vec<Tensor>> {
-        Ok(self.try_all_gather(tensor)?)
+    fn all_gather(&self, tensor: &Tensor) -> samtrain_comm::Result<Vec<Tensor>> {
+        self.try_all_gather(tensor)
     }
 
-    fn broadcast(&self, tensor: &Tensor, root: i64) -> samtrain_model::Result<Tensor> {
-        Ok(self.try_broadcast(tensor, root)?)
+    fn broadcast(&self, tensor: &Tensor, root: i64) -> samtrain_comm::Result<Tensor> {
+        self.try_broadcast(tensor, root)
     }
 
-    fn barrier(&self) -> samtrain_model::Result<()> {
-        Ok(self.try_barrier()?)
+    fn barrier(&self) -> samtrain_comm::Result<()> {
+        self.try_barrier()
     }
 }

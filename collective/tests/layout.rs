@@ -22,7 +22,7 @@ fn world_four_tp_two_forms_the_right_groups() {
     let groups = common::connect(4, 2, Duration::from_secs(20));
     let results = common::on_all(groups, |rank, g| {
         let x = Tensor::from(1i64 << (4 * rank));
-        let sum = |c: &std::sync::Arc<dyn samtrain_model::parallel::Collective>| {
+        let sum = |c: &std::sync::Arc<dyn samtrain_comm::Collective>| {
             c.all_reduce_sum(&x).unwrap().int64_value(&[])
         };
         assert_eq!(g.layout.rank, rank as i64);

@@ -2,7 +2,7 @@
 #![cfg(feature = "nccl")]
 
 use samtrain_collective::nccl::{nccl_available, NcclCollective, NcclId};
-use samtrain_model::parallel::Collective;
+use samtrain_comm::Collective;
 use tch::{Device, Kind, Tensor};
 
 #[test]

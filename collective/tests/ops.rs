@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use samtrain_collective::RingCollective;
-use samtrain_model::parallel::Collective;
+use samtrain_comm::Collective;
 use tch::{Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(20);

@@ -28,8 +28,9 @@ pub enum ModelError {
     MissingTensor { name: String, path: PathBuf },
     #[error("input {name}: {message}")]
     Input { name: String, message: String },
-    #[error("collective {op} failed: {message}")]
-    Collective { op: &'static str, message: String },
+    /// A collective of tensor parallelism failed (a peer died or stalled).
+    #[error(transparent)]
+    Collective(#[from] samtrain_comm::CollectiveError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -6,7 +6,7 @@
 //! Tensor names follow transformers' `LlamaForCausalLM` under the
 //! `language_model.` prefix: `model.embed_tokens`, `model.layers.N.*`,
 //! `model.norm`, `lm_head`. Under tensor parallelism each rank holds its
-//! slice of the heads and of the MLP's inner width (see `parallel::shard_dim`).
+//! slice of the heads and of the MLP's inner width (see `samtrain_comm::shard_dim`).
 
 use tch::nn::Path;
 use tch::{Kind, Tensor};

@@ -15,7 +15,7 @@ use tch::Tensor;
 
 use crate::config::SamConfig;
 use crate::error::{ModelError, Result};
-use crate::parallel::shard_dim;
+use samtrain_comm::shard_dim;
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const MODEL_FILE: &str = "model.safetensors";

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use samtrain_model::parallel::{shard_dim, GradTape, LocalCollective, TensorParallel};
+use samtrain_comm::{shard_dim, LocalCollective};
+use samtrain_model::parallel::{GradTape, TensorParallel};
 use samtrain_model::{weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
@@ -95,8 +96,7 @@ fn run_rank(dir: &Path, data: (SamInputs, Tensor), comm: Option<LocalCollective>
         .unwrap();
     tape.backward(
         &losses.total,
-        comm.as_ref()
-            .map(|c| c as &dyn samtrain_model::parallel::Collective),
+        comm.as_ref().map(|c| c as &dyn samtrain_comm::Collective),
     )
     .unwrap();
     let grads =

@@ -10,3 +10,6 @@ pub mod spec;
 pub mod v1 {
     tonic::include_proto!("samtrain.v1");
 }
+
+/// A committed checkpoint: its step and the URL of its folder.
+pub use v1::Checkpoint;

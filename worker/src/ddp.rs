@@ -20,8 +20,8 @@
 
 use std::sync::Mutex;
 
-use samtrain_model::parallel::Collective;
-use samtrain_model::ModelError;
+use samtrain_comm::Collective;
+use samtrain_comm::CollectiveError;
 use tch::{Kind, Tensor};
 
 /// torch DDP's default bucket size.
@@ -95,19 +95,23 @@ impl GradBuckets {
         &self,
         params: &[(String, Tensor)],
         comm: &dyn Collective,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), CollectiveError> {
         if comm.world_size() <= 1 {
             return Ok(());
         }
+        let torch = |source| CollectiveError::Torch {
+            op: "all_reduce",
+            source,
+        };
         // The buffers are scratch, fully rewritten by every call: a panic
         // in an earlier one leaves nothing to distrust.
         let mut flats = self.flats.lock().unwrap_or_else(|e| e.into_inner());
         for (bucket, slot) in self.buckets.iter().zip(flats.iter_mut()) {
             let grads: Vec<Tensor> = bucket.iter().map(|&i| params[i].1.grad()).collect();
             if let Some(i) = bucket.iter().zip(&grads).find(|(_, g)| !g.defined()) {
-                return Err(ModelError::Input {
-                    name: params[*i.0].0.clone(),
-                    message: "has no gradient buffer to all-reduce".into(),
+                return Err(CollectiveError::Invalid {
+                    op: "all_reduce",
+                    message: format!("parameter {} has no gradient buffer", params[*i.0].0),
                 });
             }
             let numel: usize = grads.iter().map(Tensor::numel).sum();
@@ -115,21 +119,22 @@ impl GradBuckets {
             let fits = |t: &Tensor| t.numel() == numel && t.kind() == kind && t.device() == device;
             let flat = match slot {
                 Some(t) if fits(t) => t,
-                _ => slot.insert(Tensor::f_empty([numel as i64], (kind, device))?),
+                _ => slot.insert(Tensor::f_empty([numel as i64], (kind, device)).map_err(torch)?),
             };
             let parts: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
             // Returns another handle to `flat`.
-            let _filled = tch::no_grad(|| Tensor::f_cat_out(flat, &parts, 0))?;
+            let _filled = tch::no_grad(|| Tensor::f_cat_out(flat, &parts, 0)).map_err(torch)?;
             comm.all_reduce_sum_(flat)?;
             let mut offset = 0;
-            tch::no_grad(|| -> Result<(), ModelError> {
+            tch::no_grad(|| -> Result<(), tch::TchError> {
                 for mut g in grads {
                     let n = g.numel() as i64;
                     g.f_copy_(&flat.f_narrow(0, offset, n)?.f_view_as(&g)?)?;
                     offset += n;
                 }
                 Ok(())
-            })?;
+            })
+            .map_err(torch)?;
         }
         Ok(())
     }
@@ -138,7 +143,7 @@ impl GradBuckets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use samtrain_model::parallel::LocalCollective;
+    use samtrain_comm::LocalCollective;
 
     fn params(sizes: &[i64]) -> Vec<(String, Tensor)> {
         sizes

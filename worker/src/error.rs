@@ -1,14 +1,35 @@
-//! The worker's error type. Every message names what failed (the file, the
+//! The worker's error types. Every message names what failed (the file, the
 //! field, the peer, the step), and [`TrainError::retriable`] says whether a
 //! new generation could get past it: a dead peer, a stuck collective, an
 //! unreachable store or an abort are worth a restart from the newest
 //! checkpoint; a bad spec, bad data or a model that does not load are not,
 //! and restarting them would only burn the job's restart budget (Kubeflow's
 //! `ExitCode` restart policy draws the same line, see [`TrainError::exit_code`]).
+//!
+//! Prediction has its own [`PredictError`] (`samtrain predict` runs it
+//! without training); a job's evaluation wraps it.
 
 use samtrain_checkpoint::CheckpointError;
+use samtrain_comm::{CollectiveError, CollectiveFailure};
 use samtrain_model::ModelError;
 use thiserror::Error;
+
+/// A dataset cannot be read, or a record cannot be preprocessed.
+#[derive(Debug, Error)]
+#[error("data {location}: {message}")]
+pub struct DataError {
+    pub location: String,
+    pub message: String,
+}
+
+impl DataError {
+    pub fn new(location: &str, message: impl Into<String>) -> Self {
+        Self {
+            location: location.to_owned(),
+            message: message.into(),
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -19,18 +40,21 @@ pub enum TrainError {
     #[error("model {path}: {source}")]
     Model {
         path: String,
-        // Boxed, as the next one: the sources are large and would bloat
+        // Boxed, as the next ones: the sources are large and would bloat
         // every `Result` of the crate.
         #[source]
         source: Box<ModelError>,
     },
-    /// A dataset cannot be read, or a record cannot be preprocessed.
-    #[error("data {location}: {message}")]
-    Data { location: String, message: String },
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// A collective with a peer failed (it died, stalled or was aborted):
     /// the generation is over on every rank.
-    #[error("collective during {context}: {message}")]
-    Collective { context: String, message: String },
+    #[error("collective during {context}: {source}")]
+    Collective {
+        context: String,
+        #[source]
+        source: Box<CollectiveError>,
+    },
     /// The checkpoint store could not be read (listing, loading).
     #[error("checkpoint store {url}: {source}")]
     Checkpoint {
@@ -48,20 +72,21 @@ pub enum TrainError {
     #[error("step {step}: {message}")]
     Step { step: u64, message: String },
     /// Prediction or scoring of the evaluation set failed.
-    #[error("evaluation: {message}")]
-    Eval { message: String },
+    #[error(transparent)]
+    Predict(#[from] PredictError),
 }
 
 impl TrainError {
     /// Whether a new generation, restored from the newest checkpoint, may
     /// succeed where this one failed.
     pub fn retriable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             TrainError::Collective { .. }
-                | TrainError::Checkpoint { .. }
-                | TrainError::Aborted { .. }
-        )
+            | TrainError::Checkpoint { .. }
+            | TrainError::Aborted { .. } => true,
+            TrainError::Predict(e) => e.retriable(),
+            _ => false,
+        }
     }
 
     /// The process exit code for this error under Kubeflow's `ExitCode`
@@ -74,14 +99,18 @@ impl TrainError {
         }
     }
 
+    pub(crate) fn config(field: &str, message: impl Into<String>) -> Self {
+        TrainError::Config {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
     /// A model error met while `context` ran: a failed collective inside the
     /// model is a peer's failure, anything else is the model's.
     pub(crate) fn from_model(path: &str, context: &str, source: ModelError) -> Self {
         match source {
-            ModelError::Collective { op, message } => TrainError::Collective {
-                context: format!("{context} ({op})"),
-                message,
-            },
+            ModelError::Collective(source) => TrainError::collective(context, source),
             source => TrainError::Model {
                 path: path.to_owned(),
                 source: Box::new(source),
@@ -98,47 +127,109 @@ impl TrainError {
     }
 
     /// A collective's failure during `context`.
-    pub(crate) fn collective(context: &str, source: ModelError) -> Self {
+    pub(crate) fn collective(context: &str, source: CollectiveError) -> Self {
+        TrainError::Collective {
+            context: context.to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    /// A panic caught around step `step`: a collective that failed inside
+    /// the model (tensor parallelism) is a peer's failure, anything else a
+    /// failure of the step.
+    pub(crate) fn from_panic(step: u64, payload: Box<dyn std::any::Any + Send>) -> Self {
+        match CollectiveFailure::from_panic(payload) {
+            Ok(source) => TrainError::collective(
+                &format!("the forward pass of step {step} (tensor parallel)"),
+                source,
+            ),
+            Err(other) => TrainError::Step {
+                step,
+                message: format!("panicked: {}", panic_message(other.as_ref())),
+            },
+        }
+    }
+}
+
+/// Why prediction (`samtrain predict`, a job's final evaluation) failed.
+#[derive(Debug, Error)]
+pub enum PredictError {
+    /// The model folder does not load.
+    #[error("model {path}: {source}")]
+    Model {
+        path: String,
+        #[source]
+        source: Box<ModelError>,
+    },
+    /// A tensor-parallel peer failed during generation.
+    #[error("collective during generation: {0}")]
+    Collective(#[source] Box<CollectiveError>),
+    /// The checkpoint store could not be read.
+    #[error("checkpoint store {url}: {source}")]
+    Checkpoint {
+        url: String,
+        #[source]
+        source: Box<CheckpointError>,
+    },
+    /// The location holds no usable checkpoint or model.
+    #[error("checkpoint {url}: {message}")]
+    Location { url: String, message: String },
+    /// Preparing inputs, decoding answers, writing or scoring failed.
+    #[error("evaluation: {message}")]
+    Eval { message: String },
+}
+
+impl PredictError {
+    /// Only a peer's failure is worth another generation.
+    pub fn retriable(&self) -> bool {
+        matches!(self, PredictError::Collective(_))
+    }
+
+    pub(crate) fn eval(message: impl Into<String>) -> Self {
+        PredictError::Eval {
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn model(path: &str, source: ModelError) -> Self {
         match source {
-            ModelError::Collective { op, message } => TrainError::Collective {
-                context: format!("{context} ({op})"),
-                message,
+            ModelError::Collective(source) => PredictError::Collective(Box::new(source)),
+            source => PredictError::Model {
+                path: path.to_owned(),
+                source: Box::new(source),
             },
-            other => TrainError::Collective {
-                context: context.to_owned(),
-                message: other.to_string(),
-            },
+        }
+    }
+
+    pub(crate) fn store(url: &str, source: CheckpointError) -> Self {
+        PredictError::Checkpoint {
+            url: url.to_owned(),
+            source: Box::new(source),
+        }
+    }
+
+    /// A panic caught around generation (see [`TrainError::from_panic`]).
+    pub(crate) fn from_panic(payload: Box<dyn std::any::Any + Send>) -> Self {
+        match CollectiveFailure::from_panic(payload) {
+            Ok(source) => PredictError::Collective(Box::new(source)),
+            Err(other) => PredictError::eval(format!(
+                "generation panicked: {}",
+                panic_message(other.as_ref())
+            )),
         }
     }
 }
 
 /// The text of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
+        .or_else(|| {
+            panic
+                .downcast_ref::<CollectiveFailure>()
+                .map(|f| f.0.to_string())
+        })
         .unwrap_or_else(|| "a panic without a message".into())
-}
-
-/// The model's tensor-parallel all-reduce cannot return its error from
-/// inside the forward pass and panics with this prefix instead
-/// (`TensorParallel::reduce_forward`).
-pub(crate) const TP_PANIC_PREFIX: &str = "tensor-parallel all-reduce failed";
-
-/// A panic caught around a step: a failed tensor-parallel all-reduce is a
-/// peer's failure (retriable), anything else a failure of the step.
-pub(crate) fn from_panic(step: u64, panic: &(dyn std::any::Any + Send)) -> TrainError {
-    let message = panic_message(panic);
-    if message.starts_with(TP_PANIC_PREFIX) {
-        TrainError::Collective {
-            context: format!("the forward pass of step {step} (tensor parallel)"),
-            message,
-        }
-    } else {
-        TrainError::Step {
-            step,
-            message: format!("panicked: {message}"),
-        }
-    }
 }

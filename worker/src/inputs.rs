@@ -11,7 +11,7 @@ use samtrain_model::SamInputs;
 use samtrain_proto::spec::{BadRecords, JobSpec};
 use tch::{Device, Tensor};
 
-use crate::error::TrainError;
+use crate::error::DataError;
 
 /// A dataset's valid records and where their images are.
 pub struct Dataset {
@@ -27,12 +27,12 @@ pub struct Dataset {
 /// (its folder), or a `file://` URL of either. Preprocessing reads images
 /// from the local file system, so other object-store URLs are refused here
 /// with a message saying so.
-pub fn local_root(location: &str) -> Result<PathBuf, TrainError> {
+pub fn local_root(location: &str) -> Result<PathBuf, DataError> {
     let path = match location.split_once("://") {
         None => PathBuf::from(location),
         Some(("file", rest)) => PathBuf::from(rest),
         Some((scheme, _)) => {
-            return Err(TrainError::Data {
+            return Err(DataError {
                 location: location.to_owned(),
                 message: format!(
                     "training reads images from a local folder; `{scheme}://` datasets must be \
@@ -53,7 +53,7 @@ pub fn local_root(location: &str) -> Result<PathBuf, TrainError> {
 }
 
 /// Reads and checks every record and image of `location` under `policy`.
-pub fn load_dataset(location: &str, policy: BadRecords) -> Result<Dataset, TrainError> {
+pub fn load_dataset(location: &str, policy: BadRecords) -> Result<Dataset, DataError> {
     let root = local_root(location)?;
     let options = LoadOptions {
         policy: match policy {
@@ -62,12 +62,12 @@ pub fn load_dataset(location: &str, policy: BadRecords) -> Result<Dataset, Train
         },
         images: ImageCheck::Decode,
     };
-    let loaded = mmlink::load_blocking(location, options).map_err(|e| TrainError::Data {
+    let loaded = mmlink::load_blocking(location, options).map_err(|e| DataError {
         location: location.to_owned(),
         message: e.to_string(),
     })?;
     if loaded.records.is_empty() {
-        return Err(TrainError::Data {
+        return Err(DataError {
             location: location.to_owned(),
             message: format!("no valid records ({} skipped)", loaded.report.skipped()),
         });
@@ -127,12 +127,12 @@ pub fn preprocessor(
     spec: &JobSpec,
     dataset: &Dataset,
     image_size: i64,
-) -> Result<Preprocessor, TrainError> {
+) -> Result<Preprocessor, DataError> {
     let image = ImageConfig {
         size: image_size as u32,
         ..ImageConfig::default()
     };
-    Preprocessor::new(&dataset.root, image, &text_config(spec)).map_err(|e| TrainError::Data {
+    Preprocessor::new(&dataset.root, image, &text_config(spec)).map_err(|e| DataError {
         location: dataset.location.clone(),
         message: e.to_string(),
     })

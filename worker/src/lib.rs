@@ -2,24 +2,33 @@
 //! data-parallel x tensor-parallel job, resuming from the newest committed
 //! checkpoint, and predicting answers for evaluation.
 //!
-//! - [`train`] ([`trainer`]): the training loop, the entry point of every
-//!   launcher (`samtrain train`, the coordinator's agent);
+//! - [`train`] ([`trainer`]): the [`Trainer`] (set-up, step, checkpoint,
+//!   finish), the entry point of every launcher (`samtrain train`, the
+//!   coordinator's agent);
+//! - [`step`]: one step's forward, backward and gradient reduction;
+//! - [`checkpointing`]: checkpoint metadata, resume, and following saves;
 //! - [`optim`], [`schedule`]: AdamW on tensors, warm-up plus cosine, clipping;
 //! - [`ddp`]: data-parallel gradient averaging in buckets;
-//! - [`launch`]: joining a generation's process groups over the TCP ring;
+//! - [`launch`], [`device`]: joining a generation's process groups, and
+//!   which device a rank trains on;
 //! - [`inputs`]: datasets, tokenizers and batches as the model takes them;
-//! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores.
+//! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores;
+//! - [`report`]: the events and outcome a rank reports;
+//! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`].
 
+pub mod checkpointing;
 pub mod ddp;
+pub mod device;
 pub mod error;
 pub mod inputs;
 pub mod launch;
 pub mod optim;
 pub mod predict;
+pub mod report;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
-pub use error::TrainError;
-pub use trainer::{
-    train, CheckpointReport, Groups, StepMetrics, TrainEvent, TrainJob, TrainOutcome,
-};
+pub use error::{DataError, PredictError, TrainError};
+pub use report::{EventSink, StepMetrics, TrainEvent, TrainOutcome};
+pub use trainer::{train, TrainJob, Trainer};

@@ -12,8 +12,7 @@
 
 use std::collections::HashMap;
 
-use samtrain_model::parallel::{shard_dim, Collective};
-use samtrain_model::ModelError;
+use samtrain_comm::{shard_dim, Collective};
 use tch::{Kind, Tensor};
 
 /// The checkpoint names of a parameter's optimizer state.
@@ -180,7 +179,7 @@ pub fn clip_grad_norm(
     params: &[(String, Tensor)],
     max_norm: f64,
     tp: Option<&dyn Collective>,
-) -> Result<f64, ModelError> {
+) -> Result<f64, samtrain_comm::CollectiveError> {
     let tp = tp.filter(|c| c.world_size() > 1);
     let mut replicated = Vec::new();
     let mut sharded = Vec::new();

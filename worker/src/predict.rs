@@ -10,19 +10,21 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::time::Instant;
 
-use samtrain_data::eval::{self, Evaluation, Prediction, SampleId};
+use samtrain_data::eval::{self, Evaluation, Prediction, SampleId, Summary};
 use samtrain_data::mmlink::{Record, RecordId};
 use samtrain_data::preprocess::batch::IGNORE_INDEX;
 use samtrain_data::preprocess::{collate, Preprocessor, TextConfig, Tokenizers};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::SamModel;
-use samtrain_proto::spec::EvaluationSpec;
+use samtrain_proto::spec::{EvaluationSpec, JobSpec};
 use tch::Device;
 use tokenizers::Tokenizer;
 
-use crate::error::{from_panic, TrainError};
-use crate::inputs::to_device;
+use crate::checkpointing::CheckpointMeta;
+use crate::error::{PredictError, TrainError};
+use crate::inputs::{self, to_device};
 
 /// Everything prediction needs besides the model.
 pub struct Predictor {
@@ -33,12 +35,6 @@ pub struct Predictor {
     settings: EvaluationSpec,
 }
 
-fn eval_error(message: impl Into<String>) -> TrainError {
-    TrainError::Eval {
-        message: message.into(),
-    }
-}
-
 impl Predictor {
     /// `root`: the dataset folder that image paths are relative to.
     pub fn new(
@@ -46,15 +42,17 @@ impl Predictor {
         text: &TextConfig,
         image_size: i64,
         settings: EvaluationSpec,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<Self, PredictError> {
         let image = samtrain_data::preprocess::ImageConfig {
             size: image_size as u32,
             ..Default::default()
         };
-        let pre = Preprocessor::new(root, image, text).map_err(|e| eval_error(e.to_string()))?;
-        let tokenizers = Tokenizers::load(text).map_err(|e| eval_error(e.to_string()))?;
-        let decoder = Tokenizer::from_file(&text.llm_tokenizer)
-            .map_err(|e| eval_error(format!("tokenizer {}: {e}", text.llm_tokenizer.display())))?;
+        let pre =
+            Preprocessor::new(root, image, text).map_err(|e| PredictError::eval(e.to_string()))?;
+        let tokenizers = Tokenizers::load(text).map_err(|e| PredictError::eval(e.to_string()))?;
+        let decoder = Tokenizer::from_file(&text.llm_tokenizer).map_err(|e| {
+            PredictError::eval(format!("tokenizer {}: {e}", text.llm_tokenizer.display()))
+        })?;
         Ok(Predictor {
             pre,
             tokenizers,
@@ -79,7 +77,7 @@ impl Predictor {
         model: &SamModel,
         device: Device,
         records: &[Record],
-    ) -> Result<Vec<Prediction>, TrainError> {
+    ) -> Result<Vec<Prediction>, PredictError> {
         let config = GenerationConfig {
             max_new_tokens: self.settings.max_new_tokens as i64,
             num_beams: self.settings.num_beams as i64,
@@ -98,7 +96,7 @@ impl Predictor {
                 let mut sample = self
                     .pre
                     .sample(record)
-                    .map_err(|e| eval_error(e.to_string()))?;
+                    .map_err(|e| PredictError::eval(e.to_string()))?;
                 // Keep the prompt: the positions without a label.
                 let prompt = sample
                     .text
@@ -116,12 +114,12 @@ impl Predictor {
                 self.tokenizers.pad_id(),
                 self.tokenizers.qformer_pad_id(),
             )
-            .map_err(|e| eval_error(e.to_string()))?;
+            .map_err(|e| PredictError::eval(e.to_string()))?;
             let (inputs, _) = to_device(&batch, device);
-            // The model's tensor-parallel all-reduce panics on a dead peer.
+            // The model's tensor-parallel all-reduce unwinds on a dead peer.
             let generated = catch_unwind(AssertUnwindSafe(|| generate(model, &inputs, &config)))
-                .map_err(|p| from_panic(0, p.as_ref()))?
-                .map_err(|e| TrainError::from_model("", "generation", e))?;
+                .map_err(PredictError::from_panic)?
+                .map_err(|e| PredictError::model("", e))?;
             for (record, ids) in chunk.iter().zip(generated) {
                 let end = ids
                     .iter()
@@ -129,7 +127,7 @@ impl Predictor {
                     .unwrap_or(ids.len());
                 let ids: Vec<u32> = ids[..end].iter().map(|&t| t as u32).collect();
                 let text = self.decoder.decode(&ids, true).map_err(|e| {
-                    eval_error(format!("decoding the answer to record {}: {e}", record.id))
+                    PredictError::eval(format!("decoding the answer to record {}: {e}", record.id))
                 })?;
                 out.push(Prediction {
                     sample_id: sample_id(&record.id),
@@ -167,22 +165,25 @@ pub fn to_json(predictions: &[Prediction]) -> serde_json::Value {
 }
 
 /// Writes `pred.json` at `path`.
-pub fn write_predictions(path: &Path, predictions: &[Prediction]) -> Result<(), TrainError> {
+pub fn write_predictions(path: &Path, predictions: &[Prediction]) -> Result<(), PredictError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
-            .map_err(|e| eval_error(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| PredictError::eval(format!("cannot create {}: {e}", dir.display())))?;
     }
     let text = serde_json::to_string_pretty(&to_json(predictions)).expect("JSON serialises");
     std::fs::write(path, text)
-        .map_err(|e| eval_error(format!("cannot write {}: {e}", path.display())))
+        .map_err(|e| PredictError::eval(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Scores predictions; with `out_dir`, writes `eval.json` and
 /// `eval_score.json` there.
-pub fn score(predictions: &[Prediction], out_dir: Option<&Path>) -> Result<Evaluation, TrainError> {
-    let evaluation = eval::evaluate(predictions).map_err(|e| eval_error(e.to_string()))?;
+pub fn score(
+    predictions: &[Prediction],
+    out_dir: Option<&Path>,
+) -> Result<Evaluation, PredictError> {
+    let evaluation = eval::evaluate(predictions).map_err(|e| PredictError::eval(e.to_string()))?;
     if let Some(dir) = out_dir {
-        eval::write_outputs(&evaluation, dir).map_err(|e| eval_error(e.to_string()))?;
+        eval::write_outputs(&evaluation, dir).map_err(|e| PredictError::eval(e.to_string()))?;
     }
     Ok(evaluation)
 }
@@ -202,12 +203,12 @@ pub struct PredictModel {
 /// `config.json`), or a checkpoint location, meaning its newest committed
 /// checkpoint: the model folder recorded in its metadata plus the
 /// checkpoint's trainable tensors (resharded to one rank).
-pub fn load_model(location: &str, device: Device) -> Result<PredictModel, TrainError> {
+pub fn load_model(location: &str, device: Device) -> Result<PredictModel, PredictError> {
     use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
     let local = Path::new(location);
     if local.join(samtrain_model::weights::CONFIG_FILE).is_file() {
         let loaded = samtrain_model::LoadedModel::load(local, device, None)
-            .map_err(|e| TrainError::from_model(location, "loading the model", e))?;
+            .map_err(|e| PredictError::model(location, e))?;
         return Ok(PredictModel {
             loaded,
             model_path: local.to_path_buf(),
@@ -215,29 +216,29 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, TrainE
             step: None,
         });
     }
-    let store_error = |source| TrainError::store(location, source);
+    let store_error = |source| PredictError::store(location, source);
     let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
     let info = ckpt
         .latest()
         .map_err(store_error)?
-        .ok_or_else(|| TrainError::Resume {
+        .ok_or_else(|| PredictError::Location {
             url: location.to_owned(),
             message:
                 "neither a model folder (no config.json) nor a location with a committed checkpoint"
                     .into(),
         })?;
     let state = ckpt.load(&info, 0, 1).map_err(store_error)?;
-    let bad = |message: String| TrainError::Resume {
+    let bad = |message: String| PredictError::Location {
         url: info.url.clone(),
         message,
     };
-    let meta: crate::trainer::CheckpointMeta = serde_json::from_value(state.meta)
+    let meta: CheckpointMeta = serde_json::from_value(state.meta)
         .map_err(|e| bad(format!("meta.json is not samtrain's training state: {e}")))?;
     let spec = samtrain_proto::spec::JobSpec::from_toml(&meta.spec, Some("meta.json"))
         .map_err(|e| bad(e.to_string()))?;
     let model_path = std::path::PathBuf::from(&meta.model_path);
     let loaded = samtrain_model::LoadedModel::load(&model_path, device, None)
-        .map_err(|e| TrainError::from_model(&meta.model_path, "loading the model", e))?;
+        .map_err(|e| PredictError::model(&meta.model_path, e))?;
     let vars: std::collections::HashMap<String, tch::Tensor> =
         loaded.vs.variables().into_iter().collect();
     for (name, value) in &state.tensors {
@@ -263,4 +264,43 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, TrainE
         spec: Some(spec),
         step: Some(meta.step),
     })
+}
+
+/// Predicts `location` with a job's trained model and scores it (on world
+/// rank 0, `scorer`, which also writes `evaluation.output`); the other
+/// ranks of data-parallel rank 0 only join the generation.
+pub fn evaluate(
+    spec: &JobSpec,
+    location: &str,
+    model: &SamModel,
+    device: Device,
+    scorer: bool,
+) -> Result<Option<Summary>, TrainError> {
+    let set = inputs::load_dataset(location, spec.data.bad_records)?;
+    let predictor = Predictor::new(
+        &set.root,
+        &inputs::text_config(spec),
+        model.config.vision_config.image_size,
+        spec.evaluation.clone(),
+    )?;
+    let started = Instant::now();
+    let predictions = predictor.predict(model, device, &set.records)?;
+    if !scorer {
+        return Ok(None);
+    }
+    let out = spec.evaluation.output.as_deref().map(Path::new);
+    if let Some(dir) = out {
+        write_predictions(&dir.join("pred.json"), &predictions)?;
+    }
+    let evaluation = score(&predictions, out)?;
+    let s = evaluation.summary;
+    tracing::info!(
+        samples = predictions.len(),
+        rouge = s.rouge,
+        cider = s.cider,
+        bleu4 = s.bleu4,
+        seconds = started.elapsed().as_secs_f64(),
+        "evaluation"
+    );
+    Ok(Some(s))
 }

@@ -104,9 +104,9 @@ pub fn shard(list: &[(String, Tensor)], rank: i64, size: i64) -> Vec<(String, Te
             let param = name
                 .split_once('.')
                 .map(|(_, p)| p)
-                .filter(|p| samtrain_model::parallel::shard_dim(p).is_some());
-            let dim = samtrain_model::parallel::shard_dim(name)
-                .or_else(|| param.and_then(samtrain_model::parallel::shard_dim));
+                .filter(|p| samtrain_comm::shard_dim(p).is_some());
+            let dim =
+                samtrain_comm::shard_dim(name).or_else(|| param.and_then(samtrain_comm::shard_dim));
             let part = match dim {
                 Some(d) => {
                     let len = t.size()[d as usize] / size;

@@ -6,14 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
+use samtrain_collective::ProcessGroups;
 use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
-use samtrain_model::parallel::{Collective, LocalCollective};
 use samtrain_model::{weights, LoadedModel, SamConfig};
 use samtrain_proto::spec::JobSpec;
-use samtrain_worker::{train, Groups, TrainError, TrainEvent, TrainJob, TrainOutcome};
+use samtrain_worker::{train, TrainError, TrainEvent, TrainJob, TrainOutcome};
 use tch::{Device, Tensor};
 
 pub struct Fixture {
@@ -113,31 +113,17 @@ pub fn run_threads(
     tp: usize,
     stop_after: Option<u64>,
 ) -> Vec<Result<TrainOutcome, TrainError>> {
-    let world = dp * tp;
-    let dp_groups: Vec<Vec<LocalCollective>> =
-        (0..tp).map(|_| LocalCollective::group(dp as i64)).collect();
-    let tp_groups: Vec<Vec<LocalCollective>> =
-        (0..dp).map(|_| LocalCollective::group(tp as i64)).collect();
-    let dp_groups = Arc::new(Mutex::new(dp_groups));
-    let tp_groups = Arc::new(Mutex::new(tp_groups));
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (d, t) = (rank / tp, rank % tp);
-            let dp_comm: Arc<dyn Collective> = Arc::new(dp_groups.lock().unwrap()[t][d].clone());
-            let tp_comm: Option<Arc<dyn Collective>> = (tp > 1)
-                .then(|| Arc::new(tp_groups.lock().unwrap()[d][t].clone()) as Arc<dyn Collective>);
+    let groups = ProcessGroups::in_process((dp * tp) as i64, tp as i64).unwrap();
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|groups| {
             let spec = spec.clone();
             std::thread::spawn(move || {
                 let abort = Arc::new(AtomicBool::new(false));
                 let flag = abort.clone();
                 train(TrainJob {
                     spec,
-                    rank: rank as u32,
-                    world_size: world as u32,
-                    groups: Groups {
-                        dp: dp_comm,
-                        tp: tp_comm,
-                    },
+                    groups,
                     abort,
                     events: Box::new(move |e| {
                         if let (TrainEvent::Progress(m), Some(stop)) = (&e, stop_after) {

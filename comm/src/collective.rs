@@ -1,0 +1,34 @@
+//! The collective operations the model and the trainer need from a process
+//! group.
+
+use tch::Tensor;
+
+use crate::error::Result;
+
+/// A process group. All ranks of the group call the same operations in the
+/// same order.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> i64;
+    fn world_size(&self) -> i64;
+    /// Element-wise sum over the group; every rank gets the result.
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor>;
+    /// [`Collective::all_reduce_sum`] into `tensor` itself, bit for bit the
+    /// same values. Backends that can reduce in the caller's buffer override
+    /// it to save the allocation and copy of a fresh result; by default it
+    /// copies the allocating result back.
+    fn all_reduce_sum_(&self, tensor: &mut Tensor) -> Result<()> {
+        let summed = self.all_reduce_sum(tensor)?;
+        tensor
+            .f_copy_(&summed)
+            .map_err(|source| crate::CollectiveError::Torch {
+                op: "all_reduce",
+                source,
+            })?;
+        Ok(())
+    }
+    /// Every rank's tensor, in rank order.
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>>;
+    /// Rank `root`'s tensor, on every rank.
+    fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<Tensor>;
+    fn barrier(&self) -> Result<()>;
+}

@@ -1,0 +1,30 @@
+//! Which device a rank trains on, from the spec's `training.device` and the
+//! devices libtorch sees.
+
+use samtrain_proto::spec::DeviceKind;
+use tch::Device;
+
+use crate::error::TrainError;
+
+/// The device of `kind` for this rank: CUDA index `LOCAL_RANK` (torchrun's
+/// variable) when set, else the world rank modulo the devices present.
+pub fn resolve_device(kind: DeviceKind, rank: u32) -> Result<Device, TrainError> {
+    let cuda = || {
+        let count = tch::Cuda::device_count().max(1) as usize;
+        let index = std::env::var("LOCAL_RANK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(rank as usize);
+        Device::Cuda(index % count)
+    };
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda if !tch::Cuda::is_available() => Err(TrainError::config(
+            "training.device",
+            "is `cuda` but libtorch sees no CUDA device here",
+        )),
+        DeviceKind::Cuda => Ok(cuda()),
+        DeviceKind::Auto if tch::Cuda::is_available() => Ok(cuda()),
+        DeviceKind::Auto => Ok(Device::Cpu),
+    }
+}

@@ -1,0 +1,53 @@
+//! What a training rank tells its launcher: events as they happen
+//! ([`TrainEvent`]) and how the generation ended ([`TrainOutcome`]). The
+//! launcher forwards them (to the coordinator, a progress bar, a test).
+
+use samtrain_data::eval::Summary;
+use samtrain_proto::Checkpoint;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum TrainEvent {
+    /// Training starts after `step` steps (0, or a resumed checkpoint's).
+    Started {
+        step: u64,
+        samples_consumed: u64,
+        resumed_from: Option<Checkpoint>,
+    },
+    /// Every `training.log_every` steps and at the last step.
+    Progress(StepMetrics),
+    /// A checkpoint this rank committed (tp rank 0 of dp rank 0 commits).
+    Checkpoint(Checkpoint),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    /// Mean LM loss over the answer tokens of the global batch.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+    pub tokens_per_s: f64,
+    /// Samples trained on by all ranks since the job began.
+    pub samples_consumed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainOutcome {
+    pub final_step: u64,
+    pub samples_consumed: u64,
+    /// The newest committed checkpoint the job knows of (the same on every rank).
+    pub checkpoint: Option<Checkpoint>,
+    /// The step training resumed from, if any.
+    pub resumed_from: Option<u64>,
+    /// Training records left out under the `skip` bad-record policy.
+    pub skipped_records: usize,
+    /// Scores on `data.eval` (world rank 0 only).
+    pub eval: Option<Summary>,
+}
+
+/// Where progress and committed checkpoints go, as they happen.
+pub type EventSink = Box<dyn FnMut(TrainEvent) + Send>;

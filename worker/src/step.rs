@@ -1,0 +1,124 @@
+//! One optimizer step's forward, backward and gradient reduction, given its
+//! micro-batches:
+//!
+//! 1. the answer tokens of the global batch are counted (an all-reduce of
+//!    one number over the dp group) and each micro-batch's mean loss is
+//!    scaled by its share of them, so that the summed gradients are those of
+//!    the mean loss over the whole global batch whatever the split: dp = 2
+//!    equals one process with twice the batch, `grad_accum = 2` equals a
+//!    batch twice as large;
+//! 2. forward and backward (with the tensor-parallel tape when tp > 1),
+//!    inside `catch_unwind`: the model's tensor-parallel all-reduce unwinds
+//!    with a typed payload when a peer fails, which becomes a retriable
+//!    [`TrainError::Collective`];
+//! 3. gradients summed over the dp group in buckets ([`crate::ddp`]) and
+//!    clipped by their global norm ([`crate::optim::clip_grad_norm`]).
+//!
+//! The optimizer update itself is the trainer's.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use samtrain_comm::Collective;
+use samtrain_model::parallel::GradTape;
+use samtrain_model::{SamInputs, SamModel};
+use tch::{Kind, Tensor};
+
+use crate::ddp::GradBuckets;
+use crate::error::TrainError;
+use crate::optim::clip_grad_norm;
+
+/// What one optimizer step needs besides its data.
+pub(crate) struct StepContext<'a> {
+    pub model: &'a SamModel,
+    pub params: &'a [(String, Tensor)],
+    pub dp: &'a dyn Collective,
+    /// The tensor-parallel group, when tp > 1.
+    pub tp: Option<&'a dyn Collective>,
+    pub buckets: &'a GradBuckets,
+    pub max_grad_norm: f64,
+    pub autocast: bool,
+}
+
+pub(crate) struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// Answer tokens in the global batch.
+    pub tokens: i64,
+}
+
+impl StepContext<'_> {
+    /// Forward, backward, dp reduction and clipping of one optimizer step;
+    /// leaves the final gradients in the parameters.
+    pub fn run(&self, step: u64, micro: &[(SamInputs, Tensor)]) -> Result<StepStats, TrainError> {
+        let dp = self.dp;
+        let local_tokens: i64 = micro
+            .iter()
+            .map(|(_, labels)| labels.ne(-100).sum(Kind::Int64).int64_value(&[]))
+            .sum();
+        let tokens = if dp.world_size() > 1 {
+            dp.all_reduce_sum(&Tensor::from_slice(&[local_tokens]))
+                .map_err(|e| TrainError::collective(&format!("step {step}: counting tokens"), e))?
+                .int64_value(&[0])
+        } else {
+            local_tokens
+        };
+        if tokens == 0 {
+            return Err(TrainError::Step {
+                step,
+                message: "the global batch has no answer tokens to learn from".into(),
+            });
+        }
+        let loss_sum = catch_unwind(AssertUnwindSafe(|| self.backward(step, micro, tokens)))
+            .map_err(|p| TrainError::from_panic(step, p))??;
+        self.buckets
+            .all_reduce(self.params, dp)
+            .map_err(|e| TrainError::collective(&format!("step {step}: gradient all-reduce"), e))?;
+        let loss_sum = if dp.world_size() > 1 {
+            dp.all_reduce_sum(&Tensor::from_slice(&[loss_sum]))
+                .map_err(|e| TrainError::collective(&format!("step {step}: loss all-reduce"), e))?
+                .double_value(&[0])
+        } else {
+            loss_sum
+        };
+        let grad_norm = clip_grad_norm(self.params, self.max_grad_norm, self.tp)
+            .map_err(|e| TrainError::collective(&format!("step {step}: gradient norm"), e))?;
+        Ok(StepStats {
+            loss: loss_sum / tokens as f64,
+            grad_norm,
+            tokens,
+        })
+    }
+
+    /// Accumulates the gradients of every micro-batch, each loss weighted by
+    /// its share of the global batch's `tokens`; returns this rank's summed
+    /// token loss.
+    fn backward(
+        &self,
+        step: u64,
+        micro: &[(SamInputs, Tensor)],
+        tokens: i64,
+    ) -> Result<f64, TrainError> {
+        let mut loss_sum = 0.0;
+        for (inputs, labels) in micro {
+            let mut tape = self.tp.map(|_| GradTape::new());
+            let losses = tch::autocast(self.autocast, || {
+                self.model.loss(inputs, labels, None, tape.as_mut())
+            })
+            .map_err(|e| {
+                TrainError::from_model("", &format!("the forward pass of step {step}"), e)
+            })?;
+            if losses.tokens == 0 {
+                continue;
+            }
+            let scaled = &losses.total * (losses.tokens as f64 / tokens as f64);
+            match tape {
+                Some(tape) => tape.backward(&scaled, self.tp).map_err(|e| {
+                    TrainError::collective(&format!("the backward pass of step {step}"), e)
+                })?,
+                None => scaled.backward(),
+            }
+            loss_sum += losses.lm.double_value(&[]) * losses.tokens as f64;
+        }
+        Ok(loss_sum)
+    }
+}
