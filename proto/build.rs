@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "samtrain.v1.Checkpoint",
             "#[derive(serde::Serialize, serde::Deserialize)]",
         )
+        // Likewise the scores of a job's evaluation.
+        .type_attribute(
+            "samtrain.v1.Scores",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
         .compile_protos(&["proto/samtrain.proto"], &["proto"])?;
     Ok(())
 }

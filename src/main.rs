@@ -1,22 +1,17 @@
 //! The `samtrain` binary: one program for every role. This file parses the
-//! command line and hands each subcommand to its module.
+//! command line and hands each subcommand to its module:
+//! - [`cmd`]: one module per subcommand;
+//! - [`bench`]: the benchmarks (`samtrain bench ...`);
+//! - [`prepare`], [`loss_plot`]: what `local` and `demo` share: creating the
+//!   data and model a spec asks for, and the loss curve.
 
 mod bench;
-mod bench_allreduce;
-mod bench_checkpoint;
-mod control_cmd;
-mod data_cmd;
-mod demo;
-mod eval_cmd;
-mod local;
+mod cmd;
 mod loss_plot;
-mod model_cmd;
-mod predict_cmd;
 mod prepare;
-mod train_cmd;
-mod worker_cmd;
 
 use clap::{Parser, Subcommand};
+use cmd::{coordinator, data, demo, eval, jobs, local, model, predict, train, worker};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -37,7 +32,7 @@ struct Cli {
 enum Command {
     /// Work with a model folder: create, run, inspect.
     #[command(subcommand)]
-    Model(model_cmd::ModelCommand),
+    Model(model::ModelCommand),
     /// The main job: two local workers train a small SAM from scratch on
     /// synthetic MmLINK data, then score it on a held-out split.
     Demo(demo::DemoArgs),
@@ -45,21 +40,24 @@ enum Command {
     Local(local::LocalArgs),
     /// A training process of the cluster: registers with the coordinator
     /// and trains the generations it is assigned.
-    Worker(worker_cmd::WorkerArgs),
+    Worker(worker::WorkerArgs),
     /// Timings of the model, to compare with transformers (docs/PERFORMANCE.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Scores a pred.json with SAM's protocol (ROUGE-L, CIDEr, BLEU-4).
-    Eval(eval_cmd::EvalArgs),
+    Eval(eval::EvalArgs),
     /// MmLINK datasets: validate one, or synthesise one.
     #[command(subcommand)]
-    Data(data_cmd::DataCommand),
+    Data(data::DataCommand),
     /// Trains a job spec: one process, or one rank of a static world (--peers).
-    Train(train_cmd::TrainArgs),
+    Train(train::TrainArgs),
     /// Answers an MmLINK set with a model folder or checkpoint (pred.json) and scores it.
-    Predict(predict_cmd::PredictArgs),
+    Predict(predict::PredictArgs),
+    /// Runs a coordinator: the gRPC API, leader election (with etcd) and
+    /// the health probes. Without --etcd it runs embedded, in memory.
+    Coordinator(coordinator::CoordinatorArgs),
     #[command(flatten)]
-    Control(control_cmd::ControlCommand),
+    Jobs(jobs::JobCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,15 +72,16 @@ fn main() -> anyhow::Result<()> {
         logs.init();
     }
     match cli.command {
-        Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Model(cmd) => model::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Local(args) => local::run(args),
-        Command::Worker(args) => worker_cmd::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Bench(cmd) => bench::run(cmd),
-        Command::Eval(args) => eval_cmd::run(args),
-        Command::Data(cmd) => data_cmd::run(cmd),
-        Command::Train(args) => train_cmd::run(args),
-        Command::Predict(args) => predict_cmd::run(args),
-        Command::Control(cmd) => control_cmd::run(cmd),
+        Command::Eval(args) => eval::run(args),
+        Command::Data(cmd) => data::run(cmd),
+        Command::Train(args) => train::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Coordinator(args) => coordinator::run(args),
+        Command::Jobs(cmd) => jobs::run(cmd),
     }
 }

@@ -6,10 +6,8 @@
 //! The transitions here are plain functions of a record, so the policy is
 //! testable without a store or a network.
 
-use std::collections::BTreeMap;
-
 use samtrain_proto::spec::JobSpec;
-use samtrain_proto::v1;
+use samtrain_proto::{v1, Checkpoint, Scores};
 use serde::{Deserialize, Serialize};
 
 /// Where a job is in its life.
@@ -76,13 +74,6 @@ pub struct MemberRecord {
     pub rank: u32,
 }
 
-/// A committed checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckpointRecord {
-    pub step: u64,
-    pub url: String,
-}
-
 /// The rendezvous and restart settings of a job, copied from its spec.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -119,11 +110,13 @@ pub struct JobRecord {
     pub step: u64,
     pub total_steps: u64,
     pub loss: Option<f64>,
-    pub checkpoint: Option<CheckpointRecord>,
+    /// The newest committed checkpoint.
+    pub checkpoint: Option<Checkpoint>,
     /// The running generation's members in rank order (empty otherwise).
     pub members: Vec<MemberRecord>,
     pub message: String,
-    pub eval: BTreeMap<String, f64>,
+    /// The final evaluation's scores, once succeeded with one.
+    pub eval: Option<Scores>,
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub finished_unix_ms: Option<i64>,
@@ -156,7 +149,7 @@ impl JobRecord {
             checkpoint: None,
             members: Vec::new(),
             message: "waiting for workers".to_owned(),
-            eval: BTreeMap::new(),
+            eval: None,
             created_unix_ms: now,
             updated_unix_ms: now,
             finished_unix_ms: None,
@@ -249,12 +242,7 @@ impl JobRecord {
     }
 
     /// Rank 0 reported completion.
-    pub fn succeed(
-        &mut self,
-        step: u64,
-        eval: BTreeMap<String, f64>,
-        now: i64,
-    ) -> Vec<MemberRecord> {
+    pub fn succeed(&mut self, step: u64, eval: Option<Scores>, now: i64) -> Vec<MemberRecord> {
         let members = std::mem::take(&mut self.members);
         self.step = self.step.max(step);
         self.eval = eval;
@@ -282,10 +270,10 @@ impl JobRecord {
             step: self.step,
             total_steps: self.total_steps,
             loss: self.loss,
-            latest_checkpoint: self.checkpoint.as_ref().map(CheckpointRecord::to_proto),
+            latest_checkpoint: self.checkpoint.clone(),
             members: self.members.iter().map(MemberRecord::to_proto).collect(),
             message: self.message.clone(),
-            eval: self.eval.clone().into_iter().collect(),
+            eval: self.eval,
             created_unix_ms: self.created_unix_ms,
             updated_unix_ms: self.updated_unix_ms,
             finished_unix_ms: self.finished_unix_ms,
@@ -300,15 +288,6 @@ impl MemberRecord {
             name: self.name.clone(),
             advertise: self.advertise.clone(),
             rank: self.rank,
-        }
-    }
-}
-
-impl CheckpointRecord {
-    pub fn to_proto(&self) -> v1::Checkpoint {
-        v1::Checkpoint {
-            step: self.step,
-            url: self.url.clone(),
         }
     }
 }
@@ -365,8 +344,12 @@ mod tests {
     fn success_keeps_scores_and_cancel_keeps_the_checkpoint() {
         let mut j = job(3);
         j.form(vec![member("a", 0)], 2);
-        let eval = BTreeMap::from([("cider".to_owned(), 0.5)]);
-        let told = j.succeed(100, eval.clone(), 3);
+        let eval = Some(Scores {
+            rouge: 0.0,
+            cider: 0.5,
+            bleu4: 0.0,
+        });
+        let told = j.succeed(100, eval, 3);
         assert_eq!(told.len(), 1);
         assert_eq!(
             (j.state, j.step, &j.eval),
@@ -374,7 +357,7 @@ mod tests {
         );
 
         let mut j = job(3);
-        j.checkpoint = Some(CheckpointRecord {
+        j.checkpoint = Some(Checkpoint {
             step: 10,
             url: "file:///c/step-10".into(),
         });

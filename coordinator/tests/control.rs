@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -45,7 +44,11 @@ async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> 
             v1::job_event::Event::CheckpointCommitted(c) => format!("checkpoint:{}", c.step),
             v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
             v1::job_event::Event::Finished(f) => {
-                format!("finished:{}:{}", f.state().as_str_name(), f.eval["rouge"])
+                format!(
+                    "finished:{}:{}",
+                    f.state().as_str_name(),
+                    f.eval.unwrap().rouge
+                )
             }
         });
     }
@@ -54,11 +57,7 @@ async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> 
 
 /// The final state is in etcd, readable without the coordinator; the
 /// store, for further checks.
-async fn stored_job_is(
-    endpoints: &[String],
-    id: &str,
-    eval: BTreeMap<String, f64>,
-) -> store::SharedStore {
+async fn stored_job_is(endpoints: &[String], id: &str, eval: v1::Scores) -> store::SharedStore {
     let s = store::open(endpoints).await.unwrap();
     let kv = s
         .get(&format!("/samtrain-test/jobs/{id}"))
@@ -67,7 +66,7 @@ async fn stored_job_is(
         .unwrap();
     let stored: JobRecord = serde_json::from_slice(&kv.value).unwrap();
     assert_eq!(stored.state, JobState::Succeeded);
-    assert_eq!(stored.eval, eval);
+    assert_eq!(stored.eval, Some(eval));
     assert_eq!(
         stored.checkpoint.unwrap().url,
         "file:///tmp/ckpt/pair/step-10"
@@ -114,7 +113,10 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         lr: 1e-4,
         ..Progress::default()
     });
-    r.checkpoint(10, "file:///tmp/ckpt/pair/step-10");
+    r.checkpoint(v1::Checkpoint {
+        step: 10,
+        url: "file:///tmp/ckpt/pair/step-10".into(),
+    });
     eventually(Duration::from_secs(5), "progress and checkpoint", || {
         let mut c = client.clone();
         let id = id.clone();
@@ -125,11 +127,11 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     })
     .await;
 
-    let eval = BTreeMap::from([
-        ("cider".to_owned(), 0.75),
-        ("bleu4".to_owned(), 0.25),
-        ("rouge".to_owned(), 0.5),
-    ]);
+    let eval = v1::Scores {
+        cider: 0.75,
+        bleu4: 0.25,
+        rouge: 0.5,
+    };
     w1.report_outcome(
         &a1,
         Outcome::Completed {
@@ -148,7 +150,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     w0.report_outcome(
         &a0,
         Outcome::Completed {
-            eval: Some(eval.clone()),
+            eval: Some(eval),
             step: 50,
             checkpoint: None,
         },
@@ -157,7 +159,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     .unwrap();
     let job = state(&mut client, &id).await;
     assert_eq!(job.state(), v1::JobState::Succeeded);
-    assert_eq!(job.eval.get("cider"), Some(&0.75));
+    assert_eq!(job.eval.map(|e| e.cider), Some(0.75));
     assert!(job.finished_unix_ms.is_some());
 
     // The watch saw the whole story, in order, and closed after the end.

@@ -13,3 +13,15 @@ pub mod v1 {
 
 /// A committed checkpoint: its step and the URL of its folder.
 pub use v1::Checkpoint;
+/// SAM's evaluation scores (ROUGE-L, CIDEr, BLEU-4).
+pub use v1::Scores;
+
+impl Scores {
+    /// `bleu4 B, cider C, rouge R` with `decimals` digits, for people.
+    pub fn describe(&self, decimals: usize) -> String {
+        format!(
+            "bleu4 {:.decimals$}, cider {:.decimals$}, rouge {:.decimals$}",
+            self.bleu4, self.cider, self.rouge
+        )
+    }
+}

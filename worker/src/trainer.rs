@@ -133,26 +133,7 @@ impl Trainer {
             tch::set_num_threads(t.threads as i32);
         }
         let device = resolve_device(t.device, layout.rank as u32)?;
-        let tp_comm = (layout.tp > 1).then(|| TensorParallel::new(groups.tp.clone()));
-        let loaded = LoadedModel::load(Path::new(&spec.model.path), device, tp_comm)
-            .map_err(|e| TrainError::from_model(&spec.model.path, "loading the model", e))?;
-        let params = trainable::apply(&loaded.vs, &loaded.model.config.samtrain);
-        if params.is_empty() {
-            return Err(TrainError::config(
-                "model.path",
-                format!(
-                    "{}: the model's trainable-parameter policy leaves nothing to train",
-                    spec.model.path
-                ),
-            ));
-        }
-        tracing::info!(
-            dp_size = layout.dp,
-            tp_size = layout.tp,
-            ?device,
-            trainable = trainable::count(&params),
-            "model loaded"
-        );
+        let (loaded, params) = load_trainable(&spec, &groups, device)?;
         let mut optimizer = AdamW::new(
             &params,
             AdamWConfig {
@@ -400,6 +381,36 @@ impl Trainer {
             eval,
         })
     }
+}
+
+/// This rank's shard of the model folder, and its trainable parameters.
+fn load_trainable(
+    spec: &JobSpec,
+    groups: &ProcessGroups,
+    device: Device,
+) -> Result<(LoadedModel, Vec<(String, Tensor)>), TrainError> {
+    let layout = groups.layout;
+    let tp_comm = (layout.tp > 1).then(|| TensorParallel::new(groups.tp.clone()));
+    let loaded = LoadedModel::load(Path::new(&spec.model.path), device, tp_comm)
+        .map_err(|e| TrainError::from_model(&spec.model.path, "loading the model", e))?;
+    let params = trainable::apply(&loaded.vs, &loaded.model.config.samtrain);
+    if params.is_empty() {
+        return Err(TrainError::config(
+            "model.path",
+            format!(
+                "{}: the model's trainable-parameter policy leaves nothing to train",
+                spec.model.path
+            ),
+        ));
+    }
+    tracing::info!(
+        dp_size = layout.dp,
+        tp_size = layout.tp,
+        ?device,
+        trainable = trainable::count(&params),
+        "model loaded"
+    );
+    Ok((loaded, params))
 }
 
 /// The prefetching loader of this rank's share of `train_set`, from

@@ -14,7 +14,6 @@ mod generations;
 mod lease;
 mod reports;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,11 +113,11 @@ pub struct Assignment {
 pub enum Outcome {
     /// Training (and, on rank 0, the evaluation) finished.
     Completed {
-        /// `cider`, `bleu4`, `rouge` when evaluated.
-        eval: Option<BTreeMap<String, f64>>,
+        /// The scores, when rank 0 evaluated.
+        eval: Option<v1::Scores>,
         step: u64,
-        /// The newest committed checkpoint, `(step, url)`.
-        checkpoint: Option<(u64, String)>,
+        /// The newest committed checkpoint.
+        checkpoint: Option<v1::Checkpoint>,
     },
     /// `retriable`: a peer died or timed out, the generation restarts;
     /// otherwise (bad data, bad config) the job fails.
@@ -302,8 +301,8 @@ impl Agent {
                     checkpoint,
                 } => v1::outcome_report::Outcome::Completed(v1::Completed {
                     step,
-                    eval: eval.unwrap_or_default().into_iter().collect(),
-                    checkpoint: checkpoint.map(|(step, url)| v1::Checkpoint { step, url }),
+                    eval,
+                    checkpoint,
                 }),
                 Outcome::Failed { retriable, message } => {
                     v1::outcome_report::Outcome::Failed(v1::Failed { retriable, message })

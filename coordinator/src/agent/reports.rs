@@ -17,7 +17,7 @@ use super::{AgentError, Progress, Shared};
 
 pub(super) enum Report {
     Progress(Progress),
-    Checkpoint { step: u64, url: String },
+    Checkpoint(v1::Checkpoint),
 }
 
 /// Best-effort reports of the current generation; cheap to clone, never
@@ -34,18 +34,15 @@ impl Reporter {
     }
 
     /// A committed checkpoint (its manifest is written).
-    pub fn checkpoint(&self, step: u64, url: impl Into<String>) {
-        let _ = self.reports.try_send(Report::Checkpoint {
-            step,
-            url: url.into(),
-        });
+    pub fn checkpoint(&self, committed: v1::Checkpoint) {
+        let _ = self.reports.try_send(Report::Checkpoint(committed));
     }
 }
 
 /// Sends reports to the leader. Progress that fails is dropped; the newest
 /// unsent checkpoint is retried every second until acknowledged.
 pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receiver<Report>) {
-    let mut pending: Option<(Current, u64, String)> = None;
+    let mut pending: Option<(Current, v1::Checkpoint)> = None;
     loop {
         let report = tokio::select! {
             r = reports.recv() => match r {
@@ -63,18 +60,21 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 let span = current.span();
                 send_progress(&shared, current, p).instrument(span).await;
             }
-            Some(Report::Checkpoint { step, url }) => {
+            Some(Report::Checkpoint(committed)) => {
                 if let Some(current) = shared.generations.current() {
-                    if pending.as_ref().is_none_or(|(_, s, _)| step >= *s) {
-                        pending = Some((current, step, url));
+                    if pending
+                        .as_ref()
+                        .is_none_or(|(_, newest)| committed.step >= newest.step)
+                    {
+                        pending = Some((current, committed));
                     }
                 }
             }
             None => {}
         }
-        if let Some((current, step, url)) = pending.clone() {
+        if let Some((current, committed)) = pending.clone() {
             let span = current.span();
-            if send_checkpoint(&shared, current, step, url)
+            if send_checkpoint(&shared, current, committed)
                 .instrument(span)
                 .await
             {
@@ -112,12 +112,13 @@ async fn send_progress(shared: &Shared, current: Current, p: Progress) {
 }
 
 /// Whether the checkpoint is settled: acknowledged, or refused for good.
-async fn send_checkpoint(shared: &Shared, current: Current, step: u64, url: String) -> bool {
+async fn send_checkpoint(shared: &Shared, current: Current, committed: v1::Checkpoint) -> bool {
+    let step = committed.step;
     let report = v1::CheckpointReport {
         worker_id: shared.worker_id.clone(),
         job_id: current.job_id,
         generation: current.generation,
-        checkpoint: Some(v1::Checkpoint { step, url }),
+        checkpoint: Some(committed),
     };
     let sent = shared
         .call(|mut c| {

@@ -310,7 +310,7 @@ impl Control {
                 v1::job_event::Event::Finished(v1::Finished {
                     state: job.state.to_proto() as i32,
                     message: job.message.clone(),
-                    eval: job.eval.clone().into_iter().collect(),
+                    eval: job.eval,
                     step: job.step,
                 }),
             ));

@@ -184,7 +184,7 @@ impl Control {
                 tp: job.policy.tp,
                 peers: peers.clone(),
                 spec_toml: job.spec_toml.clone(),
-                resume_checkpoint: job.checkpoint.as_ref().map(|c| c.to_proto()),
+                resume_checkpoint: job.checkpoint.clone(),
             };
             let s = view
                 .subscribers

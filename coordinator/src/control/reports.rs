@@ -4,13 +4,11 @@
 //! stale and changes nothing, so a worker that missed a restart cannot
 //! disturb the next generation.
 
-use std::collections::BTreeMap;
-
 use samtrain_proto::v1;
 use tonic::Status;
 
 use super::{event, Control, Ending, JobAtHand};
-use crate::jobs::{CheckpointRecord, MemberRecord};
+use crate::jobs::MemberRecord;
 use crate::records::now_ms;
 
 /// The answer to a report.
@@ -65,10 +63,7 @@ impl Control {
         {
             return Ok(ack(true));
         }
-        at.job.checkpoint = Some(CheckpointRecord {
-            step: ck.step,
-            url: ck.url.clone(),
-        });
+        at.job.checkpoint = Some(ck.clone());
         at.job.updated_unix_ms = now_ms();
         self.save(&at.job).await?;
         at.view.jobs.insert(at.job.id.clone(), at.job);
@@ -114,14 +109,10 @@ impl Control {
         let JobAtHand { mut view, mut job } = at;
         if let Some(ck) = done.checkpoint {
             if job.checkpoint.as_ref().is_none_or(|old| old.step < ck.step) {
-                job.checkpoint = Some(CheckpointRecord {
-                    step: ck.step,
-                    url: ck.url,
-                });
+                job.checkpoint = Some(ck);
             }
         }
-        let eval: BTreeMap<String, f64> = done.eval.into_iter().collect();
-        let members = job.succeed(done.step, eval, now_ms());
+        let members = job.succeed(done.step, done.eval, now_ms());
         self.save(&job).await?;
         tracing::info!(job = %job.id, step = job.step, eval = ?job.eval, "job succeeded");
         view.jobs.insert(job.id.clone(), job.clone());

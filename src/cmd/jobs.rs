@@ -1,23 +1,20 @@
-//! The control-plane commands: `coordinator` runs one (embedded, or one of
-//! several on etcd with leader election); `submit`, `status`, `list`,
-//! `cancel` and `watch` talk to the leader. Every flag also reads an env
-//! var (`SAMTRAIN_*`), which the Helm chart sets.
+//! The job commands: `submit`, `status`, `list`, `cancel` and `watch` talk
+//! to the leading coordinator (found among `--coordinator` addresses).
+//! Every flag also reads an env var (`SAMTRAIN_*`), which the Helm chart
+//! sets.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use samtrain_coordinator::client::Client;
-use samtrain_coordinator::CoordinatorOptions;
+
+use super::Coordinators;
 use samtrain_proto::v1;
 use serde_json::{json, Value};
 
 #[derive(Subcommand)]
-pub enum ControlCommand {
-    /// Runs a coordinator: the gRPC API, leader election (with etcd) and
-    /// the health probes. Without --etcd it runs embedded, in memory.
-    Coordinator(CoordinatorArgs),
+pub enum JobCommand {
     /// Submits a job spec (TOML); prints the job id.
     Submit(SubmitArgs),
     /// Shows one job.
@@ -31,41 +28,9 @@ pub enum ControlCommand {
 }
 
 #[derive(Args)]
-pub struct CoordinatorArgs {
-    /// gRPC listen address.
-    #[arg(long, env = "SAMTRAIN_LISTEN", default_value = "0.0.0.0:7070")]
-    listen: SocketAddr,
-    /// `/healthz` and `/readyz` (200 only on the leader).
-    #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
-    health_listen: SocketAddr,
-    /// etcd endpoints, comma-separated; none runs embedded (in memory).
-    #[arg(long, env = "SAMTRAIN_ETCD", value_delimiter = ',')]
-    etcd: Vec<String>,
-    /// The prefix of every key in etcd.
-    #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
-    etcd_prefix: String,
-    /// This coordinator's name in the election (default: the host name).
-    #[arg(long, env = "SAMTRAIN_NODE_ID")]
-    node_id: Option<String>,
-    /// Lease TTL in seconds, of the leader and (by default) the workers.
-    #[arg(long, env = "SAMTRAIN_LEASE_TTL", default_value_t = 5)]
-    lease_ttl: u64,
-    /// The address standbys give clients for this node when it leads
-    /// (default: the bound listen address).
-    #[arg(long, env = "SAMTRAIN_ADVERTISE")]
-    advertise: Option<String>,
-}
-
-#[derive(Args)]
 pub struct Remote {
-    /// Coordinator addresses, comma-separated (the leader is found).
-    #[arg(
-        long,
-        env = "SAMTRAIN_COORDINATOR",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:7070"
-    )]
-    coordinator: Vec<String>,
+    #[command(flatten)]
+    coordinators: Coordinators,
     /// Machine-readable JSON output.
     #[arg(long)]
     json: bool,
@@ -93,51 +58,17 @@ pub struct ListArgs {
     remote: Remote,
 }
 
-pub fn run(cmd: ControlCommand) -> Result<()> {
+pub fn run(cmd: JobCommand) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         match cmd {
-            ControlCommand::Coordinator(args) => coordinator(args).await,
-            ControlCommand::Submit(args) => submit(args).await,
-            ControlCommand::Status(args) => status(args).await,
-            ControlCommand::List(args) => list(args).await,
-            ControlCommand::Cancel(args) => cancel(args).await,
-            ControlCommand::Watch(args) => watch(args).await,
+            JobCommand::Submit(args) => submit(args).await,
+            JobCommand::Status(args) => status(args).await,
+            JobCommand::List(args) => list(args).await,
+            JobCommand::Cancel(args) => cancel(args).await,
+            JobCommand::Watch(args) => watch(args).await,
         }
     })
-}
-
-async fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    let node_id = args.node_id.unwrap_or_else(|| {
-        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("coordinator-{}", std::process::id()))
-    });
-    let running = samtrain_coordinator::run(CoordinatorOptions {
-        listen: args.listen,
-        health_listen: Some(args.health_listen),
-        etcd: args.etcd,
-        prefix: args.etcd_prefix,
-        node_id,
-        lease_ttl: Duration::from_secs(args.lease_ttl),
-        advertise: args.advertise,
-    })
-    .await
-    .context("starting the coordinator")?;
-    eprintln!(
-        "coordinator on {} (health on {})",
-        running.addr(),
-        running
-            .health_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down; handing the leadership over");
-    running.shutdown().await.context("stopping the coordinator")
 }
 
 pub(crate) fn state_name(state: i32) -> &'static str {
@@ -168,7 +99,7 @@ fn job_json(job: &v1::Job) -> Value {
             "rank": m.rank, "worker_id": m.worker_id, "name": m.name, "advertise": m.advertise,
         })).collect::<Vec<_>>(),
         "message": job.message,
-        "eval": job.eval.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "eval": job.eval,
         "created_unix_ms": job.created_unix_ms,
         "updated_unix_ms": job.updated_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
@@ -190,11 +121,8 @@ fn print_job(job: &v1::Job) {
     for m in &job.members {
         println!("rank {:<5} {} at {}", m.rank, m.worker_id, m.advertise);
     }
-    if !job.eval.is_empty() {
-        let mut scores: Vec<_> = job.eval.iter().collect();
-        scores.sort_by(|a, b| a.0.cmp(b.0));
-        let scores: Vec<String> = scores.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-        println!("eval       {}", scores.join(", "));
+    if let Some(scores) = &job.eval {
+        println!("eval       {}", scores.describe(4));
     }
     if !job.message.is_empty() {
         println!("message    {}", job.message);
@@ -207,8 +135,9 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     let source = args.spec.display().to_string();
     // Checked here first, so a bad spec is refused with every problem named
     // even when no coordinator answers; the coordinator checks it again.
-    samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
-    let id = Client::new(args.remote.coordinator)
+    let spec = samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
+    refuse_local_preparation(&spec, &source)?;
+    let id = Client::new(args.remote.coordinators.addresses)
         .submit(&text, &source)
         .await?;
     if args.remote.json {
@@ -219,8 +148,33 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     Ok(())
 }
 
+/// `[data.synth]` and `[model] init` are made by the launcher before any
+/// worker starts (`samtrain local`, `demo`, `train`); a cluster's workers
+/// only read what exists, so a submitted spec that needs them would fail
+/// on every worker. Refused here, with what to do instead.
+fn refuse_local_preparation(spec: &samtrain_proto::spec::JobSpec, source: &str) -> Result<()> {
+    let mut asks = Vec::new();
+    if spec.data.synth.is_some() {
+        asks.push("`[data.synth]` (synthesise the dataset)");
+    }
+    if spec.model.init.is_some() {
+        asks.push("`[model] init` (initialise a new model folder)");
+    }
+    if !asks.is_empty() {
+        bail!(
+            "{source}: {} is done by `samtrain local`, `samtrain demo` and `samtrain train`, not by \
+             a cluster's workers; create them first (`samtrain data synth`, `samtrain model init`), \
+             point `data.train`/`data.eval` and `model.path` at them, and drop those settings",
+            asks.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 async fn status(args: JobArgs) -> Result<()> {
-    let job = Client::new(args.remote.coordinator).get(&args.job).await?;
+    let job = Client::new(args.remote.coordinators.addresses)
+        .get(&args.job)
+        .await?;
     if args.remote.json {
         println!("{}", job_json(&job));
     } else {
@@ -230,7 +184,9 @@ async fn status(args: JobArgs) -> Result<()> {
 }
 
 async fn list(args: ListArgs) -> Result<()> {
-    let jobs = Client::new(args.remote.coordinator).list().await?;
+    let jobs = Client::new(args.remote.coordinators.addresses)
+        .list()
+        .await?;
     if args.remote.json {
         println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
         return Ok(());
@@ -253,7 +209,7 @@ async fn list(args: ListArgs) -> Result<()> {
 }
 
 async fn cancel(args: JobArgs) -> Result<()> {
-    let job = Client::new(args.remote.coordinator)
+    let job = Client::new(args.remote.coordinators.addresses)
         .cancel(&args.job)
         .await?;
     if args.remote.json {
@@ -309,19 +265,14 @@ fn describe(event: &v1::job_event::Event) -> String {
             r.restarts, r.ended_generation, r.next_generation, r.reason
         ),
         Event::Finished(f) => {
-            let mut scores: Vec<_> = f.eval.iter().collect();
-            scores.sort_by(|a, b| a.0.cmp(b.0));
-            let scores: Vec<String> = scores.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             format!(
                 "{} at step {}: {}{}",
                 state_name(f.state),
                 f.step,
                 f.message,
-                if scores.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", scores.join(", "))
-                }
+                f.eval
+                    .map(|scores| format!(" ({})", scores.describe(4)))
+                    .unwrap_or_default()
             )
         }
     }
@@ -346,7 +297,7 @@ fn event_json(e: &v1::JobEvent) -> Value {
             "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason}}),
         Some(Event::Finished(f)) => {
             json!({"finished": {"state": state_name(f.state), "message": f.message, "step": f.step,
-            "eval": f.eval.iter().collect::<std::collections::BTreeMap<_, _>>()}})
+            "eval": f.eval}})
         }
         None => json!({}),
     };
@@ -354,7 +305,7 @@ fn event_json(e: &v1::JobEvent) -> Value {
 }
 
 async fn watch(args: JobArgs) -> Result<()> {
-    let mut client = Client::new(args.remote.coordinator);
+    let mut client = Client::new(args.remote.coordinators.addresses);
     // A broken stream (a failover) is opened again; its snapshot catches up.
     let mut failures = 0;
     loop {

@@ -1,5 +1,5 @@
-//! `samtrain model ...` and the interim `samtrain demo`: create a model
-//! folder, run it on tensors from a safetensors file, generate, inspect.
+//! `samtrain model ...`: create a model folder, run it on tensors from a
+//! safetensors file, generate, inspect.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -7,14 +7,16 @@
 //! The coordinator is never on the per-step path: progress reports are
 //! best effort, and training goes on while the coordinator fails over.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
 use samtrain_coordinator::health;
+
+use super::Coordinators;
 use samtrain_proto::spec::DeviceKind;
+use samtrain_proto::Scores;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::error::panic_message;
 use samtrain_worker::launch::join_groups;
@@ -23,14 +25,8 @@ use tracing::Instrument;
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// Coordinator addresses, comma-separated; a standby is skipped.
-    #[arg(
-        long,
-        env = "SAMTRAIN_COORDINATOR",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:7070"
-    )]
-    coordinator: Vec<String>,
+    #[command(flatten)]
+    coordinators: Coordinators,
     /// The host name or address peers reach this worker's collectives at
     /// (default: this machine's host name).
     #[arg(long, env = "SAMTRAIN_ADVERTISE")]
@@ -91,7 +87,7 @@ async fn serve(
         None => host_name()?,
     };
     let mut agent = Agent::register(AgentOptions {
-        coordinators: args.coordinator.clone(),
+        coordinators: args.coordinators.addresses.clone(),
         name,
         advertise: format!("{host}:{port}"),
         device: args.device.clone(),
@@ -215,7 +211,7 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
                 samples_per_s: m.samples_per_s,
                 tokens_per_s: m.tokens_per_s,
             }),
-            TrainEvent::Checkpoint(c) => reporter.checkpoint(c.step, c.url),
+            TrainEvent::Checkpoint(c) => reporter.checkpoint(c),
             TrainEvent::Started { .. } => {}
         };
         train(TrainJob {
@@ -231,15 +227,13 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
     }));
     match result {
         Ok(Ok(outcome)) => Outcome::Completed {
-            eval: outcome.eval.map(|s| {
-                BTreeMap::from([
-                    ("cider".to_owned(), s.cider),
-                    ("bleu4".to_owned(), s.bleu4),
-                    ("rouge".to_owned(), s.rouge),
-                ])
+            eval: outcome.eval.map(|s| Scores {
+                rouge: s.rouge,
+                cider: s.cider,
+                bleu4: s.bleu4,
             }),
             step: outcome.final_step,
-            checkpoint: outcome.checkpoint.map(|c| (c.step, c.url)),
+            checkpoint: outcome.checkpoint,
         },
         Ok(Err(failed)) => failed,
         // The model's tensor-parallel all-reduce panics when a peer fails

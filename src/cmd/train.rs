@@ -2,7 +2,9 @@
 //! launch without a coordinator, as torchrun with a fixed world. Each
 //! process is given its rank and every rank's address; it listens on its
 //! own, joins the world's data- and tensor-parallel groups over the TCP
-//! ring, and trains. Without `--peers` it is a one-process job.
+//! ring, and trains. Without `--peers` it is a one-process job. Rank 0 first
+//! creates the data and model folder the spec asks for (`[data.synth]`,
+//! `[model] init`), as `samtrain local` does.
 //!
 //! The exit code follows Kubeflow's `ExitCode` restart policy: 1 for a
 //! permanent failure (bad spec, bad data), 128 for one a restart may mend
@@ -20,6 +22,8 @@ use samtrain_proto::spec::JobSpec;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::launch::join_groups;
 use samtrain_worker::{train, TrainJob};
+
+use crate::prepare;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -41,6 +45,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("cannot read {}", args.job.display()))?;
     let spec = JobSpec::from_toml(&text, args.job.to_str())?;
+    // Rank 0 makes what `[data.synth]` and `[model] init` ask for before it
+    // joins the groups; the other ranks cannot get past joining (which
+    // needs rank 0) until it is there, so nobody reads half-made files.
+    if args.rank == 0 {
+        prepare::prepare(&spec)?;
+    }
     let groups = if args.peers.is_empty() {
         if args.rank != 0 || spec.parallel.tp != 1 {
             bail!(

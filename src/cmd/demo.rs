@@ -11,16 +11,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_proto::spec::{BadRecords, JobSpec};
+use samtrain_proto::Scores;
 use samtrain_worker::inputs;
 use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
 use serde_json::json;
 use tch::Device;
 
-use crate::local::{self, LocalOptions};
+use super::local::{self, LocalOptions};
 use crate::prepare;
 
-const DEMO_SPEC: &str = include_str!("../examples/demo.toml");
-const DEMO_MODEL: &str = include_str!("../examples/demo-model.json");
+const DEMO_SPEC: &str = include_str!("../../examples/demo.toml");
+const DEMO_MODEL: &str = include_str!("../../examples/demo-model.json");
 /// The folder `examples/demo.toml` writes under; `--out` replaces it.
 const SPEC_ROOT: &str = "target/demo";
 
@@ -81,22 +82,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
         println!("{line}");
     } else {
         local::report(&result, false);
-        let trained = |k: &str| result.eval.get(k).copied().unwrap_or(f64::NAN);
+        let trained = |score: fn(&Scores) -> f64| result.eval.as_ref().map_or(f64::NAN, score);
         println!("held-out scores     untrained   trained");
         println!(
             "  CIDEr             {:>9.2} {:>9.2}",
             untrained.cider,
-            trained("cider")
+            trained(|s| s.cider)
         );
         println!(
             "  BLEU-4            {:>9.2} {:>9.2}",
             untrained.bleu4,
-            trained("bleu4")
+            trained(|s| s.bleu4)
         );
         println!(
             "  ROUGE-L           {:>9.2} {:>9.2}",
             untrained.rouge,
-            trained("rouge")
+            trained(|s| s.rouge)
         );
         if let Some(dir) = &spec.evaluation.output {
             println!("predictions and per-sample scores: {dir}");

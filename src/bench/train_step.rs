@@ -1,27 +1,18 @@
-//! `samtrain bench ...`: timings of the model on this machine, made to be
-//! compared with the same model in Python transformers
-//! (`benches/train_step.py`; results and method in docs/PERFORMANCE.md).
+//! `samtrain bench train-step`: one training step of a model folder
+//! (forward, backward, AdamW, zero_grad, every parameter trainable) on a
+//! fixed random batch, to compare with the same model in transformers
+//! (`benches/train_step.py`, `benches/run_train_step.sh`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Args;
 use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Times one training step: forward, backward, AdamW step and zero_grad,
-    /// with every parameter trainable, on a fixed random batch.
-    TrainStep(TrainStepArgs),
-    /// Times saving and loading a checkpoint of a given size, and how long
-    /// a save blocks training.
-    Checkpoint(crate::bench_checkpoint::CheckpointArgs),
-    /// Times all-reduce between local processes over a collective backend.
-    Allreduce(crate::bench_allreduce::AllreduceArgs),
-}
+use super::median;
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -56,14 +47,6 @@ pub struct TrainStepArgs {
     json: bool,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::TrainStep(args) => train_step(&args),
-        BenchCommand::Checkpoint(args) => crate::bench_checkpoint::run(args),
-        BenchCommand::Allreduce(args) => crate::bench_allreduce::run(args),
-    }
-}
-
 // AdamW as on the Python side: `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`
 // (betas 0.9 and 0.999 and eps 1e-8 are the defaults of both).
 const LEARNING_RATE: f64 = 1e-4;
@@ -82,7 +65,7 @@ impl StepTimes {
     }
 }
 
-fn train_step(args: &TrainStepArgs) -> Result<()> {
+pub fn run(args: &TrainStepArgs) -> Result<()> {
     ensure!(args.steps > 0, "--steps must be positive");
     ensure!(
         args.text_len >= 2,
@@ -221,15 +204,4 @@ fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor)
         },
         labels,
     )
-}
-
-pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }

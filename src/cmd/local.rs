@@ -6,7 +6,6 @@
 //! Run again on the same spec after an interruption, the job resumes from
 //! the newest checkpoint at its `checkpoint.url`.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -20,9 +19,10 @@ use samtrain_coordinator::client::Client;
 use samtrain_coordinator::{CoordinatorOptions, RunningCoordinator};
 use samtrain_proto::spec::JobSpec;
 use samtrain_proto::v1::{self, job_event::Event, JobState};
+use samtrain_proto::Scores;
 use serde_json::json;
 
-use crate::control_cmd::state_name;
+use super::jobs::state_name;
 use crate::{loss_plot, prepare};
 
 #[derive(Args)]
@@ -58,7 +58,7 @@ pub struct LocalResult {
     pub restarts: u32,
     pub worker_restarts: u32,
     pub checkpoint: Option<String>,
-    pub eval: BTreeMap<String, f64>,
+    pub eval: Option<Scores>,
     pub message: String,
     pub loss_curve: PathBuf,
     pub run_dir: PathBuf,
@@ -114,13 +114,8 @@ pub fn report(result: &LocalResult, json: bool) {
     if let Some(c) = &result.checkpoint {
         println!("  checkpoint: {c}");
     }
-    if !result.eval.is_empty() {
-        let scores: Vec<String> = result
-            .eval
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.2}"))
-            .collect();
-        println!("  eval: {}", scores.join(", "));
+    if let Some(scores) = &result.eval {
+        println!("  eval: {}", scores.describe(2));
     }
     println!("  loss curve: {}", result.loss_curve.display());
     println!("  worker logs: {}", result.run_dir.display());
@@ -182,7 +177,7 @@ async fn drive(
         restarts: job.restarts,
         worker_restarts: pool.restarted,
         checkpoint: job.latest_checkpoint.map(|c| c.url),
-        eval: job.eval.into_iter().collect(),
+        eval: job.eval,
         message: job.message,
         loss_curve,
         run_dir,

@@ -1,0 +1,45 @@
+//! `samtrain bench ...`: timings on this machine, each made to be compared
+//! with its PyTorch peer run beside it (results and method in
+//! docs/PERFORMANCE.md):
+//! - [`train_step`]: one training step, against transformers
+//!   (`benches/train_step.py`);
+//! - [`checkpoint`]: checkpoint save and load, against torch.save/torch.load;
+//! - [`allreduce`]: all-reduce between local processes, against Gloo.
+
+pub mod allreduce;
+pub mod checkpoint;
+pub mod train_step;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Times one training step: forward, backward, AdamW step and zero_grad,
+    /// with every parameter trainable, on a fixed random batch.
+    TrainStep(train_step::TrainStepArgs),
+    /// Times saving and loading a checkpoint of a given size, and how long
+    /// a save blocks training.
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// Times all-reduce between local processes over a collective backend.
+    Allreduce(allreduce::AllreduceArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::TrainStep(args) => train_step::run(&args),
+        BenchCommand::Checkpoint(args) => checkpoint::run(args),
+        BenchCommand::Allreduce(args) => allreduce::run(args),
+    }
+}
+
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}

@@ -1,0 +1,76 @@
+//! `samtrain coordinator`: runs one coordinator, the control plane: the
+//! gRPC API, leader election (with etcd; a second one is a standby that
+//! takes over) and the health probes. Without `--etcd` it runs embedded, in
+//! memory. Every flag also reads an env var (`SAMTRAIN_*`), which the Helm
+//! chart sets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use samtrain_coordinator::CoordinatorOptions;
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "SAMTRAIN_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// `/healthz` and `/readyz` (200 only on the leader).
+    #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
+    health_listen: SocketAddr,
+    /// etcd endpoints, comma-separated; none runs embedded (in memory).
+    #[arg(long, env = "SAMTRAIN_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The prefix of every key in etcd.
+    #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
+    etcd_prefix: String,
+    /// This coordinator's name in the election (default: the host name).
+    #[arg(long, env = "SAMTRAIN_NODE_ID")]
+    node_id: Option<String>,
+    /// Lease TTL in seconds, of the leader and (by default) the workers.
+    #[arg(long, env = "SAMTRAIN_LEASE_TTL", default_value_t = 5)]
+    lease_ttl: u64,
+    /// The address standbys give clients for this node when it leads
+    /// (default: the bound listen address).
+    #[arg(long, env = "SAMTRAIN_ADVERTISE")]
+    advertise: Option<String>,
+}
+
+pub fn run(args: CoordinatorArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: CoordinatorArgs) -> Result<()> {
+    let node_id = args.node_id.unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| format!("coordinator-{}", std::process::id()))
+    });
+    let running = samtrain_coordinator::run(CoordinatorOptions {
+        listen: args.listen,
+        health_listen: Some(args.health_listen),
+        etcd: args.etcd,
+        prefix: args.etcd_prefix,
+        node_id,
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        advertise: args.advertise,
+    })
+    .await
+    .context("starting the coordinator")?;
+    eprintln!(
+        "coordinator on {} (health on {})",
+        running.addr(),
+        running
+            .health_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; handing the leadership over");
+    running.shutdown().await.context("stopping the coordinator")
+}
