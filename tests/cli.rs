@@ -169,3 +169,29 @@ fn bad_input_files_fail_with_a_message() {
         "{stderr}"
     );
 }
+
+/// A cluster's workers only read what exists, so `submit` refuses a spec
+/// that asks the launcher to synthesise data or initialise a model, before
+/// it looks for a coordinator, and says what to do instead.
+#[test]
+fn submit_refuses_a_spec_that_needs_local_preparation() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
+    // Nothing listens on this address: the refusal must come first.
+    let out = samtrain(&[
+        "submit",
+        spec.to_str().unwrap(),
+        "--coordinator",
+        "http://127.0.0.1:9",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        "examples/demo.toml",
+        "`[data.synth]`",
+        "`[model] init`",
+        "samtrain data synth",
+        "samtrain model init",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+}

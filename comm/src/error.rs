@@ -150,3 +150,32 @@ impl CollectiveFailure {
 }
 
 pub type Result<T, E = CollectiveError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_collective_failure_unwinds_with_its_typed_error() {
+        let payload = std::panic::catch_unwind(|| {
+            CollectiveFailure::raise(CollectiveError::Aborted {
+                op: "all_reduce",
+                group: "tp",
+            })
+        })
+        .unwrap_err();
+        let error = CollectiveFailure::from_panic(payload).expect("a CollectiveFailure");
+        assert!(matches!(
+            error,
+            CollectiveError::Aborted {
+                op: "all_reduce",
+                group: "tp"
+            }
+        ));
+        assert_eq!(error.op(), "all_reduce");
+
+        let other = std::panic::catch_unwind(|| panic!("something else")).unwrap_err();
+        let back = CollectiveFailure::from_panic(other).expect_err("not a collective's");
+        assert_eq!(back.downcast_ref::<&str>(), Some(&"something else"));
+    }
+}
