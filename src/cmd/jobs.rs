@@ -162,10 +162,12 @@ fn refuse_local_preparation(spec: &samtrain_proto::spec::JobSpec, source: &str) 
     }
     if !asks.is_empty() {
         bail!(
-            "{source}: {} is done by `samtrain local`, `samtrain demo` and `samtrain train`, not by \
-             a cluster's workers; create them first (`samtrain data synth`, `samtrain model init`), \
-             point `data.train`/`data.eval` and `model.path` at them, and drop those settings",
-            asks.join(" and ")
+            "{source}: {} {} made by `samtrain local`, `samtrain demo` and `samtrain train`, not \
+             by a cluster's workers; create them first (`samtrain data synth`, `samtrain model \
+             init`), point `data.train`/`data.eval` and `model.path` at them, and drop those \
+             settings",
+            asks.join(" and "),
+            if asks.len() > 1 { "are" } else { "is" }
         );
     }
     Ok(())
