@@ -560,13 +560,13 @@ impl ProcessGroups {
         let mut tp_groups: Vec<Vec<LocalCollective>> = (0..layout0.dp)
             .map(|_| LocalCollective::group(tp))
             .collect();
+        let take = |v: &mut Vec<LocalCollective>| -> Arc<dyn Collective> {
+            Arc::new(v.pop().expect("one handle per member"))
+        };
         // Taken from the back, so each group's handles come off in rank order.
         let mut ranks = Vec::with_capacity(world_size as usize);
         for rank in (0..world_size).rev() {
             let layout = Layout::new(world_size, tp, rank)?;
-            let take = |v: &mut Vec<LocalCollective>| -> Arc<dyn Collective> {
-                Arc::new(v.pop().expect("one handle per member"))
-            };
             ranks.push(ProcessGroups {
                 world: take(&mut world),
                 dp: take(&mut dp_groups[layout.tp_rank as usize]),

@@ -58,10 +58,7 @@ fn route(ring: Arc<dyn Collective>, cuda_index: usize) -> Result<Arc<dyn Collect
             self.pick(tensor).all_reduce_sum(tensor)
         }
         fn all_reduce_sum_(&self, tensor: &mut Tensor) -> Result<()> {
-            match tensor.device() {
-                Device::Cuda(_) => self.nccl.all_reduce_sum_(tensor),
-                _ => self.ring.all_reduce_sum_(tensor),
-            }
+            self.pick(tensor).all_reduce_sum_(tensor)
         }
         fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
             self.pick(tensor).all_gather(tensor)
