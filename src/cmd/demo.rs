@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use samtrain_proto::spec::{BadRecords, JobSpec};
+use samtrain_proto::spec::JobSpec;
 use samtrain_proto::Scores;
-use samtrain_worker::inputs;
-use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
+use samtrain_worker::predict::{load_model, predict_set, score_into};
 use serde_json::json;
 use tch::Device;
 
@@ -144,16 +143,6 @@ fn untrained_scores(spec: &JobSpec, out: &Path) -> Result<samtrain_data::eval::S
         .as_deref()
         .context("the demo spec has a held-out split")?;
     let m = load_model(&spec.model.path, Device::Cpu)?;
-    let set = inputs::load_dataset(eval, BadRecords::Fail)?;
-    let image_size = m.loaded.model.config.vision_config.image_size;
-    let predictor = Predictor::new(
-        &set.root,
-        &inputs::text_config(spec),
-        image_size,
-        spec.evaluation.clone(),
-    )?;
-    let predictions = predictor.predict(&m.loaded.model, Device::Cpu, &set.records)?;
-    let dir = out.join("untrained");
-    write_predictions(&dir.join("pred.json"), &predictions)?;
-    Ok(score(&predictions, Some(&dir))?.summary)
+    let predictions = predict_set(spec, eval, &m.loaded.model, Device::Cpu)?;
+    Ok(score_into(&predictions, Some(&out.join("untrained")))?)
 }

@@ -266,16 +266,15 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
     })
 }
 
-/// Predicts `location` with a job's trained model and scores it (on world
-/// rank 0, `scorer`, which also writes `evaluation.output`); the other
-/// ranks of data-parallel rank 0 only join the generation.
-pub fn evaluate(
+/// Answers every selected record of the set at `location` with `model`,
+/// under the job's data and evaluation settings. Under tensor parallelism
+/// every rank of the tp group calls this together.
+pub fn predict_set(
     spec: &JobSpec,
     location: &str,
     model: &SamModel,
     device: Device,
-    scorer: bool,
-) -> Result<Option<Summary>, TrainError> {
+) -> Result<Vec<Prediction>, TrainError> {
     let set = inputs::load_dataset(location, spec.data.bad_records)?;
     let predictor = Predictor::new(
         &set.root,
@@ -285,22 +284,31 @@ pub fn evaluate(
     )?;
     let started = Instant::now();
     let predictions = predictor.predict(model, device, &set.records)?;
-    if !scorer {
-        return Ok(None);
+    tracing::info!(
+        location,
+        samples = predictions.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "predicted"
+    );
+    Ok(predictions)
+}
+
+/// Scores `predictions`; with `out_dir`, writes `pred.json`, `eval.json`
+/// and `eval_score.json` there.
+pub fn score_into(
+    predictions: &[Prediction],
+    out_dir: Option<&Path>,
+) -> Result<Summary, PredictError> {
+    if let Some(dir) = out_dir {
+        write_predictions(&dir.join("pred.json"), predictions)?;
     }
-    let out = spec.evaluation.output.as_deref().map(Path::new);
-    if let Some(dir) = out {
-        write_predictions(&dir.join("pred.json"), &predictions)?;
-    }
-    let evaluation = score(&predictions, out)?;
-    let s = evaluation.summary;
+    let s = score(predictions, out_dir)?.summary;
     tracing::info!(
         samples = predictions.len(),
         rouge = s.rouge,
         cider = s.cider,
         bleu4 = s.bleu4,
-        seconds = started.elapsed().as_secs_f64(),
         "evaluation"
     );
-    Ok(Some(s))
+    Ok(s)
 }

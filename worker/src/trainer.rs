@@ -355,14 +355,16 @@ impl Trainer {
         drop(self.loader.take());
         let checkpoint = self.saves.finish(&self.groups, &mut self.events)?;
         let layout = self.groups.layout;
+        // The ranks of dp rank 0 generate together; world rank 0 scores.
         let eval = match &self.spec.data.eval {
-            Some(location) if layout.dp_rank == 0 => predict::evaluate(
-                &self.spec,
-                location,
-                &self.loaded.model,
-                self.device,
-                layout.rank == 0,
-            )?,
+            Some(location) if layout.dp_rank == 0 => {
+                let predictions =
+                    predict::predict_set(&self.spec, location, &self.loaded.model, self.device)?;
+                let out = self.spec.evaluation.output.as_deref().map(Path::new);
+                (layout.rank == 0)
+                    .then(|| predict::score_into(&predictions, out))
+                    .transpose()?
+            }
             _ => None,
         };
         tracing::info!(
