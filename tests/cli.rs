@@ -195,3 +195,57 @@ fn submit_refuses_a_spec_that_needs_local_preparation() {
         assert!(err.contains(part), "missing {part:?} in: {err}");
     }
 }
+
+#[test]
+fn plan_prints_the_memory_of_the_shipped_7b_job() {
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/sam-vicuna7b/config.json"
+    );
+    let plan = |tp: &str| -> serde_json::Value {
+        let out = ok(&[
+            "model", "plan", "--config", config, "--tp", tp, "--batch", "4", "--images", "8",
+            "--dtype", "bf16", "--json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let (one, two) = (plan("1"), plan("2"));
+    let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    // SAM's guidance: 1408 + 1 + 2 * (768 * 768 + 768).
+    assert_eq!(field(&one, "trainable_params"), 1_182_593);
+    let total = field(&one, "frozen_params") + field(&one, "trainable_params");
+    assert!((7_800_000_000..8_000_000_000).contains(&total), "{total}");
+    // tp 2 halves every decoder projection: 32 layers of q, k, v, o and the MLP.
+    let split = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) / 2;
+    assert_eq!(
+        field(&one, "frozen_params") - field(&two, "frozen_params"),
+        split
+    );
+    assert_eq!(
+        field(&two, "frozen_bytes"),
+        2 * field(&two, "frozen_params")
+    );
+    assert_eq!(field(&two, "trainable_bytes"), 16 * 1_182_593);
+
+    let human = ok(&["model", "plan", "--config", config, "--tp", "2"]);
+    assert_eq!(
+        human
+            .lines()
+            .filter(|l| l.starts_with('0') || l.starts_with('1'))
+            .count(),
+        2,
+        "{human}"
+    );
+    let bad = samtrain(&["model", "plan", "--config", config, "--tp", "3"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--tp 3 must divide"));
+}
+
+#[test]
+fn the_shipped_7b_job_spec_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sam-vicuna7b.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let spec = samtrain_proto::spec::JobSpec::from_toml(&text, Some(path)).unwrap();
+    assert_eq!(spec.model.dtype, Some(samtrain_proto::spec::Dtype::Bf16));
+    assert_eq!((spec.parallel.tp, spec.parallel.max_workers), (2, 8));
+}

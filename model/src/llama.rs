@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
-use crate::nn::{attention, merge_heads, min_value, split_heads, Embedding, Linear, RmsNorm};
+use crate::nn::{attention, cast, merge_heads, min_value, split_heads, Embedding, Linear, RmsNorm};
 use crate::parallel::{GradTape, TensorParallel};
 
 /// Keys and values of past positions, one pair per layer, for generation.
@@ -214,6 +214,16 @@ impl Llama {
         self.embed_tokens.forward(ids)
     }
 
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
+    /// Replaces the communicator of tensor parallelism (see
+    /// [`crate::SamModel::rebind_tensor_parallel`]).
+    pub(crate) fn set_tensor_parallel(&mut self, tp: Option<TensorParallel>) {
+        self.tp = tp;
+    }
+
     /// The embedding matrix (SEA's targets are means of its rows).
     pub fn embedding_weight(&self) -> &Tensor {
         &self.embed_tokens.weight
@@ -293,9 +303,9 @@ impl Llama {
             Some(tp) => tp.reduce_forward(&partial),
             None => partial,
         };
-        let y = reduce(x.linear::<Tensor>(&layer.weight, None));
+        let y = reduce(x.linear::<Tensor>(&cast(&layer.weight, x.kind()), None));
         let y = match &layer.bias {
-            Some(b) => y + b,
+            Some(b) => y + cast(b, x.kind()),
             None => y,
         };
         match &layer.lora {

@@ -3,6 +3,12 @@
 //!
 //! Fresh tensors get transformers' initialisation (normal(0, 0.02) weights,
 //! zero biases, unit norms); a checkpoint load overwrites them.
+//!
+//! Mixed precision: frozen weights may be held in bf16 or fp16 while trainable
+//! ones keep fp32 master copies. Every layer computes in the dtype of its
+//! input and casts its own tensors to it (a no-op when they agree), so the
+//! cast of a trainable weight is part of the graph and its gradient arrives
+//! in fp32.
 
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
@@ -70,7 +76,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let kind = x.kind();
+        let bias = self.bias.as_ref().map(|b| cast(b, kind));
+        let y = x.linear(&cast(&self.weight, kind), bias.as_ref());
         match &self.lora {
             Some(l) => y + l.up(&l.down(x)),
             None => y,
@@ -81,12 +89,12 @@ impl Linear {
 impl Lora {
     /// `A x`: the rank-r projection.
     pub fn down(&self, x: &Tensor) -> Tensor {
-        x.linear::<Tensor>(&self.a, None)
+        x.linear::<Tensor>(&cast(&self.a, x.kind()), None)
     }
 
     /// `scale * B u`.
     pub fn up(&self, u: &Tensor) -> Tensor {
-        u.linear::<Tensor>(&self.b, None) * self.scale
+        u.linear::<Tensor>(&cast(&self.b, u.kind()), None) * self.scale
     }
 }
 
@@ -108,7 +116,8 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let dim = self.weight.size()[0];
-        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        let (weight, bias) = (cast(&self.weight, x.kind()), cast(&self.bias, x.kind()));
+        x.layer_norm([dim], Some(&weight), Some(&bias), self.eps, true)
     }
 }
 
@@ -132,7 +141,7 @@ impl RmsNorm {
         let x32 = x.to_kind(Kind::Float);
         let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let normed = (x32 * (variance + self.eps).rsqrt()).to_kind(kind);
-        normed * &self.weight
+        normed * cast(&self.weight, kind)
     }
 }
 
@@ -150,6 +159,16 @@ impl Embedding {
 
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// `t` in `kind`: the tensor itself when it already is, else a cast that
+/// stays in the autograd graph.
+pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
     }
 }
 

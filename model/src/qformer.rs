@@ -126,13 +126,13 @@ impl QFormer {
     }
 
     /// Queries `[n, Q, D]` followed by the embedded instruction `[n, T]`,
-    /// normalised: the input of layer 0.
+    /// normalised: the input of layer 0, in the queries' dtype.
     pub fn embed(&self, queries: &Tensor, input_ids: &Tensor) -> Tensor {
         let t = input_ids.size()[1];
         let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()));
         let text = self.word_embeddings.forward(input_ids)
             + self.position_embeddings.forward(&positions).unsqueeze(0);
-        let x = Tensor::cat(&[queries.to_kind(text.kind()), text], 1);
+        let x = Tensor::cat(&[queries.shallow_clone(), text.to_kind(queries.kind())], 1);
         self.embed_norm.forward(&x)
     }
 

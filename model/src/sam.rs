@@ -22,7 +22,7 @@ use tch::{Kind, Tensor};
 use crate::config::SamConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{DecoderInput, Llama, LoraTargets};
-use crate::nn::{additive_key_mask, normal_var, Linear};
+use crate::nn::{additive_key_mask, cast, normal_var, Linear};
 use crate::parallel::{GradTape, TensorParallel};
 use crate::qformer::QFormer;
 use crate::vision::VisionModel;
@@ -95,6 +95,8 @@ pub struct SamModel {
     llm: Llama,
     guidance: Guidance,
     sea_logit_scale: Option<Tensor>,
+    /// The dtype activations are computed in: that of the frozen weights.
+    compute: Kind,
 }
 
 /// CLIP's initial temperature, 0.07, as a log inverse.
@@ -104,7 +106,8 @@ const SEA_MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092;
 
 impl SamModel {
     /// Builds the network on `p` (usually a `VarStore`'s root) with fresh
-    /// weights; `weights::load` then fills them from a checkpoint.
+    /// weights in `p`'s dtype, which is also the compute dtype;
+    /// `weights::load` then fills them from a checkpoint.
     pub fn new(p: &Path, config: &SamConfig, tp: Option<TensorParallel>) -> Result<Self> {
         let (v, q, t) = (
             &config.vision_config,
@@ -153,11 +156,35 @@ impl SamModel {
             sea_logit_scale: (config.samtrain.sea_weight > 0.0)
                 .then(|| (&s / "sea").var("logit_scale", &[], Init::Const(SEA_INIT_LOGIT_SCALE))),
             config: config.clone(),
+            compute: p.kind(),
         })
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute
     }
 
     pub fn llm(&self) -> &Llama {
         &self.llm
+    }
+
+    /// Hands the model the tensor-parallel communicator of a new generation.
+    /// The slice this rank holds cannot change: the new group must have the
+    /// same rank and size as the one the model was built for.
+    pub fn rebind_tensor_parallel(&mut self, tp: Option<TensorParallel>) -> Result<()> {
+        let place = |t: Option<&TensorParallel>| t.map(|t| (t.rank(), t.world_size()));
+        let (was, now) = (place(self.llm.tensor_parallel()), place(tp.as_ref()));
+        if was.unwrap_or((0, 1)) != now.unwrap_or((0, 1)) {
+            return Err(ModelError::Input {
+                name: "tensor_parallel".into(),
+                message: format!(
+                    "the model holds the slice of rank {was:?} (rank, size) but the new group is {now:?}"
+                ),
+            });
+        }
+        self.llm.set_tensor_parallel(tp);
+        Ok(())
     }
 
     /// The LLM input sequence for a batch. With a tape (tensor-parallel
@@ -326,7 +353,7 @@ impl SamModel {
             .pixel_values
             .reshape([b * n, size[2], size[3], size[4]])
             .index_select(0, &real);
-        let e = self.vision.forward(&pixels);
+        let e = self.vision.forward(&pixels.to_kind(self.compute));
         let qn = self.config.num_query_tokens;
         let qf_mask = match &inputs.qformer_attention_mask {
             Some(m) => m.to_kind(Kind::Int64),
@@ -336,7 +363,7 @@ impl SamModel {
             &Tensor::cat(&[Tensor::ones([b, qn], (Kind::Int64, device)), qf_mask], 1),
             e.kind(),
         );
-        let queries = self.query_tokens.expand([b, -1, -1], false);
+        let queries = cast(&self.query_tokens, self.compute).expand([b, -1, -1], false);
         let w0 = self.qformer.embed(&queries, &inputs.qformer_input_ids);
         let per_image_mask = self_mask.index_select(0, &sample_of);
         let mut h = w0.index_select(0, &sample_of);

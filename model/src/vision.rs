@@ -8,7 +8,7 @@ use tch::nn::Path;
 use tch::Tensor;
 
 use crate::config::VisionConfig;
-use crate::nn::{attention, gelu, merge_heads, normal_var, LayerNorm, Linear};
+use crate::nn::{attention, cast, gelu, merge_heads, normal_var, LayerNorm, Linear};
 
 #[derive(Debug)]
 struct Embeddings {
@@ -108,11 +108,12 @@ impl VisionModel {
     pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
         let e = &self.embeddings;
         let n = pixel_values.size()[0];
+        // The caller picks the compute dtype by the pixels' dtype.
+        let kind = pixel_values.kind();
         let patches = pixel_values
-            .to_kind(e.patch_weight.kind())
             .conv2d(
-                &e.patch_weight,
-                Some(&e.patch_bias),
+                &cast(&e.patch_weight, kind),
+                Some(&cast(&e.patch_bias, kind)),
                 [e.patch_size, e.patch_size],
                 [0, 0],
                 [1, 1],
@@ -120,8 +121,8 @@ impl VisionModel {
             )
             .flatten(2, -1)
             .transpose(1, 2);
-        let class = e.class_embedding.expand([n, 1, -1], false);
-        let mut x = Tensor::cat(&[class, patches], 1) + &e.position_embedding;
+        let class = cast(&e.class_embedding, kind).expand([n, 1, -1], false);
+        let mut x = Tensor::cat(&[class, patches], 1) + cast(&e.position_embedding, kind);
         for layer in &self.layers {
             x = layer.forward(&x);
         }

@@ -15,6 +15,7 @@ use tch::Tensor;
 
 use crate::config::SamConfig;
 use crate::error::{ModelError, Result};
+use crate::tensor_file::{Slice, TensorFile};
 use samtrain_comm::shard_dim;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -74,6 +75,39 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// A digest naming the weights of the model folder `dir` without reading
+/// them: `config.json`, and per weight file its name, length, modification
+/// time and safetensors header (names, dtypes, shapes, offsets). A worker
+/// keeps a loaded model between generations only while this is unchanged.
+pub fn fingerprint(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let mut hash = Sha256::new();
+    let config = dir.join(CONFIG_FILE);
+    hash.update(std::fs::read(&config).map_err(io(&config))?);
+    for file in weight_files(dir)? {
+        let meta = std::fs::metadata(&file).map_err(io(&file))?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        hash.update(meta.len().to_le_bytes());
+        hash.update(modified.to_le_bytes());
+        hash.update(TensorFile::open(&file)?.header());
+    }
+    Ok(hash
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// What a load did, for logs and tests.
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -84,24 +118,28 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-/// Fills every variable of `vs` from the model folder `dir`. Under tensor
-/// parallelism (`tp = (rank, world)`), split tensors are cut to this rank's
-/// slice.
+/// Fills every variable of `vs` from the model folder `dir`, one tensor at a
+/// time: each is read from disk (only this rank's slice under tensor
+/// parallelism, `tp = (rank, world)`), converted to the variable's dtype and
+/// device as it is copied in, and dropped. Peak host memory is the largest
+/// slice, not the checkpoint.
 pub fn load(vs: &VarStore, dir: &Path, tp: Option<(i64, i64)>) -> Result<LoadReport> {
-    let mut found: HashMap<String, (Tensor, PathBuf)> = HashMap::new();
-    for file in weight_files(dir)? {
-        let tensors = Tensor::read_safetensors(&file).map_err(|e| ModelError::Weights {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
-        for (name, t) in tensors {
-            found.insert(name, (t, file.clone()));
+    let files = weight_files(dir)?
+        .iter()
+        .map(|f| TensorFile::open(f))
+        .collect::<Result<Vec<_>>>()?;
+    // Later files win, as they did when every file was read into one map:
+    // `sam.safetensors` comes last and may override.
+    let mut found: HashMap<&str, &TensorFile> = HashMap::new();
+    for file in &files {
+        for name in file.names() {
+            found.insert(name, file);
         }
     }
     let mut report = LoadReport::default();
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     for (name, var) in &vars {
-        let Some((source, path)) = found.remove(name) else {
+        let Some(file) = found.remove(name.as_str()) else {
             if is_sam_tensor(name) {
                 report.initialised.push(name.clone());
                 continue;
@@ -111,26 +149,37 @@ pub fn load(vs: &VarStore, dir: &Path, tp: Option<(i64, i64)>) -> Result<LoadRep
                 path: dir.to_path_buf(),
             });
         };
+        let full = file.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+        let path = file.path().to_path_buf();
         let slice = match (tp, shard_dim(name)) {
             (Some((rank, world)), Some(dim)) if world > 1 => {
-                let full = source.size();
                 let mut expected = var.size();
                 expected[dim as usize] *= world;
                 if full != expected {
                     return Err(shape_error(name, expected, full, path));
                 }
-                let part = var.size()[dim as usize];
-                source.narrow(dim, rank * part, part)
+                let len = var.size()[dim as usize];
+                Some(Slice {
+                    dim: dim as usize,
+                    start: rank * len,
+                    len,
+                })
             }
-            _ => source,
+            _ => None,
         };
-        if slice.size() != var.size() {
-            return Err(shape_error(name, var.size(), slice.size(), path));
+        if slice.is_none() && full != var.size() {
+            return Err(shape_error(name, var.size(), full, path));
         }
-        tch::no_grad(|| var.shallow_clone().copy_(&slice.to_kind(var.kind())));
+        let source = file.read(name, slice)?;
+        // copy_ converts dtype and moves to the variable's device in one pass.
+        tch::no_grad(|| var.shallow_clone().copy_(&source));
         report.loaded += 1;
     }
-    report.unused = found.into_keys().filter(|n| !is_ignored(n)).collect();
+    report.unused = found
+        .into_keys()
+        .filter(|n| !is_ignored(n))
+        .map(str::to_owned)
+        .collect();
     report.unused.sort();
     if !report.unused.is_empty() {
         tracing::warn!(count = report.unused.len(), first = %report.unused[0], "checkpoint tensors not used by the model");

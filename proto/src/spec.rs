@@ -41,6 +41,52 @@ pub struct ModelSpec {
     /// workers start.
     #[serde(default)]
     pub init: Option<String>,
+    /// The dtype the frozen weights are held and computed in; trainable
+    /// tensors, their gradients and the optimizer stay fp32. Default: bf16
+    /// on CUDA, fp32 on the CPU.
+    #[serde(default)]
+    pub dtype: Option<Dtype>,
+}
+
+/// A floating-point format for the frozen weights (`[model] dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl Dtype {
+    /// The name a spec and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Bf16 => "bf16",
+            Dtype::Fp16 => "fp16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Dtype::Fp32 => 4,
+            Dtype::Bf16 | Dtype::Fp16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fp32" | "float32" => Ok(Dtype::Fp32),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            "fp16" | "float16" => Ok(Dtype::Fp16),
+            other => Err(format!("unknown dtype {other:?}: fp32, bf16 or fp16")),
+        }
+    }
 }
 
 /// What happens to a record that fails its checks while data loads.
@@ -221,6 +267,9 @@ pub struct ParallelSpec {
     /// After the first `min_workers` have joined, how long rendezvous waits
     /// for more (up to `max_workers`), in seconds: torchrun's "last call".
     pub last_call_s: f64,
+    /// The accelerator memory each worker has, in GiB. When set, `samtrain
+    /// submit` warns if `samtrain model plan` says a rank needs more.
+    pub worker_memory_gib: Option<f64>,
 }
 
 impl Default for ParallelSpec {
@@ -232,6 +281,7 @@ impl Default for ParallelSpec {
             backend: Backend::Auto,
             collective_timeout_s: 60.0,
             last_call_s: 1.0,
+            worker_memory_gib: None,
         }
     }
 }
@@ -505,6 +555,13 @@ impl JobSpec {
             "parallel.last_call_s",
             format!("must be 0 or more, got {}", par.last_call_s),
         );
+        if let Some(gib) = par.worker_memory_gib {
+            p.check(
+                gib.is_finite() && gib > 0.0 && gib <= 65536.0,
+                "parallel.worker_memory_gib",
+                format!("must be more than 0 and at most 65536, got {gib}"),
+            );
+        }
 
         let c = &self.checkpoint;
         p.check(!c.url.is_empty(), "checkpoint.url", "must not be empty");

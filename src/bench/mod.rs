@@ -4,10 +4,13 @@
 //! - [`train_step`]: one training step, against transformers
 //!   (`benches/train_step.py`);
 //! - [`checkpoint`]: checkpoint save and load, against torch.save/torch.load;
-//! - [`allreduce`]: all-reduce between local processes, against Gloo.
+//! - [`allreduce`]: all-reduce between local processes, against Gloo;
+//! - [`load`]: loading a model folder in a reduced dtype, against
+//!   transformers' `from_pretrained`.
 
 pub mod allreduce;
 pub mod checkpoint;
+pub mod load;
 pub mod train_step;
 
 use anyhow::Result;
@@ -23,6 +26,8 @@ pub enum BenchCommand {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Times all-reduce between local processes over a collective backend.
     Allreduce(allreduce::AllreduceArgs),
+    /// Loads a model folder once and prints seconds and peak host memory.
+    Load(load::LoadArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -30,6 +35,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::TrainStep(args) => train_step::run(&args),
         BenchCommand::Checkpoint(args) => checkpoint::run(args),
         BenchCommand::Allreduce(args) => allreduce::run(args),
+        BenchCommand::Load(args) => load::run(&args),
     }
 }
 

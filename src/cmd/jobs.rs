@@ -137,6 +137,7 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     // even when no coordinator answers; the coordinator checks it again.
     let spec = samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
     refuse_local_preparation(&spec, &source)?;
+    warn_if_over_memory(&spec, &source);
     let id = Client::new(args.remote.coordinators.addresses)
         .submit(&text, &source)
         .await?;
@@ -171,6 +172,46 @@ fn refuse_local_preparation(spec: &samtrain_proto::spec::JobSpec, source: &str) 
         );
     }
     Ok(())
+}
+
+/// With `[parallel] worker_memory_gib` set and the model's config.json
+/// readable from here, warns when the memory plan of one rank (at the
+/// spec's batch, MmLINK's largest sample of 8 images and the longest text)
+/// exceeds it. A warning, not a refusal: the plan's activations are an
+/// estimate.
+fn warn_if_over_memory(spec: &samtrain_proto::spec::JobSpec, source: &str) {
+    use samtrain_model::plan::{gib, plan, PlanInput};
+    let Some(limit) = spec.parallel.worker_memory_gib else {
+        return;
+    };
+    let path = std::path::Path::new(&spec.model.path).join(samtrain_model::weights::CONFIG_FILE);
+    let Ok(config) = samtrain_model::SamConfig::from_file(&path) else {
+        tracing::info!(config = %path.display(), "no readable model config here; memory plan skipped");
+        return;
+    };
+    let dtype = spec.model.dtype.unwrap_or(match spec.training.device {
+        samtrain_proto::spec::DeviceKind::Cpu => samtrain_proto::spec::Dtype::Fp32,
+        _ => samtrain_proto::spec::Dtype::Bf16,
+    });
+    let input = PlanInput {
+        tp: i64::from(spec.parallel.tp),
+        batch: spec.training.batch_size as i64,
+        images: 8,
+        text_len: (spec.data.max_txt_len + spec.data.max_output_txt_len) as i64,
+        dtype_bytes: dtype.bytes(),
+    };
+    let needed = plan(&config, &input).total();
+    if needed as f64 > limit * (1u64 << 30) as f64 {
+        eprintln!(
+            "warning: {source}: each rank needs about {} (samtrain model plan --config {} --tp {} \
+             --batch {} --images 8 --dtype {}), more than parallel.worker_memory_gib = {limit}",
+            gib(needed),
+            path.display(),
+            input.tp,
+            input.batch,
+            dtype.name()
+        );
+    }
 }
 
 async fn status(args: JobArgs) -> Result<()> {

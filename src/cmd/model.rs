@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
+use samtrain_model::plan::{self, PlanInput};
 use samtrain_model::{weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
@@ -42,6 +43,10 @@ pub enum ModelCommand {
         #[arg(long, default_value = "prompt")]
         penalty_scope: String,
     },
+    /// Prints, per tensor-parallel rank, the memory a training job needs:
+    /// frozen weights, trainable weights with gradients and AdamW, and an
+    /// activation estimate; from the config alone, nothing is allocated.
+    Plan(PlanArgs),
     /// Prints parameter counts, total and trainable, per component.
     Inspect {
         #[arg(long)]
@@ -49,6 +54,30 @@ pub enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// A model's config.json (or the model folder holding it).
+    #[arg(long)]
+    config: PathBuf,
+    /// Tensor-parallel degree.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=64))]
+    tp: i64,
+    /// Samples per rank and step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    batch: i64,
+    /// Images per sample.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..=64))]
+    images: i64,
+    /// Text tokens per sample (instruction plus answer).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(i64).range(1..=65536))]
+    text_len: i64,
+    /// The frozen weights' dtype: fp32, bf16 or fp16.
+    #[arg(long, default_value = "bf16")]
+    dtype: samtrain_proto::spec::Dtype,
+    #[arg(long)]
+    json: bool,
 }
 
 /// A model folder, an input file and an output file.
@@ -119,8 +148,74 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let (sequences, lengths) = pad_answers(&answers, max_new_tokens);
             write_tensors(&run.out, &[("sequences", sequences), ("lengths", lengths)])
         }
+        ModelCommand::Plan(args) => print_plan(&args),
         ModelCommand::Inspect { model, json } => inspect(&model, json),
     }
+}
+
+fn print_plan(args: &PlanArgs) -> Result<()> {
+    let path = if args.config.is_dir() {
+        args.config.join(weights::CONFIG_FILE)
+    } else {
+        args.config.clone()
+    };
+    let config = SamConfig::from_file(&path)?;
+    let t = &config.text_config;
+    if t.num_attention_heads % args.tp != 0 || t.intermediate_size % args.tp != 0 {
+        bail!(
+            "--tp {} must divide the decoder's {} heads and intermediate size {}",
+            args.tp,
+            t.num_attention_heads,
+            t.intermediate_size
+        );
+    }
+    let input = PlanInput {
+        tp: args.tp,
+        batch: args.batch,
+        images: args.images,
+        text_len: args.text_len,
+        dtype_bytes: args.dtype.bytes(),
+    };
+    let p = plan::plan(&config, &input);
+    if args.json {
+        let out = serde_json::json!({
+            "tp": args.tp,
+            "dtype": args.dtype.name(),
+            "frozen_params": p.frozen_params,
+            "trainable_params": p.trainable_params,
+            "frozen_bytes": p.frozen_bytes,
+            "trainable_bytes": p.trainable_bytes,
+            "activation_bytes": p.activation_bytes,
+            "total_bytes": p.total(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "{} ({} frozen parameters per rank, {} trainable), dtype {}, tp {}, batch {} x {} images, {} text tokens",
+        path.display(),
+        p.frozen_params,
+        p.trainable_params,
+        args.dtype.name(),
+        args.tp,
+        args.batch,
+        args.images,
+        args.text_len
+    );
+    println!(
+        "{:<6} {:>16} {:>26} {:>18} {:>12}",
+        "rank", "frozen weights", "trainable + grads + AdamW", "activations (est.)", "total"
+    );
+    for rank in 0..args.tp {
+        println!(
+            "{rank:<6} {:>16} {:>26} {:>18} {:>12}",
+            plan::gib(p.frozen_bytes),
+            plan::gib(p.trainable_bytes),
+            plan::gib(p.activation_bytes),
+            plan::gib(p.total())
+        );
+    }
+    Ok(())
 }
 
 fn parse_device(name: &str) -> Result<Device> {

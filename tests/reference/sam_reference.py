@@ -254,9 +254,11 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
-def load_model(model_dir: str) -> tuple[InstructBlipForConditionalGeneration, dict[str, torch.Tensor]]:
+def load_model(
+    model_dir: str, dtype: torch.dtype = torch.float32
+) -> tuple[InstructBlipForConditionalGeneration, dict[str, torch.Tensor]]:
     model = InstructBlipForConditionalGeneration.from_pretrained(
-        model_dir, attn_implementation="eager", dtype=torch.float32
+        model_dir, attn_implementation="eager", dtype=dtype
     )
     model.eval()
     sam_path = Path(model_dir) / SAM_FILE
@@ -470,6 +472,8 @@ def layout_logits(model, t: dict[str, torch.Tensor], visual: list[torch.Tensor],
 
 @torch.no_grad()
 def cmd_forward(args: argparse.Namespace) -> None:
+    if args.dtype == "bf16":
+        return forward_bf16(args)
     g = seed_everything(0)
     model, sam = load_model(args.model)
     t = load_inputs(args.inputs)
@@ -512,6 +516,28 @@ def cmd_forward(args: argparse.Namespace) -> None:
     save_file({"logits": logits.contiguous(), "valid": valid}, args.out)
     log(f"wrote {args.out}: logits {list(logits.shape)}, valid {list(valid.shape)} "
         f"({int(valid.sum())} valid), exchange {'zero' if zero else 'non-zero'}")
+
+
+def forward_bf16(args: argparse.Namespace) -> None:
+    """transformers' own logits with every weight in bfloat16 (SAM at initialisation only),
+    as float32 in the Rust layout: what reduced precision costs the reference."""
+    seed_everything(0)
+    model, sam = load_model(args.model, torch.bfloat16)
+    assert exchange_is_zero(sam), "--dtype bf16 compares SAM at initialisation only"
+    t = load_inputs(args.inputs)
+    t["pixel_values"] = t["pixel_values"].to(torch.bfloat16)
+    bsz, n_slots = t["image_mask"].shape
+    nq = model.config.num_query_tokens
+    seq = n_slots * nq + t["input_ids"].shape[1]
+    logits = torch.zeros(bsz, seq, model.config.text_config.vocab_size, dtype=torch.float32)
+    for b in range(bsz):
+        s = get_sample(t, b)
+        out = hf_logits(model, s).float()
+        k = s.n_images * nq
+        logits[b, :k] = out[0, :k]
+        logits[b, n_slots * nq :] = out[0, k:]
+    save_file({"logits": logits.contiguous()}, args.out)
+    log(f"wrote {args.out}: bf16 logits {list(logits.shape)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -789,6 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--model", required=True)
     c.add_argument("--inputs", required=True)
     c.add_argument("--out", required=True)
+    c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     c.set_defaults(func=cmd_forward)
 
     c = sub.add_parser("loss-grad", help="loss and gradients")

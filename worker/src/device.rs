@@ -1,8 +1,8 @@
 //! Which device a rank trains on, from the spec's `training.device` and the
-//! devices libtorch sees.
+//! devices libtorch sees, and the dtype its frozen weights take there.
 
-use samtrain_proto::spec::DeviceKind;
-use tch::Device;
+use samtrain_proto::spec::{DeviceKind, Dtype};
+use tch::{Device, Kind};
 
 use crate::error::TrainError;
 
@@ -26,5 +26,16 @@ pub fn resolve_device(kind: DeviceKind, rank: u32) -> Result<Device, TrainError>
         DeviceKind::Cuda => Ok(cuda()),
         DeviceKind::Auto if tch::Cuda::is_available() => Ok(cuda()),
         DeviceKind::Auto => Ok(Device::Cpu),
+    }
+}
+
+/// The tch kind of the spec's `[model] dtype`, or the device's default
+/// (bf16 on CUDA, fp32 on the CPU) when it names none.
+pub fn model_dtype(dtype: Option<Dtype>, device: Device) -> Kind {
+    match dtype {
+        Some(Dtype::Fp32) => Kind::Float,
+        Some(Dtype::Bf16) => Kind::BFloat16,
+        Some(Dtype::Fp16) => Kind::Half,
+        None => samtrain_model::default_dtype(device),
     }
 }

@@ -237,7 +237,8 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
     let spec = samtrain_proto::spec::JobSpec::from_toml(&meta.spec, Some("meta.json"))
         .map_err(|e| bad(e.to_string()))?;
     let model_path = std::path::PathBuf::from(&meta.model_path);
-    let loaded = samtrain_model::LoadedModel::load(&model_path, device, None)
+    let dtype = crate::device::model_dtype(spec.model.dtype, device);
+    let loaded = samtrain_model::LoadedModel::load_as(&model_path, device, None, dtype)
         .map_err(|e| PredictError::model(&meta.model_path, e))?;
     let vars: std::collections::HashMap<String, tch::Tensor> =
         loaded.vs.variables().into_iter().collect();
