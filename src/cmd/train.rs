@@ -21,7 +21,7 @@ use samtrain_collective::ProcessGroups;
 use samtrain_proto::spec::JobSpec;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::launch::join_groups;
-use samtrain_worker::{train, TrainJob};
+use samtrain_worker::{train, ResidentModels, TrainJob};
 
 use crate::prepare;
 
@@ -85,6 +85,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         groups,
         abort: Arc::new(AtomicBool::new(false)),
         events: Box::new(|_| {}),
+        models: ResidentModels::default(),
     });
     match outcome {
         Ok(o) => {

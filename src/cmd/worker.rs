@@ -20,7 +20,7 @@ use samtrain_proto::Scores;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::error::panic_message;
 use samtrain_worker::launch::join_groups;
-use samtrain_worker::{train, TrainEvent, TrainJob};
+use samtrain_worker::{train, ResidentModels, TrainEvent, TrainJob};
 use tracing::Instrument;
 
 #[derive(Args)]
@@ -121,6 +121,9 @@ async fn serve(
 
 /// Generation after generation until no job needs this worker.
 async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> Result<()> {
+    // The model stays loaded from one generation to the next (see
+    // samtrain_worker::resident): a restart re-forms the groups only.
+    let models = ResidentModels::default();
     while let Some(mut assignment) = agent.next_assignment().await? {
         if device != DeviceKind::Auto {
             assignment.spec.training.device = device;
@@ -128,7 +131,7 @@ async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> 
         // Every log line of the generation, here and in its training
         // thread, names the job, the generation and this worker's rank.
         let span = assignment.span();
-        generation(agent, &assignment, listener, span.clone())
+        generation(agent, &assignment, listener, &models, span.clone())
             .instrument(span)
             .await?;
     }
@@ -141,6 +144,7 @@ async fn generation(
     agent: &Agent,
     assignment: &Assignment,
     listener: &TcpListener,
+    models: &ResidentModels,
     span: tracing::Span,
 ) -> Result<()> {
     tracing::info!(
@@ -155,13 +159,14 @@ async fn generation(
         .context("sharing the collective listener")?;
     let reporter = agent.reporter();
     let job = assignment.clone();
+    let models = models.clone();
     // A plain thread, not tokio's blocking pool: the data crate's
     // blocking loaders refuse to run inside an async runtime's context.
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("train-g{}", job.generation))
         .spawn(move || {
-            let outcome = span.in_scope(|| run_generation(&job, listener, reporter));
+            let outcome = span.in_scope(|| run_generation(&job, listener, reporter, models));
             let _ = done.send(outcome);
         })
         .context("starting the training thread")?;
@@ -180,7 +185,12 @@ async fn generation(
 }
 
 /// Joins the process groups of one generation and trains; never panics.
-fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> Outcome {
+fn run_generation(
+    a: &Assignment,
+    listener: TcpListener,
+    reporter: Reporter,
+    models: ResidentModels,
+) -> Outcome {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let device =
             resolve_device(a.spec.training.device, a.rank).map_err(|e| Outcome::Failed {
@@ -219,6 +229,7 @@ fn run_generation(a: &Assignment, listener: TcpListener, reporter: Reporter) -> 
             groups,
             abort: a.ended.clone(),
             events: Box::new(events),
+            models,
         })
         .map_err(|e| Outcome::Failed {
             retriable: e.retriable(),

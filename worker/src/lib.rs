@@ -14,6 +14,7 @@
 //! - [`inputs`]: datasets, tokenizers and batches as the model takes them;
 //! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores;
 //! - [`report`]: the events and outcome a rank reports;
+//! - [`resident`]: the model a worker keeps loaded between generations;
 //! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`].
 
 pub mod checkpointing;
@@ -25,10 +26,12 @@ pub mod launch;
 pub mod optim;
 pub mod predict;
 pub mod report;
+pub mod resident;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
 
 pub use error::{DataError, PredictError, TrainError};
 pub use report::{EventSink, StepMetrics, TrainEvent, TrainOutcome};
+pub use resident::ResidentModels;
 pub use trainer::{train, TrainJob, Trainer};

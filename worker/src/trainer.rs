@@ -43,12 +43,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpointing::{self, checkpoint_at, from_world_rank0, CheckpointMeta, Saves};
 use crate::ddp::{GradBuckets, DEFAULT_BUCKET_BYTES};
-use crate::device::resolve_device;
+use crate::device::{model_dtype, resolve_device};
 use crate::error::{DataError, TrainError};
 use crate::inputs::{self, to_device};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::predict;
 use crate::report::{EventSink, StepMetrics, TrainEvent, TrainOutcome};
+use crate::resident::{ModelKey, ModelLease, ResidentModels};
 use crate::schedule::Schedule;
 use crate::step::StepContext;
 
@@ -62,6 +63,9 @@ pub struct TrainJob {
     pub abort: Arc<AtomicBool>,
     /// Progress and committed checkpoints, as they happen.
     pub events: EventSink,
+    /// The worker's model kept from its previous generation, if any; this
+    /// generation takes it back or loads, and leaves its model there.
+    pub models: ResidentModels,
 }
 
 /// Trains one rank of `job` to `training.steps`; see the module docs.
@@ -89,7 +93,7 @@ pub struct Trainer {
     abort: Arc<AtomicBool>,
     events: EventSink,
     device: Device,
-    loaded: LoadedModel,
+    lease: ModelLease,
     params: Vec<(String, Tensor)>,
     optimizer: AdamW,
     schedule: Schedule,
@@ -114,6 +118,7 @@ impl Trainer {
             groups,
             abort,
             mut events,
+            models,
         } = job;
         if let Some(p) = spec.problems().first() {
             return Err(TrainError::config(&p.field, p.message.clone()));
@@ -133,7 +138,7 @@ impl Trainer {
             tch::set_num_threads(t.threads as i32);
         }
         let device = resolve_device(t.device, layout.rank as u32)?;
-        let (loaded, params) = load_trainable(&spec, &groups, device)?;
+        let (lease, params) = load_trainable(&spec, &groups, device, &models)?;
         let mut optimizer = AdamW::new(
             &params,
             AdamWConfig {
@@ -173,7 +178,7 @@ impl Trainer {
         let train_set = inputs::load_dataset(&spec.data.train, spec.data.bad_records)?;
         let skipped_records = train_set.skipped;
         let loader = if step < t.steps {
-            let image_size = loaded.model.config.vision_config.image_size;
+            let image_size = lease.model().model.config.vision_config.image_size;
             Some(start_loader(
                 &spec, &groups, train_set, image_size, position,
             )?)
@@ -192,7 +197,7 @@ impl Trainer {
             abort,
             events,
             device,
-            loaded,
+            lease,
             params,
             optimizer,
             buckets,
@@ -237,7 +242,7 @@ impl Trainer {
         let (micro, epoch) = self.next_micro_batches()?;
         let t = &self.spec.training;
         let stats = StepContext {
-            model: &self.loaded.model,
+            model: &self.lease.model().model,
             params: &self.params,
             dp: self.groups.dp.as_ref(),
             tp: (self.groups.layout.tp > 1).then_some(self.groups.tp.as_ref()),
@@ -358,8 +363,12 @@ impl Trainer {
         // The ranks of dp rank 0 generate together; world rank 0 scores.
         let eval = match &self.spec.data.eval {
             Some(location) if layout.dp_rank == 0 => {
-                let predictions =
-                    predict::predict_set(&self.spec, location, &self.loaded.model, self.device)?;
+                let predictions = predict::predict_set(
+                    &self.spec,
+                    location,
+                    &self.lease.model().model,
+                    self.device,
+                )?;
                 let out = self.spec.evaluation.output.as_deref().map(Path::new);
                 (layout.rank == 0)
                     .then(|| predict::score_into(&predictions, out))
@@ -385,34 +394,46 @@ impl Trainer {
     }
 }
 
-/// This rank's shard of the model folder, and its trainable parameters.
+/// This rank's shard of the model folder (the worker's resident one when it
+/// is the same), and its trainable parameters.
 fn load_trainable(
     spec: &JobSpec,
     groups: &ProcessGroups,
     device: Device,
-) -> Result<(LoadedModel, Vec<(String, Tensor)>), TrainError> {
+    models: &ResidentModels,
+) -> Result<(ModelLease, Vec<(String, Tensor)>), TrainError> {
     let layout = groups.layout;
+    let dtype = model_dtype(spec.model.dtype, device);
+    let path = &spec.model.path;
+    let model_error = |e| TrainError::from_model(path, "loading the model", e);
+    let key =
+        ModelKey::of(path, dtype, device, (layout.tp_rank, layout.tp)).map_err(model_error)?;
     let tp_comm = (layout.tp > 1).then(|| TensorParallel::new(groups.tp.clone()));
-    let loaded = LoadedModel::load(Path::new(&spec.model.path), device, tp_comm)
-        .map_err(|e| TrainError::from_model(&spec.model.path, "loading the model", e))?;
+    let started = Instant::now();
+    let lease = models
+        .lease(key, tp_comm, |tp| {
+            LoadedModel::load_as(Path::new(path), device, tp, dtype)
+        })
+        .map_err(model_error)?;
+    let loaded = lease.model();
     let params = trainable::apply(&loaded.vs, &loaded.model.config.samtrain);
     if params.is_empty() {
         return Err(TrainError::config(
             "model.path",
-            format!(
-                "{}: the model's trainable-parameter policy leaves nothing to train",
-                spec.model.path
-            ),
+            format!("{path}: the model's trainable-parameter policy leaves nothing to train"),
         ));
     }
     tracing::info!(
         dp_size = layout.dp,
         tp_size = layout.tp,
         ?device,
+        ?dtype,
+        reused = lease.reused,
+        seconds = started.elapsed().as_secs_f64(),
         trainable = trainable::count(&params),
-        "model loaded"
+        "model ready"
     );
-    Ok((loaded, params))
+    Ok((lease, params))
 }
 
 /// The prefetching loader of this rank's share of `train_set`, from

@@ -13,7 +13,7 @@ use samtrain_collective::ProcessGroups;
 use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
 use samtrain_model::{weights, LoadedModel, SamConfig};
 use samtrain_proto::spec::JobSpec;
-use samtrain_worker::{train, TrainError, TrainEvent, TrainJob, TrainOutcome};
+use samtrain_worker::{train, ResidentModels, TrainError, TrainEvent, TrainJob, TrainOutcome};
 use tch::{Device, Tensor};
 
 pub struct Fixture {
@@ -106,17 +106,37 @@ keep = 0
     }
 }
 
-/// Runs `dp x tp` ranks on threads; `events` may set a rank's abort flag.
+/// Runs `dp x tp` ranks on threads, each loading its model; a rank aborts
+/// after step `stop_after`.
 pub fn run_threads(
     spec: &JobSpec,
     dp: usize,
     tp: usize,
     stop_after: Option<u64>,
 ) -> Vec<Result<TrainOutcome, TrainError>> {
+    let fresh = resident_models(dp * tp);
+    run_threads_with(spec, dp, tp, stop_after, &fresh)
+}
+
+/// One model slot per rank (clones of one slot would share it).
+pub fn resident_models(ranks: usize) -> Vec<ResidentModels> {
+    (0..ranks).map(|_| ResidentModels::default()).collect()
+}
+
+/// [`run_threads`] where rank `r` keeps its model in `models[r]`, as a
+/// worker process does between generations.
+pub fn run_threads_with(
+    spec: &JobSpec,
+    dp: usize,
+    tp: usize,
+    stop_after: Option<u64>,
+    models: &[ResidentModels],
+) -> Vec<Result<TrainOutcome, TrainError>> {
     let groups = ProcessGroups::in_process((dp * tp) as i64, tp as i64).unwrap();
     let handles: Vec<_> = groups
         .into_iter()
-        .map(|groups| {
+        .zip(models.iter().cloned())
+        .map(|(groups, models)| {
             let spec = spec.clone();
             std::thread::spawn(move || {
                 let abort = Arc::new(AtomicBool::new(false));
@@ -132,6 +152,7 @@ pub fn run_threads(
                             }
                         }
                     }),
+                    models,
                 })
             })
         })
