@@ -2,6 +2,7 @@
 //! inputs, and back from the model's answers to scores.
 //!
 //! - [`mmlink`]: the MmLINK format: read, check, synthesise;
+//! - [`remote`]: objects in object storage as cached local files;
 //! - [`preprocess`]: images and text to model-ready batches, ahead of the step;
 //! - [`sampler`]: the global sample order and each rank's slice of it;
 //! - [`rng`]: the seeded generator behind the sample order and synthetic data;
@@ -10,5 +11,6 @@
 pub mod eval;
 pub mod mmlink;
 pub mod preprocess;
+pub mod remote;
 pub mod rng;
 pub mod sampler;

@@ -33,6 +33,13 @@ pub enum PreprocessError {
         // `Result` of this module.
         source: Box<::image::ImageError>,
     },
+    #[error("record {record}: field `{field}`: {source}")]
+    Fetch {
+        record: RecordId,
+        field: String,
+        #[source]
+        source: crate::remote::RemoteError,
+    },
     #[error("record {record}: field `{field}`: image {path} has no pixels ({width}x{height})")]
     EmptyImage {
         record: RecordId,
@@ -78,15 +85,67 @@ pub enum PreprocessError {
 /// the image settings and the loaded tokenizers. Shared by the loader's
 /// threads.
 pub struct Preprocessor {
-    root: PathBuf,
+    images: ImageRoot,
     image: ImageConfig,
     text: Tokenizers,
 }
 
+/// Where the `img_list` paths of a dataset are relative to.
+#[derive(Clone)]
+pub enum ImageRoot {
+    /// A local folder.
+    Local(PathBuf),
+    /// A folder URL in object storage; images are fetched through the
+    /// cache on the loader threads that need them.
+    Remote {
+        url: String,
+        cache: std::sync::Arc<crate::remote::ObjectCache>,
+    },
+}
+
+impl From<PathBuf> for ImageRoot {
+    fn from(path: PathBuf) -> Self {
+        ImageRoot::Local(path)
+    }
+}
+
+impl From<&PathBuf> for ImageRoot {
+    fn from(path: &PathBuf) -> Self {
+        ImageRoot::Local(path.clone())
+    }
+}
+
+impl From<&std::path::Path> for ImageRoot {
+    fn from(path: &std::path::Path) -> Self {
+        ImageRoot::Local(path.to_path_buf())
+    }
+}
+
+impl ImageRoot {
+    /// The local file of image `relative` of `record`, fetched if remote.
+    fn file(
+        &self,
+        relative: &str,
+        record: &Record,
+        field: &str,
+    ) -> Result<PathBuf, PreprocessError> {
+        match self {
+            ImageRoot::Local(root) => Ok(root.join(relative)),
+            ImageRoot::Remote { url, cache } => cache
+                .fetch(&format!("{}/{relative}", url.trim_end_matches('/')))
+                .map_err(|source| PreprocessError::Fetch {
+                    record: record.id.clone(),
+                    field: field.to_owned(),
+                    source,
+                }),
+        }
+    }
+}
+
 impl Preprocessor {
-    /// `root` is the dataset folder that `img_list` paths are relative to.
+    /// `images` is where the dataset's `img_list` paths are relative to.
     pub fn new(
-        root: impl Into<PathBuf>,
+        images: impl Into<ImageRoot>,
         image: ImageConfig,
         text: &TextConfig,
     ) -> Result<Self, PreprocessError> {
@@ -97,7 +156,7 @@ impl Preprocessor {
             });
         }
         Ok(Preprocessor {
-            root: root.into(),
+            images: images.into(),
             image,
             text: Tokenizers::load(text)?,
         })
@@ -110,12 +169,9 @@ impl Preprocessor {
             .iter()
             .enumerate()
             .map(|(k, rel)| {
-                image::load(
-                    &self.root.join(rel),
-                    &record.id,
-                    &format!("img_list[{k}]"),
-                    &self.image,
-                )
+                let field = format!("img_list[{k}]");
+                let file = self.images.file(rel, record, &field)?;
+                image::load(&file, &record.id, &field, &self.image)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Sample {

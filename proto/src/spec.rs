@@ -137,6 +137,20 @@ pub struct DataSpec {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Where objects of `s3://`, `gs://`, `az://` or `http(s)://` datasets,
+    /// tokenizers and model folders are cached on the worker; default
+    /// `$SAMTRAIN_CACHE/objects`, or `~/.cache/samtrain/objects`.
+    #[serde(default)]
+    pub cache_dir: Option<String>,
+    /// The most the cached images may take, in GiB; the least recently used
+    /// go first. Model files are kept regardless.
+    #[serde(default = "default_cache_max_gib")]
+    pub cache_max_gib: f64,
+    /// How many times a transient object-store error (connection, throttling,
+    /// 5xx) is retried, with exponential backoff and jitter, before the
+    /// fetch fails; at most 20.
+    #[serde(default = "default_fetch_retries")]
+    pub fetch_retries: u32,
     /// Synthesise `train` and `eval` (MmLINK format) when they do not
     /// exist yet; `samtrain local` does it before the workers start.
     #[serde(default)]
@@ -170,6 +184,18 @@ fn default_loader_threads() -> usize {
 }
 fn default_prefetch() -> usize {
     4
+}
+/// `[data] cache_max_gib` when a spec names none.
+pub const DEFAULT_CACHE_MAX_GIB: f64 = 100.0;
+
+fn default_cache_max_gib() -> f64 {
+    DEFAULT_CACHE_MAX_GIB
+}
+/// `[data] fetch_retries` when a spec names none.
+pub const DEFAULT_FETCH_RETRIES: u32 = 5;
+
+fn default_fetch_retries() -> u32 {
+    DEFAULT_FETCH_RETRIES
 }
 
 /// Where a worker computes.
@@ -448,6 +474,19 @@ impl JobSpec {
             "must be at least 1",
         );
         p.check(d.prefetch >= 1, "data.prefetch", "must be at least 1");
+        p.check(
+            d.cache_max_gib.is_finite() && d.cache_max_gib > 0.0 && d.cache_max_gib <= 1e6,
+            "data.cache_max_gib",
+            format!(
+                "must be more than 0 and at most 1000000, got {}",
+                d.cache_max_gib
+            ),
+        );
+        p.check(
+            d.fetch_retries <= 20,
+            "data.fetch_retries",
+            format!("must be at most 20, got {}", d.fetch_retries),
+        );
         if let Some(synth) = &d.synth {
             p.check(
                 matches!(synth.task.as_str(), "group" | "story"),

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_proto::spec::JobSpec;
 use samtrain_proto::Scores;
+use samtrain_worker::inputs::Remote;
 use samtrain_worker::predict::{load_model, predict_set, score_into};
 use serde_json::json;
 use tch::Device;
@@ -143,6 +144,7 @@ fn untrained_scores(spec: &JobSpec, out: &Path) -> Result<samtrain_data::eval::S
         .as_deref()
         .context("the demo spec has a held-out split")?;
     let m = load_model(&spec.model.path, Device::Cpu)?;
-    let predictions = predict_set(spec, eval, &m.loaded.model, Device::Cpu)?;
+    let remote = Remote::of(&spec.data);
+    let predictions = predict_set(spec, &remote, eval, &m.loaded.model, Device::Cpu)?;
     Ok(score_into(&predictions, Some(&out.join("untrained")))?)
 }

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use samtrain_proto::spec::{BadRecords, DeviceKind, EvaluationSpec};
+use samtrain_proto::spec::{
+    BadRecords, DeviceKind, EvaluationSpec, DEFAULT_CACHE_MAX_GIB, DEFAULT_FETCH_RETRIES,
+};
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::inputs::{self, text_config_from};
 use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
@@ -76,9 +78,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
         .unwrap_or(settings.repetition_penalty);
     settings.batch_size = args.batch_size.unwrap_or(settings.batch_size);
     settings.max_samples = args.max_samples.unwrap_or(settings.max_samples);
-    let set = inputs::load_dataset(&args.data, BadRecords::Fail)?;
+    let remote = match &m.spec {
+        Some(spec) => inputs::Remote::of(&spec.data),
+        None => inputs::Remote::new(None, DEFAULT_CACHE_MAX_GIB, DEFAULT_FETCH_RETRIES),
+    };
+    let set = inputs::load_dataset(&args.data, BadRecords::Fail, &remote)?;
     let image_size = m.loaded.model.config.vision_config.image_size;
-    let predictor = Predictor::new(&set.root, &text, image_size, settings)?;
+    let predictor = Predictor::new(set.images, &text, image_size, settings)?;
     let predictions = predictor.predict(&m.loaded.model, device, &set.records)?;
     write_predictions(&args.out, &predictions)?;
     let dir = args

@@ -107,11 +107,27 @@ pub struct S3Server {
 impl S3Server {
     /// Starts a server on `port` (see [`free_port`]) and creates `bucket`.
     pub fn start(port: u16, bucket: &str) -> S3Server {
+        Self::spawn(port, bucket, false)
+    }
+
+    /// A server that checks credentials once `bucket` exists: every request
+    /// signed with the test keys (which its IAM does not know) gets a 403.
+    pub fn start_denying(port: u16, bucket: &str) -> S3Server {
+        Self::spawn(port, bucket, true)
+    }
+
+    fn spawn(port: u16, bucket: &str, deny: bool) -> S3Server {
         let moto = python()
             .parent()
             .expect("the venv python sits in bin/")
             .join("moto_server");
-        let child = Command::new(&moto)
+        let mut command = Command::new(&moto);
+        if deny {
+            // moto lets this many requests through unauthenticated: the
+            // bucket's creation.
+            command.env("INITIAL_NO_AUTH_ACTION_COUNT", "1");
+        }
+        let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -147,18 +163,43 @@ impl S3Server {
     }
 
     /// Creates a bucket with a plain HTTP request (moto does not check
-    /// signatures).
+    /// signatures unless told to).
     fn create_bucket(&self, bucket: &str) {
+        self.put(&format!("/{bucket}"), &[]);
+    }
+
+    /// Uploads `bytes` as `key` of `bucket` (an unsigned PUT).
+    pub fn put_object(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        self.put(&format!("/{bucket}/{key}"), bytes);
+    }
+
+    /// Every file under `dir` as `prefix/<its path relative to dir>`.
+    pub fn put_folder(&self, bucket: &str, prefix: &str, dir: &Path) {
+        for entry in std::fs::read_dir(dir).expect("read the folder") {
+            let path = entry.expect("a folder entry").path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            let key = format!("{prefix}/{name}");
+            if path.is_dir() {
+                self.put_folder(bucket, &key, &path);
+            } else {
+                self.put_object(bucket, &key, &std::fs::read(&path).expect("read a file"));
+            }
+        }
+    }
+
+    fn put(&self, target: &str, body: &[u8]) {
         let port = self.port;
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connecting to moto");
         write!(
             s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "PUT {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
         )
         .expect("sending the request");
+        s.write_all(body).expect("sending the body");
         let mut reply = String::new();
         s.read_to_string(&mut reply).expect("reading the reply");
-        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+        assert!(reply.starts_with("HTTP/1.1 200"), "PUT {target}: {reply}");
     }
 }
 

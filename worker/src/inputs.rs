@@ -2,13 +2,19 @@
 //! checked under the spec's bad-record policy), the tokenizers, the
 //! preprocessor, and padded batches moved to the training device as
 //! `SamInputs` plus labels.
+//!
+//! Datasets, tokenizers and model folders may be local paths or object-store
+//! URLs; [`Remote`] fetches the latter into the worker's on-disk cache
+//! (`samtrain_data::remote`), opened only when a location is remote.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
-use samtrain_data::preprocess::{Batch, ImageConfig, Preprocessor, TextConfig};
+use samtrain_data::preprocess::{Batch, ImageConfig, ImageRoot, Preprocessor, TextConfig};
+use samtrain_data::remote::{self, ObjectCache};
 use samtrain_model::SamInputs;
-use samtrain_proto::spec::{BadRecords, JobSpec};
+use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec};
 use tch::{Device, Tensor};
 
 use crate::error::DataError;
@@ -16,51 +22,142 @@ use crate::error::DataError;
 /// A dataset's valid records and where their images are.
 pub struct Dataset {
     pub location: String,
-    /// The folder `img_list` paths are relative to.
-    pub root: PathBuf,
+    /// What `img_list` paths are relative to: a local folder, or a folder
+    /// URL whose images the loader threads fetch through the cache.
+    pub images: ImageRoot,
     pub records: Vec<Record>,
     /// Records left out for having problems (bad-record policy `skip`).
     pub skipped: usize,
 }
 
-/// The local folder of a dataset location: a folder, an annotations file
-/// (its folder), or a `file://` URL of either. Preprocessing reads images
-/// from the local file system, so other object-store URLs are refused here
-/// with a message saying so.
-pub fn local_root(location: &str) -> Result<PathBuf, DataError> {
-    let path = match location.split_once("://") {
-        None => PathBuf::from(location),
-        Some(("file", rest)) => PathBuf::from(rest),
-        Some((scheme, _)) => {
-            return Err(DataError {
-                location: location.to_owned(),
-                message: format!(
-                    "training reads images from a local folder; `{scheme}://` datasets must be \
-                     copied to one first (samtrain data validate checks them in place)"
-                ),
-            })
+/// The worker's object cache, opened on first use.
+pub struct Remote {
+    dir: PathBuf,
+    max_bytes: u64,
+    retries: u32,
+    cache: OnceLock<Arc<ObjectCache>>,
+}
+
+impl Remote {
+    /// The cache settings of `[data]`.
+    pub fn of(data: &DataSpec) -> Self {
+        Self::new(
+            data.cache_dir.as_deref(),
+            data.cache_max_gib,
+            data.fetch_retries,
+        )
+    }
+
+    /// A cache in `dir` (default: `$SAMTRAIN_CACHE/objects`, else
+    /// `~/.cache/samtrain/objects`) holding at most `max_gib` of images,
+    /// retrying transient errors `retries` times.
+    pub fn new(dir: Option<&str>, max_gib: f64, retries: u32) -> Self {
+        let dir = dir.map(PathBuf::from).unwrap_or_else(|| {
+            let base = std::env::var_os("SAMTRAIN_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/samtrain")))
+                .unwrap_or_else(|| PathBuf::from(".samtrain-cache"));
+            base.join("objects")
+        });
+        Self {
+            dir,
+            max_bytes: (max_gib * (1u64 << 30) as f64) as u64,
+            retries,
+            cache: OnceLock::new(),
         }
-    };
+    }
+
+    pub fn cache(&self) -> Result<&Arc<ObjectCache>, DataError> {
+        if let Some(cache) = self.cache.get() {
+            return Ok(cache);
+        }
+        let opened =
+            ObjectCache::open(&self.dir, self.max_bytes, self.retries as usize).map_err(|e| {
+                DataError {
+                    location: e.url.clone(),
+                    message: e.message.clone(),
+                }
+            })?;
+        Ok(self.cache.get_or_init(|| opened))
+    }
+
+    /// A local file for `location`: itself when local, else fetched.
+    pub fn file(&self, location: &str) -> Result<PathBuf, DataError> {
+        if !remote::is_remote(location) {
+            return Ok(remote::local_path(location));
+        }
+        self.cache()?.fetch(location).map_err(remote_error)
+    }
+
+    /// A local model folder for `location`: itself when local, else its
+    /// files fetched into the cache's model folder.
+    pub fn model_folder(&self, location: &str) -> Result<PathBuf, DataError> {
+        if !remote::is_remote(location) {
+            return Ok(remote::local_path(location));
+        }
+        self.cache()?.fetch_model(location).map_err(remote_error)
+    }
+}
+
+fn remote_error(e: remote::RemoteError) -> DataError {
+    DataError {
+        location: e.url,
+        message: e.message,
+    }
+}
+
+/// `spec` with its model folder and tokenizers as local paths (fetched into
+/// the cache when they are URLs); datasets stay as they are, their images
+/// are fetched by the loader. What a job records (its checkpoints' spec and
+/// model path) stays the original.
+pub fn localize(spec: &JobSpec, remote: &Remote) -> Result<JobSpec, DataError> {
+    let mut local = spec.clone();
+    let model = remote.model_folder(&spec.model.path)?;
+    local.model.path = model.display().to_string();
+    if let Some(t) = &spec.data.llm_tokenizer {
+        local.data.llm_tokenizer = Some(remote.file(t)?.display().to_string());
+    }
+    if let Some(t) = &spec.data.qformer_tokenizer {
+        local.data.qformer_tokenizer = Some(remote.file(t)?.display().to_string());
+    }
+    Ok(local)
+}
+
+/// The local folder of a dataset location: a folder, an annotations file
+/// (its folder), or a `file://` URL of either.
+fn local_root(location: &str) -> PathBuf {
+    let path = remote::local_path(location);
     let names_file = path
         .extension()
         .is_some_and(|e| e == "json" || e == "jsonl")
         || path.is_file();
-    Ok(if names_file {
+    if names_file {
         path.parent().map(Path::to_path_buf).unwrap_or_default()
     } else {
         path
-    })
+    }
 }
 
-/// Reads and checks every record and image of `location` under `policy`.
-pub fn load_dataset(location: &str, policy: BadRecords) -> Result<Dataset, DataError> {
-    let root = local_root(location)?;
+/// Reads and checks every record of `location` under `policy`. A local
+/// dataset's images are decoded here; a remote one's are only checked to
+/// exist (a `HEAD` each) and are fetched, decoded and cached by the loader
+/// threads of the ranks that use them.
+pub fn load_dataset(
+    location: &str,
+    policy: BadRecords,
+    remote: &Remote,
+) -> Result<Dataset, DataError> {
+    let is_remote = remote::is_remote(location);
     let options = LoadOptions {
         policy: match policy {
             BadRecords::Fail => Policy::Fail,
             BadRecords::Skip => Policy::Skip,
         },
-        images: ImageCheck::Decode,
+        images: if is_remote {
+            ImageCheck::Exists
+        } else {
+            ImageCheck::Decode
+        },
     };
     let loaded = mmlink::load_blocking(location, options).map_err(|e| DataError {
         location: location.to_owned(),
@@ -72,9 +169,23 @@ pub fn load_dataset(location: &str, policy: BadRecords) -> Result<Dataset, DataE
             message: format!("no valid records ({} skipped)", loaded.report.skipped()),
         });
     }
+    let images = if is_remote {
+        let trimmed = location.trim_end_matches('/');
+        let url = if trimmed.ends_with(".json") || trimmed.ends_with(".jsonl") {
+            trimmed.rsplit_once('/').map_or(trimmed, |(dir, _)| dir)
+        } else {
+            trimmed
+        };
+        ImageRoot::Remote {
+            url: url.to_owned(),
+            cache: remote.cache()?.clone(),
+        }
+    } else {
+        ImageRoot::Local(local_root(location))
+    };
     Ok(Dataset {
         location: location.to_owned(),
-        root,
+        images,
         skipped: loaded.report.skipped(),
         records: loaded.records,
     })
@@ -132,7 +243,7 @@ pub fn preprocessor(
         size: image_size as u32,
         ..ImageConfig::default()
     };
-    Preprocessor::new(&dataset.root, image, &text_config(spec)).map_err(|e| DataError {
+    Preprocessor::new(dataset.images.clone(), image, &text_config(spec)).map_err(|e| DataError {
         location: dataset.location.clone(),
         message: e.to_string(),
     })
@@ -160,15 +271,10 @@ mod tests {
 
     #[test]
     fn local_roots() {
-        assert_eq!(local_root("/d/set").unwrap(), PathBuf::from("/d/set"));
+        assert_eq!(local_root("/d/set"), PathBuf::from("/d/set"));
         assert_eq!(
-            local_root("file:///d/set/annotations.json").unwrap(),
+            local_root("file:///d/set/annotations.json"),
             PathBuf::from("/d/set")
-        );
-        let err = local_root("s3://bucket/set").unwrap_err().to_string();
-        assert!(
-            err.contains("s3://bucket/set") && err.contains("local folder"),
-            "{err}"
         );
     }
 }

@@ -36,9 +36,9 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// `root`: the dataset folder that image paths are relative to.
+    /// `images`: what the dataset's image paths are relative to.
     pub fn new(
-        root: &Path,
+        images: impl Into<samtrain_data::preprocess::ImageRoot>,
         text: &TextConfig,
         image_size: i64,
         settings: EvaluationSpec,
@@ -47,8 +47,8 @@ impl Predictor {
             size: image_size as u32,
             ..Default::default()
         };
-        let pre =
-            Preprocessor::new(root, image, text).map_err(|e| PredictError::eval(e.to_string()))?;
+        let pre = Preprocessor::new(images, image, text)
+            .map_err(|e| PredictError::eval(e.to_string()))?;
         let tokenizers = Tokenizers::load(text).map_err(|e| PredictError::eval(e.to_string()))?;
         let decoder = Tokenizer::from_file(&text.llm_tokenizer).map_err(|e| {
             PredictError::eval(format!("tokenizer {}: {e}", text.llm_tokenizer.display()))
@@ -236,7 +236,11 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
         .map_err(|e| bad(format!("meta.json is not samtrain's training state: {e}")))?;
     let spec = samtrain_proto::spec::JobSpec::from_toml(&meta.spec, Some("meta.json"))
         .map_err(|e| bad(e.to_string()))?;
-    let model_path = std::path::PathBuf::from(&meta.model_path);
+    // The model folder and tokenizers the job named, as local files
+    // (fetched into the cache when they are URLs).
+    let spec =
+        inputs::localize(&spec, &inputs::Remote::of(&spec.data)).map_err(|e| bad(e.to_string()))?;
+    let model_path = std::path::PathBuf::from(&spec.model.path);
     let dtype = crate::device::model_dtype(spec.model.dtype, device);
     let loaded = samtrain_model::LoadedModel::load_as(&model_path, device, None, dtype)
         .map_err(|e| PredictError::model(&meta.model_path, e))?;
@@ -272,13 +276,14 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
 /// every rank of the tp group calls this together.
 pub fn predict_set(
     spec: &JobSpec,
+    remote: &inputs::Remote,
     location: &str,
     model: &SamModel,
     device: Device,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let set = inputs::load_dataset(location, spec.data.bad_records)?;
+    let set = inputs::load_dataset(location, spec.data.bad_records, remote)?;
     let predictor = Predictor::new(
-        &set.root,
+        set.images,
         &inputs::text_config(spec),
         model.config.vision_config.image_size,
         spec.evaluation.clone(),

@@ -89,6 +89,9 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome, TrainError> {
 /// One rank's training state between steps.
 pub struct Trainer {
     spec: JobSpec,
+    /// `spec` with local paths for the model folder and tokenizers.
+    local: JobSpec,
+    remote: inputs::Remote,
     groups: ProcessGroups,
     abort: Arc<AtomicBool>,
     events: EventSink,
@@ -138,7 +141,11 @@ impl Trainer {
             tch::set_num_threads(t.threads as i32);
         }
         let device = resolve_device(t.device, layout.rank as u32)?;
-        let (lease, params) = load_trainable(&spec, &groups, device, &models)?;
+        // Model folder and tokenizers as local files (fetched when URLs);
+        // `spec` itself, as the user wrote it, is what checkpoints record.
+        let remote = inputs::Remote::of(&spec.data);
+        let local = inputs::localize(&spec, &remote)?;
+        let (lease, params) = load_trainable(&local, &groups, device, &models)?;
         let mut optimizer = AdamW::new(
             &params,
             AdamWConfig {
@@ -175,12 +182,12 @@ impl Trainer {
             "agreeing on the attempt id",
         )?;
 
-        let train_set = inputs::load_dataset(&spec.data.train, spec.data.bad_records)?;
+        let train_set = inputs::load_dataset(&spec.data.train, spec.data.bad_records, &remote)?;
         let skipped_records = train_set.skipped;
         let loader = if step < t.steps {
             let image_size = lease.model().model.config.vision_config.image_size;
             Some(start_loader(
-                &spec, &groups, train_set, image_size, position,
+                &local, &groups, train_set, image_size, position,
             )?)
         } else {
             None
@@ -193,6 +200,8 @@ impl Trainer {
             saves: Saves::new(ckpt, resumed_at),
             resumed_from: resumed.map(|m| m.step),
             spec,
+            local,
+            remote,
             groups,
             abort,
             events,
@@ -364,7 +373,8 @@ impl Trainer {
         let eval = match &self.spec.data.eval {
             Some(location) if layout.dp_rank == 0 => {
                 let predictions = predict::predict_set(
-                    &self.spec,
+                    &self.local,
+                    &self.remote,
                     location,
                     &self.lease.model().model,
                     self.device,
