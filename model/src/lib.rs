@@ -71,7 +71,8 @@ impl LoadedModel {
     ) -> Result<Self> {
         let config = SamConfig::from_file(&dir.join(weights::CONFIG_FILE))?;
         let shard = tp.as_ref().map(|t| (t.rank(), t.world_size()));
-        let loaded = Self::init_as(&config, device, tp, dtype)?;
+        let provided = weights::checkpoint_names(dir)?;
+        let loaded = nn::skipping_init(provided, || Self::init_as(&config, device, tp, dtype))?;
         weights::load(&loaded.vs, dir, shard)?;
         Ok(loaded)
     }

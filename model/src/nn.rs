@@ -40,8 +40,8 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: &Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         Self {
-            weight: p.var("weight", &[out_dim, in_dim], NORMAL),
-            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            weight: var(p, "weight", &[out_dim, in_dim], NORMAL),
+            bias: bias.then(|| var(p, "bias", &[out_dim], Init::Const(0.0))),
             lora: None,
         }
     }
@@ -50,8 +50,8 @@ impl Linear {
     /// which makes SAM equal to InstructBLIP at initialisation.
     pub fn zeros(p: &Path, in_dim: i64, out_dim: i64) -> Self {
         Self {
-            weight: p.var("weight", &[out_dim, in_dim], Init::Const(0.0)),
-            bias: Some(p.var("bias", &[out_dim], Init::Const(0.0))),
+            weight: var(p, "weight", &[out_dim, in_dim], Init::Const(0.0)),
+            bias: Some(var(p, "bias", &[out_dim], Init::Const(0.0))),
             lora: None,
         }
     }
@@ -62,7 +62,8 @@ impl Linear {
         let (out_dim, in_dim) = self.weight.size2().expect("linear weight is 2-d");
         let bound = 1.0 / (in_dim as f64).sqrt();
         self.lora = Some(Lora {
-            a: (p / "lora_A").var(
+            a: var(
+                &(p / "lora_A"),
                 "weight",
                 &[rank, in_dim],
                 Init::Uniform {
@@ -70,7 +71,12 @@ impl Linear {
                     up: bound,
                 },
             ),
-            b: (p / "lora_B").var("weight", &[out_dim, rank], Init::Const(0.0)),
+            b: var(
+                &(p / "lora_B"),
+                "weight",
+                &[out_dim, rank],
+                Init::Const(0.0),
+            ),
             scale: alpha / rank as f64,
         });
     }
@@ -108,8 +114,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(p: &Path, dim: i64, eps: f64) -> Self {
         Self {
-            weight: p.var("weight", &[dim], Init::Const(1.0)),
-            bias: p.var("bias", &[dim], Init::Const(0.0)),
+            weight: var(p, "weight", &[dim], Init::Const(1.0)),
+            bias: var(p, "bias", &[dim], Init::Const(0.0)),
             eps,
         }
     }
@@ -131,7 +137,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(p: &Path, dim: i64, eps: f64) -> Self {
         Self {
-            weight: p.var("weight", &[dim], Init::Const(1.0)),
+            weight: var(p, "weight", &[dim], Init::Const(1.0)),
             eps,
         }
     }
@@ -153,12 +159,53 @@ pub struct Embedding {
 impl Embedding {
     pub fn new(p: &Path, count: i64, dim: i64) -> Self {
         Self {
-            weight: p.var("weight", &[count, dim], NORMAL),
+            weight: var(p, "weight", &[count, dim], NORMAL),
         }
     }
 
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+thread_local! {
+    /// Names a checkpoint is about to fill, while a model is built to be
+    /// loaded (see [`skipping_init`]).
+    static PROVIDED: std::cell::RefCell<Option<std::collections::HashSet<String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `build` with the variables named in `provided` left uninitialised:
+/// a load overwrites them at once, and initialising billions of parameters
+/// at random first would cost the CPU seconds for nothing. Variables a
+/// checkpoint does not carry (SAM's own, LoRA) are initialised as usual.
+pub fn skipping_init<T>(
+    provided: std::collections::HashSet<String>,
+    build: impl FnOnce() -> T,
+) -> T {
+    PROVIDED.with(|p| *p.borrow_mut() = Some(provided));
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROVIDED.with(|p| *p.borrow_mut() = None);
+        }
+    }
+    let _reset = Reset;
+    build()
+}
+
+/// A variable `name` under `p`, initialised by `init` unless a checkpoint is
+/// about to fill it.
+pub fn var(p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
+    let provided = PROVIDED.with(|set| {
+        set.borrow()
+            .as_ref()
+            .is_some_and(|names| names.contains(&p.path(name)))
+    });
+    if provided {
+        p.add(name, Tensor::empty(dims, (p.kind(), p.device())), true)
+    } else {
+        p.var(name, dims, init)
     }
 }
 
@@ -174,7 +221,7 @@ pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
 
 /// A normal(0, 0.02) tensor of any shape (query tokens, class embedding).
 pub fn normal_var(p: &Path, name: &str, dims: &[i64]) -> Tensor {
-    p.var(name, dims, NORMAL)
+    var(p, name, dims, NORMAL)
 }
 
 /// Exact (erf) GELU, transformers' `"gelu"`.

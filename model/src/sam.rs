@@ -153,8 +153,14 @@ impl SamModel {
                     q.hidden_size,
                 ),
             },
-            sea_logit_scale: (config.samtrain.sea_weight > 0.0)
-                .then(|| (&s / "sea").var("logit_scale", &[], Init::Const(SEA_INIT_LOGIT_SCALE))),
+            sea_logit_scale: (config.samtrain.sea_weight > 0.0).then(|| {
+                crate::nn::var(
+                    &(&s / "sea"),
+                    "logit_scale",
+                    &[],
+                    Init::Const(SEA_INIT_LOGIT_SCALE),
+                )
+            }),
             config: config.clone(),
             compute: p.kind(),
         })

@@ -3,11 +3,16 @@
 //!
 //! A 7 B checkpoint is about 15 GB in bf16 and 30 GB in fp32; reading it
 //! whole (as `Tensor::read_safetensors` does) costs that much host memory on
-//! every rank. Here only the JSON header is parsed up front; each tensor is
-//! then read with positioned reads straight into a CPU tensor of its own
-//! dtype, and only the rows of this rank's slice. Positioned reads rather than
-//! a memory map: pages of a map stay counted in the process's resident memory
-//! until unmapped, reads into a buffer that is dropped after the copy do not.
+//! every rank. Here only the JSON header is parsed up front and the file is
+//! memory-mapped; each tensor (or this rank's slice of it, a strided view) is
+//! copied straight from the map into its destination, which converts dtype
+//! and device in the same pass, and its pages are then given back to the
+//! kernel (`MADV_DONTNEED`: they stay in the page cache but leave this
+//! process's resident set). So no intermediate buffer is written, and the
+//! resident set grows by about one tensor at a time.
+//!
+//! A weights file must not be truncated while it is being loaded (a read
+//! past the new end would fault), as for any memory-mapped checkpoint.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,13 +32,74 @@ pub struct TensorInfo {
     offset: u64,
 }
 
-/// A safetensors file whose header has been read.
+/// A safetensors file whose header has been read, mapped read-only.
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    file: File,
+    map: Mapping,
     header: Vec<u8>,
     tensors: HashMap<String, TensorInfo>,
+}
+
+/// A read-only private memory map of a whole file, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &File, len: u64) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh read-only mapping of an open file; the kernel
+        // picks the address, and the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr,
+            len: len as usize,
+        })
+    }
+
+    /// Drops the pages of `[start, start + len)` from this process's
+    /// resident set (page-aligned inward-out; they stay in the page cache).
+    fn release(&self, start: u64, len: u64) {
+        let page = 4096u64;
+        let begin = start / page * page;
+        let end = (start + len).min(self.len as u64);
+        if end > begin {
+            // SAFETY: the range lies inside this mapping; DONTNEED on a
+            // private read-only file mapping only discards cached PTEs.
+            unsafe {
+                libc::madvise(
+                    self.ptr.add(begin as usize),
+                    (end - begin) as usize,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped, once; no view outlives the
+        // `TensorFile` (views live only inside `read_into`).
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
 }
 
 /// Which part of a tensor to read: `len` indices from `start` along `dim`.
@@ -80,6 +146,7 @@ impl TensorFile {
         let parsed: HashMap<String, serde_json::Value> =
             serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
         let data_start = 8 + header_len;
+        let map = Mapping::new(&file, file_len).map_err(|e| bad(format!("cannot map: {e}")))?;
         let mut tensors = HashMap::new();
         for (name, entry) in parsed {
             if name == "__metadata__" {
@@ -90,7 +157,7 @@ impl TensorFile {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            map,
             header,
             tensors,
         })
@@ -114,45 +181,71 @@ impl TensorFile {
     }
 
     /// Reads tensor `name` (or its `slice`) into a new CPU tensor of the
-    /// file's dtype. Only the bytes of the slice are read.
+    /// file's dtype.
     pub fn read(&self, name: &str, slice: Option<Slice>) -> Result<Tensor> {
-        let info = self.tensors.get(name).ok_or_else(|| ModelError::Weights {
-            path: self.path.clone(),
-            message: format!("no tensor {name}"),
-        })?;
+        let info = self.info_of(name)?;
         let mut shape = info.shape.clone();
-        let elem = info.kind.elt_size_in_bytes() as u64;
-        // Runs of contiguous bytes: `outer` runs of `run` bytes, `stride` apart.
-        let (outer, run, stride, first) = match slice {
-            None => (1, numel(&shape) * elem, 0, info.offset),
-            Some(s) => {
-                let full = shape[s.dim];
-                shape[s.dim] = s.len;
-                let inner = numel(&info.shape[s.dim + 1..]) * elem;
-                (
-                    numel(&info.shape[..s.dim]),
-                    s.len as u64 * inner,
-                    full as u64 * inner,
-                    info.offset + s.start as u64 * inner,
-                )
-            }
-        };
-        let tensor = Tensor::empty(&shape, (info.kind, Device::Cpu));
-        // SAFETY: a freshly allocated, contiguous CPU tensor of exactly
-        // `outer * run` bytes, owned here and not shared until returned.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, (outer * run) as usize)
-        };
-        for (i, chunk) in bytes.chunks_mut(run.max(1) as usize).enumerate() {
-            self.file
-                .read_exact_at(chunk, first + i as u64 * stride)
-                .map_err(|e| ModelError::Weights {
-                    path: self.path.clone(),
-                    message: format!("reading tensor {name}: {e}"),
-                })?;
+        if let Some(s) = slice {
+            shape[s.dim] = s.len;
         }
+        let tensor = Tensor::empty(&shape, (info.kind, Device::Cpu));
+        self.read_into(name, slice, &tensor)?;
         Ok(tensor)
     }
+
+    /// Copies tensor `name` (or its `slice`) into `dest`, converting to
+    /// `dest`'s dtype and device; `dest` must have the slice's shape.
+    pub fn read_into(&self, name: &str, slice: Option<Slice>, dest: &Tensor) -> Result<()> {
+        let info = self.info_of(name)?;
+        let bytes = numel(&info.shape) * info.kind.elt_size_in_bytes() as u64;
+        let strides = contiguous_strides(&info.shape);
+        // SAFETY: `parse_entry` checked that the tensor's bytes lie inside
+        // the file, hence inside the mapping, which outlives the view: the
+        // view and its narrowing are dropped before this function returns.
+        // x86-64 and aarch64 load unaligned elements correctly.
+        let view = unsafe {
+            Tensor::from_blob(
+                (self.map.ptr as *const u8).add(info.offset as usize),
+                &info.shape,
+                &strides,
+                info.kind,
+                Device::Cpu,
+            )
+        };
+        let part = match slice {
+            Some(s) => view.narrow(s.dim as i64, s.start, s.len),
+            None => view.shallow_clone(),
+        };
+        if part.size() != dest.size() {
+            return Err(ModelError::Shape {
+                name: name.to_owned(),
+                expected: dest.size(),
+                found: part.size(),
+                path: self.path.clone(),
+            });
+        }
+        let copied = tch::no_grad(|| dest.shallow_clone().f_copy_(&part));
+        drop(part);
+        drop(view);
+        self.map.release(info.offset, bytes);
+        copied.map_err(ModelError::from)
+    }
+
+    fn info_of(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors.get(name).ok_or_else(|| ModelError::Weights {
+            path: self.path.clone(),
+            message: format!("no tensor {name}"),
+        })
+    }
+}
+
+/// Row-major strides of `shape`, in elements.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1].max(1);
+    }
+    strides
 }
 
 fn numel(shape: &[i64]) -> u64 {

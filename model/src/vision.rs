@@ -4,11 +4,11 @@
 //! `vision_model.embeddings.*`, `vision_model.encoder.layers.N.*`,
 //! `vision_model.post_layernorm.*`. The post layernorm is SAM's `ln_vision`.
 
-use tch::nn::Path;
+use tch::nn::{Init, Path};
 use tch::Tensor;
 
 use crate::config::VisionConfig;
-use crate::nn::{attention, cast, gelu, merge_heads, normal_var, LayerNorm, Linear};
+use crate::nn::{attention, cast, gelu, merge_heads, normal_var, var, LayerNorm, Linear};
 
 #[derive(Debug)]
 struct Embeddings {
@@ -77,7 +77,7 @@ impl VisionModel {
                 "weight",
                 &[d, 3, c.patch_size, c.patch_size],
             ),
-            patch_bias: (&e / "patch_embedding").zeros("bias", &[d]),
+            patch_bias: var(&(&e / "patch_embedding"), "bias", &[d], Init::Const(0.0)),
             position_embedding: normal_var(&e, "position_embedding", &[1, c.num_positions(), d]),
             patch_size: c.patch_size,
         };

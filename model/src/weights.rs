@@ -108,6 +108,15 @@ pub fn fingerprint(dir: &Path) -> Result<String> {
         .collect())
 }
 
+/// The names of every tensor the weight files of `dir` hold (headers only).
+pub fn checkpoint_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
+    let mut names = std::collections::HashSet::new();
+    for file in weight_files(dir)? {
+        names.extend(TensorFile::open(&file)?.names().map(str::to_owned));
+    }
+    Ok(names)
+}
+
 /// What a load did, for logs and tests.
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -119,10 +128,10 @@ pub struct LoadReport {
 }
 
 /// Fills every variable of `vs` from the model folder `dir`, one tensor at a
-/// time: each is read from disk (only this rank's slice under tensor
-/// parallelism, `tp = (rank, world)`), converted to the variable's dtype and
-/// device as it is copied in, and dropped. Peak host memory is the largest
-/// slice, not the checkpoint.
+/// time: each is copied from the memory-mapped file (only this rank's slice
+/// under tensor parallelism, `tp = (rank, world)`) straight into the
+/// variable, converting dtype and device, and its pages are released. Peak
+/// host memory is about one tensor plus what is kept, not the checkpoint.
 pub fn load(vs: &VarStore, dir: &Path, tp: Option<(i64, i64)>) -> Result<LoadReport> {
     let files = weight_files(dir)?
         .iter()
@@ -170,9 +179,8 @@ pub fn load(vs: &VarStore, dir: &Path, tp: Option<(i64, i64)>) -> Result<LoadRep
         if slice.is_none() && full != var.size() {
             return Err(shape_error(name, var.size(), full, path));
         }
-        let source = file.read(name, slice)?;
-        // copy_ converts dtype and moves to the variable's device in one pass.
-        tch::no_grad(|| var.shallow_clone().copy_(&source));
+        // The copy converts dtype and moves to the variable's device in one pass.
+        file.read_into(name, slice, var)?;
         report.loaded += 1;
     }
     report.unused = found
