@@ -6,11 +6,14 @@
 //! - [`checkpoint`]: checkpoint save and load, against torch.save/torch.load;
 //! - [`allreduce`]: all-reduce between local processes, against Gloo;
 //! - [`load`]: loading a model folder in a reduced dtype, against
-//!   transformers' `from_pretrained`.
+//!   transformers' `from_pretrained`;
+//! - [`restart`]: a worker's model ready after a restart, cold against
+//!   resident.
 
 pub mod allreduce;
 pub mod checkpoint;
 pub mod load;
+pub mod restart;
 pub mod train_step;
 
 use anyhow::Result;
@@ -28,6 +31,8 @@ pub enum BenchCommand {
     Allreduce(allreduce::AllreduceArgs),
     /// Loads a model folder once and prints seconds and peak host memory.
     Load(load::LoadArgs),
+    /// Times a worker's model ready after a restart, cold and resident.
+    Restart(restart::RestartArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -36,6 +41,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Checkpoint(args) => checkpoint::run(args),
         BenchCommand::Allreduce(args) => allreduce::run(args),
         BenchCommand::Load(args) => load::run(&args),
+        BenchCommand::Restart(args) => restart::run(&args),
     }
 }
 
