@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_model::LoadedModel;
-use tch::{Device, Kind};
+use tch::Device;
 
 #[derive(Args)]
 pub struct LoadArgs {
@@ -23,11 +23,7 @@ pub struct LoadArgs {
 }
 
 pub fn run(args: &LoadArgs) -> Result<()> {
-    let kind = match args.dtype {
-        samtrain_proto::spec::Dtype::Fp32 => Kind::Float,
-        samtrain_proto::spec::Dtype::Bf16 => Kind::BFloat16,
-        samtrain_proto::spec::Dtype::Fp16 => Kind::Half,
-    };
+    let kind = samtrain_worker::device::model_dtype(Some(args.dtype), Device::Cpu);
     let before = peak_rss_bytes()?;
     let start = Instant::now();
     let loaded = LoadedModel::load_as(&args.model, Device::Cpu, None, kind)
