@@ -204,11 +204,13 @@ fn warn_if_over_memory(spec: &samtrain_proto::spec::JobSpec, source: &str) {
     if needed as f64 > limit * (1u64 << 30) as f64 {
         eprintln!(
             "warning: {source}: each rank needs about {} (samtrain model plan --config {} --tp {} \
-             --batch {} --images 8 --dtype {}), more than parallel.worker_memory_gib = {limit}",
+             --batch {} --images 8 --text-len {} --dtype {}), more than \
+             parallel.worker_memory_gib = {limit}",
             gib(needed),
             path.display(),
             input.tp,
             input.batch,
+            input.text_len,
             dtype.name()
         );
     }
