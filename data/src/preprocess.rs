@@ -122,6 +122,20 @@ impl From<&std::path::Path> for ImageRoot {
 }
 
 impl ImageRoot {
+    /// Fetches every image of `records` into the cache at once, when
+    /// remote. Failures are left for [`Self::file`] to report with the
+    /// record and field.
+    fn prefetch(&self, records: &[&Record]) {
+        if let ImageRoot::Remote { url, cache } = self {
+            let base = url.trim_end_matches('/');
+            let urls: Vec<String> = records
+                .iter()
+                .flat_map(|r| r.img_list.iter().map(|rel| format!("{base}/{rel}")))
+                .collect();
+            drop(cache.fetch_all(&urls));
+        }
+    }
+
     /// The local file of image `relative` of `record`, fetched if remote.
     fn file(
         &self,
@@ -181,11 +195,14 @@ impl Preprocessor {
         })
     }
 
-    /// Records to one padded batch; the first failing record's error.
+    /// Records to one padded batch; the first failing record's error. A
+    /// remote dataset's images of the whole batch are fetched at once first.
     pub fn batch<'a>(
         &self,
         records: impl IntoIterator<Item = &'a Record>,
     ) -> Result<Batch, PreprocessError> {
+        let records: Vec<&Record> = records.into_iter().collect();
+        self.images.prefetch(&records);
         let samples = records
             .into_iter()
             .map(|r| self.sample(r))

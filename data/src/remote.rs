@@ -78,6 +78,10 @@ pub struct ObjectCache {
 /// The evictable folder (images) and the kept one (model files).
 const OBJECTS: &str = "objects";
 const MODELS: &str = "models";
+/// Objects one loader thread fetches at once.
+pub const FETCHES_IN_FLIGHT: usize = 16;
+/// Numbers the temporary files of downloads.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
 /// Written into a model folder once every file of it is fetched.
 const COMPLETE: &str = ".samtrain-complete";
 
@@ -125,6 +129,23 @@ impl ObjectCache {
     /// The local file of the object at `url` (evictable). Blocking: call it
     /// from loader threads, not from inside an async runtime.
     pub fn fetch(&self, url: &str) -> Result<PathBuf, RemoteError> {
+        self.runtime.block_on(self.fetch_async(url))
+    }
+
+    /// [`Self::fetch`] of every URL, up to [`FETCHES_IN_FLIGHT`] at once: a
+    /// loader thread gets a whole batch's images in about the time of the
+    /// slowest, not the sum of their latencies. Results in the order given.
+    pub fn fetch_all(&self, urls: &[String]) -> Vec<Result<PathBuf, RemoteError>> {
+        use futures::StreamExt;
+        self.runtime.block_on(
+            futures::stream::iter(urls)
+                .map(|url| self.fetch_async(url))
+                .buffered(FETCHES_IN_FLIGHT)
+                .collect(),
+        )
+    }
+
+    async fn fetch_async(&self, url: &str) -> Result<PathBuf, RemoteError> {
         let local = self.dir.join(OBJECTS).join(digest(url));
         if local.is_file() {
             self.hits.fetch_add(1, Ordering::Relaxed);
@@ -134,7 +155,7 @@ impl ObjectCache {
             }
             return Ok(local);
         }
-        let len = self.download(url, &local)?;
+        let (len, _) = self.download_async(url, &local).await?;
         let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
         *size += len;
         if *size > self.max_bytes {
@@ -147,27 +168,38 @@ impl ObjectCache {
     /// never evicted: `config.json`, the weights (one file or the shards of
     /// `model.safetensors.index.json`), and `sam.safetensors` and
     /// `tokenizer.json` when present. A folder fetched whole is marked so,
-    /// and later calls use it without a request; an interrupted fetch keeps
-    /// the files it finished and fetches the rest.
+    /// with each file's size and version (ETag); a later call checks them
+    /// with one `HEAD` per file and fetches again only the files that
+    /// changed in the bucket. An interrupted fetch keeps the files it
+    /// finished and fetches the rest.
     pub fn fetch_model(&self, url: &str) -> Result<PathBuf, RemoteError> {
         let folder = self.dir.join(MODELS).join(digest(url));
         let complete = folder.join(COMPLETE);
-        if complete.is_file() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(folder);
+        let base = url.trim_end_matches('/');
+        if let Some(manifest) = read_manifest(&complete) {
+            if self.drop_changed(base, &folder, &manifest) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(folder);
+            }
         }
         std::fs::create_dir_all(&folder).map_err(|e| RemoteError {
             url: url.to_owned(),
             message: format!("cannot create {}: {e}", folder.display()),
         })?;
-        let base = url.trim_end_matches('/');
-        let get = |name: &str, required: bool| -> Result<bool, RemoteError> {
+        let mut manifest = Manifest::new();
+        let mut get = |name: &str, required: bool| -> Result<bool, RemoteError> {
             let local = folder.join(name);
-            if local.is_file() {
-                return Ok(true);
-            }
-            match self.download(&format!("{base}/{name}"), &local) {
-                Ok(_) => Ok(true),
+            let remote = format!("{base}/{name}");
+            let version = if local.is_file() {
+                self.version(&remote)
+            } else {
+                self.download(&remote, &local).map(|(_, version)| version)
+            };
+            match version {
+                Ok(version) => {
+                    manifest.insert(name.to_owned(), version);
+                    Ok(true)
+                }
                 Err(e) if !required && e.message.starts_with(NOT_FOUND) => Ok(false),
                 Err(e) => Err(e),
             }
@@ -202,35 +234,81 @@ impl ObjectCache {
         }
         get("sam.safetensors", false)?;
         get("tokenizer.json", false)?;
-        std::fs::write(&complete, url).map_err(|e| RemoteError {
+        let written = serde_json::to_vec_pretty(&manifest)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&complete, bytes));
+        written.map_err(|e| RemoteError {
             url: url.to_owned(),
             message: format!("cannot write {}: {e}", complete.display()),
         })?;
         Ok(folder)
     }
 
-    /// Writes the object at `url` to `local` (via a temporary name); its size.
-    fn download(&self, url: &str, local: &Path) -> Result<u64, RemoteError> {
+    /// Checks each file of a fetched model folder against the bucket and
+    /// deletes the local copies that changed there; true when none did.
+    /// A bucket that cannot be reached leaves the cached folder in use.
+    fn drop_changed(&self, base: &str, folder: &Path, manifest: &Manifest) -> bool {
+        let mut unchanged = true;
+        for (name, version) in manifest {
+            match self.version(&format!("{base}/{name}")) {
+                Ok(now) if &now == version => {}
+                Ok(_) => {
+                    tracing::info!(url = %format!("{base}/{name}"), "the model file changed in the bucket; fetching it again");
+                    let _ = std::fs::remove_file(folder.join(name));
+                    unchanged = false;
+                }
+                Err(e) => {
+                    tracing::warn!(url = %e.url, error = %e.message, "cannot check the cached model against the bucket; using the cached copy");
+                    return unchanged;
+                }
+            }
+        }
+        unchanged
+    }
+
+    /// The size and version (ETag, else modification time) of the object
+    /// at `url`, from one `HEAD`.
+    fn version(&self, url: &str) -> Result<String, RemoteError> {
+        let (store, path) = self.store_of(url)?;
+        let meta = self
+            .runtime
+            .block_on(store.head(&path))
+            .map_err(|e| RemoteError {
+                url: url.to_owned(),
+                message: describe(&e),
+            })?;
+        Ok(version_of(&meta))
+    }
+
+    /// Writes the object at `url` to `local` (via a temporary name); its
+    /// size and version.
+    fn download(&self, url: &str, local: &Path) -> Result<(u64, String), RemoteError> {
+        self.runtime.block_on(self.download_async(url, local))
+    }
+
+    async fn download_async(&self, url: &str, local: &Path) -> Result<(u64, String), RemoteError> {
         let fail = |message: String| RemoteError {
             url: url.to_owned(),
             message,
         };
         let (store, path) = self.store_of(url)?;
-        let bytes = self
-            .runtime
-            .block_on(async {
-                let got = store.get(&path).await?;
-                got.bytes().await
-            })
-            .map_err(|e| fail(describe(&e)))?;
-        let tmp = local.with_extension(format!("part-{}", std::process::id()));
+        let got = async {
+            let got = store.get(&path).await?;
+            let version = version_of(&got.meta);
+            Ok::<_, object_store::Error>((got.bytes().await?, version))
+        };
+        let (bytes, version) = got.await.map_err(|e| fail(describe(&e)))?;
+        // Unique per process and call: two loader threads may fetch the
+        // same object at once.
+        let n = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
+        let tmp = local.with_extension(format!("part-{}-{n}", std::process::id()));
         std::fs::write(&tmp, &bytes)
             .and_then(|()| std::fs::rename(&tmp, local))
             .map_err(|e| fail(format!("cannot write {}: {e}", local.display())))?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
         self.bytes_fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(bytes.len() as u64)
+        Ok((bytes.len() as u64, version))
     }
 
     /// The store of `url`'s bucket (built once, configured from the
@@ -282,6 +360,26 @@ impl ObjectCache {
 }
 
 const NOT_FOUND: &str = "object not found";
+
+/// A fetched model folder's files and the version each was fetched at.
+type Manifest = std::collections::BTreeMap<String, String>;
+
+/// The manifest a complete model folder was marked with; None when the
+/// folder is not complete (or was marked by an older samtrain, without one).
+fn read_manifest(complete: &Path) -> Option<Manifest> {
+    serde_json::from_slice(&std::fs::read(complete).ok()?).ok()
+}
+
+/// An object's size and version, as one comparable string.
+fn version_of(meta: &object_store::ObjectMeta) -> String {
+    let version = meta.e_tag.clone().unwrap_or_else(|| {
+        meta.last_modified
+            .timestamp_nanos_opt()
+            .unwrap_or(0)
+            .to_string()
+    });
+    format!("{} {version}", meta.size)
+}
 
 /// An object-store error in a user's words: which kind of failure, then
 /// the store's own message with its causes.

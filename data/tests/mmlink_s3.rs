@@ -1,6 +1,8 @@
 //! Reading an MmLINK dataset from a real S3-compatible server (moto's, from
 //! the venv that scripts/setup.sh installs), started by this test on
-//! loopback and stopped by its PID: the records equal those read from disk.
+//! loopback and stopped by its PID: the records equal those read from disk,
+//! the dataset's digest follows its objects' ETags, and a dataset decoded
+//! once is not decoded again until an object changes.
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +59,26 @@ async fn s3_dataset_reads_like_the_local_one() {
         remote.report.problems
     );
     assert_eq!(remote.records, local.records);
+
+    // Decoded once, then only checked against the listing while unchanged.
+    let validated = dir.path().join("validated");
+    let remembering = || LoadOptions {
+        validated: Some(validated.clone()),
+        ..LoadOptions::default()
+    };
+    let first = load("s3://datasets/story", remembering()).await.unwrap();
+    let second = load("s3://datasets/story", remembering()).await.unwrap();
+    assert!(first.digest.is_some());
+    assert_eq!(first.digest, second.digest);
+    assert!(!first.validated_before && second.validated_before);
+    // A rewritten image (new bytes, new ETag) changes the digest.
+    let image = &local.records[1].img_list[0];
+    let other = std::fs::read(dir.path().join(&local.records[2].img_list[0])).unwrap();
+    let key = StorePath::from(format!("story/{image}"));
+    store.put(&key, PutPayload::from(other)).await.unwrap();
+    let third = load("s3://datasets/story", remembering()).await.unwrap();
+    assert_ne!(third.digest, first.digest);
+    assert!(!third.validated_before);
 
     // A missing image on the server is reported with its record and field.
     let first = &local.records[0];

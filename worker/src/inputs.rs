@@ -28,7 +28,7 @@ pub struct Dataset {
     pub records: Vec<Record>,
     /// Records left out for having problems (bad-record policy `skip`).
     pub skipped: usize,
-    /// Whether this exact dataset (by [`local_digest`]) was fully decoded
+    /// Whether this exact dataset (by its digest) was fully decoded
     /// before without an image problem, so that this load only checked that
     /// its images exist.
     pub validated_before: bool,
@@ -142,57 +142,13 @@ fn local_root(location: &str) -> PathBuf {
     }
 }
 
-/// A digest of a local dataset folder: every file's path, size and
-/// modification time. Equal digests mean nothing was added, removed or
-/// rewritten since.
-fn local_digest(root: &Path) -> Option<String> {
-    use sha2::{Digest, Sha256};
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, u64, u128)>) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                walk(&entry.path(), root, out)?;
-            } else {
-                let modified = meta
-                    .modified()?
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                let path = entry.path();
-                let relative = path
-                    .strip_prefix(root)
-                    .unwrap_or(&path)
-                    .display()
-                    .to_string();
-                out.push((relative, meta.len(), modified));
-            }
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    walk(root, root, &mut files).ok()?;
-    files.sort();
-    let mut hash = Sha256::new();
-    for (path, len, modified) in files {
-        hash.update(path.as_bytes());
-        hash.update(len.to_le_bytes());
-        hash.update(modified.to_le_bytes());
-    }
-    Some(
-        hash.finalize()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
-}
-
 /// Reads and checks every record of `location` under `policy`.
 ///
 /// A local dataset's images are decoded, except when a previous load of the
-/// same dataset (equal [`local_digest`]) decoded them all without a problem:
-/// then they are only checked to exist, and a restart skips the full decode.
-/// A remote dataset's images are only checked to exist (a `HEAD` each); the
+/// same dataset (equal digest: annotations, and each image's size and
+/// modification time) decoded them all without a problem: then they are only
+/// checked to exist, and a restart skips the full decode. A remote dataset's
+/// images are only checked to exist, against one listing of its folder; the
 /// loader threads of the ranks that use them fetch, decode and cache them.
 pub fn load_dataset(
     location: &str,
@@ -200,21 +156,17 @@ pub fn load_dataset(
     remote: &Remote,
 ) -> Result<Dataset, DataError> {
     let is_remote = remote::is_remote(location);
-    let marker = (!is_remote)
-        .then(|| local_digest(&local_root(location)))
-        .flatten()
-        .map(|digest| remote.dir.join("validated").join(digest));
-    let validated_before = marker.as_ref().is_some_and(|m| m.is_file());
     let options = LoadOptions {
         policy: match policy {
             BadRecords::Fail => Policy::Fail,
             BadRecords::Skip => Policy::Skip,
         },
-        images: if is_remote || validated_before {
+        images: if is_remote {
             ImageCheck::Exists
         } else {
             ImageCheck::Decode
         },
+        validated: Some(remote.dir.join("validated")),
     };
     let loaded = mmlink::load_blocking(location, options).map_err(|e| DataError {
         location: location.to_owned(),
@@ -240,34 +192,12 @@ pub fn load_dataset(
     } else {
         ImageRoot::Local(local_root(location))
     };
-    let image_problem = loaded.report.problems.iter().any(|p| {
-        p.field
-            .as_deref()
-            .is_some_and(|f| f.starts_with("img_list"))
-    });
-    if let (Some(marker), false, false) = (&marker, validated_before, image_problem) {
-        // A cache that cannot be written only costs the next load a decode.
-        let written = marker
-            .parent()
-            .map(std::fs::create_dir_all)
-            .transpose()
-            .and_then(|_| std::fs::write(marker, location));
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "cannot record the dataset as validated");
-        }
-    }
-    if validated_before {
-        tracing::info!(
-            location,
-            "dataset unchanged since a full check; images not decoded again"
-        );
-    }
     Ok(Dataset {
         location: location.to_owned(),
         images,
         skipped: loaded.report.skipped(),
+        validated_before: loaded.validated_before,
         records: loaded.records,
-        validated_before,
     })
 }
 

@@ -2,9 +2,17 @@
 //! (`file://`, `s3://`, `gs://`, `az://`): the annotations (a JSON list or
 //! JSON Lines), then every record's fields and images, with a report of
 //! every problem and a policy for what to do with bad records.
+//!
+//! One listing of the dataset's folder gives every object's size and version
+//! (its ETag, or its modification time): images are checked to exist
+//! against it instead of one request each, and the dataset gets a digest
+//! (the annotations' bytes and every referenced image's size and version),
+//! so that a dataset decoded once without a problem is not decoded again
+//! while it stays the same.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -12,6 +20,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use url::Url;
 
@@ -41,14 +50,19 @@ pub enum ImageCheck {
     /// Read and decode every image: the only check that finds corrupt files.
     #[default]
     Decode,
-    /// Only check that every image exists (a `HEAD` on object stores).
+    /// Only check that every image exists (in the folder's listing, or a
+    /// `HEAD` each where the store refuses to list).
     Exists,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     pub policy: Policy,
     pub images: ImageCheck,
+    /// A folder of the digests of datasets already decoded without an image
+    /// problem. Under [`ImageCheck::Decode`], a dataset whose digest is
+    /// there is only checked for existence; one decoded cleanly is added.
+    pub validated: Option<PathBuf>,
 }
 
 /// What reading a dataset found.
@@ -92,7 +106,18 @@ impl fmt::Display for Report {
 pub struct Loaded {
     pub records: Vec<Record>,
     pub report: Report,
+    /// The dataset's digest: its annotations and every referenced image's
+    /// size and version. None when the folder could not be listed or an
+    /// image is missing.
+    pub digest: Option<String>,
+    /// The digest was among [`LoadOptions::validated`]: the images were
+    /// checked to exist, not decoded again.
+    pub validated_before: bool,
 }
+
+/// Size and version (ETag, else modification time) of each object under a
+/// dataset's folder.
+type Inventory = HashMap<StorePath, (u64, String)>;
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -205,14 +230,51 @@ impl Dataset {
         })
     }
 
+    /// Every object under the folder, from one listing (paged by the
+    /// store); None when the store refuses to list.
+    async fn inventory(&self) -> Option<Inventory> {
+        let mut listing = self.store.list(Some(&self.dir));
+        let mut out = Inventory::new();
+        while let Some(meta) = listing.next().await {
+            match meta {
+                Ok(m) => {
+                    let version = m.e_tag.unwrap_or_else(|| {
+                        m.last_modified
+                            .timestamp_nanos_opt()
+                            .unwrap_or(0)
+                            .to_string()
+                    });
+                    out.insert(m.location, (m.size, version));
+                }
+                Err(e) => {
+                    tracing::info!(dir = %self.shown_dir, error = %e, "cannot list the dataset; checking each image on its own");
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// Why the image at `relative` is unusable, if it is.
-    async fn image_problem(&self, relative: &str, check: ImageCheck) -> Option<String> {
+    async fn image_problem(
+        &self,
+        relative: &str,
+        check: ImageCheck,
+        inventory: Option<&Inventory>,
+    ) -> Option<String> {
         let path = self.path(relative);
         let not_found = |e: &object_store::Error| match e {
             object_store::Error::NotFound { .. } => "image not found".to_owned(),
             other => format!("cannot read image: {other}"),
         };
-        if check == ImageCheck::Exists {
+        if let Some(listed) = inventory {
+            if !listed.contains_key(&path) {
+                return Some("image not found".to_owned());
+            }
+            if check == ImageCheck::Exists {
+                return None;
+            }
+        } else if check == ImageCheck::Exists {
             return self.store.head(&path).await.err().map(|e| not_found(&e));
         }
         let bytes = match self.store.get(&path).await {
@@ -357,16 +419,33 @@ pub async fn load(location: &str, options: LoadOptions) -> Result<Loaded, LoadEr
     }
 
     // Each distinct image once, however many records share it.
-    let unique: Vec<String> = checked
+    let mut unique: Vec<String> = checked
         .iter()
         .flat_map(|c| c.images.iter().map(|(_, p)| p.clone()))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let dataset_ref = &dataset;
+    unique.sort();
+    let inventory = dataset.inventory().await;
+    let digest = inventory
+        .as_ref()
+        .and_then(|listed| dataset_digest(&dataset, &name, &bytes, &unique, listed));
+    let marker = options
+        .validated
+        .as_ref()
+        .zip(digest.as_ref())
+        .map(|(dir, digest)| dir.join(digest));
+    let validated_before =
+        options.images == ImageCheck::Decode && marker.as_ref().is_some_and(|m| m.is_file());
+    let check = if validated_before {
+        ImageCheck::Exists
+    } else {
+        options.images
+    };
+    let (dataset_ref, listed) = (&dataset, inventory.as_ref());
     let image_problems: HashMap<String, String> = futures::stream::iter(unique)
         .map(|path| async move {
-            let problem = dataset_ref.image_problem(&path, options.images).await;
+            let problem = dataset_ref.image_problem(&path, check, listed).await;
             (path, problem)
         })
         .buffer_unordered(IMAGES_IN_FLIGHT)
@@ -394,15 +473,30 @@ pub async fn load(location: &str, options: LoadOptions) -> Result<Loaded, LoadEr
         }
     }
 
+    if let (Some(marker), ImageCheck::Decode, true) = (&marker, check, image_problems.is_empty()) {
+        remember_validated(marker, location);
+    }
+    if validated_before {
+        tracing::info!(
+            location,
+            "dataset unchanged since a full check; images not decoded again"
+        );
+    }
     let report = Report {
         annotations: shown,
         records: values.len(),
         valid: records.len(),
         problems,
     };
+    let loaded = |records, report| Loaded {
+        records,
+        report,
+        digest,
+        validated_before,
+    };
     if report.problems.is_empty() {
         tracing::info!(annotations = %report.annotations, records = report.records, "dataset read");
-        return Ok(Loaded { records, report });
+        return Ok(loaded(records, report));
     }
     match options.policy {
         Policy::Fail => Err(LoadError::Invalid { report }),
@@ -414,8 +508,51 @@ pub async fn load(location: &str, options: LoadOptions) -> Result<Loaded, LoadEr
                 problems = report.problems.len(),
                 "records with problems left out"
             );
-            Ok(Loaded { records, report })
+            Ok(loaded(records, report))
         }
+    }
+}
+
+/// The digest of a dataset: its annotations' name and bytes, then each
+/// referenced image (sorted) with its size and version. None when an image
+/// is not in the listing.
+fn dataset_digest(
+    dataset: &Dataset,
+    annotations: &str,
+    bytes: &[u8],
+    images: &[String],
+    listed: &Inventory,
+) -> Option<String> {
+    let mut hash = Sha256::new();
+    hash.update(annotations.as_bytes());
+    hash.update((bytes.len() as u64).to_le_bytes());
+    hash.update(bytes);
+    for image in images {
+        let (size, version) = listed.get(&dataset.path(image))?;
+        hash.update(image.as_bytes());
+        hash.update(size.to_le_bytes());
+        hash.update(version.as_bytes());
+        hash.update([0]);
+    }
+    Some(
+        hash.finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// Records a cleanly decoded dataset's digest. A folder that cannot be
+/// written only costs the next load a decode.
+fn remember_validated(marker: &std::path::Path, location: &str) {
+    let written = marker
+        .parent()
+        .map(std::fs::create_dir_all)
+        .transpose()
+        .and_then(|_| std::fs::write(marker, location));
+    if let Err(e) = written {
+        tracing::debug!(error = %e, "cannot record the dataset as validated");
     }
 }
 
