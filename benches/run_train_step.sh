@@ -17,7 +17,10 @@
 # Environment: ROUNDS (3), THREADS (2), STEPS (10), WARMUP (3), BATCH (4),
 # IMAGES (1), TEXT_LEN (64), QFORMER_LEN (16), QUIET_WAIT (120), and
 # SUPPLEMENT=1 to add two transformers variants to each round: logits at the
-# text positions only, and fused AdamW (see benches/train_step.py).
+# text positions only, and fused AdamW (see benches/train_step.py), and
+# CHECKPOINTING=1 to add both sides with activation checkpointing and a table
+# of the memory each step adds (peak resident memory over that before the
+# first step: gradients, AdamW's state and the activations).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +36,7 @@ TEXT_LEN=${TEXT_LEN:-64}
 QFORMER_LEN=${QFORMER_LEN:-16}
 QUIET_WAIT=${QUIET_WAIT:-120}
 SUPPLEMENT=${SUPPLEMENT:-0}
+CHECKPOINTING=${CHECKPOINTING:-0}
 PY=$ROOT/.venv/bin/python
 OUT=target/bench
 RESULTS=$OUT/train_step.jsonl
@@ -60,6 +64,9 @@ SIDES=(samtrain hf-sdpa samtrain-guided hf-eager)
 if [[ $SUPPLEMENT == 1 ]]; then
     SIDES+=(hf-sdpa-text-logits hf-sdpa-fused-adamw)
 fi
+if [[ $CHECKPOINTING == 1 ]]; then
+    SIDES+=(samtrain-checkpointed hf-sdpa-checkpointed)
+fi
 
 # One run of one side; prints its JSON object.
 run_side() {
@@ -72,6 +79,8 @@ run_side() {
     hf-eager) "${hf[@]}" --attn eager ;;
     hf-sdpa-text-logits) "${hf[@]}" --attn sdpa --text-logits-only ;;
     hf-sdpa-fused-adamw) "${hf[@]}" --attn sdpa --fused-adamw ;;
+    samtrain-checkpointed) "${st[@]}" --model "$OUT/model" --activation-checkpointing ;;
+    hf-sdpa-checkpointed) "${hf[@]}" --attn sdpa --gradient-checkpointing ;;
     esac
 }
 
@@ -121,9 +130,13 @@ print(f"median ms per step over {first['steps']} steps; {first['threads']} threa
 
 
 # Every side but samtrain gets a ratio column: samtrain / transformers for the
-# transformers sides, the cost of guidance (guided / samtrain) for samtrain-guided.
+# transformers sides (checkpointed against checkpointed), the cost of guidance or
+# of checkpointing (samtrain-X / samtrain) for the other samtrain sides.
 def ratio(side, ms):
-    return ms[side] / ms["samtrain"] if side.startswith("samtrain-") else ms["samtrain"] / ms[side]
+    if side.startswith("samtrain-"):
+        return ms[side] / ms["samtrain"]
+    mine = "samtrain-checkpointed" if side.endswith("-checkpointed") else "samtrain"
+    return ms[mine] / ms[side]
 
 
 head = ["round"] + [c for s in sides for c in ([s] if s == "samtrain" else [s, "ratio"])]
@@ -143,7 +156,8 @@ print("".join(f"{h:>{w}}" for h, w in zip(head, widths)))
 for n in rounds:
     line(str(n), {s: by[(n, s)]["median_ms"] for s in sides})
 line("median", {s: statistics.median(by[(n, s)]["median_ms"] for n in rounds) for s in sides})
-print("ratio: samtrain / transformers; for samtrain-guided: samtrain-guided / samtrain")
+print("ratio: samtrain / transformers (checkpointed sides against each other); "
+      "for the other samtrain sides: samtrain-X / samtrain")
 print("min ms per step, by round:")
 for s in sides:
     print(f"  {s:<20}" + "".join(f"{by[(n, s)]['min_ms']:>8.0f}" for n in rounds))
@@ -153,4 +167,11 @@ for s in sides:
     print(f"  {s:<20} forward {f:5.0f}  backward {b:5.0f}  optimizer {o:5.0f}")
 print("first-step loss: " + ", ".join(f"{s} {by[(rounds[0], s)]['first_loss']:.6f}" for s in sides))
 print("trained parameters: " + ", ".join(f"{s} {by[(rounds[0], s)]['parameters']}" for s in sides))
+print("memory a step adds (peak resident minus resident before the first step), MiB, median over the rounds:")
+for s in sides:
+    added = statistics.median((by[(n, s)]["peak_rss_bytes"] - by[(n, s)]["rss_before_steps_bytes"]) / 2**20 for n in rounds)
+    peak = statistics.median(by[(n, s)]["peak_rss_bytes"] / 2**20 for n in rounds)
+    planned = by[(rounds[0], s)].get("planned_step_bytes")
+    plan = f"   samtrain model plan expects {planned / 2**20:7.0f}" if planned else ""
+    print(f"  {s:<22} adds {added:7.0f}   peak {peak:7.0f}{plan}")
 EOF

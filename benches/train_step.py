@@ -17,7 +17,8 @@ samtrain with guidance off.
 Usage (flags as `samtrain bench train-step`):
   .venv/bin/python benches/train_step.py --model DIR --batch 4 --images 1 --text-len 64 \
       --qformer-len 16 --steps 10 --warmup 2 --threads 2 [--attn sdpa|eager] [--json]
-Two variants, not the baseline: --text-logits-only (logits at the text positions only,
+--gradient-checkpointing turns on transformers' activation checkpointing (in training
+mode, dropout set to 0). Two variants, not the baseline: --text-logits-only (logits at the text positions only,
 transformers' `logits_to_keep`; samtrain computes them at the supervised positions
 only) and --fused-adamw (`AdamW(fused=True)`, one kernel for the whole update).
 """
@@ -64,6 +65,11 @@ def parse_args() -> argparse.Namespace:
         help="compute logits at the text positions only (logits_to_keep); same loss",
     )
     p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="transformers' gradient_checkpointing_enable() (samtrain's --activation-checkpointing)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args()
     assert args.steps > 0, "--steps must be positive"
@@ -95,6 +101,15 @@ def random_batch(model, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     }
 
 
+def memory_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak so far) of this process, as samtrain reads them."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -109,12 +124,21 @@ def main() -> None:
     # eval(): samtrain has no dropout, and the Q-Former's (0.1 by default) would make
     # the two sides compute different functions. Gradients flow all the same.
     model.eval()
+    if args.gradient_checkpointing:
+        # transformers checkpoints only in training mode; dropout off keeps the
+        # function the same as samtrain's.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(
         model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=args.fused_adamw or None
     )
     batch = random_batch(model, args)
+    rss_before_steps = memory_bytes("VmRSS")
     if args.text_logits_only:
         # The logits of the last text_len positions, the text, predict the text's
         # labels shifted by one; the one they drop, text token 0 (predicted by the
@@ -160,6 +184,9 @@ def main() -> None:
         "backward_ms": statistics.median(backward),
         "optimizer_ms": statistics.median(optimizer),
         "first_loss": first_loss,
+        "activation_checkpointing": args.gradient_checkpointing,
+        "rss_before_steps_bytes": rss_before_steps,
+        "peak_rss_bytes": memory_bytes("VmHWM"),
     }
     if args.json:
         print(json.dumps(result))

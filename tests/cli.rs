@@ -196,6 +196,72 @@ fn submit_refuses_a_spec_that_needs_local_preparation() {
     }
 }
 
+/// `submit --preflight` reads the datasets as a worker's first generation
+/// would, and refuses a corrupt one, naming the file, record and field,
+/// before it looks for a coordinator.
+#[test]
+fn submit_preflight_refuses_a_corrupt_dataset_before_submitting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    ok(&[
+        "data",
+        "synth",
+        "--task",
+        "group",
+        "--samples",
+        "4",
+        "--images",
+        "2",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"preflight\"\n[model]\npath = {:?}\n[data]\ntrain = {:?}\n\
+             [checkpoint]\nurl = {:?}\n",
+            dir.path().join("model"),
+            data,
+            dir.path().join("checkpoints")
+        ),
+    )
+    .unwrap();
+    let submit = || {
+        samtrain(&[
+            "submit",
+            spec.to_str().unwrap(),
+            "--preflight",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+    };
+    // A clean dataset passes: the command goes on to the (absent) coordinator.
+    let out = submit();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("preflight: data.train") && err.contains("4 records, 4 used"),
+        "{err}"
+    );
+
+    let annotations: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("annotations.json")).unwrap()).unwrap();
+    let first = annotations[0]["img_list"][0].as_str().unwrap();
+    std::fs::write(data.join(first), b"not an image").unwrap();
+    let out = submit();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        "preflight: data.train",
+        first,
+        "img_list[0]",
+        "cannot be decoded",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+    assert!(!err.contains("coordinator"), "{err}");
+}
+
 #[test]
 fn plan_prints_the_memory_of_the_shipped_7b_job() {
     let config = concat!(

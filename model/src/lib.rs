@@ -7,6 +7,8 @@
 //! - [`vision`], [`qformer`], [`llama`]: the three networks;
 //! - [`sam`]: the whole model, guidance, the LM and SEA losses;
 //! - [`parallel`]: the `Collective` interface and Megatron's operators;
+//! - [`tape`]: the backward pass in segments, for tensor parallelism and
+//!   activation checkpointing;
 //! - [`plan`]: the memory a configuration needs per rank, before loading;
 //! - [`weights`], [`tensor_file`], [`trainable`], [`generation`]: loading
 //!   (tensor by tensor) and saving, which parameters train, greedy and beam
@@ -21,6 +23,7 @@ pub mod parallel;
 pub mod plan;
 pub mod qformer;
 pub mod sam;
+pub mod tape;
 pub mod tensor_file;
 pub mod trainable;
 pub mod vision;

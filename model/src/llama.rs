@@ -14,7 +14,8 @@ use tch::{Kind, Tensor};
 use crate::config::TextConfig;
 use crate::error::{ModelError, Result};
 use crate::nn::{attention, cast, merge_heads, min_value, split_heads, Embedding, Linear, RmsNorm};
-use crate::parallel::{GradTape, TensorParallel};
+use crate::parallel::TensorParallel;
+use crate::tape::GradTape;
 
 /// Keys and values of past positions, one pair per layer, for generation.
 #[derive(Debug, Default)]
@@ -231,34 +232,62 @@ impl Llama {
 
     /// Runs the decoder over `x` `[batch, seq, hidden]` and returns the final
     /// normalised hidden states. With a cache, its keys come first and the new
-    /// ones are appended. With a tape (training under tensor parallelism),
-    /// the graph is cut where Megatron's `f` operator sits.
-    pub fn forward(
-        &self,
+    /// ones are appended. With a tape (training), each layer is offered to it
+    /// for activation checkpointing, and under tensor parallelism the graph
+    /// is cut where Megatron's `f` operator sits.
+    pub fn forward<'a>(
+        &'a self,
         x: &Tensor,
         input: &DecoderInput,
         mut cache: Option<&mut KvCache>,
-        mut tape: Option<&mut GradTape>,
+        mut tape: Option<&mut GradTape<'a>>,
     ) -> Tensor {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let mask = causal_mask(input.key_mask, x.size()[1], past, x.kind());
         let (cos, sin) = self.rotary.cos_sin(input.positions, x.kind());
         let mut h = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = &layer.self_attn;
-            let residual = self.cut(&mut tape, h);
-            let normed = layer.input_layernorm.forward(&residual);
-            let x = self.enter(&mut tape, normed, [&a.q_proj, &a.k_proj, &a.v_proj]);
-            let out = a.forward(&x, &cos, &sin, &mask, cache.as_deref_mut().map(|c| (c, i)));
-            h = residual + self.exit(&a.o_proj, out);
-            let f = &layer.mlp;
-            let residual = self.cut(&mut tape, h);
-            let normed = layer.post_attention_layernorm.forward(&residual);
-            let x = self.enter(&mut tape, normed, [&f.gate_proj, &f.up_proj]);
-            let inner = f.forward(&x);
-            h = residual + self.exit(&f.down_proj, inner);
+            h = match (cache.as_deref_mut(), tape.as_deref_mut()) {
+                (None, Some(t)) => {
+                    let (cos, sin, mask) = (
+                        cos.shallow_clone(),
+                        sin.shallow_clone(),
+                        mask.shallow_clone(),
+                    );
+                    t.checkpoint(h, move |x, t| {
+                        self.layer(layer, x, &cos, &sin, &mask, None, t)
+                    })
+                }
+                (cache, t) => self.layer(layer, &h, &cos, &sin, &mask, cache.map(|c| (c, i)), t),
+            };
         }
         self.norm.forward(&h)
+    }
+
+    /// One decoder layer (the `i`th when it appends to a cache).
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: &DecoderLayer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+        mut tape: Option<&mut GradTape<'_>>,
+    ) -> Tensor {
+        let a = &layer.self_attn;
+        let residual = self.cut(&mut tape, h.shallow_clone());
+        let normed = layer.input_layernorm.forward(&residual);
+        let x = self.enter(&mut tape, normed, [&a.q_proj, &a.k_proj, &a.v_proj]);
+        let out = a.forward(&x, cos, sin, mask, cache);
+        let h = residual + self.exit(&a.o_proj, out);
+        let f = &layer.mlp;
+        let residual = self.cut(&mut tape, h);
+        let normed = layer.post_attention_layernorm.forward(&residual);
+        let x = self.enter(&mut tape, normed, [&f.gate_proj, &f.up_proj]);
+        let inner = f.forward(&x);
+        residual + self.exit(&f.down_proj, inner)
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
@@ -266,7 +295,7 @@ impl Llama {
     }
 
     /// Cuts the residual stream on the tape (tensor-parallel training only).
-    fn cut(&self, tape: &mut Option<&mut GradTape>, h: Tensor) -> Tensor {
+    fn cut(&self, tape: &mut Option<&mut GradTape<'_>>, h: Tensor) -> Tensor {
         match (&self.tp, tape.as_deref_mut()) {
             (Some(_), Some(t)) => t.cut(h),
             _ => h,
@@ -279,7 +308,7 @@ impl Llama {
     /// slice of `B`, so its gradient is a partial sum: the tape reduces it.
     fn enter<const N: usize>(
         &self,
-        tape: &mut Option<&mut GradTape>,
+        tape: &mut Option<&mut GradTape<'_>>,
         x: Tensor,
         layers: [&Linear; N],
     ) -> Tensor {

@@ -10,7 +10,9 @@
 //! Korthikanti et al.'s `s b h (34 + 5 a s / h)` bytes at 2-byte precision
 //! (tensor-parallel layers split all but the norms' share), scaled to the
 //! dtype. The vision encoder runs without a graph when nothing in it trains,
-//! so it counts one layer's working memory instead.
+//! so it counts one layer's working memory instead. With activation
+//! checkpointing a layer keeps only its input, `s b h` elements, and one
+//! layer at a time holds its whole working memory while it is recomputed.
 
 use samtrain_comm::shard_dim;
 
@@ -31,6 +33,8 @@ pub struct PlanInput {
     /// Bytes per element of the frozen weights and activations (2 for
     /// bf16/fp16, 4 for fp32).
     pub dtype_bytes: u64,
+    /// `[training] activation_checkpointing`.
+    pub activation_checkpointing: bool,
 }
 
 /// One rank's memory, in bytes.
@@ -86,6 +90,18 @@ fn layer_activations(s: i64, b: i64, h: i64, a: i64, t: i64) -> f64 {
     s * b * h * (10.0 + 24.0 / t + 5.0 * a * s / (h * t))
 }
 
+/// The activation bytes (at 2-byte precision) of a stack of `layers`
+/// identical layers over sequence `s`, batch `b`, width `h`, heads `a`.
+fn stack_activations(layers: i64, s: i64, b: i64, h: i64, a: i64, t: i64, recompute: bool) -> f64 {
+    let one = layer_activations(s, b, h, a, t);
+    if recompute && layers > 0 {
+        // Each layer's input, plus one layer's working memory in backward.
+        (layers * s * b * h * 2) as f64 + one
+    } else {
+        layers as f64 * one
+    }
+}
+
 fn activations(config: &SamConfig, input: &PlanInput) -> u64 {
     let (v, q, t) = (
         &config.vision_config,
@@ -95,39 +111,47 @@ fn activations(config: &SamConfig, input: &PlanInput) -> u64 {
     let tp = input.tp.max(1);
     let images = input.batch * input.images;
     let scale = input.dtype_bytes as f64 / 2.0;
+    let recompute = input.activation_checkpointing;
     // The decoder: every layer, over visual tokens plus text.
     let llm_seq = input.images * config.num_query_tokens + input.text_len;
-    let llm = t.num_hidden_layers as f64
-        * layer_activations(
-            llm_seq,
-            input.batch,
-            t.hidden_size,
-            t.num_attention_heads,
-            tp,
-        );
+    let llm = stack_activations(
+        t.num_hidden_layers,
+        llm_seq,
+        input.batch,
+        t.hidden_size,
+        t.num_attention_heads,
+        tp,
+        recompute,
+    );
     // The Q-Former per image; with guidance its layers run a second time
     // (the W-former), so twice the layers keep activations.
-    let passes = if config.samtrain.guidance { 2.0 } else { 1.0 };
-    let qformer = passes
-        * q.num_hidden_layers as f64
-        * layer_activations(
-            config.num_query_tokens + input.text_len,
-            images,
-            q.hidden_size,
-            q.num_attention_heads,
-            1,
-        );
+    let passes = if config.samtrain.guidance { 2 } else { 1 };
+    let qformer = stack_activations(
+        passes * q.num_hidden_layers,
+        config.num_query_tokens + input.text_len,
+        images,
+        q.hidden_size,
+        q.num_attention_heads,
+        1,
+        recompute,
+    );
     // The vision encoder: its output (kept for cross-attention) and one
     // layer's working memory, unless it trains and keeps every layer.
     let patches = v.num_positions();
     let vision_layers = if config.samtrain.trainable.all {
-        v.num_hidden_layers as f64
+        v.num_hidden_layers
     } else {
-        1.0
+        1
     };
-    let vision = vision_layers
-        * layer_activations(patches, images, v.hidden_size, v.num_attention_heads, 1)
-        + (patches * images * v.hidden_size * 2) as f64;
+    let vision = stack_activations(
+        vision_layers,
+        patches,
+        images,
+        v.hidden_size,
+        v.num_attention_heads,
+        1,
+        recompute && config.samtrain.trainable.all,
+    ) + (patches * images * v.hidden_size * 2) as f64;
     // fp32 logits of the answer tokens (at most every text token), with their
     // softmax for the loss's backward.
     let logits = (input.batch * input.text_len * t.vocab_size * 4 * 2) as f64;

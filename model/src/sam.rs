@@ -23,8 +23,9 @@ use crate::config::SamConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{DecoderInput, Llama, LoraTargets};
 use crate::nn::{additive_key_mask, cast, normal_var, Linear};
-use crate::parallel::{GradTape, TensorParallel};
+use crate::parallel::TensorParallel;
 use crate::qformer::QFormer;
+use crate::tape::{self, GradTape};
 use crate::vision::VisionModel;
 
 /// One batch of model inputs (see `samtrain model forward`).
@@ -196,10 +197,14 @@ impl SamModel {
     /// The LLM input sequence for a batch. With a tape (tensor-parallel
     /// training), the visual tokens are cut so that the LM and SEA losses
     /// share one backward pass through the vision side.
-    pub fn sequence(&self, inputs: &SamInputs, tape: Option<&mut GradTape>) -> Result<Sequence> {
+    pub fn sequence<'a>(
+        &'a self,
+        inputs: &SamInputs,
+        mut tape: Option<&mut GradTape<'a>>,
+    ) -> Result<Sequence> {
         let images = check_inputs(inputs, &self.config)?;
         let (b, n) = (images.size()[0], images.size()[1]);
-        let slots = self.visual_tokens(inputs, &images)?;
+        let slots = self.visual_tokens(inputs, &images, tape.as_deref_mut())?;
         let visual = match tape {
             Some(t) => t.cut(slots),
             None => slots,
@@ -236,7 +241,7 @@ impl SamModel {
     }
 
     /// The decoder's final hidden states over a whole sequence (no cache).
-    fn decode(&self, seq: &Sequence, tape: Option<&mut GradTape>) -> Tensor {
+    fn decode<'a>(&'a self, seq: &Sequence, tape: Option<&mut GradTape<'a>>) -> Tensor {
         let input = DecoderInput {
             positions: &seq.positions,
             key_mask: &seq.key_mask,
@@ -247,12 +252,12 @@ impl SamModel {
     /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
     /// aligned with `input_ids`, -100 where there is no loss), averaged over
     /// every answer token of the batch, plus SEA's loss when configured.
-    pub fn loss(
-        &self,
+    pub fn loss<'a>(
+        &'a self,
         inputs: &SamInputs,
         labels: &Tensor,
         sea: Option<&SeaTargets>,
-        mut tape: Option<&mut GradTape>,
+        mut tape: Option<&mut GradTape<'a>>,
     ) -> Result<Losses> {
         if labels.size() != inputs.input_ids.size() {
             return Err(ModelError::Input {
@@ -348,8 +353,16 @@ impl SamModel {
         )
     }
 
-    /// Visual tokens `[B * N, Q, D]`, zero in padded slots.
-    fn visual_tokens(&self, inputs: &SamInputs, images: &Tensor) -> Result<Tensor> {
+    /// Visual tokens `[B * N, Q, D]`, zero in padded slots. With a tape
+    /// (training), each ViT and Q-Former layer is offered to it for
+    /// activation checkpointing; the tensors several layers read are shared
+    /// through it.
+    fn visual_tokens<'a>(
+        &'a self,
+        inputs: &SamInputs,
+        images: &Tensor,
+        mut tape: Option<&mut GradTape<'a>>,
+    ) -> Result<Tensor> {
         let (b, n) = (images.size()[0], images.size()[1]);
         let device = inputs.pixel_values.device();
         let size = inputs.pixel_values.size();
@@ -359,7 +372,10 @@ impl SamModel {
             .pixel_values
             .reshape([b * n, size[2], size[3], size[4]])
             .index_select(0, &real);
-        let e = self.vision.forward(&pixels.to_kind(self.compute));
+        let e = self
+            .vision
+            .forward(&pixels.to_kind(self.compute), tape.as_deref_mut());
+        let e = tape::share(&mut tape, e);
         let qn = self.config.num_query_tokens;
         let qf_mask = match &inputs.qformer_attention_mask {
             Some(m) => m.to_kind(Kind::Int64),
@@ -371,26 +387,36 @@ impl SamModel {
         );
         let queries = cast(&self.query_tokens, self.compute).expand([b, -1, -1], false);
         let w0 = self.qformer.embed(&queries, &inputs.qformer_input_ids);
+        let w0 = tape::share(&mut tape, w0);
         let per_image_mask = self_mask.index_select(0, &sample_of);
+        // One Q-Former layer over `x`, cross-attending to `image`.
+        let layer = |tape: &mut Option<&mut GradTape<'a>>, l, x, mask: &Tensor, image: &Tensor| {
+            let (mask, image) = (mask.shallow_clone(), image.shallow_clone());
+            tape::checkpoint(tape, x, move |x, _| {
+                self.qformer.layer(l, x, &mask, &image, qn)
+            })
+        };
         let mut h = w0.index_select(0, &sample_of);
         let last = self.qformer.num_layers() - 1;
         let guided = self.config.samtrain.guidance;
         let shared_layers = if guided { last } else { last + 1 };
         for l in 0..shared_layers {
-            h = self.qformer.layer(l, &h, &per_image_mask, &e, qn);
+            h = layer(&mut tape, l, h, &per_image_mask, &e);
         }
         if guided {
+            let h_shared = tape::share(&mut tape, h);
             let i_hat = self.fused_context(&e, &real, b, n);
+            let i_hat = tape::share(&mut tape, i_hat);
             let mut w = w0;
             for l in 0..last {
-                w = self.qformer.layer(l, &w, &self_mask, &i_hat, qn);
+                w = layer(&mut tape, l, w, &self_mask, &i_hat);
             }
-            let w = w.index_select(0, &sample_of) + self.guidance.one_2_multiple.forward(&h);
+            let w = w.index_select(0, &sample_of) + self.guidance.one_2_multiple.forward(&h_shared);
             let i_hat = i_hat.index_select(0, &sample_of);
-            let w_out = self.qformer.layer(last, &w, &per_image_mask, &i_hat, qn);
+            let w_out = layer(&mut tape, last, w, &per_image_mask, &i_hat);
             // Not `+=`: the exchange Linear's backward still needs `h` as it was.
-            let guided = h + self.guidance.multiple_2_one.forward(&w_out);
-            h = self.qformer.layer(last, &guided, &per_image_mask, &e, qn);
+            let guided = h_shared + self.guidance.multiple_2_one.forward(&w_out);
+            h = layer(&mut tape, last, guided, &per_image_mask, &e);
         }
         let tokens = self.projection.forward(&h.narrow(1, 0, qn));
         let d = tokens.size()[2];

@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use crate::config::VisionConfig;
 use crate::nn::{attention, cast, gelu, merge_heads, normal_var, var, LayerNorm, Linear};
+use crate::tape::{self, GradTape};
 
 #[derive(Debug)]
 struct Embeddings {
@@ -105,7 +106,13 @@ impl VisionModel {
         }
     }
 
-    pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
+    /// With a tape (training), each layer is offered to it for activation
+    /// checkpointing.
+    pub fn forward<'a>(
+        &'a self,
+        pixel_values: &Tensor,
+        mut tape: Option<&mut GradTape<'a>>,
+    ) -> Tensor {
         let e = &self.embeddings;
         let n = pixel_values.size()[0];
         // The caller picks the compute dtype by the pixels' dtype.
@@ -124,7 +131,7 @@ impl VisionModel {
         let class = cast(&e.class_embedding, kind).expand([n, 1, -1], false);
         let mut x = Tensor::cat(&[class, patches], 1) + cast(&e.position_embedding, kind);
         for layer in &self.layers {
-            x = layer.forward(&x);
+            x = tape::checkpoint(&mut tape, x, move |x, _| layer.forward(x));
         }
         self.post_layernorm.forward(&x)
     }

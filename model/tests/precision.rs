@@ -1,8 +1,8 @@
 //! Reduced precision and the memory plan: frozen weights held in bf16 with
 //! fp32 trainable masters, logits in bf16 against transformers, the plan's
 //! tensor count against the built model, and the real InstructBLIP-Vicuna-7B
-//! widths (at reduced depth) loaded from a folder, trained a step and
-//! generating.
+//! widths (at reduced depth) loaded from a folder, trained a step (with and
+//! without activation checkpointing) and generating.
 
 mod common;
 
@@ -13,6 +13,7 @@ use samtrain_comm::LocalCollective;
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::parallel::TensorParallel;
 use samtrain_model::plan::{plan, tensor_shapes, PlanInput};
+use samtrain_model::tape::GradTape;
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
@@ -58,6 +59,7 @@ fn plan_input(tp: i64, dtype_bytes: u64) -> PlanInput {
         images: 3,
         text_len: 16,
         dtype_bytes,
+        activation_checkpointing: false,
     }
 }
 
@@ -92,6 +94,31 @@ fn plan_counts_every_tensor_of_the_built_model() {
     let p = plan(&config, &plan_input(2, 2));
     assert_eq!((p.frozen_bytes, p.trainable_bytes), measured(&rank));
     assert!(p.activation_bytes > 0);
+}
+
+#[test]
+fn the_plan_counts_less_activation_memory_with_checkpointing() {
+    let path = samtrain_testkit::workspace_root().join("examples/sam-vicuna7b/config.json");
+    let mut config = SamConfig::from_file(&path).unwrap();
+    for all in [false, true] {
+        config.samtrain.trainable.all = all;
+        let kept = plan(&config, &plan_input(2, 2));
+        let recomputed = plan(
+            &config,
+            &PlanInput {
+                activation_checkpointing: true,
+                ..plan_input(2, 2)
+            },
+        );
+        assert_eq!(kept.frozen_bytes, recomputed.frozen_bytes);
+        // 32 decoder layers keep one hidden state each instead of ~20.
+        assert!(
+            recomputed.activation_bytes * 4 < kept.activation_bytes,
+            "all trainable {all}: {} against {}",
+            recomputed.activation_bytes,
+            kept.activation_bytes
+        );
+    }
 }
 
 #[test]
@@ -200,6 +227,27 @@ fn real_widths_load_in_bf16_train_a_step_and_generate() {
         t.grad().norm().double_value(&[])
     };
     assert!(grad_norm("sam.multiple_2_one.bias") > 0.0);
+
+    // Activation checkpointing recomputes the same layers in backward.
+    let kept: Vec<Tensor> = params.iter().map(|(_, t)| t.grad().copy()).collect();
+    for (_, t) in &params {
+        let _ = t.grad().zero_();
+    }
+    let mut tape = GradTape::with_checkpointing(true);
+    let again = m
+        .model
+        .loss(&inputs, &labels, None, Some(&mut tape))
+        .unwrap();
+    assert_eq!(again.total.double_value(&[]), loss);
+    tape.backward(&again.total, None).unwrap();
+    for ((name, t), want) in params.iter().zip(&kept) {
+        let d = (t.grad() - want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        assert!(
+            d <= 1e-3 * scale,
+            "{name}: checkpointed gradient differs by {d} (of {scale})"
+        );
+    }
 
     let answers = tch::no_grad(|| {
         generate(

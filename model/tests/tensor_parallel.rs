@@ -1,13 +1,16 @@
 //! Tensor parallelism of degree 2 (two ranks on threads, an in-process
-//! collective) gives the logits and gradients of degree 1.
+//! collective) gives the logits and gradients of degree 1; activation
+//! checkpointing gives the gradients of keeping the activations, alone and
+//! with tensor parallelism, over accumulated backward passes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use samtrain_comm::{shard_dim, LocalCollective};
-use samtrain_model::parallel::{GradTape, TensorParallel};
-use samtrain_model::{weights, LoadedModel, SamConfig, SamInputs};
+use samtrain_model::parallel::TensorParallel;
+use samtrain_model::tape::GradTape;
+use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
 const CONFIG: &str = r#"{
@@ -84,56 +87,83 @@ fn copy_batch((inputs, labels): &(SamInputs, Tensor)) -> (SamInputs, Tensor) {
     (inputs, labels.copy())
 }
 
-fn run_rank(dir: &Path, data: (SamInputs, Tensor), comm: Option<LocalCollective>) -> RankResult {
+/// How a rank trains.
+#[derive(Clone, Copy)]
+struct Setup {
+    checkpointing: bool,
+    /// Backward passes accumulated into the gradients (micro-batches).
+    passes: usize,
+    /// Every tensor trains; else SAM's policy (guidance and LoRA only), where
+    /// the ViT and the first Q-Former pass carry no gradient.
+    all_trainable: bool,
+}
+
+const PLAIN: Setup = Setup {
+    checkpointing: false,
+    passes: 1,
+    all_trainable: true,
+};
+
+fn run_rank(
+    dir: &Path,
+    data: (SamInputs, Tensor),
+    comm: Option<LocalCollective>,
+    setup: Setup,
+) -> RankResult {
     let tp = comm.clone().map(|c| TensorParallel::new(Arc::new(c)));
     let m = LoadedModel::load(dir, Device::Cpu, tp).unwrap();
+    let mut options = m.model.config.samtrain.clone();
+    options.trainable.all = setup.all_trainable;
+    let params = trainable::apply(&m.vs, &options);
     let (inputs, labels) = data;
     let logits = tch::no_grad(|| m.model.forward(&inputs)).unwrap();
-    let mut tape = GradTape::new();
-    let losses = m
-        .model
-        .loss(&inputs, &labels, None, Some(&mut tape))
+    let mut loss = 0.0;
+    for _ in 0..setup.passes {
+        let mut tape = GradTape::with_checkpointing(setup.checkpointing);
+        let losses = m
+            .model
+            .loss(&inputs, &labels, None, Some(&mut tape))
+            .unwrap();
+        tape.backward(
+            &losses.total,
+            comm.as_ref().map(|c| c as &dyn samtrain_comm::Collective),
+        )
         .unwrap();
-    tape.backward(
-        &losses.total,
-        comm.as_ref().map(|c| c as &dyn samtrain_comm::Collective),
-    )
-    .unwrap();
-    let grads =
-        m.vs.variables()
-            .into_iter()
-            .map(|(n, t)| {
-                let g = t.grad();
-                assert!(g.defined(), "{n} has no gradient");
-                (n, g.copy())
-            })
-            .collect();
+        loss = losses.total.double_value(&[]);
+    }
+    let grads = params
+        .into_iter()
+        .map(|(n, t)| {
+            let g = t.grad();
+            assert!(g.defined(), "{n} has no gradient");
+            (n, g.copy())
+        })
+        .collect();
     RankResult {
         logits,
-        loss: losses.total.double_value(&[]),
+        loss,
         grads,
     }
 }
 
-#[test]
-fn degree_two_equals_degree_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_model(dir.path());
-    let data = batch(&config);
-    let single = run_rank(dir.path(), copy_batch(&data), None);
-
-    let ranks: Vec<RankResult> = LocalCollective::group(2)
+/// The ranks of a degree-2 group, each on its own thread.
+fn run_group(dir: &Path, data: &(SamInputs, Tensor), setup: Setup) -> Vec<RankResult> {
+    LocalCollective::group(2)
         .into_iter()
         .map(|comm| {
-            let dir = dir.path().to_path_buf();
-            let data = copy_batch(&data);
-            std::thread::spawn(move || run_rank(&dir, data, Some(comm)))
+            let dir = dir.to_path_buf();
+            let data = copy_batch(data);
+            std::thread::spawn(move || run_rank(&dir, data, Some(comm), setup))
         })
         .collect::<Vec<_>>()
         .into_iter()
         .map(|h| h.join().unwrap())
-        .collect();
+        .collect()
+}
 
+/// Checks the ranks' sharded gradients against one process's; returns how
+/// many sharded tensors were compared.
+fn assert_same_as_single(single: &RankResult, ranks: &[RankResult]) -> usize {
     for (rank, r) in ranks.iter().enumerate() {
         let d = (&r.logits - &single.logits).abs().max().double_value(&[]);
         assert!(d < 1e-5, "rank {rank} logits differ by {d}");
@@ -158,9 +188,68 @@ fn degree_two_equals_degree_one() {
         let d = (&got - want).abs().max().double_value(&[]);
         assert!(d < 1e-5, "{name}: gradient differs by {d}");
     }
+    sharded
+}
+
+#[test]
+fn degree_two_equals_degree_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_model(dir.path());
+    let data = batch(&config);
+    let single = run_rank(dir.path(), copy_batch(&data), None, PLAIN);
+    let ranks = run_group(dir.path(), &data, PLAIN);
+    let sharded = assert_same_as_single(&single, &ranks);
     // q, k, v, o, gate, up, down weights, their column-parallel biases, LoRA.
     assert!(
         sharded >= 2 * (7 + 5 + 7),
         "only {sharded} sharded tensors compared"
     );
+}
+
+#[test]
+fn checkpointing_gives_the_gradients_of_keeping_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_model(dir.path());
+    let data = batch(&config);
+    for all_trainable in [true, false] {
+        let kept = Setup {
+            all_trainable,
+            ..PLAIN
+        };
+        let recomputed = Setup {
+            checkpointing: true,
+            ..kept
+        };
+        let want = run_rank(dir.path(), copy_batch(&data), None, kept);
+        let got = run_rank(dir.path(), copy_batch(&data), None, recomputed);
+        assert!((want.loss - got.loss).abs() < 1e-9);
+        assert_eq!(want.grads.len(), got.grads.len());
+        for (name, g) in &want.grads {
+            let d = (g - &got.grads[name]).abs().max().double_value(&[]);
+            assert!(
+                d < 1e-6,
+                "{name} (all trainable: {all_trainable}): gradient differs by {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn checkpointing_at_degree_two_accumulates_the_gradients_of_degree_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_model(dir.path());
+    let data = batch(&config);
+    let twice = Setup { passes: 2, ..PLAIN };
+    let single = run_rank(dir.path(), copy_batch(&data), None, twice);
+    let ranks = run_group(
+        dir.path(),
+        &data,
+        Setup {
+            checkpointing: true,
+            ..twice
+        },
+    );
+    // Two passes' gradients are twice one pass's: the replicated LoRA `A`s,
+    // reduced over the ranks, must count each pass once.
+    assert_same_as_single(&single, &ranks);
 }

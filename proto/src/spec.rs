@@ -236,6 +236,9 @@ pub struct TrainingSpec {
     pub device: DeviceKind,
     /// bf16 autocast on CUDA (the CPU always computes in float32).
     pub bf16: bool,
+    /// Recompute each ViT, Q-Former and LLM layer in backward instead of
+    /// keeping its activations: less memory for about one more forward pass.
+    pub activation_checkpointing: bool,
     /// Steps between progress logs and reports.
     pub log_every: u64,
     /// libtorch's intra-op threads per worker; 0 leaves libtorch's default.
@@ -259,6 +262,7 @@ impl Default for TrainingSpec {
             seed: 42,
             device: DeviceKind::Auto,
             bf16: true,
+            activation_checkpointing: false,
             log_every: 10,
             threads: 0,
         }

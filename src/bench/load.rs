@@ -10,6 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_model::LoadedModel;
+
+use super::rss_bytes;
 use tch::Device;
 
 #[derive(Args)]
@@ -24,7 +26,7 @@ pub struct LoadArgs {
 
 pub fn run(args: &LoadArgs) -> Result<()> {
     let kind = samtrain_worker::device::model_dtype(Some(args.dtype), Device::Cpu);
-    let before = peak_rss_bytes()?;
+    let before = rss_bytes("VmHWM")?;
     let start = Instant::now();
     let loaded = LoadedModel::load_as(&args.model, Device::Cpu, None, kind)
         .with_context(|| format!("loading {}", args.model.display()))?;
@@ -40,21 +42,9 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         "dtype": args.dtype.name(),
         "parameters": params,
         "seconds": seconds,
-        "peak_rss_bytes": peak_rss_bytes()?,
+        "peak_rss_bytes": rss_bytes("VmHWM")?,
         "rss_before_bytes": before,
     });
     println!("{out}");
     Ok(())
-}
-
-/// The process's peak resident set so far (`VmHWM` of /proc/self/status).
-fn peak_rss_bytes() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(kib * 1024)
 }

@@ -8,15 +8,18 @@
 //! - [`load`]: loading a model folder in a reduced dtype, against
 //!   transformers' `from_pretrained`;
 //! - [`restart`]: a worker's model ready after a restart, cold against
-//!   resident.
+//!   resident;
+//! - [`fetch`]: the images per second a worker's loader delivers, from a
+//!   bucket with a cold and a warm cache.
 
 pub mod allreduce;
 pub mod checkpoint;
+pub mod fetch;
 pub mod load;
 pub mod restart;
 pub mod train_step;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -33,6 +36,8 @@ pub enum BenchCommand {
     Load(load::LoadArgs),
     /// Times a worker's model ready after a restart, cold and resident.
     Restart(restart::RestartArgs),
+    /// Times one epoch of a job's training set through a worker's loader.
+    Fetch(fetch::FetchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -42,6 +47,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Allreduce(args) => allreduce::run(args),
         BenchCommand::Load(args) => load::run(&args),
         BenchCommand::Restart(args) => restart::run(&args),
+        BenchCommand::Fetch(args) => fetch::run(&args),
     }
 }
 
@@ -54,4 +60,21 @@ pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// A memory figure of this process from /proc/self/status, in bytes:
+/// `VmRSS` (resident now) or `VmHWM` (the peak so far).
+pub(crate) fn rss_bytes(field: &str) -> Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
+    Ok(kib * 1024)
+}
+
+pub(crate) fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
+use samtrain_model::tape::GradTape;
 use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor};
 
-use super::median;
+use super::{median, mib, rss_bytes};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -42,6 +43,10 @@ pub struct TrainStepArgs {
     /// Seed of the random batch.
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// Recompute each layer in backward instead of keeping its activations
+    /// (`[training] activation_checkpointing`).
+    #[arg(long)]
+    activation_checkpointing: bool,
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -84,14 +89,16 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         .wd(WEIGHT_DECAY)
         .build(&m.vs, LEARNING_RATE)?;
     let (inputs, labels) = random_batch(config, args);
+    let rss_before_steps = rss_bytes("VmRSS")?;
 
     let mut times = Vec::with_capacity(args.steps);
     let mut first_loss = None;
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
-        let losses = m.model.loss(&inputs, &labels, None, None)?;
+        let mut tape = GradTape::with_checkpointing(args.activation_checkpointing);
+        let losses = m.model.loss(&inputs, &labels, None, Some(&mut tape))?;
         let forward = start.elapsed();
-        losses.total.backward();
+        tape.backward(&losses.total, None)?;
         let backward = start.elapsed();
         opt.step();
         opt.zero_grad();
@@ -120,7 +127,24 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         median_of(|t| t.backward),
         median_of(|t| t.optimizer),
     );
+    let peak_rss = rss_bytes("VmHWM")?;
     let parameters = trainable::count(&params);
+    // What `samtrain model plan` expects a step to add to the loaded model:
+    // fp32 gradients, AdamW's two moments and the activations.
+    let mut planned = config.clone();
+    planned.samtrain.trainable.all = true;
+    let plan = samtrain_model::plan::plan(
+        &planned,
+        &samtrain_model::plan::PlanInput {
+            tp: 1,
+            batch: args.batch,
+            images: args.images,
+            text_len: args.text_len,
+            dtype_bytes: 4,
+            activation_checkpointing: args.activation_checkpointing,
+        },
+    );
+    let planned_step_bytes = plan.trainable_params * 12 + plan.activation_bytes;
     let first_loss = first_loss.expect("--steps is positive, so a step ran");
     if args.json {
         let out = serde_json::json!({
@@ -138,18 +162,27 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
             "backward_ms": backward_ms,
             "optimizer_ms": optimizer_ms,
             "first_loss": first_loss,
+            "activation_checkpointing": args.activation_checkpointing,
+            "rss_before_steps_bytes": rss_before_steps,
+            "peak_rss_bytes": peak_rss,
+            "planned_step_bytes": planned_step_bytes,
         });
         println!("{out}");
     } else {
         println!(
             "train step: {} parameters, batch {} x {} image(s), text {}, instruction {}, \
-             guidance {}, {} threads, {} steps after {} warm-up",
+             guidance {}, activation checkpointing {}, {} threads, {} steps after {} warm-up",
             parameters,
             args.batch,
             args.images,
             args.text_len,
             args.qformer_len,
             if config.samtrain.guidance {
+                "on"
+            } else {
+                "off"
+            },
+            if args.activation_checkpointing {
                 "on"
             } else {
                 "off"
@@ -164,6 +197,13 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
              optimizer {optimizer_ms:.1} ms"
         );
         println!("  loss at the first step {first_loss:.6}");
+        println!(
+            "  resident memory: {:.0} MiB before the steps, peak {:.0} MiB; \
+             the memory plan expects a step to add {:.0} MiB",
+            mib(rss_before_steps),
+            mib(peak_rss),
+            mib(planned_step_bytes)
+        );
     }
     Ok(())
 }

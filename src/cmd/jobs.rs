@@ -40,6 +40,11 @@ pub struct Remote {
 pub struct SubmitArgs {
     /// The job spec.
     spec: std::path::PathBuf,
+    /// Before submitting, read the train and eval datasets as a worker's
+    /// first generation does (every record checked, every image decoded,
+    /// under `data.bad_records`) and submit only if they pass.
+    #[arg(long)]
+    preflight: bool,
     #[command(flatten)]
     remote: Remote,
 }
@@ -138,6 +143,9 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     let spec = samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
     refuse_local_preparation(&spec, &source)?;
     warn_if_over_memory(&spec, &source);
+    if args.preflight {
+        preflight(&spec).await?;
+    }
     let id = Client::new(args.remote.coordinators.addresses)
         .submit(&text, &source)
         .await?;
@@ -145,6 +153,36 @@ async fn submit(args: SubmitArgs) -> Result<()> {
         println!("{}", json!({ "job_id": id }));
     } else {
         println!("{id}");
+    }
+    Ok(())
+}
+
+/// `submit --preflight`: the datasets' full check, from this machine, with
+/// the spec's bad-record policy. Local paths are read here as they are
+/// named, so they must be the paths the workers see too (a shared volume).
+async fn preflight(spec: &samtrain_proto::spec::JobSpec) -> Result<()> {
+    use samtrain_data::mmlink::{load, ImageCheck, LoadOptions, Policy};
+    let policy = match spec.data.bad_records {
+        samtrain_proto::spec::BadRecords::Fail => Policy::Fail,
+        samtrain_proto::spec::BadRecords::Skip => Policy::Skip,
+    };
+    let sets = std::iter::once(("train", &spec.data.train))
+        .chain(spec.data.eval.as_ref().map(|e| ("eval", e)));
+    for (role, location) in sets {
+        let options = LoadOptions {
+            policy,
+            images: ImageCheck::Decode,
+            validated: None,
+        };
+        let loaded = load(location, options)
+            .await
+            .with_context(|| format!("preflight: data.{role} = {location}"))?;
+        eprintln!(
+            "preflight: data.{role} {location}: {} records, {} used, {} left out (data.bad_records)",
+            loaded.report.records,
+            loaded.report.valid,
+            loaded.report.skipped()
+        );
     }
     Ok(())
 }
@@ -199,19 +237,25 @@ fn warn_if_over_memory(spec: &samtrain_proto::spec::JobSpec, source: &str) {
         images: 8,
         text_len: (spec.data.max_txt_len + spec.data.max_output_txt_len) as i64,
         dtype_bytes: dtype.bytes(),
+        activation_checkpointing: spec.training.activation_checkpointing,
     };
     let needed = plan(&config, &input).total();
     if needed as f64 > limit * (1u64 << 30) as f64 {
         eprintln!(
             "warning: {source}: each rank needs about {} (samtrain model plan --config {} --tp {} \
-             --batch {} --images 8 --text-len {} --dtype {}), more than \
+             --batch {} --images 8 --text-len {} --dtype {}{}), more than \
              parallel.worker_memory_gib = {limit}",
             gib(needed),
             path.display(),
             input.tp,
             input.batch,
             input.text_len,
-            dtype.name()
+            dtype.name(),
+            if input.activation_checkpointing {
+                " --activation-checkpointing"
+            } else {
+                ""
+            }
         );
     }
 }

@@ -76,6 +76,9 @@ pub struct PlanArgs {
     /// The frozen weights' dtype: fp32, bf16 or fp16.
     #[arg(long, default_value = "bf16")]
     dtype: samtrain_proto::spec::Dtype,
+    /// Plan for `[training] activation_checkpointing = true`.
+    #[arg(long)]
+    activation_checkpointing: bool,
     #[arg(long)]
     json: bool,
 }
@@ -175,12 +178,14 @@ fn print_plan(args: &PlanArgs) -> Result<()> {
         images: args.images,
         text_len: args.text_len,
         dtype_bytes: args.dtype.bytes(),
+        activation_checkpointing: args.activation_checkpointing,
     };
     let p = plan::plan(&config, &input);
     if args.json {
         let out = serde_json::json!({
             "tp": args.tp,
             "dtype": args.dtype.name(),
+            "activation_checkpointing": args.activation_checkpointing,
             "frozen_params": p.frozen_params,
             "trainable_params": p.trainable_params,
             "frozen_bytes": p.frozen_bytes,
@@ -192,7 +197,7 @@ fn print_plan(args: &PlanArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({} frozen parameters per rank, {} trainable), dtype {}, tp {}, batch {} x {} images, {} text tokens",
+        "{} ({} frozen parameters per rank, {} trainable), dtype {}, tp {}, batch {} x {} images, {} text tokens{}",
         path.display(),
         p.frozen_params,
         p.trainable_params,
@@ -200,7 +205,12 @@ fn print_plan(args: &PlanArgs) -> Result<()> {
         args.tp,
         args.batch,
         args.images,
-        args.text_len
+        args.text_len,
+        if args.activation_checkpointing {
+            ", activation checkpointing"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<6} {:>16} {:>26} {:>18} {:>12}",

@@ -7,7 +7,8 @@
 //!    the mean loss over the whole global batch whatever the split: dp = 2
 //!    equals one process with twice the batch, `grad_accum = 2` equals a
 //!    batch twice as large;
-//! 2. forward and backward (with the tensor-parallel tape when tp > 1),
+//! 2. forward and backward (through a [`GradTape`] when tp > 1 or with
+//!    activation checkpointing),
 //!    inside `catch_unwind`: the model's tensor-parallel all-reduce unwinds
 //!    with a typed payload when a peer fails, which becomes a retriable
 //!    [`TrainError::Collective`];
@@ -19,7 +20,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use samtrain_comm::Collective;
-use samtrain_model::parallel::GradTape;
+use samtrain_model::tape::GradTape;
 use samtrain_model::{SamInputs, SamModel};
 use tch::{Kind, Tensor};
 
@@ -37,6 +38,8 @@ pub(crate) struct StepContext<'a> {
     pub buckets: &'a GradBuckets,
     pub max_grad_norm: f64,
     pub autocast: bool,
+    /// Recompute each layer in backward (see `samtrain_model::tape`).
+    pub activation_checkpointing: bool,
 }
 
 pub(crate) struct StepStats {
@@ -100,7 +103,8 @@ impl StepContext<'_> {
     ) -> Result<f64, TrainError> {
         let mut loss_sum = 0.0;
         for (inputs, labels) in micro {
-            let mut tape = self.tp.map(|_| GradTape::new());
+            let mut tape = (self.tp.is_some() || self.activation_checkpointing)
+                .then(|| GradTape::with_checkpointing(self.activation_checkpointing));
             let losses = tch::autocast(self.autocast, || {
                 self.model.loss(inputs, labels, None, tape.as_mut())
             })
@@ -112,9 +116,12 @@ impl StepContext<'_> {
             }
             let scaled = &losses.total * (losses.tokens as f64 / tokens as f64);
             match tape {
-                Some(tape) => tape.backward(&scaled, self.tp).map_err(|e| {
-                    TrainError::collective(&format!("the backward pass of step {step}"), e)
-                })?,
+                // Checkpointed layers run forward again in backward, under
+                // the same autocast as the first time.
+                Some(tape) => tch::autocast(self.autocast, || tape.backward(&scaled, self.tp))
+                    .map_err(|e| {
+                        TrainError::collective(&format!("the backward pass of step {step}"), e)
+                    })?,
                 None => scaled.backward(),
             }
             loss_sum += losses.lm.double_value(&[]) * losses.tokens as f64;

@@ -258,6 +258,7 @@ impl Trainer {
             buckets: &self.buckets,
             max_grad_norm: t.max_grad_norm,
             autocast: t.bf16 && self.device.is_cuda(),
+            activation_checkpointing: t.activation_checkpointing,
         }
         .run(step, &micro)?;
         let lr = self.schedule.lr(step - 1);
