@@ -59,7 +59,33 @@ fn demo_beats_the_untrained_model() {
         &std::fs::read_to_string(dir.path().join("demo/eval/pred.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(pred.as_array().unwrap().len(), 64);
+    let pred = pred.as_array().unwrap();
+    assert_eq!(pred.len(), 64);
+
+    // The content measure: the share of answers naming the shared object,
+    // as the library computes it from pred.json; the untrained model and
+    // the most-frequent-answer baseline stay near chance (1 in 36 objects).
+    let named = |p: &Value| {
+        samtrain_data::mmlink::content::names_content(
+            p["pred_response"].as_str().unwrap(),
+            p["gt_response"].as_str().unwrap(),
+        )
+    };
+    let recomputed = pred.iter().filter(|p| named(p)).count() as f64 / 64.0;
+    assert_eq!(
+        v["shared_object_accuracy"].as_f64(),
+        Some(recomputed),
+        "{v}"
+    );
+    let baseline = v["most_frequent_answer_accuracy"].as_f64().unwrap();
+    assert!(baseline < 0.15, "most frequent answer accuracy {baseline}");
+    let untrained = v["untrained_eval"]["shared_object_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(untrained < 0.15, "untrained accuracy {untrained}");
+    let examples = v["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 3);
+    assert_eq!(examples[0]["answer"], pred[0]["gt_response"]);
 }
 
 /// A spec run twice: the second run finds the first's checkpoints and

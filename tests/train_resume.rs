@@ -28,6 +28,7 @@ impl Fixture {
                 task: Task::Story,
                 samples: 48,
                 images: 3,
+                max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
                 seed: 11,
             },
         )

@@ -13,6 +13,7 @@ fn options(task: Task, seed: u64) -> SynthOptions {
         task,
         samples: 6,
         images: 3,
+        max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
         seed,
     }
 }
@@ -84,6 +85,7 @@ fn tokenizer_loads_and_round_trips_every_text() {
             task,
             samples: 40,
             images: 12,
+            max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
             seed: 9,
         };
         synth(dir.path(), &opts).unwrap();

@@ -169,8 +169,15 @@ pub struct SynthSpec {
     pub eval_samples: usize,
     /// Images per sample.
     pub images: usize,
+    /// Group captioning: at most this many distractors per image (1 to 3).
+    #[serde(default = "default_max_distractors")]
+    pub max_distractors: usize,
     #[serde(default)]
     pub seed: u64,
+}
+
+fn default_max_distractors() -> usize {
+    3
 }
 
 fn default_max_txt_len() -> usize {

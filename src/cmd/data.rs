@@ -42,6 +42,9 @@ pub struct SynthArgs {
     /// Images per sample, at least 2.
     #[arg(long, default_value_t = 4)]
     images: usize,
+    /// Group captioning: at most this many distractors per image (1 to 3).
+    #[arg(long, default_value_t = synth::MAX_DISTRACTORS)]
+    max_distractors: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output folder (created if missing).
@@ -61,6 +64,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 task,
                 samples: args.samples,
                 images: args.images,
+                max_distractors: args.max_distractors,
                 seed: args.seed,
             };
             let done = synth::synth(&args.out, &options)?;

@@ -4,12 +4,17 @@
 //! sample, the answer names the object they share), a small SAM trained
 //! from scratch by two data-parallel worker processes under a coordinator,
 //! checkpoints, then predict + eval on a held-out split. It scores the
-//! untrained model on the same split first, so the gain is plain to see.
+//! untrained model on the same split first, so the gain is plain to see,
+//! and beside CIDEr, BLEU-4 and ROUGE-L it reports how often an answer
+//! names the shared object (`mmlink::content`), against the baseline of
+//! always giving the most frequent training answer, with example answers.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use samtrain_data::eval::Prediction;
+use samtrain_data::mmlink::{self, content};
 use samtrain_proto::spec::JobSpec;
 use samtrain_proto::Scores;
 use samtrain_worker::inputs::Remote;
@@ -58,11 +63,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
             args.workers, spec.data.train, spec.training.steps
         );
     }
-    let untrained = untrained_scores(&spec, &args.out)?;
+    let (untrained, untrained_predictions) = untrained_scores(&spec, &args.out)?;
+    let untrained_accuracy = shared_object_accuracy(&untrained_predictions);
     if !args.json {
         println!(
-            "untrained model on the held-out split: CIDEr {:.2}, BLEU-4 {:.2}, ROUGE-L {:.2}",
-            untrained.cider, untrained.bleu4, untrained.rouge
+            "untrained model on the held-out split: CIDEr {:.2}, BLEU-4 {:.2}, ROUGE-L {:.2}, \
+             shared object named {:.1}%",
+            untrained.cider,
+            untrained.bleu4,
+            untrained.rouge,
+            untrained_accuracy * 100.0
         );
     }
     let result = local::run_job(
@@ -75,9 +85,28 @@ pub fn run(args: DemoArgs) -> Result<()> {
             json: args.json,
         },
     )?;
+    let trained_predictions = match &spec.evaluation.output {
+        Some(dir) if result.eval.is_some() => {
+            samtrain_data::eval::read_predictions(&Path::new(dir).join("pred.json"))?
+        }
+        _ => Vec::new(),
+    };
+    let trained_accuracy =
+        (!trained_predictions.is_empty()).then(|| shared_object_accuracy(&trained_predictions));
+    let baseline = most_frequent_answer_accuracy(&spec, &untrained_predictions)?;
+    let examples: Vec<_> = trained_predictions
+        .iter()
+        .take(EXAMPLES)
+        .map(|p| json!({"answer": p.gt_response, "prediction": p.pred_response}))
+        .collect();
     if args.json {
         let mut line = result.to_json();
-        line["untrained_eval"] = json!(untrained);
+        let mut untrained_eval = json!(untrained);
+        untrained_eval["shared_object_accuracy"] = json!(untrained_accuracy);
+        line["untrained_eval"] = untrained_eval;
+        line["shared_object_accuracy"] = json!(trained_accuracy);
+        line["most_frequent_answer_accuracy"] = json!(baseline);
+        line["examples"] = json!(examples);
         line["model"] = json!(spec.model.path);
         println!("{line}");
     } else {
@@ -99,6 +128,19 @@ pub fn run(args: DemoArgs) -> Result<()> {
             untrained.rouge,
             trained(|s| s.rouge)
         );
+        println!(
+            "  shared object     {:>8.1}% {:>8.1}%   (always the most frequent training answer: {:.1}%)",
+            untrained_accuracy * 100.0,
+            trained_accuracy.map_or(f64::NAN, |a| a * 100.0),
+            baseline * 100.0
+        );
+        if !examples.is_empty() {
+            println!("examples from the held-out split (trained model):");
+            for p in trained_predictions.iter().take(EXAMPLES) {
+                println!("  answer:    {}", p.gt_response);
+                println!("  predicted: {}", p.pred_response);
+            }
+        }
         if let Some(dir) = &spec.evaluation.output {
             println!("predictions and per-sample scores: {dir}");
         }
@@ -135,9 +177,39 @@ fn demo_spec(args: &DemoArgs) -> Result<JobSpec> {
     Ok(spec)
 }
 
-/// Scores of the freshly initialised model on the held-out split, with the
-/// job's own evaluation settings.
-fn untrained_scores(spec: &JobSpec, out: &Path) -> Result<samtrain_data::eval::Summary> {
+/// Example predictions shown next to their answers.
+const EXAMPLES: usize = 3;
+
+/// The share of predictions that name the shared object of their sample.
+fn shared_object_accuracy(predictions: &[Prediction]) -> f64 {
+    content::content_accuracy(
+        predictions
+            .iter()
+            .map(|p| (p.pred_response.as_str(), p.gt_response.as_str())),
+    )
+}
+
+/// What always giving the most frequent training answer's object scores on
+/// the held-out answers.
+fn most_frequent_answer_accuracy(spec: &JobSpec, held_out: &[Prediction]) -> Result<f64> {
+    let options = mmlink::LoadOptions {
+        images: mmlink::ImageCheck::Exists,
+        ..mmlink::LoadOptions::default()
+    };
+    let train = mmlink::load_blocking(&spec.data.train, options)?;
+    let references: Vec<&str> = held_out.iter().map(|p| p.gt_response.as_str()).collect();
+    Ok(content::most_frequent_accuracy(
+        train.records.iter().map(|r| r.output.as_str()),
+        &references,
+    ))
+}
+
+/// Scores and predictions of the freshly initialised model on the held-out
+/// split, with the job's own evaluation settings.
+fn untrained_scores(
+    spec: &JobSpec,
+    out: &Path,
+) -> Result<(samtrain_data::eval::Summary, Vec<Prediction>)> {
     let eval = spec
         .data
         .eval
@@ -146,5 +218,6 @@ fn untrained_scores(spec: &JobSpec, out: &Path) -> Result<samtrain_data::eval::S
     let m = load_model(&spec.model.path, Device::Cpu)?;
     let remote = Remote::of(&spec.data);
     let predictions = predict_set(spec, &remote, eval, &m.loaded.model, Device::Cpu)?;
-    Ok(score_into(&predictions, Some(&out.join("untrained")))?)
+    let summary = score_into(&predictions, Some(&out.join("untrained")))?;
+    Ok((summary, predictions))
 }

@@ -5,9 +5,11 @@
 //! - [`load`] / [`load_blocking`]: records plus a [`Report`] of every
 //!   problem (file, record id or index, field), under a [`Policy`];
 //! - [`synth`]: procedural multi-image datasets (group captioning and
-//!   storytelling) with real PNGs and a word-level `tokenizer.json`.
+//!   storytelling) with real PNGs and a word-level `tokenizer.json`;
+//! - [`content`]: whether an answer names what the synthetic images show.
 
 mod check;
+pub mod content;
 mod load;
 mod record;
 pub mod synth;

@@ -46,8 +46,15 @@ pub struct SynthOptions {
     pub samples: usize,
     /// Images per sample (K), at least 2.
     pub images: usize,
+    /// Group captioning: each image has between 1 and this many
+    /// distractors besides the shared object (1 to 3).
+    pub max_distractors: usize,
     pub seed: u64,
 }
+
+/// The distractors per group-captioning image, at most: one per free
+/// quarter of the image.
+pub const MAX_DISTRACTORS: usize = 3;
 
 /// What [`synth`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +316,21 @@ fn size_word(r: i32) -> &'static str {
     }
 }
 
+/// The colour and shape words: what names an object.
+pub(crate) fn object_words() -> Vec<&'static str> {
+    let shapes = SHAPES.iter().map(|s| s.name());
+    COLOURS.iter().map(|(c, _)| *c).chain(shapes).collect()
+}
+
+/// Every content word or phrase the generator writes: colours, shapes,
+/// regions and sizes.
+pub(crate) fn content_vocabulary() -> Vec<&'static str> {
+    let mut words = object_words();
+    words.extend(REGIONS);
+    words.extend(SIZES);
+    words
+}
+
 /// One sample: its images and texts.
 struct Sample {
     images: Vec<RgbImage>,
@@ -335,6 +357,7 @@ fn group_scene(
     rng: &mut Rng,
     shared: (Shape, usize),
     avoid: &HashSet<(Shape, usize)>,
+    max_distractors: usize,
 ) -> Vec<Object> {
     let mut cells = [0, 1, 2, 3];
     for i in (1..4).rev() {
@@ -356,7 +379,7 @@ fn group_scene(
         r,
     };
     let mut objects = vec![shared_object];
-    let distractors = rng.range(1, 3) as usize;
+    let distractors = rng.range(1, max_distractors as i32) as usize;
     for (n, &cell) in cells[1..=distractors].iter().enumerate() {
         let (shape, colour) = distractor_kind(rng);
         let mut r = if n == 0 {
@@ -387,7 +410,7 @@ fn group_scene(
     objects
 }
 
-fn group_sample(rng: &mut Rng, k: usize) -> Sample {
+fn group_sample(rng: &mut Rng, k: usize, max_distractors: usize) -> Sample {
     let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
     let mut scenes: Vec<Vec<Object>> = Vec::with_capacity(k);
     for i in 0..k {
@@ -396,7 +419,7 @@ fn group_sample(rng: &mut Rng, k: usize) -> Sample {
         } else {
             HashSet::new()
         };
-        scenes.push(group_scene(rng, shared, &avoid));
+        scenes.push(group_scene(rng, shared, &avoid, max_distractors));
     }
     let images = scenes.iter().map(|s| render(rng, s)).collect();
     let n = count_word(k);
@@ -678,6 +701,12 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
     if options.samples == 0 {
         return Err(SynthError::Options("--samples must be at least 1".into()));
     }
+    if !(1..=MAX_DISTRACTORS).contains(&options.max_distractors) {
+        return Err(SynthError::Options(format!(
+            "max_distractors must be between 1 and {MAX_DISTRACTORS}, got {}",
+            options.max_distractors
+        )));
+    }
     let images_dir = out.join("images");
     fs::create_dir_all(&images_dir).map_err(|source| SynthError::Write {
         path: images_dir.clone(),
@@ -687,7 +716,7 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
     let mut records = Vec::with_capacity(options.samples);
     for index in 0..options.samples {
         let sample = match options.task {
-            Task::Group => group_sample(&mut rng, options.images),
+            Task::Group => group_sample(&mut rng, options.images, options.max_distractors),
             Task::Story => story_sample(&mut rng, options.images),
         };
         let mut img_list = Vec::with_capacity(sample.images.len());
@@ -780,7 +809,7 @@ mod tests {
         let mut rng = Rng(SplitMix64::new(7));
         for _ in 0..500 {
             let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
-            let scene = group_scene(&mut rng, shared, &HashSet::new());
+            let scene = group_scene(&mut rng, shared, &HashSet::new(), MAX_DISTRACTORS);
             let shared_obj = scene.iter().find(|o| o.kind() == shared).unwrap();
             let largest = scene.iter().map(Object::area).max().unwrap();
             assert!(shared_obj.area() < largest, "{scene:?}");
@@ -802,7 +831,7 @@ mod tests {
                     } else {
                         HashSet::new()
                     };
-                    scenes.push(group_scene(&mut rng, shared, &avoid));
+                    scenes.push(group_scene(&mut rng, shared, &avoid, MAX_DISTRACTORS));
                 }
                 assert_eq!(common_kinds(&scenes), HashSet::from([shared]));
             }
@@ -813,7 +842,7 @@ mod tests {
     fn objects_stay_inside_the_image() {
         let mut rng = Rng(SplitMix64::new(3));
         for _ in 0..300 {
-            for o in group_scene(&mut rng, (Shape::Star, 0), &HashSet::new()) {
+            for o in group_scene(&mut rng, (Shape::Star, 0), &HashSet::new(), MAX_DISTRACTORS) {
                 assert!(o.x - o.r >= 0 && o.x + o.r < IMAGE_SIZE as i32, "{o:?}");
                 assert!(o.y - o.r >= 0 && o.y + o.r < IMAGE_SIZE as i32, "{o:?}");
             }
