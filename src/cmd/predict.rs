@@ -83,6 +83,11 @@ pub fn run(args: PredictArgs) -> Result<()> {
         None => inputs::Remote::new(None, DEFAULT_CACHE_MAX_GIB, DEFAULT_FETCH_RETRIES),
     };
     let set = inputs::load_dataset(&args.data, BadRecords::Fail, &remote)?;
+    let qformer_named = m
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.data.qformer_tokenizer.is_some());
+    inputs::check_vocabulary(&text, qformer_named, &m.loaded.model.config, &m.model_path)?;
     let image_size = m.loaded.model.config.vision_config.image_size;
     let predictor = Predictor::new(set.images, &text, image_size, settings)?;
     let predictions = predictor.predict(&m.loaded.model, device, &set.records)?;

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
-use samtrain_data::preprocess::{Batch, ImageConfig, ImageRoot, Preprocessor, TextConfig};
+use samtrain_data::preprocess::{
+    Batch, ImageConfig, ImageRoot, Preprocessor, TextConfig, Tokenizers,
+};
 use samtrain_data::remote::{self, ObjectCache};
-use samtrain_model::SamInputs;
+use samtrain_model::{SamConfig, SamInputs};
 use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec};
 use tch::{Device, Tensor};
 
@@ -241,6 +243,59 @@ pub fn text_config_from(
         text.qformer_pad_token = text.pad_token.clone();
     }
     text
+}
+
+/// Refuses tokenizers that produce ids past the model's embedding tables
+/// (libtorch would fail deep inside the first forward pass, or read another
+/// token's row on some devices). The Q-Former's tokenizer defaults to the
+/// LLM's, which for a real model (LLaMA's 32 K ids against BERT's 30 K) is
+/// the usual way to get here.
+pub fn check_vocabulary(
+    text: &TextConfig,
+    qformer_named: bool,
+    config: &SamConfig,
+    model_dir: &Path,
+) -> Result<(), DataError> {
+    let tokenizers = Tokenizers::load(text)
+        .map_err(|e| DataError::new(&text.llm_tokenizer.display().to_string(), e.to_string()))?;
+    let (llm, qformer) = tokenizers.id_limits();
+    let model_config = model_dir.join(samtrain_model::weights::CONFIG_FILE);
+    let qformer_setting = if qformer_named {
+        "data.qformer_tokenizer"
+    } else {
+        "data.qformer_tokenizer is not set, so the LLM's tokenizer is used; set it to the \
+         Q-Former's (BERT's) tokenizer.json"
+    };
+    let checks = [
+        (
+            llm,
+            config.text_config.vocab_size,
+            &text.llm_tokenizer,
+            "data.llm_tokenizer",
+            "text_config.vocab_size",
+        ),
+        (
+            qformer,
+            config.qformer_config.vocab_size,
+            &text.qformer_tokenizer,
+            qformer_setting,
+            "qformer_config.vocab_size",
+        ),
+    ];
+    for (ids, rows, file, setting, table) in checks {
+        if ids > rows {
+            return Err(DataError::new(
+                &file.display().to_string(),
+                format!(
+                    "the tokenizer's ids go up to {}, but {} has {table} = {rows}: every id needs \
+                     a row of that embedding table ({setting})",
+                    ids - 1,
+                    model_config.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The preprocessor of `dataset` for a model with `image_size` pixel inputs.

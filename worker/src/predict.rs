@@ -282,9 +282,16 @@ pub fn predict_set(
     device: Device,
 ) -> Result<Vec<Prediction>, TrainError> {
     let set = inputs::load_dataset(location, spec.data.bad_records, remote)?;
+    let text = inputs::text_config(spec);
+    inputs::check_vocabulary(
+        &text,
+        spec.data.qformer_tokenizer.is_some(),
+        &model.config,
+        Path::new(&spec.model.path),
+    )?;
     let predictor = Predictor::new(
         set.images,
-        &inputs::text_config(spec),
+        &text,
         model.config.vision_config.image_size,
         spec.evaluation.clone(),
     )?;

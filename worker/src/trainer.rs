@@ -184,8 +184,15 @@ impl Trainer {
 
         let train_set = inputs::load_dataset(&spec.data.train, spec.data.bad_records, &remote)?;
         let skipped_records = train_set.skipped;
+        let config = &lease.model().model.config;
+        inputs::check_vocabulary(
+            &inputs::text_config(&local),
+            local.data.qformer_tokenizer.is_some(),
+            config,
+            Path::new(&spec.model.path),
+        )?;
         let loader = if step < t.steps {
-            let image_size = lease.model().model.config.vision_config.image_size;
+            let image_size = config.vision_config.image_size;
             Some(start_loader(
                 &local, &groups, train_set, image_size, position,
             )?)

@@ -48,3 +48,32 @@ fn job_ends_with_predict_and_eval() {
         assert!(vars[&name].equal(&t), "{name} not restored");
     }
 }
+
+/// A tokenizer that produces ids past the model's embedding table is
+/// refused before training, naming the tokenizer, the model's config and
+/// the setting to change.
+#[test]
+fn a_tokenizer_larger_than_the_embedding_table_is_refused() {
+    use samtrain_model::{weights, LoadedModel, SamConfig};
+    let f = fixture(4);
+    let mut config = SamConfig::from_file(&f.model.join("config.json")).unwrap();
+    config.qformer_config.vocab_size = 5;
+    let small = f.dir.path().join("small-vocab");
+    let m = LoadedModel::init(&config, Device::Cpu, None).unwrap();
+    weights::save(&m.vs, &config, &small).unwrap();
+    std::fs::copy(f.model.join("tokenizer.json"), small.join("tokenizer.json")).unwrap();
+    let mut spec = f.spec("v", "steps = 1\nbatch_size = 2", "");
+    spec.model.path = small.display().to_string();
+    let err = match run_threads(&spec, 1, 1, None).remove(0) {
+        Ok(_) => panic!("the job should be refused"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        "tokenizer.json",
+        &small.join("config.json").display().to_string(),
+        "qformer_config.vocab_size = 5",
+        "data.qformer_tokenizer is not set",
+    ] {
+        assert!(err.contains(part), "missing {part:?} in: {err}");
+    }
+}

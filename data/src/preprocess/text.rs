@@ -173,6 +173,18 @@ impl Tokenizers {
         })
     }
 
+    /// One more than the largest id each tokenizer can produce, LLM and
+    /// Q-Former: the embedding rows a model needs for them.
+    pub fn id_limits(&self) -> (i64, i64) {
+        let limit = |t: &Tokenizer| {
+            t.get_vocab(true)
+                .values()
+                .max()
+                .map_or(0, |&id| i64::from(id) + 1)
+        };
+        (limit(&self.llm), limit(&self.qformer))
+    }
+
     pub fn pad_id(&self) -> i64 {
         self.pad
     }
