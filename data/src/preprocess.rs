@@ -18,7 +18,7 @@ use std::path::PathBuf;
 pub use batch::{collate, Batch, Sample};
 pub use image::{ImageConfig, ResizeMode};
 pub use prefetch::{Fetched, Loader, LoaderConfig};
-pub use text::{TextConfig, TextSample, Tokenizers};
+pub use text::{Side, TextConfig, TextSample, Tokenizers};
 
 use crate::mmlink::{Record, RecordId};
 

@@ -141,8 +141,8 @@ fn text_masks_the_prompt_and_truncates_like_sam() {
     assert_eq!(t.qformer_input_ids, [4, 6, 7, 5]);
 
     // Long texts: the instruction keeps its last 4 tokens after BOS, the
-    // answer its first 3 tokens (EOS cut), the Q-Former its first 3 words
-    // inside [CLS] .. [SEP].
+    // answer its first 3 tokens (EOS cut), the Q-Former its last 3 words
+    // inside [CLS] .. [SEP] (SAM's left truncation).
     let t = tok
         .encode(&record(2, &[], &words(0..10), &words(20..30)))
         .unwrap();
@@ -153,6 +153,13 @@ fn text_masks_the_prompt_and_truncates_like_sam() {
     let mut want_labels = vec![-100; 5];
     want_labels.extend(ids(20..23));
     assert_eq!(t.labels, want_labels);
+    assert_eq!(t.qformer_input_ids, [4, 13, 14, 15, 5]);
+    let mut right = config.clone();
+    right.qformer_truncation = preprocess::Side::Right;
+    let t = preprocess::Tokenizers::load(&right)
+        .unwrap()
+        .encode(&record(2, &[], &words(0..10), &words(20..30)))
+        .unwrap();
     assert_eq!(t.qformer_input_ids, [4, 6, 7, 8, 5]);
 
     // Unknown special token: an error naming the setting and the file.

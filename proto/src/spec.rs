@@ -127,6 +127,10 @@ pub struct DataSpec {
     pub max_txt_len: usize,
     #[serde(default = "default_max_output_txt_len")]
     pub max_output_txt_len: usize,
+    /// Which end of a long instruction the Q-Former's tokenizer cuts:
+    /// `left` (SAM's `truncation_side="left"`, the default) keeps its end.
+    #[serde(default)]
+    pub qformer_truncation: TruncationSide,
     #[serde(default)]
     pub bad_records: BadRecords,
     #[serde(default)]
@@ -155,6 +159,16 @@ pub struct DataSpec {
     /// exist yet; `samtrain local` does it before the workers start.
     #[serde(default)]
     pub synth: Option<SynthSpec>,
+}
+
+/// The end of a sequence a tokenizer cuts when it is too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncationSide {
+    /// Cut the start, keep the end (SAM's tokenizers).
+    #[default]
+    Left,
+    Right,
 }
 
 /// A synthetic MmLINK dataset (`samtrain data synth`): the train set takes

@@ -12,11 +12,11 @@ use std::sync::{Arc, OnceLock};
 
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
 use samtrain_data::preprocess::{
-    Batch, ImageConfig, ImageRoot, Preprocessor, TextConfig, Tokenizers,
+    Batch, ImageConfig, ImageRoot, Preprocessor, Side, TextConfig, Tokenizers,
 };
 use samtrain_data::remote::{self, ObjectCache};
 use samtrain_model::{SamConfig, SamInputs};
-use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec};
+use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec, TruncationSide};
 use tch::{Device, Tensor};
 
 use crate::error::DataError;
@@ -218,12 +218,17 @@ pub fn tokenizer_paths(spec: &JobSpec) -> (PathBuf, Option<PathBuf>) {
 /// The text settings of a spec: its tokenizers and lengths.
 pub fn text_config(spec: &JobSpec) -> TextConfig {
     let (llm, qformer) = tokenizer_paths(spec);
-    text_config_from(
+    let mut text = text_config_from(
         &llm,
         qformer.as_deref(),
         spec.data.max_txt_len,
         spec.data.max_output_txt_len,
-    )
+    );
+    text.qformer_truncation = match spec.data.qformer_truncation {
+        TruncationSide::Left => Side::Left,
+        TruncationSide::Right => Side::Right,
+    };
+    text
 }
 
 /// SAM's text settings for these tokenizer files. With one tokenizer file

@@ -9,8 +9,10 @@
 //! the answer plus EOS keeps its *first* `max_output_txt_len - 1` tokens
 //! (SAM tokenizes `answer + eos` with its own BOS, truncates on the right,
 //! and drops that BOS when it concatenates), so a cut answer loses its EOS as
-//! in SAM. The Q-Former's instruction is cut on the right to `max_txt_len`
-//! tokens, its own special tokens included.
+//! in SAM. The Q-Former's instruction is cut to `max_txt_len` tokens, its
+//! own special tokens included, on the left as SAM's tokenizer does
+//! (`truncation_side="left"`: a long storytelling prompt keeps its end,
+//! where the question is) unless `qformer_truncation` says otherwise.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +41,19 @@ pub struct TextConfig {
     pub pad_token: String,
     #[serde(default = "default_qformer_pad")]
     pub qformer_pad_token: String,
+    /// Which end of a long instruction the Q-Former's tokenizer cuts.
+    #[serde(default)]
+    pub qformer_truncation: Side,
+}
+
+/// An end of a token sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Cut the start, keep the end (SAM).
+    #[default]
+    Left,
+    Right,
 }
 
 fn default_max_txt_len() -> usize {
@@ -72,6 +87,7 @@ impl TextConfig {
             eos_token: default_eos(),
             pad_token: default_pad(),
             qformer_pad_token: default_qformer_pad(),
+            qformer_truncation: Side::default(),
         }
     }
 }
@@ -150,7 +166,10 @@ impl Tokenizers {
         qformer.with_padding(None);
         qformer
             .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
+                direction: match config.qformer_truncation {
+                    Side::Left => TruncationDirection::Left,
+                    Side::Right => TruncationDirection::Right,
+                },
                 max_length: config.max_txt_len,
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
