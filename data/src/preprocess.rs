@@ -121,16 +121,20 @@ impl From<&std::path::Path> for ImageRoot {
     }
 }
 
+/// The URL of image `relative` of the dataset folder `url`.
+fn image_url(url: &str, relative: &str) -> String {
+    format!("{}/{relative}", url.trim_end_matches('/'))
+}
+
 impl ImageRoot {
     /// Fetches every image of `records` into the cache at once, when
     /// remote. Failures are left for [`Self::file`] to report with the
     /// record and field.
     fn prefetch(&self, records: &[&Record]) {
         if let ImageRoot::Remote { url, cache } = self {
-            let base = url.trim_end_matches('/');
             let urls: Vec<String> = records
                 .iter()
-                .flat_map(|r| r.img_list.iter().map(|rel| format!("{base}/{rel}")))
+                .flat_map(|r| r.img_list.iter().map(|rel| image_url(url, rel)))
                 .collect();
             drop(cache.fetch_all(&urls));
         }
@@ -145,13 +149,15 @@ impl ImageRoot {
     ) -> Result<PathBuf, PreprocessError> {
         match self {
             ImageRoot::Local(root) => Ok(root.join(relative)),
-            ImageRoot::Remote { url, cache } => cache
-                .fetch(&format!("{}/{relative}", url.trim_end_matches('/')))
-                .map_err(|source| PreprocessError::Fetch {
-                    record: record.id.clone(),
-                    field: field.to_owned(),
-                    source,
-                }),
+            ImageRoot::Remote { url, cache } => {
+                cache
+                    .fetch(&image_url(url, relative))
+                    .map_err(|source| PreprocessError::Fetch {
+                        record: record.id.clone(),
+                        field: field.to_owned(),
+                        source,
+                    })
+            }
         }
     }
 }
