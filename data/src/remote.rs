@@ -371,7 +371,7 @@ fn read_manifest(complete: &Path) -> Option<Manifest> {
 }
 
 /// An object's size and version, as one comparable string.
-fn version_of(meta: &object_store::ObjectMeta) -> String {
+pub(crate) fn version_of(meta: &object_store::ObjectMeta) -> String {
     let version = meta.e_tag.clone().unwrap_or_else(|| {
         meta.last_modified
             .timestamp_nanos_opt()
@@ -417,11 +417,12 @@ fn describe(e: &object_store::Error) -> String {
 
 /// The cache file name of `url`.
 fn digest(url: &str) -> String {
-    Sha256::digest(url.as_bytes())
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    short_hex(&Sha256::digest(url.as_bytes()))
+}
+
+/// The first 16 bytes of a SHA-256 digest in hex: a name for a cache entry.
+pub(crate) fn short_hex(hash: &[u8]) -> String {
+    hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every file of `dir` with its size and modification time, oldest first.

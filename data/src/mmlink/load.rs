@@ -26,6 +26,7 @@ use url::Url;
 
 use super::check::{check_record, path_segments, Problem};
 use super::record::{Record, RecordId};
+use crate::remote;
 
 /// The annotation files looked for, in this order, when a folder is given.
 const ANNOTATION_FILES: [&str; 2] = ["annotations.json", "annotations.jsonl"];
@@ -116,8 +117,8 @@ pub struct Loaded {
 }
 
 /// Size and version (ETag, else modification time) of each object under a
-/// dataset's folder.
-type Inventory = HashMap<StorePath, (u64, String)>;
+/// dataset's folder, as [`remote::version_of`] writes them.
+type Inventory = HashMap<StorePath, String>;
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -238,13 +239,8 @@ impl Dataset {
         while let Some(meta) = listing.next().await {
             match meta {
                 Ok(m) => {
-                    let version = m.e_tag.unwrap_or_else(|| {
-                        m.last_modified
-                            .timestamp_nanos_opt()
-                            .unwrap_or(0)
-                            .to_string()
-                    });
-                    out.insert(m.location, (m.size, version));
+                    let version = remote::version_of(&m);
+                    out.insert(m.location, version);
                 }
                 Err(e) => {
                     tracing::info!(dir = %self.shown_dir, error = %e, "cannot list the dataset; checking each image on its own");
@@ -528,19 +524,12 @@ fn dataset_digest(
     hash.update((bytes.len() as u64).to_le_bytes());
     hash.update(bytes);
     for image in images {
-        let (size, version) = listed.get(&dataset.path(image))?;
+        let version = listed.get(&dataset.path(image))?;
         hash.update(image.as_bytes());
-        hash.update(size.to_le_bytes());
         hash.update(version.as_bytes());
         hash.update([0]);
     }
-    Some(
-        hash.finalize()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Some(remote::short_hex(&hash.finalize()))
 }
 
 /// Records a cleanly decoded dataset's digest. A folder that cannot be
