@@ -7,13 +7,11 @@
 //! (`benches/run_fetch.sh`), to set against what a training step consumes.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use samtrain_data::preprocess::{Loader, LoaderConfig};
-use samtrain_data::sampler::{Position, Sampler, SamplerConfig, TailPolicy};
+use samtrain_data::sampler::Position;
 use samtrain_worker::inputs::{self, Remote};
 
 #[derive(Args)]
@@ -34,41 +32,21 @@ pub fn run(args: &FetchArgs) -> Result<()> {
     let spec = samtrain_proto::spec::JobSpec::from_toml(&text, Some(&source))?;
     let remote = Remote::of(&spec.data);
     let mut local = spec.clone();
-    for tokenizer in [
-        &mut local.data.llm_tokenizer,
-        &mut local.data.qformer_tokenizer,
-    ] {
-        if let Some(t) = tokenizer.as_mut() {
-            *t = remote.file(t)?.display().to_string();
-        }
-    }
+    inputs::localize_tokenizers(&mut local, &remote)?;
+    // Every record once: the epoch's last batch is padded, not dropped.
+    local.data.tail = samtrain_proto::spec::Tail::Pad;
     let started = Instant::now();
     let dataset = inputs::load_dataset(&spec.data.train, spec.data.bad_records, &remote)?;
     let read_s = started.elapsed().as_secs_f64();
     let records = dataset.records.len();
     let images: usize = dataset.records.iter().map(|r| r.img_list.len()).sum();
-    let pre = inputs::preprocessor(&local, &dataset, args.image_size)?;
-    let batch_size = spec.training.batch_size;
-    let sampler = Sampler::new(
-        SamplerConfig {
-            num_samples: records as u64,
-            seed: spec.training.seed,
-            batch_size,
-            tail: TailPolicy::Pad,
-        },
-        0,
-        1,
+    let steps = (records as u64).div_ceil(spec.training.batch_size);
+    let loader = inputs::start_loader(
+        &local,
+        dataset,
+        args.image_size,
+        (0, 1),
         Position::default(),
-    )?;
-    let steps = (records as u64).div_ceil(batch_size);
-    let loader = Loader::spawn(
-        Arc::new(pre),
-        Arc::from(dataset.records),
-        sampler,
-        LoaderConfig {
-            workers: spec.data.loader_threads,
-            depth: spec.data.prefetch,
-        },
     )?;
     let started = Instant::now();
     let mut delivered = 0usize;

@@ -12,11 +12,12 @@ use std::sync::{Arc, OnceLock};
 
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
 use samtrain_data::preprocess::{
-    Batch, ImageConfig, ImageRoot, Preprocessor, Side, TextConfig, Tokenizers,
+    Batch, ImageConfig, ImageRoot, Loader, LoaderConfig, Preprocessor, Side, TextConfig, Tokenizers,
 };
 use samtrain_data::remote::{self, ObjectCache};
+use samtrain_data::sampler::{Position, Sampler, SamplerConfig, TailPolicy};
 use samtrain_model::{SamConfig, SamInputs};
-use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec, TruncationSide};
+use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec, Tail, TruncationSide};
 use tch::{Device, Tensor};
 
 use crate::error::DataError;
@@ -120,13 +121,22 @@ pub fn localize(spec: &JobSpec, remote: &Remote) -> Result<JobSpec, DataError> {
     let mut local = spec.clone();
     let model = remote.model_folder(&spec.model.path)?;
     local.model.path = model.display().to_string();
-    if let Some(t) = &spec.data.llm_tokenizer {
-        local.data.llm_tokenizer = Some(remote.file(t)?.display().to_string());
-    }
-    if let Some(t) = &spec.data.qformer_tokenizer {
-        local.data.qformer_tokenizer = Some(remote.file(t)?.display().to_string());
-    }
+    localize_tokenizers(&mut local, remote)?;
     Ok(local)
+}
+
+/// Replaces the spec's tokenizer URLs by local files, fetched through the
+/// cache.
+pub fn localize_tokenizers(spec: &mut JobSpec, remote: &Remote) -> Result<(), DataError> {
+    for tokenizer in [
+        &mut spec.data.llm_tokenizer,
+        &mut spec.data.qformer_tokenizer,
+    ] {
+        if let Some(t) = tokenizer.as_mut() {
+            *t = remote.file(t)?.display().to_string();
+        }
+    }
+    Ok(())
 }
 
 /// The local folder of a dataset location: a folder, an annotations file
@@ -317,6 +327,46 @@ pub fn preprocessor(
         location: dataset.location.clone(),
         message: e.to_string(),
     })
+}
+
+/// The prefetching loader of one data-parallel rank's share of
+/// `train_set`: `(rank, size)` of the data-parallel group, from `position`
+/// on.
+pub fn start_loader(
+    spec: &JobSpec,
+    train_set: Dataset,
+    image_size: i64,
+    (dp_rank, dp): (u64, u64),
+    position: Position,
+) -> Result<Loader, DataError> {
+    let t = &spec.training;
+    let data_error = |e: &dyn std::fmt::Display| DataError::new(&spec.data.train, e.to_string());
+    let pre = preprocessor(spec, &train_set, image_size)?;
+    let sampler = Sampler::new(
+        SamplerConfig {
+            num_samples: train_set.records.len() as u64,
+            seed: t.seed,
+            batch_size: t.batch_size,
+            tail: match spec.data.tail {
+                Tail::Drop => TailPolicy::Drop,
+                Tail::Pad => TailPolicy::Pad,
+            },
+        },
+        dp_rank,
+        dp,
+        position,
+    )
+    .map_err(|e| data_error(&e))?;
+    Loader::spawn(
+        Arc::new(pre),
+        Arc::from(train_set.records),
+        sampler,
+        LoaderConfig {
+            workers: spec.data.loader_threads,
+            depth: spec.data.prefetch,
+        },
+    )
+    .map_err(|e| data_error(&e))
 }
 
 /// A batch as the model's inputs and labels, on `device`.

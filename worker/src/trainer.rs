@@ -33,12 +33,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer, RetryPolicy, ShardState};
 use samtrain_collective::ProcessGroups;
-use samtrain_data::preprocess::{Loader, LoaderConfig};
+use samtrain_data::preprocess::Loader;
 use samtrain_data::rng::SplitMix64;
-use samtrain_data::sampler::{Position, Sampler, SamplerConfig, TailPolicy};
+use samtrain_data::sampler::Position;
 use samtrain_model::parallel::TensorParallel;
 use samtrain_model::{trainable, LoadedModel};
-use samtrain_proto::spec::{JobSpec, Tail};
+use samtrain_proto::spec::JobSpec;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpointing::{self, checkpoint_at, from_world_rank0, CheckpointMeta, Saves};
@@ -193,8 +193,12 @@ impl Trainer {
         )?;
         let loader = if step < t.steps {
             let image_size = config.vision_config.image_size;
-            Some(start_loader(
-                &local, &groups, train_set, image_size, position,
+            Some(inputs::start_loader(
+                &local,
+                train_set,
+                image_size,
+                (groups.layout.dp_rank as u64, groups.layout.dp as u64),
+                position,
             )?)
         } else {
             None
@@ -452,46 +456,6 @@ fn load_trainable(
         "model ready"
     );
     Ok((lease, params))
-}
-
-/// The prefetching loader of this rank's share of `train_set`, from
-/// `position` on.
-fn start_loader(
-    spec: &JobSpec,
-    groups: &ProcessGroups,
-    train_set: inputs::Dataset,
-    image_size: i64,
-    position: Position,
-) -> Result<Loader, TrainError> {
-    let t = &spec.training;
-    let data_error = |e: &dyn std::fmt::Display| DataError::new(&spec.data.train, e.to_string());
-    let pre = inputs::preprocessor(spec, &train_set, image_size)?;
-    let sampler = Sampler::new(
-        SamplerConfig {
-            num_samples: train_set.records.len() as u64,
-            seed: t.seed,
-            batch_size: t.batch_size,
-            tail: match spec.data.tail {
-                Tail::Drop => TailPolicy::Drop,
-                Tail::Pad => TailPolicy::Pad,
-            },
-        },
-        groups.layout.dp_rank as u64,
-        groups.layout.dp as u64,
-        position,
-    )
-    .map_err(|e| data_error(&e))?;
-    let loader = Loader::spawn(
-        Arc::new(pre),
-        Arc::from(train_set.records),
-        sampler,
-        LoaderConfig {
-            workers: spec.data.loader_threads,
-            depth: spec.data.prefetch,
-        },
-    )
-    .map_err(|e| data_error(&e))?;
-    Ok(loader)
 }
 
 /// Gives every trainable parameter a (zero) gradient buffer once, so that
