@@ -1,7 +1,6 @@
 //! Training on threads with the in-process collective: data parallelism,
-//! tensor x data parallelism (with gradient accumulation and activation
-//! checkpointing) and gradient accumulation give the weights of one process
-//! with the same global batch; a job resumes at another
+//! tensor x data parallelism and gradient accumulation give the weights of
+//! one process with the same global batch; a job resumes at another
 //! data-parallel size with the samples it consumed counted right.
 
 mod common;
@@ -45,7 +44,7 @@ fn tensor_and_data_parallel_equal_one_process() {
     run_threads(&single, 1, 1, None).remove(0).unwrap();
     let grid = f.spec(
         "grid",
-        "steps = 6\nbatch_size = 1\ngrad_accum = 2\nactivation_checkpointing = true",
+        "steps = 6\nbatch_size = 2",
         "[parallel]\ntp = 2\nmin_workers = 4\nmax_workers = 4",
     );
     for o in run_threads(&grid, 2, 2, None) {
