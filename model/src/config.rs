@@ -64,6 +64,11 @@ pub struct QFormerConfig {
     pub encoder_hidden_size: i64,
     pub hidden_act: String,
     pub pad_token_id: Option<i64>,
+    /// BERT's dropout on the embeddings and on each block's output, while
+    /// training (SAM trains with the Q-Former in training mode).
+    pub hidden_dropout_prob: f64,
+    /// BERT's dropout on the attention probabilities, while training.
+    pub attention_probs_dropout_prob: f64,
 }
 
 impl Default for QFormerConfig {
@@ -80,6 +85,8 @@ impl Default for QFormerConfig {
             encoder_hidden_size: 1408,
             hidden_act: "gelu".into(),
             pad_token_id: Some(0),
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
         }
     }
 }
@@ -286,7 +293,7 @@ impl SamConfig {
                     .contains(&m.as_str())
                 })
         });
-        let checks: [(bool, String); 11] = [
+        let checks: [(bool, String); 13] = [
             (
                 lora_ok,
                 format!(
@@ -334,6 +341,20 @@ impl SamConfig {
             (
                 q.num_hidden_layers > 0,
                 "qformer_config.num_hidden_layers must be positive".into(),
+            ),
+            (
+                (0.0..1.0).contains(&q.hidden_dropout_prob),
+                format!(
+                    "qformer_config.hidden_dropout_prob {} is not in [0, 1)",
+                    q.hidden_dropout_prob
+                ),
+            ),
+            (
+                (0.0..1.0).contains(&q.attention_probs_dropout_prob),
+                format!(
+                    "qformer_config.attention_probs_dropout_prob {} is not in [0, 1)",
+                    q.attention_probs_dropout_prob
+                ),
             ),
             (
                 t.num_attention_heads % t.kv_heads() == 0,

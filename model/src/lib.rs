@@ -10,6 +10,8 @@
 //! - [`tape`]: the backward pass in segments, for tensor parallelism and
 //!   activation checkpointing;
 //! - [`plan`]: the memory a configuration needs per rank, before loading;
+//! - [`rng`]: random tensors that are a function of a seed, not of
+//!   libtorch's process-wide generator (initialisation, dropout);
 //! - [`weights`], [`tensor_file`], [`trainable`], [`generation`]: loading
 //!   (tensor by tensor) and saving, which parameters train, greedy and beam
 //!   search.
@@ -22,6 +24,7 @@ pub mod nn;
 pub mod parallel;
 pub mod plan;
 pub mod qformer;
+pub mod rng;
 pub mod sam;
 pub mod tape;
 pub mod tensor_file;
@@ -31,7 +34,7 @@ pub mod weights;
 
 pub use config::SamConfig;
 pub use error::{ModelError, Result};
-pub use sam::{SamInputs, SamModel};
+pub use sam::{DropoutKeys, SamInputs, SamModel};
 
 use std::path::Path;
 
@@ -100,11 +103,12 @@ impl LoadedModel {
                 message: format!("{dtype:?} is not one of fp32, bf16, fp16"),
             });
         }
-        tch::manual_seed(config.samtrain.init_seed);
         let mut vs = VarStore::new(device);
         // With no variables yet this only sets the dtype new ones take.
         vs.set_kind(dtype);
-        let model = SamModel::new(&vs.root(), config, tp)?;
+        let model = nn::seeded_init(config.samtrain.init_seed as u64, || {
+            SamModel::new(&vs.root(), config, tp)
+        })?;
         for (_, mut t) in trainable::apply(&vs, &config.samtrain) {
             if t.kind() != Kind::Float {
                 tch::no_grad(|| t.set_data(&t.to_kind(Kind::Float)));

@@ -11,6 +11,8 @@
 //! in fp32.
 
 use tch::nn::{Init, Path};
+
+use crate::rng;
 use tch::{Kind, Tensor};
 
 /// Standard deviation of transformers' default weight initialisation.
@@ -168,11 +170,41 @@ impl Embedding {
     }
 }
 
+/// What building a model needs to know beyond its config: the names a
+/// checkpoint is about to fill, and the seed fresh variables derive from.
+#[derive(Default)]
+struct Build {
+    provided: Option<std::collections::HashSet<String>>,
+    seed: u64,
+}
+
 thread_local! {
-    /// Names a checkpoint is about to fill, while a model is built to be
-    /// loaded (see [`skipping_init`]).
-    static PROVIDED: std::cell::RefCell<Option<std::collections::HashSet<String>>> =
-        const { std::cell::RefCell::new(None) };
+    /// The build under way on this thread (see [`skipping_init`] and
+    /// [`seeded_init`]).
+    static BUILD: std::cell::RefCell<Build> = std::cell::RefCell::new(Build::default());
+}
+
+/// Runs `f` with the thread's build settings changed by `set`, and restores
+/// them however `f` ends.
+fn with_build<T>(set: impl FnOnce(&mut Build), f: impl FnOnce() -> T) -> T {
+    let saved = BUILD.with(|b| {
+        let mut b = b.borrow_mut();
+        let saved = Build {
+            provided: b.provided.clone(),
+            seed: b.seed,
+        };
+        set(&mut b);
+        saved
+    });
+    struct Restore(Option<Build>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let saved = self.0.take().expect("restored once");
+            BUILD.with(|b| *b.borrow_mut() = saved);
+        }
+    }
+    let _restore = Restore(Some(saved));
+    f()
 }
 
 /// Runs `build` with the variables named in `provided` left uninitialised:
@@ -183,30 +215,38 @@ pub fn skipping_init<T>(
     provided: std::collections::HashSet<String>,
     build: impl FnOnce() -> T,
 ) -> T {
-    PROVIDED.with(|p| *p.borrow_mut() = Some(provided));
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PROVIDED.with(|p| *p.borrow_mut() = None);
-        }
-    }
-    let _reset = Reset;
-    build()
+    with_build(|b| b.provided = Some(provided), build)
+}
+
+/// Runs `build` with fresh variables drawn from `seed`: each variable's
+/// values are a function of the seed and its name alone (see
+/// [`crate::rng`]), whatever the thread, the order of creation or what
+/// other threads draw.
+pub fn seeded_init<T>(seed: u64, build: impl FnOnce() -> T) -> T {
+    with_build(|b| b.seed = seed, build)
 }
 
 /// A variable `name` under `p`, initialised by `init` unless a checkpoint is
 /// about to fill it.
 pub fn var(p: &Path, name: &str, dims: &[i64], init: Init) -> Tensor {
-    let provided = PROVIDED.with(|set| {
-        set.borrow()
-            .as_ref()
-            .is_some_and(|names| names.contains(&p.path(name)))
+    let full = p.path(name);
+    let (provided, seed) = BUILD.with(|b| {
+        let b = b.borrow();
+        let provided = b.provided.as_ref().is_some_and(|n| n.contains(&full));
+        (provided, b.seed)
     });
     if provided {
-        p.add(name, Tensor::empty(dims, (p.kind(), p.device())), true)
-    } else {
-        p.var(name, dims, init)
+        return p.add(name, Tensor::empty(dims, (p.kind(), p.device())), true);
     }
+    let seed = rng::derive_named(seed, &full);
+    let values = match init {
+        Init::Randn { mean, stdev } => rng::normal(seed, dims, p.device()) * stdev + mean,
+        Init::Uniform { lo, up } => rng::uniform(seed, dims, p.device()) * (up - lo) + lo,
+        other => return p.var(name, dims, other),
+    };
+    let v = p.var(name, dims, Init::Const(0.0));
+    tch::no_grad(|| v.shallow_clone().copy_(&values));
+    v
 }
 
 /// `t` in `kind`: the tensor itself when it already is, else a cast that
@@ -227,6 +267,61 @@ pub fn normal_var(p: &Path, name: &str, dims: &[i64]) -> Tensor {
 /// Exact (erf) GELU, transformers' `"gelu"`.
 pub fn gelu(x: &Tensor) -> Tensor {
     x.gelu("none")
+}
+
+/// Dropout whose masks are a function of a seed and a key per row of the
+/// tensors it drops (see [`rng::uniform_rows`]): a sample keyed by its
+/// identity gets the same mask on any rank, in any batch, after a restart,
+/// and when activation checkpointing recomputes its layer.
+#[derive(Debug)]
+pub struct Dropout {
+    seed: u64,
+    /// `[R]` int64: one key per row.
+    rows: Tensor,
+}
+
+impl Dropout {
+    pub fn new(seed: u64, rows: Tensor) -> Self {
+        Self { seed, rows }
+    }
+
+    /// The stream of one place in the network, named by `parts`.
+    pub fn at(&self, parts: &[u64]) -> Self {
+        Self {
+            seed: rng::derive(self.seed, parts),
+            rows: self.rows.shallow_clone(),
+        }
+    }
+
+    /// `x` `[R, ...]` with each element zeroed with probability `p` and the
+    /// others scaled by `1 / (1 - p)`.
+    pub fn apply(&self, x: &Tensor, p: f64) -> Tensor {
+        if p <= 0.0 {
+            return x.shallow_clone();
+        }
+        let keep = rng::uniform_rows(self.seed, &self.rows, &x.size()[1..]).ge(p);
+        x * keep.to_kind(x.kind()) * (1.0 / (1.0 - p))
+    }
+}
+
+/// [`attention`] with dropout on the attention probabilities, as BERT
+/// trains: computed in full (the fused kernel would draw its own mask).
+pub fn attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    dropout: &Dropout,
+    p: f64,
+) -> Tensor {
+    let scores = q.matmul(&k.transpose(-2, -1)) / (q.size()[3] as f64).sqrt();
+    let scores = match mask {
+        Some(m) => scores + m,
+        None => scores,
+    };
+    dropout
+        .apply(&scores.softmax(-1, scores.kind()), p)
+        .matmul(v)
 }
 
 /// Multi-head attention over `[batch, heads, seq, head_dim]` tensors with an

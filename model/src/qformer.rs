@@ -11,7 +11,28 @@ use tch::nn::Path;
 use tch::Tensor;
 
 use crate::config::QFormerConfig;
-use crate::nn::{attention, gelu, merge_heads, split_heads, Embedding, LayerNorm, Linear};
+use crate::nn::{
+    attention, attention_dropout, gelu, merge_heads, split_heads, Dropout, Embedding, LayerNorm,
+    Linear,
+};
+
+/// The dropout probabilities of one training pass and its masks' stream.
+struct LayerDropout<'a> {
+    masks: &'a Dropout,
+    hidden: f64,
+    attention: f64,
+}
+
+/// Where in a layer a mask is drawn: each place has its own stream.
+#[derive(Clone, Copy)]
+enum Site {
+    SelfProbs,
+    SelfOutput,
+    CrossProbs,
+    CrossOutput,
+    QueryOutput,
+    TextOutput,
+}
 
 /// BERT attention block: multi-head attention, output dense, residual, norm.
 #[derive(Debug)]
@@ -40,12 +61,27 @@ impl AttentionBlock {
     }
 
     /// `context` is the sequence attended to: `x` itself, or the image.
-    fn forward(&self, x: &Tensor, context: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    /// `sites` are the streams of the probabilities' and the output's masks.
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        mask: Option<&Tensor>,
+        training: Option<&LayerDropout>,
+        sites: (Site, Site),
+    ) -> Tensor {
         let q = split_heads(&self.query.forward(x), self.heads);
         let k = split_heads(&self.key.forward(context), self.heads);
         let v = split_heads(&self.value.forward(context), self.heads);
-        let out = merge_heads(&attention(&q, &k, &v, mask));
-        self.norm.forward(&(self.dense.forward(&out) + x))
+        let out = match training {
+            Some(d) if d.attention > 0.0 => {
+                attention_dropout(&q, &k, &v, mask, &d.at(sites.0), d.attention)
+            }
+            _ => attention(&q, &k, &v, mask),
+        };
+        let out = self.dense.forward(&merge_heads(&out));
+        self.norm
+            .forward(&(hidden_dropout(&out, training, sites.1) + x))
     }
 }
 
@@ -67,9 +103,22 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, training: Option<&LayerDropout>, site: Site) -> Tensor {
         let h = self.output.forward(&gelu(&self.intermediate.forward(x)));
-        self.norm.forward(&(h + x))
+        self.norm.forward(&(hidden_dropout(&h, training, site) + x))
+    }
+}
+
+impl LayerDropout<'_> {
+    fn at(&self, site: Site) -> Dropout {
+        self.masks.at(&[site as u64])
+    }
+}
+
+fn hidden_dropout(x: &Tensor, training: Option<&LayerDropout>, site: Site) -> Tensor {
+    match training {
+        Some(d) => d.at(site).apply(x, d.hidden),
+        None => x.shallow_clone(),
     }
 }
 
@@ -90,6 +139,8 @@ pub struct QFormer {
     position_embeddings: Embedding,
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
+    hidden_dropout: f64,
+    attention_dropout: f64,
 }
 
 impl QFormer {
@@ -118,6 +169,8 @@ impl QFormer {
             ),
             embed_norm: LayerNorm::new(&(&e / "layernorm"), d, c.layer_norm_eps),
             layers,
+            hidden_dropout: c.hidden_dropout_prob,
+            attention_dropout: c.attention_probs_dropout_prob,
         }
     }
 
@@ -125,20 +178,35 @@ impl QFormer {
         self.layers.len()
     }
 
+    fn layer_dropout<'a>(&self, masks: Option<&'a Dropout>) -> Option<LayerDropout<'a>> {
+        masks.map(|masks| LayerDropout {
+            masks,
+            hidden: self.hidden_dropout,
+            attention: self.attention_dropout,
+        })
+    }
+
     /// Queries `[n, Q, D]` followed by the embedded instruction `[n, T]`,
-    /// normalised: the input of layer 0, in the queries' dtype.
-    pub fn embed(&self, queries: &Tensor, input_ids: &Tensor) -> Tensor {
+    /// normalised: the input of layer 0, in the queries' dtype. `dropout`
+    /// (training) has one key per row.
+    pub fn embed(&self, queries: &Tensor, input_ids: &Tensor, dropout: Option<&Dropout>) -> Tensor {
         let t = input_ids.size()[1];
         let positions = Tensor::arange(t, (tch::Kind::Int64, input_ids.device()));
         let text = self.word_embeddings.forward(input_ids)
             + self.position_embeddings.forward(&positions).unsqueeze(0);
         let x = Tensor::cat(&[queries.shallow_clone(), text.to_kind(queries.kind())], 1);
-        self.embed_norm.forward(&x)
+        let x = self.embed_norm.forward(&x);
+        match dropout {
+            Some(d) => d.apply(&x, self.hidden_dropout),
+            None => x,
+        }
     }
 
     /// One layer. The first `query_len` positions are the queries: only they
     /// cross-attend to `image` `[n, P, V]` and they have their own
     /// feed-forward; `self_mask` is the additive mask over the whole sequence.
+    /// `dropout` (training) has one key per row and a stream of this call's
+    /// own.
     pub fn layer(
         &self,
         index: usize,
@@ -146,19 +214,30 @@ impl QFormer {
         self_mask: &Tensor,
         image: &Tensor,
         query_len: i64,
+        dropout: Option<&Dropout>,
     ) -> Tensor {
         let layer = &self.layers[index];
-        let h = layer.attention.forward(x, x, Some(self_mask));
+        let training = self.layer_dropout(dropout);
+        let training = training.as_ref();
+        let self_sites = (Site::SelfProbs, Site::SelfOutput);
+        let h = layer
+            .attention
+            .forward(x, x, Some(self_mask), training, self_sites);
         let seq = h.size()[1];
         let mut queries = h.narrow(1, 0, query_len);
         if let Some(cross) = &layer.crossattention {
-            queries = cross.forward(&queries, image, None);
+            let sites = (Site::CrossProbs, Site::CrossOutput);
+            queries = cross.forward(&queries, image, None, training, sites);
         }
-        let queries = layer.query_ffn.forward(&queries);
+        let queries = layer
+            .query_ffn
+            .forward(&queries, training, Site::QueryOutput);
         if seq > query_len {
-            let text = layer
-                .text_ffn
-                .forward(&h.narrow(1, query_len, seq - query_len));
+            let text = layer.text_ffn.forward(
+                &h.narrow(1, query_len, seq - query_len),
+                training,
+                Site::TextOutput,
+            );
             Tensor::cat(&[queries, text], 1)
         } else {
             queries

@@ -22,9 +22,10 @@ use tch::{Kind, Tensor};
 use crate::config::SamConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{DecoderInput, Llama, LoraTargets};
-use crate::nn::{additive_key_mask, cast, normal_var, Linear};
+use crate::nn::{additive_key_mask, cast, normal_var, Dropout, Linear};
 use crate::parallel::TensorParallel;
 use crate::qformer::QFormer;
+use crate::rng;
 use crate::tape::{self, GradTape};
 use crate::vision::VisionModel;
 
@@ -41,6 +42,20 @@ pub struct SamInputs {
     /// `[B, T]`: the text for the LLM, padded on the right.
     pub input_ids: Tensor,
     pub attention_mask: Option<Tensor>,
+    /// Set while training: the Q-Former's dropout is on, its masks drawn
+    /// from these keys. `None` evaluates.
+    pub dropout: Option<DropoutKeys>,
+}
+
+/// What a training pass's dropout masks are a function of: a seed (the
+/// job's, for one epoch) and each sample's identity (its dataset index), so
+/// that a sample gets the same masks whatever its batch, rank or micro-batch
+/// and after a restart.
+#[derive(Debug)]
+pub struct DropoutKeys {
+    pub seed: u64,
+    /// `[B]` int64.
+    pub samples: Tensor,
 }
 
 /// SEA's supervision for some visual tokens: the index of each token in the
@@ -98,6 +113,19 @@ pub struct SamModel {
     sea_logit_scale: Option<Tensor>,
     /// The dtype activations are computed in: that of the frozen weights.
     compute: Kind,
+}
+
+/// The passes through the Q-Former's layers; each draws its own dropout
+/// masks.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Embed,
+    /// Over each image (InstructBLIP's pass, and SAM's last layer).
+    Images,
+    /// SAM's pass over the fused image of each sample.
+    Fused,
+    /// SAM's exchange: the last layer over each image, reading the fused one.
+    Exchange,
 }
 
 /// CLIP's initial temperature, 0.07, as a log inverse.
@@ -386,22 +414,53 @@ impl SamModel {
             e.kind(),
         );
         let queries = cast(&self.query_tokens, self.compute).expand([b, -1, -1], false);
-        let w0 = self.qformer.embed(&queries, &inputs.qformer_input_ids);
+        // Dropout rows: the samples, and each real image of a sample.
+        let keys = inputs.dropout.as_ref();
+        let per_sample = keys.map(|k| Dropout::new(k.seed, k.samples.to_device(device)));
+        let per_image = keys.map(|k| {
+            let samples = k.samples.to_device(device).index_select(0, &sample_of);
+            Dropout::new(k.seed, rng::combine(&samples, &real.remainder(n)))
+        });
+        let w0 = self.qformer.embed(
+            &queries,
+            &inputs.qformer_input_ids,
+            per_sample
+                .as_ref()
+                .map(|d| d.at(&[Pass::Embed as u64]))
+                .as_ref(),
+        );
         let w0 = tape::share(&mut tape, w0);
         let per_image_mask = self_mask.index_select(0, &sample_of);
-        // One Q-Former layer over `x`, cross-attending to `image`.
-        let layer = |tape: &mut Option<&mut GradTape<'a>>, l, x, mask: &Tensor, image: &Tensor| {
+        // One Q-Former layer over `x`, cross-attending to `image`; `rows`
+        // are the dropout rows of `x`, and `pass` tells apart the calls of
+        // one layer.
+        let layer = |tape: &mut Option<&mut GradTape<'a>>,
+                     (l, pass): (usize, Pass),
+                     x,
+                     mask: &Tensor,
+                     image: &Tensor,
+                     rows: Option<&Dropout>| {
             let (mask, image) = (mask.shallow_clone(), image.shallow_clone());
+            let dropout = rows.map(|d| d.at(&[pass as u64, l as u64]));
             tape::checkpoint(tape, x, move |x, _| {
-                self.qformer.layer(l, x, &mask, &image, qn)
+                self.qformer
+                    .layer(l, x, &mask, &image, qn, dropout.as_ref())
             })
         };
+        let (per_sample, per_image) = (per_sample.as_ref(), per_image.as_ref());
         let mut h = w0.index_select(0, &sample_of);
         let last = self.qformer.num_layers() - 1;
         let guided = self.config.samtrain.guidance;
         let shared_layers = if guided { last } else { last + 1 };
         for l in 0..shared_layers {
-            h = layer(&mut tape, l, h, &per_image_mask, &e);
+            h = layer(
+                &mut tape,
+                (l, Pass::Images),
+                h,
+                &per_image_mask,
+                &e,
+                per_image,
+            );
         }
         if guided {
             let h_shared = tape::share(&mut tape, h);
@@ -409,14 +468,23 @@ impl SamModel {
             let i_hat = tape::share(&mut tape, i_hat);
             let mut w = w0;
             for l in 0..last {
-                w = layer(&mut tape, l, w, &self_mask, &i_hat);
+                w = layer(
+                    &mut tape,
+                    (l, Pass::Fused),
+                    w,
+                    &self_mask,
+                    &i_hat,
+                    per_sample,
+                );
             }
             let w = w.index_select(0, &sample_of) + self.guidance.one_2_multiple.forward(&h_shared);
             let i_hat = i_hat.index_select(0, &sample_of);
-            let w_out = layer(&mut tape, last, w, &per_image_mask, &i_hat);
+            let at = (last, Pass::Exchange);
+            let w_out = layer(&mut tape, at, w, &per_image_mask, &i_hat, per_image);
             // Not `+=`: the exchange Linear's backward still needs `h` as it was.
             let guided = h_shared + self.guidance.multiple_2_one.forward(&w_out);
-            h = layer(&mut tape, last, guided, &per_image_mask, &e);
+            let at = (last, Pass::Images);
+            h = layer(&mut tape, at, guided, &per_image_mask, &e, per_image);
         }
         let tokens = self.projection.forward(&h.narrow(1, 0, qn));
         let d = tokens.size()[2];

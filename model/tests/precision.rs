@@ -13,6 +13,7 @@ use samtrain_comm::LocalCollective;
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::parallel::TensorParallel;
 use samtrain_model::plan::{plan, tensor_shapes, PlanInput};
+use samtrain_model::rng;
 use samtrain_model::tape::GradTape;
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
@@ -177,20 +178,25 @@ fn bf16_logits_are_as_close_to_fp32_as_transformers_bf16() {
 
 /// A batch for `config`: `b` samples of `n` images and `t` text tokens.
 fn random_batch(config: &SamConfig, b: i64, n: i64, t: i64) -> (SamInputs, Tensor) {
-    tch::manual_seed(3);
     let s = config.vision_config.image_size;
-    let opts = (Kind::Int64, Device::Cpu);
     let vocab = config.text_config.vocab_size;
-    let input_ids = Tensor::randint_low(3, vocab, [b, t], opts);
+    let input_ids = rng::integers(31, 3, vocab, &[b, t], Device::Cpu);
     let labels = input_ids.copy();
     let _ = labels.narrow(1, 0, t / 2).fill_(-100);
     let inputs = SamInputs {
-        pixel_values: Tensor::randn([b, n, 3, s, s], (Kind::Float, Device::Cpu)),
+        pixel_values: rng::normal(32, &[b, n, 3, s, s], Device::Cpu),
         image_mask: None,
-        qformer_input_ids: Tensor::randint_low(1, config.qformer_config.vocab_size, [b, 6], opts),
+        qformer_input_ids: rng::integers(
+            33,
+            1,
+            config.qformer_config.vocab_size,
+            &[b, 6],
+            Device::Cpu,
+        ),
         qformer_attention_mask: None,
         input_ids,
         attention_mask: None,
+        dropout: None,
     };
     (inputs, labels)
 }

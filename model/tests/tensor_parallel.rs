@@ -1,7 +1,8 @@
 //! Tensor parallelism of degree 2 (two ranks on threads, an in-process
 //! collective) gives the logits and gradients of degree 1; activation
 //! checkpointing gives the gradients of keeping the activations, alone and
-//! with tensor parallelism, over accumulated backward passes.
+//! with tensor parallelism, over accumulated backward passes. The
+//! Q-Former's dropout is on throughout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,9 +10,10 @@ use std::sync::Arc;
 
 use samtrain_comm::{shard_dim, LocalCollective};
 use samtrain_model::parallel::TensorParallel;
+use samtrain_model::rng;
 use samtrain_model::tape::GradTape;
-use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
-use tch::{Device, Kind, Tensor};
+use samtrain_model::{trainable, weights, DropoutKeys, LoadedModel, SamConfig, SamInputs};
+use tch::{Device, Tensor};
 
 const CONFIG: &str = r#"{
   "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -37,7 +39,9 @@ fn write_model(dir: &Path) -> SamConfig {
     tch::no_grad(|| {
         for (name, t) in m.vs.variables() {
             if name.starts_with("sam.") || name.contains("lora_B") || name.ends_with("bias") {
-                t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
+                t.shallow_clone().copy_(
+                    &(rng::normal(rng::derive_named(11, &name), &t.size(), t.device()) * 0.1),
+                );
             }
         }
     });
@@ -45,24 +49,26 @@ fn write_model(dir: &Path) -> SamConfig {
     config
 }
 
-/// The inputs every rank trains on. Built once, on one thread: libtorch's
-/// random generator is global, so ranks that each seeded and drew their own
-/// batch concurrently would interleave their draws and see different inputs.
+/// The inputs every rank trains on, the same on every call.
 fn batch(config: &SamConfig) -> (SamInputs, Tensor) {
-    tch::manual_seed(7);
     let s = config.vision_config.image_size;
-    let opts = (Kind::Int64, Device::Cpu);
-    let input_ids = Tensor::randint_low(3, 50, [2, 8], opts);
+    let input_ids = rng::integers(71, 3, 50, &[2, 8], Device::Cpu);
     let attention_mask = Tensor::from_slice2(&[[1i64; 8], [1, 1, 1, 1, 1, 1, 0, 0]]);
     let labels = input_ids.masked_fill(&attention_mask.eq(0), -100);
     let _ = labels.narrow(1, 0, 3).fill_(-100);
     let inputs = SamInputs {
-        pixel_values: Tensor::randn([2, 2, 3, s, s], (Kind::Float, Device::Cpu)),
+        pixel_values: rng::normal(72, &[2, 2, 3, s, s], Device::Cpu),
         image_mask: Some(Tensor::from_slice2(&[[1i64, 1], [1, 0]])),
-        qformer_input_ids: Tensor::randint_low(1, 40, [2, 4], opts),
+        qformer_input_ids: rng::integers(73, 1, 40, &[2, 4], Device::Cpu),
         qformer_attention_mask: None,
         input_ids,
         attention_mask: Some(attention_mask),
+        // The Q-Former's dropout is on (0.1, the default): every rank and
+        // every recomputation must draw the same masks.
+        dropout: Some(DropoutKeys {
+            seed: 7,
+            samples: Tensor::from_slice(&[3i64, 8]),
+        }),
     };
     (inputs, labels)
 }
@@ -83,6 +89,10 @@ fn copy_batch((inputs, labels): &(SamInputs, Tensor)) -> (SamInputs, Tensor) {
         qformer_attention_mask: opt(&inputs.qformer_attention_mask),
         input_ids: inputs.input_ids.copy(),
         attention_mask: opt(&inputs.attention_mask),
+        dropout: inputs.dropout.as_ref().map(|d| DropoutKeys {
+            seed: d.seed,
+            samples: d.samples.copy(),
+        }),
     };
     (inputs, labels.copy())
 }

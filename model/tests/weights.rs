@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use samtrain_model::rng;
 use samtrain_model::weights::{self, MODEL_FILE, SAM_FILE};
 use samtrain_model::{LoadedModel, ModelError, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
@@ -42,6 +43,7 @@ fn inputs() -> SamInputs {
         qformer_attention_mask: None,
         input_ids: ids(10, 3, 37, [2, 5]),
         attention_mask: None,
+        dropout: None,
     }
 }
 
@@ -58,7 +60,10 @@ fn saved_model(dir: &Path, seed: i64) -> LoadedModel {
     tch::no_grad(|| {
         for (name, t) in m.vs.variables() {
             if name.starts_with("sam.") {
-                t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.2));
+                t.shallow_clone().copy_(
+                    &(rng::normal(rng::derive_named(seed as u64, &name), &t.size(), t.device())
+                        * 0.2),
+                );
             }
         }
     });

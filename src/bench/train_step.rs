@@ -241,6 +241,7 @@ fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor)
             qformer_attention_mask: None,
             input_ids,
             attention_mask: None,
+            dropout: None,
         },
         labels,
     )

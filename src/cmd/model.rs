@@ -260,6 +260,7 @@ fn read_inputs(path: &Path, device: Device) -> Result<SamInputs> {
         qformer_attention_mask: take("qformer_attention_mask", Kind::Int64, false)?,
         input_ids: required(take("input_ids", Kind::Int64, true)?),
         attention_mask: take("attention_mask", Kind::Int64, false)?,
+        dropout: None,
     })
 }
 

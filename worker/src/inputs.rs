@@ -380,6 +380,7 @@ pub fn to_device(batch: &Batch, device: Device) -> (SamInputs, Tensor) {
             qformer_attention_mask: Some(d(&batch.qformer_attention_mask)),
             input_ids: d(&batch.input_ids),
             attention_mask: Some(d(&batch.attention_mask)),
+            dropout: None,
         },
         d(&batch.labels),
     )

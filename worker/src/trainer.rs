@@ -17,11 +17,13 @@
 //!   data-parallel rank 0 generate (together, under tensor parallelism) and
 //!   world rank 0 scores.
 //!
-//! Randomness: libtorch's generator is seeded before every step with a mix
-//! of (seed, step, rank), so nothing random depends on history and no RNG
-//! state needs saving; the sample order depends on (seed, epoch) only (see
-//! `samtrain_data::sampler`). With the same world size on the CPU a resumed
-//! run reproduces an uninterrupted one bit for bit.
+//! Randomness: nothing draws from libtorch's process-wide generator. The
+//! sample order depends on (seed, epoch) only (see `samtrain_data::sampler`)
+//! and the Q-Former's dropout masks on (seed, epoch, sample) only (see
+//! `samtrain_model::rng`), so no RNG state needs saving, data-parallel and
+//! accumulated runs draw what one process would, and with the same world
+//! size on the CPU a resumed run reproduces an uninterrupted one bit for
+//! bit.
 //!
 //! The abort flag is checked before every step; it ends the generation with
 //! [`TrainError::Aborted`].
@@ -34,10 +36,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer, RetryPolicy, ShardState};
 use samtrain_collective::ProcessGroups;
 use samtrain_data::preprocess::Loader;
-use samtrain_data::rng::SplitMix64;
 use samtrain_data::sampler::Position;
 use samtrain_model::parallel::TensorParallel;
-use samtrain_model::{trainable, LoadedModel};
+use samtrain_model::{rng, trainable, DropoutKeys, LoadedModel};
 use samtrain_proto::spec::JobSpec;
 use tch::{Device, Kind, Tensor};
 
@@ -252,12 +253,6 @@ impl Trainer {
         let step = self.step;
         let span = tracing::debug_span!("step", step);
         let _entered = span.enter();
-        let seed = step_seed(
-            self.spec.training.seed,
-            step,
-            self.groups.layout.rank as u32,
-        );
-        tch::manual_seed(seed);
         let started = Instant::now();
         let (micro, epoch) = self.next_micro_batches()?;
         let t = &self.spec.training;
@@ -335,7 +330,16 @@ impl Trainer {
                 .map_err(|e| DataError::new(location, e.to_string()))?;
             epoch = fetched.epoch;
             self.position = fetched.position_after;
-            micro.push(to_device(&batch, self.device));
+            let (mut inputs, labels) = to_device(&batch, self.device);
+            // Dropout masks follow the sample and the epoch, not the step or
+            // the rank: data-parallel and accumulated runs draw what one
+            // process would, and a resumed job what it drew before.
+            let samples: Vec<i64> = fetched.indices.iter().map(|&i| i as i64).collect();
+            inputs.dropout = Some(DropoutKeys {
+                seed: rng::derive(self.spec.training.seed, &[epoch]),
+                samples: Tensor::from_slice(&samples),
+            });
+            micro.push((inputs, labels));
         }
         Ok((micro, epoch))
     }
@@ -467,10 +471,4 @@ fn allocate_grads(params: &[(String, Tensor)]) {
             (p.sum(Kind::Float) * 0.0).backward();
         }
     }
-}
-
-/// The seed of libtorch's generator for one step of one rank.
-fn step_seed(seed: u64, step: u64, rank: u32) -> i64 {
-    let mut rng = SplitMix64::new(seed ^ SplitMix64::new(step).next_u64());
-    (rng.next_u64() ^ u64::from(rank).wrapping_mul(0x9e37_79b9_7f4a_7c15)) as i64 >> 1
 }

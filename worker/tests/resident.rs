@@ -6,9 +6,9 @@
 mod common;
 
 use common::{final_weights, fixture, max_diff, resident_models, run_threads, run_threads_with};
-use samtrain_model::{weights, LoadedModel, SamConfig};
+use samtrain_model::{rng, weights, LoadedModel, SamConfig};
 use samtrain_worker::TrainError;
-use tch::{Device, Tensor};
+use tch::Device;
 
 const TOL: f64 = 1e-5;
 
@@ -90,8 +90,9 @@ fn a_changed_model_folder_is_loaded_again() {
     let config = SamConfig::from_file(&f.model.join("config.json")).unwrap();
     let m = LoadedModel::load(&f.model, Device::Cpu, None).unwrap();
     tch::no_grad(|| {
-        for (_, t) in m.vs.variables() {
-            t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.02));
+        for (name, t) in m.vs.variables() {
+            let values = rng::normal(rng::derive_named(12, &name), &t.size(), t.device());
+            t.shallow_clone().copy_(&(values * 0.02));
         }
     });
     weights::save(&m.vs, &config, &f.model).unwrap();

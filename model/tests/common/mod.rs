@@ -46,6 +46,7 @@ pub fn inputs_from(t: &HashMap<String, Tensor>) -> SamInputs {
         qformer_attention_mask: get("qformer_attention_mask"),
         input_ids: get("input_ids").unwrap(),
         attention_mask: get("attention_mask"),
+        dropout: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
 use samtrain_collective::ProcessGroups;
 use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
-use samtrain_model::{weights, LoadedModel, SamConfig};
+use samtrain_model::{rng, weights, LoadedModel, SamConfig};
 use samtrain_proto::spec::JobSpec;
 use samtrain_worker::{train, ResidentModels, TrainError, TrainEvent, TrainJob, TrainOutcome};
 use tch::{Device, Tensor};
@@ -58,7 +58,9 @@ pub fn fixture(samples: usize) -> Fixture {
     tch::no_grad(|| {
         for (name, t) in m.vs.variables() {
             if name.starts_with("sam.") {
-                t.shallow_clone().copy_(&(Tensor::randn_like(&t) * 0.1));
+                t.shallow_clone().copy_(
+                    &(rng::normal(rng::derive_named(11, &name), &t.size(), t.device()) * 0.1),
+                );
             }
         }
     });
