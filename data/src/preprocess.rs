@@ -16,7 +16,7 @@ pub mod text;
 use std::path::PathBuf;
 
 pub use batch::{collate, Batch, Sample};
-pub use image::{ImageConfig, ResizeMode};
+pub use image::{Augment, ImageConfig, ResizeMode};
 pub use prefetch::{Fetched, Loader, LoaderConfig};
 pub use text::{Side, TextConfig, TextSample, Tokenizers};
 
@@ -79,6 +79,14 @@ pub enum PreprocessError {
         indices: Vec<usize>,
         message: String,
     },
+}
+
+/// Which visit of a sample a training batch makes: the epoch and the
+/// sample's index in the dataset. Augmentation draws from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visit {
+    pub epoch: u64,
+    pub sample: u64,
 }
 
 /// Everything needed to turn records into batches: where the images live,
@@ -182,8 +190,9 @@ impl Preprocessor {
         })
     }
 
-    /// One record's images and text, not yet padded.
-    pub fn sample(&self, record: &Record) -> Result<Sample, PreprocessError> {
+    /// One record's images and text, not yet padded. `visit` is set in
+    /// training: it selects the images' augmentation, when configured.
+    pub fn sample(&self, record: &Record, visit: Option<Visit>) -> Result<Sample, PreprocessError> {
         let images = record
             .img_list
             .iter()
@@ -191,12 +200,19 @@ impl Preprocessor {
             .map(|(k, rel)| {
                 let field = format!("img_list[{k}]");
                 let file = self.images.file(rel, record, &field)?;
-                image::load(&file, &record.id, &field, &self.image)
+                let draw = visit.map(|v| image::Draw {
+                    epoch: v.epoch,
+                    sample: v.sample,
+                    image: k as u64,
+                });
+                image::load(&file, &record.id, &field, &self.image, draw)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let (images, augmented) = images.into_iter().unzip();
         Ok(Sample {
             id: record.id.clone(),
             images,
+            augmented,
             text: self.text.encode(record)?,
         })
     }
@@ -205,13 +221,14 @@ impl Preprocessor {
     /// remote dataset's images of the whole batch are fetched at once first.
     pub fn batch<'a>(
         &self,
-        records: impl IntoIterator<Item = &'a Record>,
+        records: impl IntoIterator<Item = (&'a Record, Option<Visit>)>,
     ) -> Result<Batch, PreprocessError> {
-        let records: Vec<&Record> = records.into_iter().collect();
-        self.images.prefetch(&records);
+        let records: Vec<(&Record, Option<Visit>)> = records.into_iter().collect();
+        let only_records: Vec<&Record> = records.iter().map(|(r, _)| *r).collect();
+        self.images.prefetch(&only_records);
         let samples = records
             .into_iter()
-            .map(|r| self.sample(r))
+            .map(|(r, visit)| self.sample(r, visit))
             .collect::<Result<Vec<_>, _>>()?;
         collate(
             &samples,

@@ -89,7 +89,14 @@ fn solid_colour_normalises_exactly() {
     let colour = [200u8, 30, 117];
     let img = image::DynamicImage::ImageRgb8(RgbImage::from_pixel(97, 61, Rgb(colour)));
     for resize in [ResizeMode::ShorterSideCrop, ResizeMode::Stretch] {
-        let out = preprocess::image::to_chw(&img, &ImageConfig { size: 32, resize });
+        let out = preprocess::image::to_chw(
+            &img,
+            &ImageConfig {
+                size: 32,
+                resize,
+                augment: None,
+            },
+        );
         assert_eq!(out.len(), 3 * 32 * 32);
         for c in 0..3 {
             let want = (f32::from(colour[c]) / 255.0 - MEAN[c]) / STD[c];
@@ -111,6 +118,7 @@ fn resize_keeps_the_centre_square() {
     let config = ImageConfig {
         size: 30,
         resize: ResizeMode::ShorterSideCrop,
+        augment: None,
     };
     let out = preprocess::image::to_chw(&image::DynamicImage::ImageRgb8(img), &config);
     assert_eq!(out.len(), 3 * 30 * 30);
@@ -127,6 +135,23 @@ fn resize_keeps_the_centre_square() {
 }
 
 #[test]
+fn a_pad_token_the_tokenizer_lacks_is_added_as_sam_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = text_config(dir.path());
+    config.pad_token = "[NEWPAD]".into();
+    let tok = preprocess::Tokenizers::load(&config).unwrap();
+    // The next id after the 6 specials and 50 words; the LLM's embedding
+    // table needs a row for it, the Q-Former's does not.
+    assert_eq!(tok.pad_id(), 56);
+    assert_eq!(tok.id_limits(), (57, 56));
+    // Prediction's prompt is BOS and the whole instruction, uncut.
+    let long = record(3, &[], &words(0..10), "w1");
+    let mut want = vec![1];
+    want.extend(ids(0..10));
+    assert_eq!(tok.prompt(&long).unwrap(), want);
+}
+
+#[test]
 fn text_masks_the_prompt_and_truncates_like_sam() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = text_config(dir.path());
@@ -134,9 +159,9 @@ fn text_masks_the_prompt_and_truncates_like_sam() {
     config.max_output_txt_len = 4;
     let tok = preprocess::Tokenizers::load(&config).unwrap();
 
-    // Short texts: nothing cut; BOS = 0, EOS = 1.
+    // Short texts: nothing cut; BOS = EOS = 1 (`</s>`, as SAM sets them).
     let t = tok.encode(&record(1, &[], "w0 w1", "w2")).unwrap();
-    assert_eq!(t.input_ids, [0, 6, 7, 8, 1]);
+    assert_eq!(t.input_ids, [1, 6, 7, 8, 1]);
     assert_eq!(t.labels, [-100, -100, -100, 8, 1]);
     assert_eq!(t.qformer_input_ids, [4, 6, 7, 5]);
 
@@ -146,7 +171,7 @@ fn text_masks_the_prompt_and_truncates_like_sam() {
     let t = tok
         .encode(&record(2, &[], &words(0..10), &words(20..30)))
         .unwrap();
-    let mut want = vec![0];
+    let mut want = vec![1];
     want.extend(ids(6..10));
     want.extend(ids(20..23));
     assert_eq!(t.input_ids, want);
@@ -182,6 +207,7 @@ fn collation_pads_images_and_text() {
     let three = Sample {
         id: RecordId::Int(7),
         images: vec![image(1.0), image(2.0), image(3.0)],
+        augmented: vec![None; 3],
         text: TextSample {
             qformer_input_ids: vec![4, 6, 5],
             input_ids: vec![0, 6, 8, 1],
@@ -191,6 +217,7 @@ fn collation_pads_images_and_text() {
     let one = Sample {
         id: RecordId::Str("x".into()),
         images: vec![image(9.0)],
+        augmented: vec![None],
         text: TextSample {
             qformer_input_ids: vec![4, 6, 7, 9, 5],
             input_ids: vec![0, 9, 1],
@@ -247,6 +274,7 @@ fn dataset(dir: &Path, n: usize) -> (Arc<Preprocessor>, Arc<[Record]>) {
     let image = ImageConfig {
         size: 8,
         resize: ResizeMode::ShorterSideCrop,
+        augment: None,
     };
     let pre = Preprocessor::new(dir, image, &text_config(dir)).unwrap();
     (Arc::new(pre), records.into())

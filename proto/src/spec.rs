@@ -131,6 +131,29 @@ pub struct DataSpec {
     /// `left` (SAM's `truncation_side="left"`, the default) keeps its end.
     #[serde(default)]
     pub qformer_truncation: TruncationSide,
+    /// The LLM prompt's first token. SAM sets its LLaMA tokenizer's BOS to
+    /// `</s>`, so that is the default; `<s>` is LLaMA's own.
+    #[serde(default = "default_eos_token")]
+    pub bos_token: String,
+    /// Ends every answer; generation stops at the model's `eos_token_id`.
+    #[serde(default = "default_eos_token")]
+    pub eos_token: String,
+    /// Pads the LLM's batches (and the Q-Former's when both share one
+    /// tokenizer file); added to the tokenizer when it lacks it, as SAM adds
+    /// `[PAD]`. Padding is masked, so only the vocabulary's size matters.
+    #[serde(default = "default_pad_token")]
+    pub pad_token: String,
+    /// How an image is squared for evaluation and prediction (and for
+    /// training without augmentation): `stretch` to the model's size, as
+    /// SAM's evaluation processor does (the default), or
+    /// `shorter_side_crop`.
+    #[serde(default)]
+    pub image_resize: ImageResize,
+    /// Training images: `sam`, SAM's random resized crop (50-100% of the
+    /// area) and horizontal flip (the default), drawn from (seed, epoch,
+    /// sample, image); or `none`, the evaluation transform.
+    #[serde(default)]
+    pub augmentation: Augmentation,
     #[serde(default)]
     pub bad_records: BadRecords,
     #[serde(default)]
@@ -159,6 +182,32 @@ pub struct DataSpec {
     /// exist yet; `samtrain local` does it before the workers start.
     #[serde(default)]
     pub synth: Option<SynthSpec>,
+}
+
+/// How an image becomes the model's square input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageResize {
+    #[default]
+    Stretch,
+    ShorterSideCrop,
+}
+
+/// Training-time image augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augmentation {
+    #[default]
+    Sam,
+    None,
+}
+
+fn default_eos_token() -> String {
+    "</s>".into()
+}
+
+fn default_pad_token() -> String {
+    "[PAD]".into()
 }
 
 /// The end of a sequence a tokenizer cuts when it is too long.
@@ -499,6 +548,17 @@ impl JobSpec {
             "must be at least 1",
         );
         p.check(d.prefetch >= 1, "data.prefetch", "must be at least 1");
+        for (token, field) in [
+            (&d.bos_token, "data.bos_token"),
+            (&d.eos_token, "data.eos_token"),
+            (&d.pad_token, "data.pad_token"),
+        ] {
+            p.check(
+                !token.is_empty() && token.len() <= 64,
+                field,
+                "must be a token of 1 to 64 bytes",
+            );
+        }
         p.check(
             d.cache_max_gib.is_finite() && d.cache_max_gib > 0.0 && d.cache_max_gib <= 1e6,
             "data.cache_max_gib",

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use samtrain_data::preprocess::ImageConfig;
 use samtrain_proto::spec::{
     BadRecords, DeviceKind, EvaluationSpec, DEFAULT_CACHE_MAX_GIB, DEFAULT_FETCH_RETRIES,
 };
@@ -89,7 +90,14 @@ pub fn run(args: PredictArgs) -> Result<()> {
         .is_some_and(|s| s.data.qformer_tokenizer.is_some());
     inputs::check_vocabulary(&text, qformer_named, &m.loaded.model.config, &m.model_path)?;
     let image_size = m.loaded.model.config.vision_config.image_size;
-    let predictor = Predictor::new(set.images, &text, image_size, settings)?;
+    let image = match &m.spec {
+        Some(spec) => inputs::image_config(spec, image_size, false),
+        None => ImageConfig {
+            size: image_size as u32,
+            ..ImageConfig::default()
+        },
+    };
+    let predictor = Predictor::new(set.images, &text, image, settings)?;
     let predictions = predictor.predict(&m.loaded.model, device, &set.records)?;
     write_predictions(&args.out, &predictions)?;
     let dir = args

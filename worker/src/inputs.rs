@@ -12,12 +12,15 @@ use std::sync::{Arc, OnceLock};
 
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
 use samtrain_data::preprocess::{
-    Batch, ImageConfig, ImageRoot, Loader, LoaderConfig, Preprocessor, Side, TextConfig, Tokenizers,
+    Augment, Batch, ImageConfig, ImageRoot, Loader, LoaderConfig, Preprocessor, ResizeMode, Side,
+    TextConfig, Tokenizers,
 };
 use samtrain_data::remote::{self, ObjectCache};
 use samtrain_data::sampler::{Position, Sampler, SamplerConfig, TailPolicy};
 use samtrain_model::{SamConfig, SamInputs};
-use samtrain_proto::spec::{BadRecords, DataSpec, JobSpec, Tail, TruncationSide};
+use samtrain_proto::spec::{
+    Augmentation, BadRecords, DataSpec, ImageResize, JobSpec, Tail, TruncationSide,
+};
 use tch::{Device, Tensor};
 
 use crate::error::DataError;
@@ -238,7 +241,29 @@ pub fn text_config(spec: &JobSpec) -> TextConfig {
         TruncationSide::Left => Side::Left,
         TruncationSide::Right => Side::Right,
     };
+    text.bos_token = spec.data.bos_token.clone();
+    text.eos_token = spec.data.eos_token.clone();
+    text.pad_token = spec.data.pad_token.clone();
+    if qformer.is_none() {
+        text.qformer_pad_token = text.pad_token.clone();
+    }
     text
+}
+
+/// The image settings of a spec for a model of `size` pixels: with
+/// `training`, its augmentation.
+pub fn image_config(spec: &JobSpec, size: i64, training: bool) -> ImageConfig {
+    ImageConfig {
+        size: size as u32,
+        resize: match spec.data.image_resize {
+            ImageResize::Stretch => ResizeMode::Stretch,
+            ImageResize::ShorterSideCrop => ResizeMode::ShorterSideCrop,
+        },
+        augment: match spec.data.augmentation {
+            Augmentation::Sam if training => Some(Augment::sam(spec.training.seed)),
+            _ => None,
+        },
+    }
 }
 
 /// SAM's text settings for these tokenizer files. With one tokenizer file
@@ -313,16 +338,14 @@ pub fn check_vocabulary(
     Ok(())
 }
 
-/// The preprocessor of `dataset` for a model with `image_size` pixel inputs.
+/// The training preprocessor of `dataset` for a model with `image_size`
+/// pixel inputs.
 pub fn preprocessor(
     spec: &JobSpec,
     dataset: &Dataset,
     image_size: i64,
 ) -> Result<Preprocessor, DataError> {
-    let image = ImageConfig {
-        size: image_size as u32,
-        ..ImageConfig::default()
-    };
+    let image = image_config(spec, image_size, true);
     Preprocessor::new(dataset.images.clone(), image, &text_config(spec)).map_err(|e| DataError {
         location: dataset.location.clone(),
         message: e.to_string(),

@@ -3,9 +3,10 @@
 //! "pred_response", "gt_response"}]`) and scored with SAM's protocol
 //! (`samtrain_data::eval`).
 //!
-//! The model sees each record's prompt exactly as in training (images, the
-//! Q-Former's instruction, `BOS + instruction` for the LLM) and generates
-//! the answer; the repetition penalty counts only generated tokens, as SAM's
+//! The model sees each record's prompt as SAM's `generate` gives it
+//! (images through the evaluation transform, the Q-Former's instruction cut
+//! as in training, `BOS + instruction` for the LLM uncut) and generates the
+//! answer; the repetition penalty counts only generated tokens, as SAM's
 //! own (LAVIS) generation does.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,7 +16,7 @@ use std::time::Instant;
 use samtrain_data::eval::{self, Evaluation, Prediction, SampleId, Summary};
 use samtrain_data::mmlink::{Record, RecordId};
 use samtrain_data::preprocess::batch::IGNORE_INDEX;
-use samtrain_data::preprocess::{collate, Preprocessor, TextConfig, Tokenizers};
+use samtrain_data::preprocess::{collate, ImageConfig, Preprocessor, TextConfig, Tokenizers};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::SamModel;
 use samtrain_proto::spec::{EvaluationSpec, JobSpec};
@@ -36,16 +37,17 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// `images`: what the dataset's image paths are relative to.
+    /// `images`: what the dataset's image paths are relative to; `image`:
+    /// the evaluation transform (its augmentation, if any, is not used).
     pub fn new(
         images: impl Into<samtrain_data::preprocess::ImageRoot>,
         text: &TextConfig,
-        image_size: i64,
+        image: ImageConfig,
         settings: EvaluationSpec,
     ) -> Result<Self, PredictError> {
-        let image = samtrain_data::preprocess::ImageConfig {
-            size: image_size as u32,
-            ..Default::default()
+        let image = ImageConfig {
+            augment: None,
+            ..image
         };
         let pre = Preprocessor::new(images, image, text)
             .map_err(|e| PredictError::eval(e.to_string()))?;
@@ -95,17 +97,15 @@ impl Predictor {
             for record in chunk {
                 let mut sample = self
                     .pre
-                    .sample(record)
+                    .sample(record, None)
                     .map_err(|e| PredictError::eval(e.to_string()))?;
-                // Keep the prompt: the positions without a label.
-                let prompt = sample
-                    .text
-                    .labels
-                    .iter()
-                    .take_while(|&&l| l == IGNORE_INDEX)
-                    .count();
-                sample.text.input_ids.truncate(prompt);
-                sample.text.labels.truncate(prompt);
+                // The whole prompt, uncut, and no answer.
+                let prompt = self
+                    .tokenizers
+                    .prompt(record)
+                    .map_err(|e| PredictError::eval(e.to_string()))?;
+                sample.text.labels = vec![IGNORE_INDEX; prompt.len()];
+                sample.text.input_ids = prompt;
                 samples.push(sample);
             }
             let batch = collate(
@@ -289,12 +289,8 @@ pub fn predict_set(
         &model.config,
         Path::new(&spec.model.path),
     )?;
-    let predictor = Predictor::new(
-        set.images,
-        &text,
-        model.config.vision_config.image_size,
-        spec.evaluation.clone(),
-    )?;
+    let image = inputs::image_config(spec, model.config.vision_config.image_size, false);
+    let predictor = Predictor::new(set.images, &text, image, spec.evaluation.clone())?;
     let started = Instant::now();
     let predictions = predictor.predict(model, device, &set.records)?;
     tracing::info!(

@@ -4,6 +4,7 @@
 
 use tch::Tensor;
 
+use super::image::Drawn;
 use super::{PreprocessError, TextSample};
 use crate::mmlink::RecordId;
 
@@ -16,6 +17,8 @@ pub struct Sample {
     pub id: RecordId,
     /// Each image as `3 * size * size` floats, channels first.
     pub images: Vec<Vec<f32>>,
+    /// What augmentation drew for each image, when it ran.
+    pub augmented: Vec<Option<Drawn>>,
     pub text: TextSample,
 }
 

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, PreprocessError, Preprocessor};
+use super::{Batch, PreprocessError, Preprocessor, Visit};
 use crate::mmlink::Record;
 use crate::sampler::{Position, Sampler};
 
@@ -174,7 +174,13 @@ fn work(shared: &Shared, pre: &Preprocessor, records: &[Record], tx: &Sender<(u6
             (state.issued - 1, step)
         };
         let batch = catch_unwind(AssertUnwindSafe(|| {
-            pre.batch(step.indices.iter().map(|&i| &records[i]))
+            pre.batch(step.indices.iter().map(|&i| {
+                let visit = Visit {
+                    epoch: step.epoch,
+                    sample: i as u64,
+                };
+                (&records[i], Some(visit))
+            }))
         }))
         .unwrap_or_else(|panic| {
             let message = panic

@@ -36,9 +36,11 @@ pub struct TextConfig {
     pub bos_token: String,
     #[serde(default = "default_eos")]
     pub eos_token: String,
-    /// Fills the LLM's padding; never attended to nor trained on.
+    /// Fills the LLM's padding; never attended to nor trained on. Added to
+    /// the tokenizer when it lacks it, as SAM adds `[PAD]`.
     #[serde(default = "default_pad")]
     pub pad_token: String,
+    /// The Q-Former's padding; added the same way.
     #[serde(default = "default_qformer_pad")]
     pub qformer_pad_token: String,
     /// Which end of a long instruction the Q-Former's tokenizer cuts.
@@ -62,14 +64,18 @@ fn default_max_txt_len() -> usize {
 fn default_max_output_txt_len() -> usize {
     256
 }
+/// SAM's LLM tokenizer takes `</s>` as BOS, EOS and UNK (its
+/// `add_special_tokens` calls), so its prompts start with `</s>`.
 fn default_bos() -> String {
-    "<s>".into()
+    "</s>".into()
 }
 fn default_eos() -> String {
     "</s>".into()
 }
+/// SAM adds `[PAD]` to LLaMA's tokenizer (id 32000, the extra row of
+/// InstructBLIP-Vicuna's embedding table).
 fn default_pad() -> String {
-    "<unk>".into()
+    "[PAD]".into()
 }
 fn default_qformer_pad() -> String {
     "[PAD]".into()
@@ -120,6 +126,24 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer, PreprocessError> {
     })
 }
 
+/// Adds `token` to `tokenizer` as a special token when its vocabulary lacks
+/// it: it takes the next id, as transformers' `add_special_tokens` does.
+fn add_if_absent(
+    tokenizer: &mut Tokenizer,
+    path: &Path,
+    token: &str,
+) -> Result<(), PreprocessError> {
+    if tokenizer.token_to_id(token).is_none() {
+        tokenizer
+            .add_special_tokens([tokenizers::AddedToken::from(token, true)])
+            .map_err(|e| PreprocessError::TokenizerLoad {
+                path: path.to_path_buf(),
+                message: format!("adding the special token `{token}`: {e}"),
+            })?;
+    }
+    Ok(())
+}
+
 fn special_id(
     tokenizer: &Tokenizer,
     path: &Path,
@@ -162,8 +186,14 @@ impl Tokenizers {
         llm.with_padding(None);
         llm.with_truncation(None)
             .map_err(|e| tokenizer_error(&config.llm_tokenizer, e))?;
+        add_if_absent(&mut llm, &config.llm_tokenizer, &config.pad_token)?;
         let mut qformer = load_tokenizer(&config.qformer_tokenizer)?;
         qformer.with_padding(None);
+        add_if_absent(
+            &mut qformer,
+            &config.qformer_tokenizer,
+            &config.qformer_pad_token,
+        )?;
         qformer
             .with_truncation(Some(TruncationParams {
                 direction: match config.qformer_truncation {
@@ -204,12 +234,39 @@ impl Tokenizers {
         (limit(&self.llm), limit(&self.qformer))
     }
 
+    /// `ids` as text, special tokens shown: the LLM's tokenizer, or the
+    /// Q-Former's with `qformer`. Ids the tokenizer does not know are left
+    /// out.
+    pub fn decode(&self, qformer: bool, ids: &[i64]) -> String {
+        let tokenizer = if qformer { &self.qformer } else { &self.llm };
+        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        tokenizer.decode(&ids, false).unwrap_or_default()
+    }
+
     pub fn pad_id(&self) -> i64 {
         self.pad
     }
 
     pub fn qformer_pad_id(&self) -> i64 {
         self.qformer_pad
+    }
+
+    /// The prompt generation starts from: `BOS + instruction`, whole. SAM
+    /// cuts the instruction to `max_txt_len` in training but not when it
+    /// generates.
+    pub fn prompt(&self, record: &Record) -> Result<Vec<i64>, PreprocessError> {
+        let instruction = self
+            .llm
+            .encode(record.instruction.as_str(), false)
+            .map_err(|e| PreprocessError::Tokenize {
+                record: record.id.clone(),
+                field: "instruction",
+                path: self.config.llm_tokenizer.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(std::iter::once(self.bos)
+            .chain(instruction.get_ids().iter().map(|&t| i64::from(t)))
+            .collect())
     }
 
     pub fn encode(&self, record: &Record) -> Result<TextSample, PreprocessError> {
