@@ -194,8 +194,11 @@ pub struct SamOptions {
     pub trainable: Trainable,
     /// LoRA adapters on the decoder, when set.
     pub lora: Option<LoraConfig>,
-    /// SEA's alignment loss weight (lambda); 0 turns it off.
-    pub sea_weight: f64,
+    /// Read only to refuse it: configs written before SEA's loss was
+    /// removed carry `0.0`, which loads; a positive weight asks for a loss
+    /// samtrain does not have (see [`SamConfig::validate`]).
+    #[serde(skip_serializing)]
+    pub sea_weight: Option<f64>,
 }
 
 impl Default for SamOptions {
@@ -205,7 +208,7 @@ impl Default for SamOptions {
             init_seed: 0,
             trainable: Trainable::default(),
             lora: None,
-            sea_weight: 0.0,
+            sea_weight: None,
         }
     }
 }
@@ -303,8 +306,11 @@ impl SamConfig {
                 ),
             ),
             (
-                self.samtrain.sea_weight >= 0.0,
-                format!("samtrain.sea_weight {} must not be negative", self.samtrain.sea_weight),
+                self.samtrain.sea_weight.unwrap_or(0.0) == 0.0,
+                "samtrain.sea_weight: SEA's alignment loss is not part of samtrain: it labels \
+                 each visual token with the word of its image patch, and SAM's visual tokens \
+                 are Q-Former queries, which have no patch; remove the setting"
+                    .into(),
             ),
             (
                 v.hidden_size % v.num_attention_heads == 0,

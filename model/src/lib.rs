@@ -5,7 +5,7 @@
 //!
 //! One file per part, tensor names equal to the checkpoint's:
 //! - [`vision`], [`qformer`], [`llama`]: the three networks;
-//! - [`sam`]: the whole model, guidance, the LM and SEA losses;
+//! - [`sam`]: the whole model, guidance and the LM loss;
 //! - [`parallel`]: the `Collective` interface and Megatron's operators;
 //! - [`tape`]: the backward pass in segments, for tensor parallelism and
 //!   activation checkpointing;

@@ -304,9 +304,6 @@ pub fn tensor_shapes(config: &SamConfig) -> Vec<(String, Vec<i64>)> {
     linear(&mut add, "sam.adaptive_adjustment", vd, 1, true);
     linear(&mut add, "sam.one_2_multiple", qd, qd, true);
     linear(&mut add, "sam.multiple_2_one", qd, qd, true);
-    if config.samtrain.sea_weight > 0.0 {
-        add("sam.sea.logit_scale".into(), &[]);
-    }
     out
 }
 

@@ -16,7 +16,7 @@
 //! slots get no vision compute, no share of `I_hat`, no attention and no
 //! rotary position.
 
-use tch::nn::{Init, Path};
+use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use crate::config::SamConfig;
@@ -58,15 +58,6 @@ pub struct DropoutKeys {
     pub samples: Tensor,
 }
 
-/// SEA's supervision for some visual tokens: the index of each token in the
-/// flattened `[B * N * num_query_tokens]` visual tokens, and the LLM token ids
-/// of its word label, padded with -1.
-#[derive(Debug)]
-pub struct SeaTargets {
-    pub token_index: Tensor,
-    pub label_ids: Tensor,
-}
-
 /// The LLM's input sequence: visual tokens then text.
 #[derive(Debug)]
 pub struct Sequence {
@@ -82,14 +73,12 @@ pub struct Sequence {
     pub images_per_sample: Tensor,
 }
 
-/// The losses of one forward pass.
+/// The loss of one forward pass.
 #[derive(Debug)]
 pub struct Losses {
-    /// What to differentiate: `lm + sea_weight * sea`.
+    /// The LM loss: what to differentiate.
     pub total: Tensor,
-    pub lm: Tensor,
-    pub sea: Option<Tensor>,
-    /// Answer tokens the LM loss averaged over.
+    /// Answer tokens it averaged over.
     pub tokens: i64,
 }
 
@@ -110,7 +99,6 @@ pub struct SamModel {
     projection: Linear,
     llm: Llama,
     guidance: Guidance,
-    sea_logit_scale: Option<Tensor>,
     /// The dtype activations are computed in: that of the frozen weights.
     compute: Kind,
 }
@@ -127,11 +115,6 @@ enum Pass {
     /// SAM's exchange: the last layer over each image, reading the fused one.
     Exchange,
 }
-
-/// CLIP's initial temperature, 0.07, as a log inverse.
-const SEA_INIT_LOGIT_SCALE: f64 = 2.659_260_036_932_778;
-/// CLIP's cap on the inverse temperature, 100.
-const SEA_MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092;
 
 impl SamModel {
     /// Builds the network on `p` (usually a `VarStore`'s root) with fresh
@@ -182,14 +165,6 @@ impl SamModel {
                     q.hidden_size,
                 ),
             },
-            sea_logit_scale: (config.samtrain.sea_weight > 0.0).then(|| {
-                crate::nn::var(
-                    &(&s / "sea"),
-                    "logit_scale",
-                    &[],
-                    Init::Const(SEA_INIT_LOGIT_SCALE),
-                )
-            }),
             config: config.clone(),
             compute: p.kind(),
         })
@@ -223,8 +198,8 @@ impl SamModel {
     }
 
     /// The LLM input sequence for a batch. With a tape (tensor-parallel
-    /// training), the visual tokens are cut so that the LM and SEA losses
-    /// share one backward pass through the vision side.
+    /// training), the visual tokens are cut: the vision side's backward
+    /// pass runs once, as a segment of its own.
     pub fn sequence<'a>(
         &'a self,
         inputs: &SamInputs,
@@ -279,12 +254,11 @@ impl SamModel {
 
     /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
     /// aligned with `input_ids`, -100 where there is no loss), averaged over
-    /// every answer token of the batch, plus SEA's loss when configured.
+    /// every answer token of the batch.
     pub fn loss<'a>(
         &'a self,
         inputs: &SamInputs,
         labels: &Tensor,
-        sea: Option<&SeaTargets>,
         mut tape: Option<&mut GradTape<'a>>,
     ) -> Result<Losses> {
         if labels.size() != inputs.input_ids.size() {
@@ -317,68 +291,10 @@ impl SamModel {
             .logits(&predictors.reshape([-1, d]).index_select(0, &labelled))
             .to_kind(Kind::Float);
         let targets = labels.reshape([-1]).index_select(0, &labelled);
-        let lm = logits.cross_entropy_for_logits(&targets);
-        let (total, sea_loss) = match (sea, &self.sea_logit_scale) {
-            (Some(targets), Some(scale)) => {
-                let l = self.sea_loss(&seq.visual, targets, scale)?;
-                (&lm + &l * self.config.samtrain.sea_weight, Some(l))
-            }
-            _ => (lm.shallow_clone(), None),
-        };
         Ok(Losses {
-            total,
-            lm,
-            sea: sea_loss,
+            total: logits.cross_entropy_for_logits(&targets),
             tokens,
         })
-    }
-
-    /// The trainable SEA temperature, when SEA is on.
-    pub fn sea_logit_scale(&self) -> Option<&Tensor> {
-        self.sea_logit_scale.as_ref()
-    }
-
-    /// SEA's symmetric InfoNCE between visual tokens and the mean input
-    /// embedding of their word labels, with cosine similarity and a learnable
-    /// temperature.
-    fn sea_loss(&self, visual: &Tensor, t: &SeaTargets, logit_scale: &Tensor) -> Result<Tensor> {
-        let d = visual.size()[2];
-        let count = visual.size()[0] * visual.size()[1];
-        let k = t.token_index.size()[0];
-        if k < 2 || t.label_ids.dim() != 2 || t.label_ids.size()[0] != k {
-            return Err(ModelError::Input {
-                name: "sea".into(),
-                message: format!(
-                    "need at least 2 labelled tokens and label_ids [K, L] with K = {k}, got {:?}",
-                    t.label_ids.size()
-                ),
-            });
-        }
-        let max_index = t.token_index.max().int64_value(&[]);
-        if max_index >= count || t.token_index.min().int64_value(&[]) < 0 {
-            return Err(ModelError::Input {
-                name: "sea.token_index".into(),
-                message: format!("index {max_index} outside the {count} visual tokens"),
-            });
-        }
-        let tokens = visual.reshape([-1, d]).index_select(0, &t.token_index);
-        let valid = t.label_ids.ge(0);
-        let counts = valid.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0);
-        let embedded = self
-            .llm
-            .embed(&t.label_ids.clamp_min(0))
-            .detach()
-            .to_kind(Kind::Float);
-        let targets =
-            (embedded * valid.unsqueeze(-1)).sum_dim_intlist(1, false, Kind::Float) / counts;
-        let a = normalize(&tokens.to_kind(Kind::Float));
-        let b = normalize(&targets);
-        let sim = a.matmul(&b.tr()) * logit_scale.clamp_max(SEA_MAX_LOGIT_SCALE).exp();
-        let labels = Tensor::arange(k, (Kind::Int64, sim.device()));
-        Ok(
-            (sim.cross_entropy_for_logits(&labels) + sim.tr().cross_entropy_for_logits(&labels))
-                / 2.0,
-        )
     }
 
     /// Visual tokens `[B * N, Q, D]`, zero in padded slots. With a tape
@@ -506,10 +422,6 @@ impl SamModel {
             .view([b, n, p, v]);
         (weights * features).sum_dim_intlist(1, false, e.kind())
     }
-}
-
-fn normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-8)
 }
 
 /// Checks shapes and the image mask; returns the mask as int64 `[B, N]`.

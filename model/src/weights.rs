@@ -2,7 +2,7 @@
 //!
 //! A model folder holds `config.json`, the InstructBLIP tensors in
 //! `model.safetensors` (or shards listed by `model.safetensors.index.json`)
-//! and SAM's own tensors (guidance, LoRA, SEA) in `sam.safetensors`. Every
+//! and SAM's own tensors (guidance, LoRA) in `sam.safetensors`. Every
 //! tensor is matched by name; a wrong shape is an error naming the tensor.
 //! SAM's tensors may be absent: they keep their initialisation (the exchange
 //! Linears zero), so an InstructBLIP checkpoint loads as SAM at its start.

@@ -80,7 +80,7 @@ fn gradient_case(variant: &str, all: bool) {
     let batch = f.batch();
     let losses = loaded
         .model
-        .loss(&common::inputs_from(&batch), &batch["labels"], None, None)
+        .loss(&common::inputs_from(&batch), &batch["labels"], None)
         .unwrap();
     losses.total.backward();
     let loss_diff = (losses.total.double_value(&[]) - reference["loss"].double_value(&[0])).abs();

@@ -19,7 +19,7 @@ use samtrain_model::{trainable, weights, LoadedModel, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
 
 /// A small config touching every optional tensor: LoRA on every decoder
-/// Linear, biases, grouped-query attention, SEA's temperature.
+/// Linear, biases, grouped-query attention.
 const SMALL: &str = r#"{
   "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                     "num_attention_heads": 4, "image_size": 16, "patch_size": 8},
@@ -30,7 +30,7 @@ const SMALL: &str = r#"{
                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 57,
                   "attention_bias": true, "mlp_bias": true},
   "num_query_tokens": 3,
-  "samtrain": {"sea_weight": 0.5, "trainable": {"projection": true},
+  "samtrain": {"trainable": {"projection": true},
                "lora": {"rank": 2, "alpha": 4.0,
                         "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"]}}
 }"#;
@@ -217,7 +217,7 @@ fn real_widths_load_in_bf16_train_a_step_and_generate() {
     assert_eq!((p.frozen_bytes, p.trainable_bytes), measured(&m));
 
     let (inputs, labels) = random_batch(&config, 1, 2, 8);
-    let losses = m.model.loss(&inputs, &labels, None, None).unwrap();
+    let losses = m.model.loss(&inputs, &labels, None).unwrap();
     let loss = losses.total.double_value(&[]);
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
     losses.total.backward();
@@ -240,10 +240,7 @@ fn real_widths_load_in_bf16_train_a_step_and_generate() {
         let _ = t.grad().zero_();
     }
     let mut tape = GradTape::with_checkpointing(true);
-    let again = m
-        .model
-        .loss(&inputs, &labels, None, Some(&mut tape))
-        .unwrap();
+    let again = m.model.loss(&inputs, &labels, Some(&mut tape)).unwrap();
     assert_eq!(again.total.double_value(&[]), loss);
     tape.backward(&again.total, None).unwrap();
     for ((name, t), want) in params.iter().zip(&kept) {

@@ -130,10 +130,7 @@ fn run_rank(
     let mut loss = 0.0;
     for _ in 0..setup.passes {
         let mut tape = GradTape::with_checkpointing(setup.checkpointing);
-        let losses = m
-            .model
-            .loss(&inputs, &labels, None, Some(&mut tape))
-            .unwrap();
+        let losses = m.model.loss(&inputs, &labels, Some(&mut tape)).unwrap();
         tape.backward(
             &losses.total,
             comm.as_ref().map(|c| c as &dyn samtrain_comm::Collective),

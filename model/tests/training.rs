@@ -1,15 +1,13 @@
 //! What training relies on: the trainable-parameter policy (frozen tensors
-//! get no gradient buffers), LoRA starting as a no-op, and SEA's loss
-//! against a Python computation.
+//! get no gradient buffers) and LoRA starting as a no-op.
 
 mod common;
 
 use samtrain_model::config::{LoraConfig, Trainable};
-use samtrain_model::sam::SeaTargets;
 use samtrain_model::{trainable, weights, LoadedModel, SamConfig};
 use std::path::Path;
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 fn reference_model() -> common::Fixture {
     common::Fixture::new(common::Spec {
@@ -68,7 +66,7 @@ fn policy_decides_which_tensors_get_gradients() {
         });
         let losses = model
             .model
-            .loss(&common::inputs_from(&batch), &batch["labels"], None, None)
+            .loss(&common::inputs_from(&batch), &batch["labels"], None)
             .unwrap();
         losses.total.backward();
         let mut trained = 0;
@@ -102,57 +100,4 @@ fn lora_starts_as_a_no_op() {
     let a = tch::no_grad(|| plain.model.forward(&common::inputs_from(&batch))).unwrap();
     let b = tch::no_grad(|| with_lora.model.forward(&common::inputs_from(&batch))).unwrap();
     assert!(a.equal(&b), "zero-initialised LoRA B changed the logits");
-}
-
-#[test]
-fn sea_loss_matches_reference() {
-    let f = reference_model();
-    let mut batch = f.batch();
-    // Six labelled visual tokens; labels of one to three subword ids.
-    let token_index = Tensor::from_slice(&[0i64, 3, 7, 12, 21, 26]);
-    let label_ids = Tensor::from_slice2(&[
-        [5i64, -1, -1],
-        [6, 7, -1],
-        [8, 9, 10],
-        [11, -1, -1],
-        [12, 13, -1],
-        [14, 15, 16],
-    ]);
-    batch.insert("sea_token_index".into(), token_index.shallow_clone());
-    batch.insert("sea_label_ids".into(), label_ids.shallow_clone());
-    let named: Vec<(&str, &Tensor)> = batch.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&named, &f.inputs).unwrap();
-    let logit_scale = (1.0f64 / 0.07).ln().to_string();
-    let expected = f.reference("sea-loss", &["--logit-scale", &logit_scale]);
-    let model = load_with(&f.model, |c| c.samtrain.sea_weight = 0.5);
-    let targets = SeaTargets {
-        token_index,
-        label_ids,
-    };
-    let losses = model
-        .model
-        .loss(
-            &common::inputs_from(&batch),
-            &batch["labels"],
-            Some(&targets),
-            None,
-        )
-        .unwrap();
-    let sea = losses
-        .sea
-        .as_ref()
-        .expect("SEA loss computed")
-        .double_value(&[]);
-    let want = expected["sea_loss"].double_value(&[0]);
-    assert!(
-        (sea - want).abs() < 1e-5,
-        "SEA loss {sea}, reference {want}"
-    );
-    let total = losses.total.double_value(&[]);
-    let lm = losses.lm.double_value(&[]);
-    assert!((total - (lm + 0.5 * sea)).abs() < 1e-6);
-    losses.total.backward();
-    let scale = model.model.sea_logit_scale().unwrap();
-    assert!(scale.grad().defined() && scale.grad().abs().double_value(&[]) > 0.0);
-    assert_eq!(scale.kind(), Kind::Float);
 }

@@ -218,6 +218,17 @@ fn bad_config_names_every_problem() {
     );
     assert!(message.contains("num_key_value_heads 3"), "{message}");
     assert!(message.contains("config.json"), "{message}");
+
+    // A positive SEA weight asks for a loss samtrain does not have; the 0.0
+    // that older configs carry loads.
+    let mut c: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    c["samtrain"] = serde_json::json!({"sea_weight": 0.5});
+    std::fs::write(&path, c.to_string()).unwrap();
+    let message = SamConfig::from_file(&path).unwrap_err().to_string();
+    assert!(message.contains("samtrain.sea_weight"), "{message}");
+    c["samtrain"] = serde_json::json!({"sea_weight": 0.0});
+    std::fs::write(&path, c.to_string()).unwrap();
+    assert!(SamConfig::from_file(&path).is_ok());
 }
 
 #[test]

@@ -96,7 +96,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
         let mut tape = GradTape::with_checkpointing(args.activation_checkpointing);
-        let losses = m.model.loss(&inputs, &labels, None, Some(&mut tape))?;
+        let losses = m.model.loss(&inputs, &labels, Some(&mut tape))?;
         let forward = start.elapsed();
         tape.backward(&losses.total, None)?;
         let backward = start.elapsed();
@@ -105,7 +105,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         let done = start.elapsed();
         // Read after the clock stops: the value is only a cross-check that both
         // sides compute the same loss on the same batch.
-        first_loss.get_or_insert_with(|| losses.lm.double_value(&[]));
+        first_loss.get_or_insert_with(|| losses.total.double_value(&[]));
         if step >= args.warmup {
             times.push(StepTimes {
                 forward,

@@ -13,7 +13,6 @@ Subcommands (see README.md next to this file for the file formats):
   forward          reference logits in the Rust sequence layout, with self-checks
   loss-grad        loss and gradients of the trainable tensors
   generate         beam / greedy generation through HF's generate()
-  sea-loss         SEA's alignment loss of labelled visual tokens
 
 The SAM guidance is re-implemented here on top of transformers' own modules (vision
 encoder, Q-Former layers, projection, Llama), following SAM's public code
@@ -25,7 +24,6 @@ context, and the two streams exchange information only at the last layer.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -698,39 +696,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------
 # make-inputs
 # ---------------------------------------------------------------------------------------
-def cmd_sea_loss(args: argparse.Namespace) -> None:
-    """SEA's alignment loss (arXiv 2408.11813) over labelled visual tokens.
-
-    `sea_token_index` [K] indexes the flattened Rust layout of visual tokens
-    [B * N * num_query_tokens] (zeros in padded slots); `sea_label_ids` [K, L] holds each
-    token's word label as LLM token ids, padded with -1. The target of a token is the mean
-    input embedding of its label's ids; the loss is a symmetric InfoNCE with cosine
-    similarity scaled by exp(logit_scale), capped at 100 as in CLIP.
-    """
-    seed_everything(0)
-    model, sam = load_model(args.model)
-    t = load_inputs(args.inputs)
-    bsz, n_slots = t["image_mask"].shape
-    nq = model.config.num_query_tokens
-    d = model.config.text_config.hidden_size
-    with torch.no_grad():
-        slots = torch.zeros(bsz, n_slots * nq, d)
-        for b in range(bsz):
-            visual = sam_visual_tokens(model, sam, get_sample(t, b))[0]
-            slots[b, : visual.shape[0]] = visual
-        tokens = slots.reshape(-1, d)[t["sea_token_index"]]
-        ids = t["sea_label_ids"]
-        valid = (ids >= 0).unsqueeze(-1)
-        embedded = model.language_model.get_input_embeddings()(ids.clamp(min=0))
-        targets = (embedded * valid).sum(1) / valid.sum(1).clamp(min=1)
-        scale = math.exp(min(args.logit_scale, math.log(100.0)))
-        sim = F.normalize(tokens, dim=-1) @ F.normalize(targets, dim=-1).T * scale
-        labels = torch.arange(ids.shape[0])
-        loss = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
-    save_file({"sea_loss": loss.reshape(1).float()}, args.out)
-    log(f"wrote {args.out}: SEA loss {loss.item():.6f} over {ids.shape[0]} tokens")
-
-
 def cmd_make_inputs(args: argparse.Namespace) -> None:
     g = seed_everything(args.seed)
     cfg = InstructBlipConfig.from_pretrained(args.model)
@@ -837,12 +802,6 @@ def main(argv: list[str] | None = None) -> None:
                         "generated: SAM/LAVIS (only generated tokens are penalised)")
     c.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("sea-loss", help="SEA alignment loss of labelled visual tokens")
-    c.add_argument("--model", required=True)
-    c.add_argument("--inputs", required=True, help="make-inputs tensors plus sea_token_index, sea_label_ids")
-    c.add_argument("--out", required=True)
-    c.add_argument("--logit-scale", type=float, required=True)
-    c.set_defaults(func=cmd_sea_loss)
 
     args = p.parse_args(argv)
     start = time.perf_counter()

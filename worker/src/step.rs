@@ -106,7 +106,7 @@ impl StepContext<'_> {
             let mut tape = (self.tp.is_some() || self.activation_checkpointing)
                 .then(|| GradTape::with_checkpointing(self.activation_checkpointing));
             let losses = tch::autocast(self.autocast, || {
-                self.model.loss(inputs, labels, None, tape.as_mut())
+                self.model.loss(inputs, labels, tape.as_mut())
             })
             .map_err(|e| {
                 TrainError::from_model("", &format!("the forward pass of step {step}"), e)
@@ -124,7 +124,7 @@ impl StepContext<'_> {
                     })?,
                 None => scaled.backward(),
             }
-            loss_sum += losses.lm.double_value(&[]) * losses.tokens as f64;
+            loss_sum += losses.total.double_value(&[]) * losses.tokens as f64;
         }
         Ok(loss_sum)
     }
