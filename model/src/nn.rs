@@ -11,9 +11,9 @@
 //! in fp32.
 
 use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
 
 use crate::rng;
-use tch::{Kind, Tensor};
 
 /// Standard deviation of transformers' default weight initialisation.
 pub const INIT_STD: f64 = 0.02;
@@ -172,7 +172,7 @@ impl Embedding {
 
 /// What building a model needs to know beyond its config: the names a
 /// checkpoint is about to fill, and the seed fresh variables derive from.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Build {
     provided: Option<std::collections::HashSet<String>>,
     seed: u64,
@@ -189,10 +189,7 @@ thread_local! {
 fn with_build<T>(set: impl FnOnce(&mut Build), f: impl FnOnce() -> T) -> T {
     let saved = BUILD.with(|b| {
         let mut b = b.borrow_mut();
-        let saved = Build {
-            provided: b.provided.clone(),
-            seed: b.seed,
-        };
+        let saved = b.clone();
         set(&mut b);
         saved
     });

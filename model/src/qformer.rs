@@ -34,6 +34,20 @@ enum Site {
     TextOutput,
 }
 
+impl LayerDropout<'_> {
+    fn at(&self, site: Site) -> Dropout {
+        self.masks.at(&[site as u64])
+    }
+}
+
+/// `x` after the hidden-state dropout of `site`, while training.
+fn hidden_dropout(x: &Tensor, training: Option<&LayerDropout>, site: Site) -> Tensor {
+    match training {
+        Some(d) => d.at(site).apply(x, d.hidden),
+        None => x.shallow_clone(),
+    }
+}
+
 /// BERT attention block: multi-head attention, output dense, residual, norm.
 #[derive(Debug)]
 struct AttentionBlock {
@@ -106,19 +120,6 @@ impl FeedForward {
     fn forward(&self, x: &Tensor, training: Option<&LayerDropout>, site: Site) -> Tensor {
         let h = self.output.forward(&gelu(&self.intermediate.forward(x)));
         self.norm.forward(&(hidden_dropout(&h, training, site) + x))
-    }
-}
-
-impl LayerDropout<'_> {
-    fn at(&self, site: Site) -> Dropout {
-        self.masks.at(&[site as u64])
-    }
-}
-
-fn hidden_dropout(x: &Tensor, training: Option<&LayerDropout>, site: Site) -> Tensor {
-    match training {
-        Some(d) => d.at(site).apply(x, d.hidden),
-        None => x.shallow_clone(),
     }
 }
 
