@@ -190,9 +190,32 @@ impl Preprocessor {
         })
     }
 
-    /// One record's images and text, not yet padded. `visit` is set in
-    /// training: it selects the images' augmentation, when configured.
+    /// The loaded tokenizers.
+    pub fn tokenizers(&self) -> &Tokenizers {
+        &self.text
+    }
+
+    /// One record's images and training text, not yet padded. `visit` is
+    /// set in training: it selects the images' augmentation, when
+    /// configured.
     pub fn sample(&self, record: &Record, visit: Option<Visit>) -> Result<Sample, PreprocessError> {
+        self.assemble(record, visit, || self.text.encode(record))
+    }
+
+    /// One record as generation receives it: its images unaugmented and its
+    /// whole prompt ([`Tokenizers::encode_prompt`]).
+    pub fn prompt_sample(&self, record: &Record) -> Result<Sample, PreprocessError> {
+        self.assemble(record, None, || self.text.encode_prompt(record))
+    }
+
+    /// A record's images (augmented when `visit` is set and configured),
+    /// then its `text`.
+    fn assemble(
+        &self,
+        record: &Record,
+        visit: Option<Visit>,
+        text: impl FnOnce() -> Result<TextSample, PreprocessError>,
+    ) -> Result<Sample, PreprocessError> {
         let images = record
             .img_list
             .iter()
@@ -213,7 +236,7 @@ impl Preprocessor {
             id: record.id.clone(),
             images,
             augmented,
-            text: self.text.encode(record)?,
+            text: text()?,
         })
     }
 

@@ -331,12 +331,17 @@ impl SamModel {
         );
         let queries = cast(&self.query_tokens, self.compute).expand([b, -1, -1], false);
         // Dropout rows: the samples, and each real image of a sample.
-        let keys = inputs.dropout.as_ref();
-        let per_sample = keys.map(|k| Dropout::new(k.seed, k.samples.to_device(device)));
-        let per_image = keys.map(|k| {
-            let samples = k.samples.to_device(device).index_select(0, &sample_of);
-            Dropout::new(k.seed, rng::combine(&samples, &real.remainder(n)))
-        });
+        let (per_sample, per_image) = match &inputs.dropout {
+            Some(k) => {
+                let samples = k.samples.to_device(device);
+                let images = rng::combine(&samples.index_select(0, &sample_of), &real.remainder(n));
+                (
+                    Some(Dropout::new(k.seed, samples)),
+                    Some(Dropout::new(k.seed, images)),
+                )
+            }
+            None => (None, None),
+        };
         let w0 = self.qformer.embed(
             &queries,
             &inputs.qformer_input_ids,
@@ -369,14 +374,8 @@ impl SamModel {
         let guided = self.config.samtrain.guidance;
         let shared_layers = if guided { last } else { last + 1 };
         for l in 0..shared_layers {
-            h = layer(
-                &mut tape,
-                (l, Pass::Images),
-                h,
-                &per_image_mask,
-                &e,
-                per_image,
-            );
+            let at = (l, Pass::Images);
+            h = layer(&mut tape, at, h, &per_image_mask, &e, per_image);
         }
         if guided {
             let h_shared = tape::share(&mut tape, h);

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use samtrain_data::mmlink::{self, synth, LoadOptions, Policy};
 use samtrain_data::preprocess::batch::IGNORE_INDEX;
-use samtrain_data::preprocess::{Preprocessor, Tokenizers, Visit};
+use samtrain_data::preprocess::{Preprocessor, Visit};
 use samtrain_model::{weights::CONFIG_FILE, SamConfig};
 use samtrain_proto::spec::JobSpec;
 use samtrain_worker::inputs;
@@ -205,20 +205,18 @@ fn preview(args: PreviewArgs) -> Result<()> {
     let text = inputs::text_config(&local);
     let image = inputs::image_config(&local, config.vision_config.image_size, training);
     let pre = Preprocessor::new(set.images.clone(), image, &text)?;
-    let tokenizers = Tokenizers::load(&text)?;
+    let tokenizers = pre.tokenizers();
     for (index, record) in set.records.iter().take(args.samples).enumerate() {
-        let visit = training.then_some(Visit {
-            epoch: args.epoch,
-            sample: index as u64,
-        });
-        let sample = pre.sample(record, visit)?;
-        let (llm, labels) = if training {
-            (sample.text.input_ids.clone(), sample.text.labels.clone())
+        let sample = if training {
+            let visit = Visit {
+                epoch: args.epoch,
+                sample: index as u64,
+            };
+            pre.sample(record, Some(visit))?
         } else {
-            let prompt = tokenizers.prompt(record)?;
-            let labels = vec![IGNORE_INDEX; prompt.len()];
-            (prompt, labels)
+            pre.prompt_sample(record)?
         };
+        let (llm, labels) = (&sample.text.input_ids, &sample.text.labels);
         let supervised: Vec<i64> = labels
             .iter()
             .copied()
@@ -251,7 +249,7 @@ fn preview(args: PreviewArgs) -> Result<()> {
             "qformer_attention_mask": vec![1; qformer.len()],
             "images": images,
             "decoded": {
-                "llm_input_ids": tokenizers.decode(false, &llm),
+                "llm_input_ids": tokenizers.decode(false, llm),
                 "labels": tokenizers.decode(false, &supervised),
                 "qformer_input_ids": tokenizers.decode(true, qformer),
             },

@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use samtrain_data::eval::{self, Evaluation, Prediction, SampleId, Summary};
 use samtrain_data::mmlink::{Record, RecordId};
-use samtrain_data::preprocess::batch::IGNORE_INDEX;
-use samtrain_data::preprocess::{collate, ImageConfig, Preprocessor, TextConfig, Tokenizers};
+use samtrain_data::preprocess::{collate, ImageConfig, Preprocessor, TextConfig};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::SamModel;
 use samtrain_proto::spec::{EvaluationSpec, JobSpec};
@@ -30,7 +29,6 @@ use crate::inputs::{self, to_device};
 /// Everything prediction needs besides the model.
 pub struct Predictor {
     pre: Preprocessor,
-    tokenizers: Tokenizers,
     decoder: Tokenizer,
     image_size: u32,
     settings: EvaluationSpec,
@@ -45,19 +43,13 @@ impl Predictor {
         image: ImageConfig,
         settings: EvaluationSpec,
     ) -> Result<Self, PredictError> {
-        let image = ImageConfig {
-            augment: None,
-            ..image
-        };
         let pre = Preprocessor::new(images, image, text)
             .map_err(|e| PredictError::eval(e.to_string()))?;
-        let tokenizers = Tokenizers::load(text).map_err(|e| PredictError::eval(e.to_string()))?;
         let decoder = Tokenizer::from_file(&text.llm_tokenizer).map_err(|e| {
             PredictError::eval(format!("tokenizer {}: {e}", text.llm_tokenizer.display()))
         })?;
         Ok(Predictor {
             pre,
-            tokenizers,
             decoder,
             image_size: image.size,
             settings,
@@ -95,24 +87,17 @@ impl Predictor {
         {
             let mut samples = Vec::with_capacity(chunk.len());
             for record in chunk {
-                let mut sample = self
+                let sample = self
                     .pre
-                    .sample(record, None)
+                    .prompt_sample(record)
                     .map_err(|e| PredictError::eval(e.to_string()))?;
-                // The whole prompt, uncut, and no answer.
-                let prompt = self
-                    .tokenizers
-                    .prompt(record)
-                    .map_err(|e| PredictError::eval(e.to_string()))?;
-                sample.text.labels = vec![IGNORE_INDEX; prompt.len()];
-                sample.text.input_ids = prompt;
                 samples.push(sample);
             }
             let batch = collate(
                 &samples,
                 self.image_size,
-                self.tokenizers.pad_id(),
-                self.tokenizers.qformer_pad_id(),
+                self.pre.tokenizers().pad_id(),
+                self.pre.tokenizers().qformer_pad_id(),
             )
             .map_err(|e| PredictError::eval(e.to_string()))?;
             let (inputs, _) = to_device(&batch, device);

@@ -255,51 +255,26 @@ impl Tokenizers {
     /// cuts the instruction to `max_txt_len` in training but not when it
     /// generates.
     pub fn prompt(&self, record: &Record) -> Result<Vec<i64>, PreprocessError> {
+        let path = &self.config.llm_tokenizer;
         let instruction = self
             .llm
             .encode(record.instruction.as_str(), false)
-            .map_err(|e| PreprocessError::Tokenize {
-                record: record.id.clone(),
-                field: "instruction",
-                path: self.config.llm_tokenizer.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.tokenize_error(record, "instruction", path, e))?;
         Ok(std::iter::once(self.bos)
             .chain(instruction.get_ids().iter().map(|&t| i64::from(t)))
             .collect())
     }
 
+    /// What a training step receives: the prompt with the instruction cut
+    /// to its last `max_txt_len - 1` tokens, then the answer and EOS.
     pub fn encode(&self, record: &Record) -> Result<TextSample, PreprocessError> {
-        let tokenize_error =
-            |field, path: &PathBuf, e: tokenizers::Error| PreprocessError::Tokenize {
-                record: record.id.clone(),
-                field,
-                path: path.clone(),
-                message: e.to_string(),
-            };
-        let llm_path = &self.config.llm_tokenizer;
-        let instruction = self
-            .llm
-            .encode(record.instruction.as_str(), false)
-            .map_err(|e| tokenize_error("instruction", llm_path, e))?;
+        let mut prompt = self.prompt(record)?;
+        let cut = (prompt.len() - 1).saturating_sub(self.config.max_txt_len - 1);
+        prompt.drain(1..1 + cut);
         let answer = self
             .llm
             .encode(record.output.as_str(), false)
-            .map_err(|e| tokenize_error("output", llm_path, e))?;
-        let qformer = self
-            .qformer
-            .encode(record.instruction.as_str(), true)
-            .map_err(|e| tokenize_error("instruction", &self.config.qformer_tokenizer, e))?;
-
-        let instruction = instruction.get_ids();
-        let keep = instruction.len().min(self.config.max_txt_len - 1);
-        let prompt: Vec<i64> = std::iter::once(self.bos)
-            .chain(
-                instruction[instruction.len() - keep..]
-                    .iter()
-                    .map(|&t| i64::from(t)),
-            )
-            .collect();
+            .map_err(|e| self.tokenize_error(record, "output", &self.config.llm_tokenizer, e))?;
         let target: Vec<i64> = answer
             .get_ids()
             .iter()
@@ -314,9 +289,46 @@ impl Tokenizers {
         let mut input_ids = prompt;
         input_ids.extend(target);
         Ok(TextSample {
-            qformer_input_ids: qformer.get_ids().iter().map(|&t| i64::from(t)).collect(),
+            qformer_input_ids: self.qformer_ids(record)?,
             input_ids,
             labels,
         })
+    }
+
+    /// What generation receives: the whole prompt, no answer, and the
+    /// Q-Former's instruction as in training.
+    pub fn encode_prompt(&self, record: &Record) -> Result<TextSample, PreprocessError> {
+        let input_ids = self.prompt(record)?;
+        Ok(TextSample {
+            qformer_input_ids: self.qformer_ids(record)?,
+            labels: vec![-100; input_ids.len()],
+            input_ids,
+        })
+    }
+
+    /// The Q-Former's instruction, with its tokenizer's special tokens and
+    /// truncation.
+    fn qformer_ids(&self, record: &Record) -> Result<Vec<i64>, PreprocessError> {
+        let path = &self.config.qformer_tokenizer;
+        let qformer = self
+            .qformer
+            .encode(record.instruction.as_str(), true)
+            .map_err(|e| self.tokenize_error(record, "instruction", path, e))?;
+        Ok(qformer.get_ids().iter().map(|&t| i64::from(t)).collect())
+    }
+
+    fn tokenize_error(
+        &self,
+        record: &Record,
+        field: &'static str,
+        path: &Path,
+        e: tokenizers::Error,
+    ) -> PreprocessError {
+        PreprocessError::Tokenize {
+            record: record.id.clone(),
+            field,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
     }
 }
