@@ -2,9 +2,10 @@
 //! pred.json`: answers for an MmLINK set in SAM's `pred.json` format, scored
 //! with SAM's protocol (`eval.json` and `eval_score.json` beside it).
 //!
-//! A checkpoint location means its newest committed checkpoint: the model
-//! folder recorded in its metadata plus the checkpoint's trainable tensors;
-//! its job's tokenizers and evaluation settings are the defaults.
+//! A checkpoint location means its newest committed checkpoint, or the one
+//! of a step folder given instead: the model folder recorded in its
+//! metadata plus the checkpoint's trainable tensors; its job's tokenizers
+//! and evaluation settings are the defaults.
 
 use std::path::PathBuf;
 
@@ -20,7 +21,9 @@ use samtrain_worker::predict::{load_model, score, write_predictions, Predictor};
 
 #[derive(Args)]
 pub struct PredictArgs {
-    /// A model folder, or a checkpoint location (`file://`, `s3://`... or a path).
+    /// A model folder, a checkpoint location (`file://`, `s3://`... or a
+    /// path) for its newest checkpoint, or one of its step folders
+    /// (`.../step-00001000`).
     #[arg(long)]
     checkpoint: String,
     /// The MmLINK set to answer (a folder or annotations file).

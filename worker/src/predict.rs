@@ -185,10 +185,12 @@ pub struct PredictModel {
 }
 
 /// Loads `location` for prediction: a model folder (it holds
-/// `config.json`), or a checkpoint location, meaning its newest committed
-/// checkpoint: the model folder recorded in its metadata plus the
-/// checkpoint's trainable tensors (resharded to one rank).
+/// `config.json`), one step folder of a checkpoint location
+/// (`.../step-00001000`), or a checkpoint location, meaning its newest
+/// committed checkpoint. A checkpoint gives the model folder recorded in its
+/// metadata plus the checkpoint's trainable tensors (resharded to one rank).
 pub fn load_model(location: &str, device: Device) -> Result<PredictModel, PredictError> {
+    use samtrain_checkpoint::format::parse_step;
     use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
     let local = Path::new(location);
     if local.join(samtrain_model::weights::CONFIG_FILE).is_file() {
@@ -202,16 +204,39 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
         });
     }
     let store_error = |source| PredictError::store(location, source);
-    let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
-    let info = ckpt
-        .latest()
-        .map_err(store_error)?
-        .ok_or_else(|| PredictError::Location {
-            url: location.to_owned(),
-            message:
-                "neither a model folder (no config.json) nor a location with a committed checkpoint"
-                    .into(),
-        })?;
+    let trimmed = location.trim_end_matches('/');
+    let step_folder = trimmed
+        .rsplit_once('/')
+        .and_then(|(parent, folder)| Some((parent, parse_step(folder)?)));
+    let (ckpt, info) = match step_folder {
+        Some((parent, step)) => {
+            let ckpt = Checkpointer::open(CheckpointOptions::new(parent)).map_err(store_error)?;
+            let info = ckpt
+                .list()
+                .map_err(store_error)?
+                .into_iter()
+                .find(|c| c.step == step)
+                .ok_or_else(|| PredictError::Location {
+                    url: location.to_owned(),
+                    message: format!("no committed checkpoint of step {step} in {parent}"),
+                })?;
+            ckpt.verify(&info).map_err(store_error)?;
+            (ckpt, info)
+        }
+        None => {
+            let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
+            let info =
+                ckpt.latest()
+                    .map_err(store_error)?
+                    .ok_or_else(|| PredictError::Location {
+                        url: location.to_owned(),
+                        message: "neither a model folder (no config.json), a step folder, nor a \
+                              location with a committed checkpoint"
+                            .into(),
+                    })?;
+            (ckpt, info)
+        }
+    };
     let state = ckpt.load(&info, 0, 1).map_err(store_error)?;
     let bad = |message: String| PredictError::Location {
         url: info.url.clone(),

@@ -77,3 +77,22 @@ fn a_tokenizer_larger_than_the_embedding_table_is_refused() {
         assert!(err.contains(part), "missing {part:?} in: {err}");
     }
 }
+
+/// One step folder of a checkpoint location loads that step, not the
+/// newest; a step the location lacks is an error that names it.
+#[test]
+fn a_step_folder_loads_that_step() {
+    let f = fixture(4);
+    let mut spec = f.spec("steps", "steps = 2\nbatch_size = 2", "");
+    spec.checkpoint.every_steps = 1;
+    run_threads(&spec, 1, 1, None).remove(0).unwrap();
+    let root = f.ckpt("steps");
+    let load = |folder: &str| load_model(&format!("{root}/{folder}"), Device::Cpu);
+    assert_eq!(load("step-00000001").unwrap().step, Some(1));
+    assert_eq!(load("step-00000002/").unwrap().step, Some(2));
+    let err = match load("step-00000007") {
+        Ok(_) => panic!("step 7 was never written"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("no committed checkpoint of step 7"), "{err}");
+}
