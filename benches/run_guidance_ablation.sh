@@ -2,7 +2,7 @@
 # SAM's claim in miniature: the demo's job trained with SAM's guidance on
 # and off, over SEEDS seeds, on the demo's task (3 images per sample) and on
 # a harder one where relating the images matters more (HARD_IMAGES images,
-# up to 3 distractors each); reports the share of held-out answers naming
+# up to 3 distractors each instead of the demo's 1); reports the share of held-out answers naming
 # the shared object and CIDEr, mean and spread (docs/PERFORMANCE.md,
 # "Guidance on and off").
 #
@@ -11,7 +11,7 @@
 # `init_seed` set, and `training.seed` = the seed. The dataset of a task is
 # the same for every run (the demo's synthesis seed).
 #
-# Environment: SEEDS (3), STEPS (600), HARD_IMAGES (5), DIR
+# Environment: SEEDS (3), STEPS (1400, the demo's), HARD_IMAGES (5), DIR
 # (target/bench/ablation).
 set -euo pipefail
 
@@ -19,7 +19,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 SEEDS=${SEEDS:-3}
-STEPS=${STEPS:-600}
+STEPS=${STEPS:-1400}
 HARD_IMAGES=${HARD_IMAGES:-5}
 DIR=${DIR:-target/bench/ablation}
 PY=$ROOT/.venv/bin/python
@@ -31,9 +31,9 @@ mkdir -p "$DIR"
 RESULTS=$DIR/results.jsonl
 : >"$RESULTS"
 
-# run TASK IMAGES GUIDANCE SEED
+# run TASK IMAGES DISTRACTORS GUIDANCE SEED
 run() {
-    local task=$1 images=$2 guidance=$3 seed=$4
+    local task=$1 images=$2 distractors=$3 guidance=$4 seed=$5
     local out=$DIR/$task-$guidance-$seed
     rm -rf "$out"
     mkdir -p "$out"
@@ -50,6 +50,7 @@ PYEOF
     sed -e "s|target/demo/data|$data|g" -e "s|target/demo|$out|g" \
         -e "s|^init = .*|init = \"$out/model.json\"|" \
         -e "s|^images = .*|images = $images|" \
+        -e "s|^max_distractors = .*|max_distractors = $distractors|" \
         -e "s|^steps = .*|steps = $STEPS|" \
         -e "s|^seed = 0$|seed = $seed|" \
         examples/demo.toml >"$out/job.toml"
@@ -78,8 +79,8 @@ PYEOF
 
 for seed in $(seq 1 "$SEEDS"); do
     for guidance in on off; do
-        run demo 3 "$guidance" "$seed"
-        run hard "$HARD_IMAGES" "$guidance" "$seed"
+        run demo 3 1 "$guidance" "$seed"
+        run hard "$HARD_IMAGES" 3 "$guidance" "$seed"
     done
 done
 

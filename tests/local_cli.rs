@@ -29,19 +29,18 @@ fn last_json(out: &Output) -> Value {
     })
 }
 
-/// The demo trains two data-parallel workers through the local cluster and
-/// beats the untrained model clearly on CIDEr; its files are where it says.
+/// The demo, as a user runs it: two data-parallel workers train through
+/// the local cluster, and the trained model names the object the images
+/// share in most held-out samples, where the untrained model and the most
+/// frequent answer stay near chance; its files are where it says.
 #[test]
-fn demo_beats_the_untrained_model() {
+fn demo_learns_what_its_images_show() {
     let dir = tempfile::tempdir().unwrap();
-    let out = samtrain(
-        dir.path(),
-        &["demo", "--steps", "300", "--out", "demo", "--json"],
-    );
+    let out = samtrain(dir.path(), &["demo", "--out", "demo", "--json"]);
     let v = last_json(&out);
     assert!(out.status.success(), "{v}");
     assert_eq!(v["state"], "succeeded", "{v}");
-    assert_eq!(v["steps"], 300, "{v}");
+    assert_eq!(v["steps"], 1400, "{v}");
     assert_eq!(v["restarts"], 0, "{v}");
     let trained = v["eval"]["cider"].as_f64().unwrap();
     let untrained = v["untrained_eval"]["cider"].as_f64().unwrap();
@@ -50,7 +49,7 @@ fn demo_beats_the_untrained_model() {
         "trained CIDEr {trained} vs untrained {untrained}"
     );
     let ckpt = v["checkpoint"].as_str().unwrap();
-    assert!(ckpt.ends_with("step-00000300"), "{ckpt}");
+    assert!(ckpt.ends_with("step-00001400"), "{ckpt}");
     assert!(dir.path().join(ckpt).join("manifest.json").is_file());
     let curve =
         std::fs::read_to_string(dir.path().join(v["loss_curve"].as_str().unwrap())).unwrap();
@@ -64,7 +63,8 @@ fn demo_beats_the_untrained_model() {
 
     // The content measure: the share of answers naming the shared object,
     // as the library computes it from pred.json; the untrained model and
-    // the most-frequent-answer baseline stay near chance (1 in 36 objects).
+    // the most-frequent-answer baseline stay near chance (1 in 16 objects,
+    // and 64 samples), the trained model names most.
     let named = |p: &Value| {
         samtrain_data::mmlink::content::names_content(
             p["pred_response"].as_str().unwrap(),
@@ -78,11 +78,17 @@ fn demo_beats_the_untrained_model() {
         "{v}"
     );
     let baseline = v["most_frequent_answer_accuracy"].as_f64().unwrap();
-    assert!(baseline < 0.15, "most frequent answer accuracy {baseline}");
+    assert!(baseline < 0.2, "most frequent answer accuracy {baseline}");
     let untrained = v["untrained_eval"]["shared_object_accuracy"]
         .as_f64()
         .unwrap();
     assert!(untrained < 0.15, "untrained accuracy {untrained}");
+    let trained = v["shared_object_accuracy"].as_f64().unwrap();
+    assert!(trained >= 0.8, "trained accuracy {trained}");
+    // Answers follow the images: not one sentence for every input.
+    let answers: std::collections::HashSet<_> =
+        pred.iter().map(|p| p["pred_response"].as_str()).collect();
+    assert!(answers.len() >= 12, "{} distinct answers", answers.len());
     let examples = v["examples"].as_array().unwrap();
     assert_eq!(examples.len(), 3);
     assert_eq!(examples[0]["answer"], pred[0]["gt_response"]);
@@ -102,9 +108,9 @@ fn local_runs_a_spec_and_a_rerun_resumes_it() {
         )
         .replace("train_samples = 2048", "train_samples = 128")
         .replace("eval_samples = 64", "eval_samples = 8")
-        .replace("steps = 600", "steps = 20")
+        .replace("steps = 1400", "steps = 20")
         .replace("every_steps = 50", "every_steps = 10")
-        .replace("warmup_steps = 20", "warmup_steps = 2");
+        .replace("warmup_steps = 200", "warmup_steps = 2");
     std::fs::write(dir.path().join("job.toml"), spec).unwrap();
 
     let first = samtrain(dir.path(), &["local", "job.toml", "--json"]);

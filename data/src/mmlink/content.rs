@@ -2,7 +2,7 @@
 //! measure beside CIDEr, BLEU-4 and ROUGE-L, which reward the answer
 //! templates as much as the content (a model that says "every picture shows
 //! a red square ." to every sample scores well on them and names the right
-//! object once in 36).
+//! object once in 16).
 //!
 //! The content of an answer is its colour, shape, region and size words
 //! (the generator's whole vocabulary of them). A prediction names the

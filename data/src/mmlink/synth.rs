@@ -5,8 +5,9 @@
 //! tests, demos and benchmarks data in the very same format.
 //!
 //! - **Group captioning**: K images share one object (shape and colour)
-//!   among 1-3 distractors; the shared object is never the largest in an
-//!   image, so the answer needs every image, not the most salient object.
+//!   among 1-3 distractors; the shared object is the largest of about a
+//!   third of the images, so naming the most salient object of one image
+//!   is seldom the answer: it takes every image.
 //! - **Storytelling**: one object moves, grows or shrinks, or changes
 //!   colour from image to image; the captions of the first K-1 images are
 //!   in the instruction (SAM's prompt) and the answer describes the last.
@@ -216,10 +217,13 @@ fn pixels(shape: Shape, r: i32) -> impl Iterator<Item = (i32, i32)> {
     })
 }
 
-/// A light two-colour gradient with a little noise, different per image,
-/// so that backgrounds vary without competing with the objects.
+/// A near-white two-colour gradient with a little noise, different per
+/// image, so that backgrounds vary without competing with the objects. On
+/// darker, more saturated backgrounds an edge's contrast changes sign with
+/// the object's colour, and a ViT trained from scratch learns shapes far
+/// later (docs/PERFORMANCE.md).
 fn background(rng: &mut Rng) -> RgbImage {
-    let mut light = || [0; 3].map(|_| rng.range(165, 240) as u8);
+    let mut light = || [0; 3].map(|_| rng.range(225, 245) as u8);
     let (top, bottom) = (light(), light());
     let mut img = RgbImage::new(IMAGE_SIZE, IMAGE_SIZE);
     let last = (IMAGE_SIZE - 1) as i32;
@@ -338,19 +342,33 @@ struct Sample {
     output: String,
 }
 
-/// A free spot for an object of radius `r` in the 2x2 cell `cell`: cells
-/// keep objects of one image from overlapping.
-fn in_cell(rng: &mut Rng, cell: usize, r: i32) -> (i32, i32) {
+/// The centre of quarter `cell` (0-3, row-major) of an image. Each object
+/// of a group-captioning image fills the middle of its own quarter: the
+/// quarters keep objects apart, and they are the demo model's image
+/// patches (48 px input, 24 px patches), so its ViT, trained from scratch
+/// for a few minutes, sees a whole shape in one patch embedding. Shapes
+/// that straddle patches take a from-scratch ViT more than twice as many
+/// steps to tell apart (docs/PERFORMANCE.md).
+fn cell_centre(cell: usize) -> (i32, i32) {
     let half = IMAGE_SIZE as i32 / 2;
     let (cx, cy) = ((cell % 2) as i32 * half, (cell / 2) as i32 * half);
-    (
-        cx + rng.range(r + 2, half - r - 2),
-        cy + rng.range(r + 2, half - r - 2),
-    )
+    (cx + half / 2, cy + half / 2)
 }
 
-/// The objects of one group-captioning image: the shared object, small,
-/// and 1-3 distractors, one of them clearly larger; none of the kinds in
+/// The shapes and colours a shared object is drawn from: the four shapes
+/// that differ most at low resolution and the four first colours.
+/// Distractors use all six of each.
+const SHARED_SHAPES: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Cross];
+const SHARED_COLOURS: usize = 4;
+
+/// A shared object's kind.
+fn shared_kind(rng: &mut Rng) -> (Shape, usize) {
+    (*rng.pick(&SHARED_SHAPES), rng.below(SHARED_COLOURS))
+}
+
+/// The objects of one group-captioning image: the shared object and 1-3
+/// distractors, the first grown to dominate it where a radius of 21 allows
+/// (a star never outgrows a large square); none of the kinds in
 /// `avoid` (kinds the other images all have, which would make the answer
 /// ambiguous).
 fn group_scene(
@@ -369,8 +387,8 @@ fn group_scene(
             return kind;
         }
     };
-    let r = rng.range(8, 11);
-    let (x, y) = in_cell(rng, cells[0], r);
+    let r = rng.range(16, 20);
+    let (x, y) = cell_centre(cells[0]);
     let shared_object = Object {
         shape: shared.0,
         colour: shared.1,
@@ -389,13 +407,13 @@ fn group_scene(
         };
         if n == 0 {
             // A star's area is a third of a square's at the same radius:
-            // grow until the distractor clearly dominates (a star at 21
-            // always beats the largest shared object, a square at 11).
+            // grow until the distractor clearly dominates, up to the
+            // largest radius a quarter holds with a margin.
             while r < 21 && pixels(shape, r).count() * 10 <= shared_object.area() * 13 {
                 r += 1;
             }
         }
-        let (x, y) = in_cell(rng, cell, r);
+        let (x, y) = cell_centre(cell);
         objects.push(Object {
             shape,
             colour,
@@ -411,7 +429,7 @@ fn group_scene(
 }
 
 fn group_sample(rng: &mut Rng, k: usize, max_distractors: usize) -> Sample {
-    let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
+    let shared = shared_kind(rng);
     let mut scenes: Vec<Vec<Object>> = Vec::with_capacity(k);
     for i in 0..k {
         let avoid = if i + 1 == k {
@@ -805,17 +823,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shared_object_is_never_the_largest() {
+    fn shared_object_is_mostly_not_the_largest() {
         let mut rng = Rng(SplitMix64::new(7));
+        let mut largest_shared = 0;
         for _ in 0..500 {
-            let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
+            let shared = shared_kind(&mut rng);
             let scene = group_scene(&mut rng, shared, &HashSet::new(), MAX_DISTRACTORS);
             let shared_obj = scene.iter().find(|o| o.kind() == shared).unwrap();
             let largest = scene.iter().map(Object::area).max().unwrap();
-            assert!(shared_obj.area() < largest, "{scene:?}");
+            largest_shared += usize::from(shared_obj.area() >= largest);
             assert!((2..=4).contains(&scene.len()));
             assert_eq!(scene.iter().filter(|o| o.kind() == shared).count(), 1);
         }
+        assert!(largest_shared < 200, "{largest_shared} of 500");
     }
 
     #[test]
@@ -823,7 +843,7 @@ mod tests {
         let mut rng = Rng(SplitMix64::new(11));
         for k in 2..6 {
             for _ in 0..200 {
-                let shared = (*rng.pick(&SHAPES), rng.below(COLOURS.len()));
+                let shared = shared_kind(&mut rng);
                 let mut scenes: Vec<Vec<Object>> = Vec::new();
                 for i in 0..k {
                     let avoid = if i + 1 == k {
