@@ -536,18 +536,15 @@ impl JobSpec {
                 "must not be empty when given",
             );
         }
-        p.check(d.max_txt_len >= 2, "data.max_txt_len", "must be at least 2");
-        p.check(
-            d.max_output_txt_len >= 2,
+        p.within(d.max_txt_len, 2, MAX_TEXT_TOKENS, "data.max_txt_len");
+        p.within(
+            d.max_output_txt_len,
+            2,
+            MAX_TEXT_TOKENS,
             "data.max_output_txt_len",
-            "must be at least 2",
         );
-        p.check(
-            d.loader_threads >= 1,
-            "data.loader_threads",
-            "must be at least 1",
-        );
-        p.check(d.prefetch >= 1, "data.prefetch", "must be at least 1");
+        p.within(d.loader_threads, 1, MAX_THREADS, "data.loader_threads");
+        p.within(d.prefetch, 1, 1024, "data.prefetch");
         for (token, field) in [
             (&d.bos_token, "data.bos_token"),
             (&d.eos_token, "data.eos_token"),
@@ -578,32 +575,37 @@ impl JobSpec {
                 "data.synth.task",
                 format!("must be `group` or `story`, got `{}`", synth.task),
             );
-            p.check(
-                synth.train_samples >= 1,
+            p.within(
+                synth.train_samples,
+                1,
+                MAX_SYNTH_SAMPLES,
                 "data.synth.train_samples",
-                "must be at least 1",
+            );
+            p.within(
+                synth.eval_samples,
+                0,
+                MAX_SYNTH_SAMPLES,
+                "data.synth.eval_samples",
             );
             p.check(
                 synth.eval_samples >= 1 || d.eval.is_none(),
                 "data.synth.eval_samples",
                 "must be at least 1 when data.eval is given",
             );
-            p.check(synth.images >= 2, "data.synth.images", "must be at least 2");
+            p.within(synth.images, 2, 16, "data.synth.images");
+            p.within(synth.max_distractors, 1, 3, "data.synth.max_distractors");
         }
 
         let t = &self.training;
-        p.check(t.steps >= 1, "training.steps", "must be at least 1");
-        p.check(
-            t.batch_size >= 1,
-            "training.batch_size",
-            "must be at least 1",
-        );
-        p.check(
-            t.grad_accum >= 1,
-            "training.grad_accum",
-            "must be at least 1",
-        );
+        p.within(t.steps, 1, MAX_STEPS, "training.steps");
+        p.within(t.batch_size, 1, MAX_BATCH, "training.batch_size");
+        p.within(t.grad_accum, 1, MAX_BATCH, "training.grad_accum");
         p.positive(t.lr, "training.lr");
+        p.check(
+            t.lr <= 10.0,
+            "training.lr",
+            format!("must be at most 10, got {}", t.lr),
+        );
         p.check(
             t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr,
             "training.min_lr",
@@ -638,15 +640,13 @@ impl JobSpec {
             "training.max_grad_norm",
             format!("must be 0 (off) or more, got {}", t.max_grad_norm),
         );
-        p.check(t.log_every >= 1, "training.log_every", "must be at least 1");
+        p.within(t.log_every, 1, MAX_STEPS, "training.log_every");
+        p.within(t.threads, 0, MAX_THREADS as u32, "training.threads");
 
         let par = &self.parallel;
-        p.check(par.tp >= 1, "parallel.tp", "must be at least 1");
-        p.check(
-            par.min_workers >= 1,
-            "parallel.min_workers",
-            "must be at least 1",
-        );
+        p.within(par.tp, 1, MAX_WORKERS, "parallel.tp");
+        p.within(par.min_workers, 1, MAX_WORKERS, "parallel.min_workers");
+        p.within(par.max_workers, 1, MAX_WORKERS, "parallel.max_workers");
         p.check(
             par.max_workers >= par.min_workers,
             "parallel.max_workers",
@@ -675,9 +675,20 @@ impl JobSpec {
         }
         p.positive(par.collective_timeout_s, "parallel.collective_timeout_s");
         p.check(
-            par.last_call_s.is_finite() && par.last_call_s >= 0.0,
+            par.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S,
+            "parallel.collective_timeout_s",
+            format!(
+                "must be at most {MAX_COLLECTIVE_TIMEOUT_S} (a day), got {}",
+                par.collective_timeout_s
+            ),
+        );
+        p.check(
+            par.last_call_s.is_finite() && (0.0..=MAX_LAST_CALL_S).contains(&par.last_call_s),
             "parallel.last_call_s",
-            format!("must be 0 or more, got {}", par.last_call_s),
+            format!(
+                "must be from 0 to {MAX_LAST_CALL_S} (an hour), got {}",
+                par.last_call_s
+            ),
         );
         if let Some(gib) = par.worker_memory_gib {
             p.check(
@@ -699,32 +710,34 @@ impl JobSpec {
                 format!("scheme `{scheme}` is not one of file, s3, gs, az"),
             );
         }
-        p.check(
-            c.every_steps >= 1,
-            "checkpoint.every_steps",
-            "must be at least 1",
-        );
+        p.within(c.every_steps, 1, MAX_STEPS, "checkpoint.every_steps");
+        p.within(c.keep, 0, 10_000, "checkpoint.keep");
+        p.within(self.restart.max_restarts, 0, 10_000, "restart.max_restarts");
 
         let e = &self.evaluation;
-        p.check(
-            e.num_beams >= 1,
-            "evaluation.num_beams",
-            "must be at least 1",
-        );
-        p.check(
-            e.max_new_tokens >= 1,
+        p.within(e.num_beams, 1, MAX_BEAMS, "evaluation.num_beams");
+        p.within(
+            e.max_new_tokens,
+            1,
+            MAX_TEXT_TOKENS,
             "evaluation.max_new_tokens",
-            "must be at least 1",
         );
         p.check(
-            e.repetition_penalty.is_finite() && e.repetition_penalty > 0.0,
+            e.repetition_penalty.is_finite()
+                && e.repetition_penalty > 0.0
+                && e.repetition_penalty <= 100.0,
             "evaluation.repetition_penalty",
-            format!("must be more than 0, got {}", e.repetition_penalty),
+            format!(
+                "must be more than 0 and at most 100, got {}",
+                e.repetition_penalty
+            ),
         );
-        p.check(
-            e.batch_size >= 1,
-            "evaluation.batch_size",
-            "must be at least 1",
+        p.within(e.batch_size, 1, MAX_BATCH as usize, "evaluation.batch_size");
+        p.within(
+            e.max_samples,
+            0,
+            MAX_SYNTH_SAMPLES * 100,
+            "evaluation.max_samples",
         );
         if let Some(output) = &e.output {
             p.check(
@@ -742,10 +755,29 @@ impl JobSpec {
     }
 }
 
+// Upper bounds of the spec's numbers: far above any real job, and low
+// enough that no value overflows a duration, asks evaluation for more
+// memory than a machine has, or keeps a job or a scheduler waiting forever.
+const MAX_STEPS: u64 = 1_000_000_000;
+const MAX_BATCH: u64 = 65_536;
+const MAX_TEXT_TOKENS: usize = 32_768;
+const MAX_THREADS: usize = 1024;
+const MAX_WORKERS: u32 = 65_536;
+const MAX_SYNTH_SAMPLES: usize = 10_000_000;
+const MAX_BEAMS: usize = 64;
+const MAX_COLLECTIVE_TIMEOUT_S: f64 = 86_400.0;
+const MAX_LAST_CALL_S: f64 = 3_600.0;
+
 #[derive(Default)]
 struct Problems(Vec<SpecProblem>);
 
 impl Problems {
+    /// `value` must lie in `lo..=hi`.
+    fn within<T: PartialOrd + std::fmt::Display>(&mut self, value: T, lo: T, hi: T, field: &str) {
+        let message = format!("must be from {lo} to {hi}, got {value}");
+        self.check(lo <= value && value <= hi, field, message);
+    }
+
     fn check(&mut self, ok: bool, field: &str, message: impl Into<String>) {
         if !ok {
             self.0.push(SpecProblem {
@@ -818,6 +850,43 @@ url = "file:///tmp/ckpt"
             message.contains("training.lr: must be more than 0, got -1"),
             "{message}"
         );
+    }
+
+    /// Numbers that would overflow a duration, exhaust memory at evaluation
+    /// or never end are refused with their field named.
+    #[test]
+    fn every_number_has_an_upper_bound() {
+        let text = format!(
+            "{MINIMAL}\n[training]\nsteps = 9223372036854775807\nbatch_size = 100000000\n\
+             [parallel]\ncollective_timeout_s = 1e300\nlast_call_s = 1e300\n\
+             [evaluation]\nnum_beams = 1000000\nmax_new_tokens = 100000000\n"
+        )
+        .replace("/tmp/ckpt\"", "/tmp/ckpt\"\nkeep = 1000000");
+        let err = JobSpec::from_toml(&text, None).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "training.steps",
+                "training.batch_size",
+                "parallel.collective_timeout_s",
+                "parallel.last_call_s",
+                "checkpoint.keep",
+                "evaluation.num_beams",
+                "evaluation.max_new_tokens",
+            ]
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("evaluation.num_beams: must be from 1 to 64, got 1000000"),
+            "{message}"
+        );
+        // The largest values still pass.
+        let text = format!(
+            "{MINIMAL}\n[training]\nsteps = 1000000000\n[parallel]\n\
+             collective_timeout_s = 86400\nlast_call_s = 3600\n[evaluation]\nnum_beams = 64\n"
+        );
+        JobSpec::from_toml(&text, None).unwrap();
     }
 
     #[test]
