@@ -62,6 +62,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Jobs(_) | Command::Data(_) | Command::Eval(_) | Command::Model(_)
+    ) {
+        end_quietly_on_closed_pipe();
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -83,5 +89,19 @@ fn main() -> anyhow::Result<()> {
         Command::Predict(args) => predict::run(args),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Jobs(cmd) => jobs::run(cmd),
+    }
+}
+
+/// Commands whose output is read through pipes (`samtrain list | head`)
+/// end quietly when the reader goes away, as Unix tools do, instead of
+/// panicking in `println!`. Rust ignores SIGPIPE; the long-running commands
+/// keep it ignored, so that a closed child pipe cannot kill a coordinator
+/// or a worker. Sockets are unaffected either way: they write with
+/// `MSG_NOSIGNAL`.
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: sets a signal's disposition to its default before any other
+    // thread exists; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -315,3 +315,31 @@ fn the_shipped_7b_job_spec_is_valid() {
     assert_eq!(spec.model.dtype, Some(samtrain_proto::spec::Dtype::Bf16));
     assert_eq!((spec.parallel.tp, spec.parallel.max_workers), (2, 8));
 }
+
+/// A reader that goes away (`samtrain model plan ... | head -0`) ends the
+/// command quietly, by SIGPIPE as Unix tools end, not with a panic.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/sam-vicuna7b/config.json"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_samtrain"))
+        .args(["model", "plan", "--config", config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run samtrain");
+    // The reader goes away before samtrain, still loading, writes a line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
