@@ -560,7 +560,7 @@ impl JobSpec {
             d.cache_max_gib.is_finite() && d.cache_max_gib > 0.0 && d.cache_max_gib <= 1e6,
             "data.cache_max_gib",
             format!(
-                "must be more than 0 and at most 1000000, got {}",
+                "must be more than 0 and at most 1000000, got {:?}",
                 d.cache_max_gib
             ),
         );
@@ -604,13 +604,13 @@ impl JobSpec {
         p.check(
             t.lr <= 10.0,
             "training.lr",
-            format!("must be at most 10, got {}", t.lr),
+            format!("must be at most 10, got {:?}", t.lr),
         );
         p.check(
             t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr,
             "training.min_lr",
             format!(
-                "must be between 0 and training.lr ({}), got {}",
+                "must be between 0 and training.lr ({:?}), got {:?}",
                 t.lr, t.min_lr
             ),
         );
@@ -625,20 +625,20 @@ impl JobSpec {
         p.check(
             t.weight_decay.is_finite() && t.weight_decay >= 0.0,
             "training.weight_decay",
-            format!("must be 0 or more, got {}", t.weight_decay),
+            format!("must be 0 or more, got {:?}", t.weight_decay),
         );
         for (beta, field) in [(t.beta1, "training.beta1"), (t.beta2, "training.beta2")] {
             p.check(
                 (0.0..1.0).contains(&beta),
                 field,
-                format!("must be in [0, 1), got {beta}"),
+                format!("must be in [0, 1), got {beta:?}"),
             );
         }
         p.positive(t.eps, "training.eps");
         p.check(
             t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
             "training.max_grad_norm",
-            format!("must be 0 (off) or more, got {}", t.max_grad_norm),
+            format!("must be 0 (off) or more, got {:?}", t.max_grad_norm),
         );
         p.within(t.log_every, 1, MAX_STEPS, "training.log_every");
         p.within(t.threads, 0, MAX_THREADS as u32, "training.threads");
@@ -678,7 +678,7 @@ impl JobSpec {
             par.collective_timeout_s <= MAX_COLLECTIVE_TIMEOUT_S,
             "parallel.collective_timeout_s",
             format!(
-                "must be at most {MAX_COLLECTIVE_TIMEOUT_S} (a day), got {}",
+                "must be at most {MAX_COLLECTIVE_TIMEOUT_S} (a day), got {:?}",
                 par.collective_timeout_s
             ),
         );
@@ -686,7 +686,7 @@ impl JobSpec {
             par.last_call_s.is_finite() && (0.0..=MAX_LAST_CALL_S).contains(&par.last_call_s),
             "parallel.last_call_s",
             format!(
-                "must be from 0 to {MAX_LAST_CALL_S} (an hour), got {}",
+                "must be from 0 to {MAX_LAST_CALL_S} (an hour), got {:?}",
                 par.last_call_s
             ),
         );
@@ -694,7 +694,7 @@ impl JobSpec {
             p.check(
                 gib.is_finite() && gib > 0.0 && gib <= 65536.0,
                 "parallel.worker_memory_gib",
-                format!("must be more than 0 and at most 65536, got {gib}"),
+                format!("must be more than 0 and at most 65536, got {gib:?}"),
             );
         }
 
@@ -728,7 +728,7 @@ impl JobSpec {
                 && e.repetition_penalty <= 100.0,
             "evaluation.repetition_penalty",
             format!(
-                "must be more than 0 and at most 100, got {}",
+                "must be more than 0 and at most 100, got {:?}",
                 e.repetition_penalty
             ),
         );
@@ -791,7 +791,7 @@ impl Problems {
         self.check(
             value.is_finite() && value > 0.0,
             field,
-            format!("must be more than 0, got {value}"),
+            format!("must be more than 0, got {value:?}"),
         );
     }
 }
@@ -879,6 +879,11 @@ url = "file:///tmp/ckpt"
         let message = err.to_string();
         assert!(
             message.contains("evaluation.num_beams: must be from 1 to 64, got 1000000"),
+            "{message}"
+        );
+        // Floats print short: 1e300, not three hundred digits.
+        assert!(
+            message.contains("parallel.last_call_s: must be from 0 to 3600 (an hour), got 1e300"),
             "{message}"
         );
         // The largest values still pass.
