@@ -405,10 +405,95 @@ fn default_values_give_two_coordinators_bundled_etcd_and_gpu_workers() {
         }
     }
 
-    // Without job specs there is nothing to submit.
+    // Without job specs there is nothing to submit; the one Secret holds
+    // the API's tokens.
     assert!(kinds(&docs, "ConfigMap").is_empty());
     assert!(kinds(&docs, "Job").is_empty());
-    assert!(kinds(&docs, "Secret").is_empty());
+    assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth"]);
+}
+
+/// The pod's volume named `name`.
+fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// The keys of the auth Secret a workload mounts.
+fn mounted_keys(workload: &Value) -> Vec<String> {
+    volume(workload, "auth")["secret"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_api_takes_tokens_from_a_secret_each_role_its_own() {
+    let docs = manifests(
+        &[&example("gpu-bundled-etcd.yaml")],
+        "gpu-bundled-etcd (auth)",
+    );
+    let secret = find(&docs, "Secret", "samtrain-auth");
+    for key in ["operator-tokens", "worker-tokens"] {
+        let token = secret["data"][key].as_str().unwrap();
+        assert!(token.len() >= 48, "{key} is a long random token");
+    }
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    let coord = container(deploy, "coordinator");
+    assert_eq!(
+        env(coord, "SAMTRAIN_OPERATOR_TOKENS_FILE"),
+        Some("/etc/samtrain/auth/operator-tokens")
+    );
+    assert_eq!(
+        env(coord, "SAMTRAIN_WORKER_TOKENS_FILE"),
+        Some("/etc/samtrain/auth/worker-tokens")
+    );
+    assert_eq!(env(coord, "SAMTRAIN_INSECURE"), None);
+    assert_eq!(mounted_keys(deploy), ["operator-tokens", "worker-tokens"]);
+    // Workers hold only the worker token; the submit hook only the operator's.
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    assert_eq!(
+        env(container(workers, "worker"), "SAMTRAIN_TOKEN_FILE"),
+        Some("/etc/samtrain/auth/worker-tokens")
+    );
+    assert_eq!(mounted_keys(workers), ["worker-tokens"]);
+    let hook = docs
+        .iter()
+        .find(|d| d["kind"] == "Job")
+        .expect("the submit hook");
+    assert_eq!(mounted_keys(hook), ["operator-tokens"]);
+
+    // An existing Secret replaces the chart's; turning auth off is explicit.
+    let existing = render(
+        &[&example("gpu-bundled-etcd.yaml")],
+        &["auth.existingSecret=team-tokens"],
+    )
+    .unwrap();
+    let docs = parse(&existing);
+    assert!(!kinds(&docs, "Secret").contains(&"samtrain-auth".to_owned()));
+    let deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(
+        volume(deploy, "auth")["secret"]["secretName"],
+        "team-tokens"
+    );
+    let open = parse(
+        &render(
+            &[&example("gpu-bundled-etcd.yaml")],
+            &["auth.enabled=false"],
+        )
+        .unwrap(),
+    );
+    let coord = container(
+        find(&open, "Deployment", "samtrain-coordinator"),
+        "coordinator",
+    );
+    assert_eq!(env(coord, "SAMTRAIN_INSECURE"), Some("true"));
+    assert_eq!(env(coord, "SAMTRAIN_OPERATOR_TOKENS_FILE"), None);
 }
 
 #[test]
@@ -435,7 +520,16 @@ fn gpu_example_requests_gpus_and_submits_its_job() {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
-    assert_eq!(mounts, ["/dev/shm", "/var/lib/samtrain", "/tmp", "/models"]);
+    assert_eq!(
+        mounts,
+        [
+            "/dev/shm",
+            "/var/lib/samtrain",
+            "/tmp",
+            "/etc/samtrain/auth",
+            "/models"
+        ]
+    );
     assert_eq!(worker["envFrom"][0]["secretRef"]["name"], "samtrain-gcs");
 
     let etcd = find(&docs, "StatefulSet", "samtrain-etcd");
@@ -465,15 +559,16 @@ fn gpu_example_requests_gpus_and_submits_its_job() {
         env(submit, "SAMTRAIN_COORDINATOR"),
         Some("http://samtrain-coordinator.ml.svc.cluster.local:7070")
     );
-    assert_eq!(
-        hook["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"],
-        "samtrain-jobs"
-    );
+    assert_eq!(volume(hook, "jobs")["configMap"]["name"], "samtrain-jobs");
     let deploy = find(&docs, "Deployment", "samtrain-coordinator");
-    assert_eq!(
-        container(deploy, "coordinator")["volumeMounts"][1]["mountPath"],
-        "/jobs"
-    );
+    let jobs_mount = container(deploy, "coordinator")["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "jobs")
+        .unwrap()["mountPath"]
+        .clone();
+    assert_eq!(jobs_mount, "/jobs");
 }
 
 #[test]
@@ -482,8 +577,9 @@ fn external_etcd_example_uses_its_endpoints_and_s3_secret() {
     assert!(kinds(&docs, "StatefulSet") == ["samtrain-workers"]);
     assert!(kinds(&docs, "PodDisruptionBudget") == ["samtrain-workers"]);
     assert!(!kinds(&docs, "Service").contains(&"samtrain-etcd".to_string()));
-    // The Secret is the user's: the chart makes none.
-    assert!(kinds(&docs, "Secret").is_empty());
+    // The object store's Secret is the user's: the chart makes only the
+    // API's tokens.
+    assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth"]);
 
     let endpoints = "http://etcd-0.etcd.platform.svc.cluster.local:2379,\
                      http://etcd-1.etcd.platform.svc.cluster.local:2379,\
@@ -754,7 +850,8 @@ fn chart_settings_are_flags_the_binary_reads() {
         let help = help(command);
         for var in env_names(c).iter().filter(|v| v.starts_with("SAMTRAIN_")) {
             // The CLI of `samtrain submit` inside the pod reads this one.
-            if var == "SAMTRAIN_COORDINATOR" && command == "coordinator" {
+            let for_the_cli = ["SAMTRAIN_COORDINATOR", "SAMTRAIN_TOKEN_FILE"];
+            if for_the_cli.contains(&var.as_str()) && command == "coordinator" {
                 continue;
             }
             assert!(

@@ -5,11 +5,11 @@
 
 use samtrain_proto::v1;
 use samtrain_proto::v1::jobs_client::JobsClient;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+pub use crate::auth::Credentials;
 pub use crate::failover::{connect, is_failover, url};
-use crate::failover::{Coordinators, Unanswered};
+use crate::failover::{AuthChannel, Coordinators, Unanswered};
 
 /// What went wrong talking to the coordinators.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +44,11 @@ pub struct Client {
 }
 
 impl Client {
-    /// `addresses` as `host:port` or `http://host:port`.
-    pub fn new(addresses: Vec<String>) -> Client {
+    /// `addresses` as `host:port` or `http://host:port`; every call
+    /// presents `credentials` (an operator's token).
+    pub fn new(addresses: Vec<String>, credentials: Credentials) -> Client {
         Client {
-            coordinators: Coordinators::new(addresses),
+            coordinators: Coordinators::new(addresses, credentials),
         }
     }
 
@@ -55,7 +56,7 @@ impl Client {
     /// stream stays open for the job's life).
     async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, ClientError>
     where
-        F: Fn(JobsClient<Channel>) -> Fut,
+        F: Fn(JobsClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.coordinators

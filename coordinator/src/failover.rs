@@ -9,8 +9,14 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use crate::auth::Credentials;
+
+/// A channel whose every call carries the caller's credentials.
+pub type AuthChannel = InterceptedService<Channel, Credentials>;
 
 /// `host:port` becomes `http://host:port`; URLs stay as they are.
 pub fn url(address: &str) -> String {
@@ -54,12 +60,14 @@ pub(crate) enum Unanswered {
     },
 }
 
-/// The coordinator addresses and which one answered last. Shared by
-/// reference: concurrent calls only race on the preference, a hint.
+/// The coordinator addresses, which one answered last, and the
+/// credentials every call presents. Shared by reference: concurrent calls
+/// only race on the preference, a hint.
 #[derive(Debug)]
 pub(crate) struct Coordinators {
     addresses: Vec<String>,
     preferred: AtomicUsize,
+    credentials: Credentials,
 }
 
 impl Clone for Coordinators {
@@ -67,6 +75,7 @@ impl Clone for Coordinators {
         Coordinators {
             addresses: self.addresses.clone(),
             preferred: AtomicUsize::new(self.preferred.load(Ordering::Relaxed)),
+            credentials: self.credentials.clone(),
         }
     }
 }
@@ -74,10 +83,11 @@ impl Clone for Coordinators {
 impl Coordinators {
     /// `addresses` as `host:port` or `http://host:port`; the first is
     /// tried first.
-    pub(crate) fn new(addresses: Vec<String>) -> Coordinators {
+    pub(crate) fn new(addresses: Vec<String>, credentials: Credentials) -> Coordinators {
         Coordinators {
             addresses,
             preferred: AtomicUsize::new(0),
+            credentials,
         }
     }
 
@@ -90,7 +100,7 @@ impl Coordinators {
         f: F,
     ) -> Result<T, Unanswered>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let n = self.addresses.len();
@@ -100,7 +110,7 @@ impl Coordinators {
             let index = (start + i) % n;
             let address = &self.addresses[index];
             let channel = match connect(address).await {
-                Ok(c) => c,
+                Ok(c) => InterceptedService::new(c, self.credentials.clone()),
                 Err(e) => {
                     last_error = e;
                     continue;

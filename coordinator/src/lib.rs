@@ -9,6 +9,7 @@
 //! store's layout ([`records`]) and the failover loop.
 
 pub mod agent;
+pub mod auth;
 pub mod client;
 mod control;
 pub mod election;

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{AuthError, AuthOptions, Guard, Role, ServerAuth};
 use crate::control::Control;
 use crate::election::{Election, LeaderInfo};
 use crate::health::{self, HealthServer};
@@ -40,6 +41,11 @@ pub struct CoordinatorOptions {
     /// The address standbys name for this node when it leads; default the
     /// bound gRPC address.
     pub advertise: Option<String>,
+    /// The tokens of each role; none at all leaves the API open, which
+    /// only a loopback `listen` or `insecure` allows.
+    pub auth: AuthOptions,
+    /// Serve an open API on a non-loopback address (logged as a warning).
+    pub insecure: bool,
 }
 
 impl Default for CoordinatorOptions {
@@ -52,6 +58,8 @@ impl Default for CoordinatorOptions {
             node_id: format!("coordinator-{}", std::process::id()),
             lease_ttl: Duration::from_secs(5),
             advertise: None,
+            auth: AuthOptions::default(),
+            insecure: false,
         }
     }
 }
@@ -73,6 +81,8 @@ pub enum CoordinatorError {
     },
     #[error("invalid option: {0}")]
     Option(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// A started coordinator.
@@ -142,6 +152,7 @@ impl RunningCoordinator {
 /// gRPC on `listen` and the probes on `health_listen`.
 pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, CoordinatorError> {
     let prefix = checked_prefix(&options)?;
+    let auth = checked_auth(&options)?;
     let store = store::open(&options.etcd).await?;
     let (listener, addr) = bind(options.listen).await?;
     let advertise = options
@@ -166,7 +177,7 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
     };
     let reconcile = AbortOnDrop(tokio::spawn(control.clone().run_loop()));
     let (stop, stopped) = oneshot::channel::<()>();
-    let serving = serve_grpc(listener, addr, control.clone(), stopped);
+    let serving = serve_grpc(listener, addr, control.clone(), auth, stopped);
     tracing::info!(%addr, node = %options.node_id, store = %control.store_description(), "coordinator serving");
     Ok(RunningCoordinator {
         addr,
@@ -195,6 +206,26 @@ fn checked_prefix(options: &CoordinatorOptions) -> Result<String, CoordinatorErr
         )));
     }
     Ok(prefix)
+}
+
+/// The tokens to check, or none for an open API, which is refused on a
+/// non-loopback address unless the options say `insecure`.
+fn checked_auth(options: &CoordinatorOptions) -> Result<Option<Arc<ServerAuth>>, CoordinatorError> {
+    if !options.auth.is_open() {
+        return Ok(Some(Arc::new(ServerAuth::open(&options.auth)?)));
+    }
+    if options.listen.ip().is_loopback() {
+        return Ok(None);
+    }
+    if !options.insecure {
+        return Err(CoordinatorError::Option(format!(
+            "listening on {} without tokens would let anyone who reaches it submit, cancel and forge reports; \
+             give --operator-tokens and --worker-tokens (docs/SECURITY.md), listen on 127.0.0.1, or say --insecure",
+            options.listen
+        )));
+    }
+    tracing::warn!(listen = %options.listen, "INSECURE: the coordinator's API is open to anyone who reaches this address (--insecure)");
+    Ok(None)
 }
 
 /// The gRPC listener and the address it is bound to (port 0 resolved).
@@ -236,19 +267,29 @@ async fn serve_health(
         })
 }
 
-/// Serves the `Jobs` and `Workers` services until `stopped` fires.
+/// Serves the `Jobs` service to operators and the `Workers` service to
+/// workers until `stopped` fires.
 fn serve_grpc(
     listener: TcpListener,
     addr: SocketAddr,
     control: Arc<Control>,
+    auth: Option<Arc<ServerAuth>>,
     stopped: oneshot::Receiver<()>,
 ) -> JoinHandle<Result<(), CoordinatorError>> {
     let service = Service::new(control);
+    let operators = Guard {
+        auth: auth.clone(),
+        role: Role::Operator,
+    };
+    let workers = Guard {
+        auth,
+        role: Role::Worker,
+    };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(JobsServer::new(service.clone()))
-            .add_service(WorkersServer::new(service))
+            .add_service(JobsServer::with_interceptor(service.clone(), operators))
+            .add_service(WorkersServer::with_interceptor(service, workers))
             // Without TCP_NODELAY a small reply waits on Nagle's algorithm
             // and the client's delayed ACK: 12.7 ms per sequential call on
             // loopback instead of 0.36 ms (docs/PERFORMANCE.md).

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth;
+
 /// A registered worker, stored under `<prefix>/workers/<id>` with the
 /// worker's lease: the key exists exactly as long as the worker is alive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +20,10 @@ pub struct WorkerRecord {
     pub registered_unix_ms: i64,
     /// The worker keeps its lease alive in etcd itself (else Heartbeat).
     pub own_lease: bool,
+    /// SHA-256 (hex) of the secret the worker presents on every call; a
+    /// record without one (written by an older samtrain) admits no call.
+    #[serde(default)]
+    pub secret_sha256: String,
 }
 
 impl WorkerRecord {
@@ -62,9 +68,21 @@ impl Keys {
     }
 }
 
-/// A fresh worker id: the readable name, made safe for keys and host
-/// names (lower-case ASCII letters, digits and `-`), and a random suffix.
-pub(crate) fn new_worker_id(name: &str) -> String {
+/// Hex digits of the secret's digest that end a worker id.
+const ID_DIGEST_DIGITS: usize = 16;
+
+/// A fresh worker identity: its id and the secret that proves it. The id is
+/// the readable name, made safe for keys and host names (lower-case ASCII
+/// letters, digits and `-`), and the first 64 bits of the secret's SHA-256,
+/// so a worker that lost its lease, and with it its record, can still prove
+/// the id is its own when it registers again.
+pub(crate) fn new_worker_identity(name: &str) -> (String, String) {
+    let secret = auth::new_secret();
+    (worker_id_for(name, &secret), secret)
+}
+
+/// The id of the worker named `name` holding `secret`.
+fn worker_id_for(name: &str, secret: &str) -> String {
     let stem: String = name
         .chars()
         .map(|ch| {
@@ -76,7 +94,16 @@ pub(crate) fn new_worker_id(name: &str) -> String {
         })
         .collect();
     let stem = if stem.is_empty() { "worker" } else { &stem };
-    format!("{stem}-{}", random_suffix())
+    let digest = auth::secret_digest(secret);
+    format!("{stem}-{}", &digest[..ID_DIGEST_DIGITS])
+}
+
+/// Whether `worker_id` is the id of a holder of `secret`.
+pub(crate) fn id_belongs_to(worker_id: &str, secret: &str) -> bool {
+    let digest = auth::secret_digest(secret);
+    worker_id
+        .rsplit_once('-')
+        .is_some_and(|(_, tail)| tail == &digest[..ID_DIGEST_DIGITS])
 }
 
 /// A short random suffix for ids (`<name>-<6 hex digits>`).
@@ -113,8 +140,11 @@ mod tests {
 
     #[test]
     fn worker_ids_start_with_the_name_made_safe() {
-        let id = new_worker_id("Node_7.local");
+        let (id, secret) = new_worker_identity("Node_7.local");
         assert!(id.starts_with("node-7-local-"), "{id}");
-        assert!(new_worker_id("").starts_with("worker-"));
+        assert!(new_worker_identity("").0.starts_with("worker-"));
+        assert!(id_belongs_to(&id, &secret));
+        let (_, other) = new_worker_identity("Node_7.local");
+        assert!(!id_belongs_to(&id, &other));
     }
 }

@@ -12,8 +12,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::WORKER_SECRET_HEADER;
 use crate::control::Control;
 use crate::jobs::JobRecord;
+
+/// The worker secret a call presents, if any.
+fn worker_secret<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(WORKER_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
 
 /// Both services over one [`Control`]; cheap to clone.
 #[derive(Clone)]
@@ -80,7 +90,11 @@ impl Workers for Service {
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        let registered = self.control.register_worker(request.into_inner()).await?;
+        let secret = worker_secret(&request);
+        let registered = self
+            .control
+            .register_worker(request.into_inner(), secret.as_deref())
+            .await?;
         Ok(Response::new(registered))
     }
 
@@ -88,9 +102,10 @@ impl Workers for Service {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let secret = worker_secret(&request);
         let ttl = self
             .control
-            .heartbeat(&request.into_inner().worker_id)
+            .heartbeat(&request.into_inner().worker_id, secret.as_deref())
             .await?;
         Ok(Response::new(v1::HeartbeatResponse {
             lease_ttl_s: ttl.as_secs() as u32,
@@ -103,8 +118,12 @@ impl Workers for Service {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let secret = worker_secret(&request);
         let r = request.into_inner();
-        let events = self.control.subscribe(&r.worker_id, r.current).await?;
+        let events = self
+            .control
+            .subscribe(&r.worker_id, secret.as_deref(), r.current)
+            .await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
@@ -112,7 +131,11 @@ impl Workers for Service {
         &self,
         request: Request<v1::ProgressReport>,
     ) -> Result<Response<v1::Ack>, Status> {
-        let ack = self.control.report_progress(request.into_inner()).await?;
+        let secret = worker_secret(&request);
+        let ack = self
+            .control
+            .report_progress(request.into_inner(), secret.as_deref())
+            .await?;
         Ok(Response::new(ack))
     }
 
@@ -120,7 +143,11 @@ impl Workers for Service {
         &self,
         request: Request<v1::CheckpointReport>,
     ) -> Result<Response<v1::Ack>, Status> {
-        let ack = self.control.report_checkpoint(request.into_inner()).await?;
+        let secret = worker_secret(&request);
+        let ack = self
+            .control
+            .report_checkpoint(request.into_inner(), secret.as_deref())
+            .await?;
         Ok(Response::new(ack))
     }
 
@@ -128,7 +155,11 @@ impl Workers for Service {
         &self,
         request: Request<v1::OutcomeReport>,
     ) -> Result<Response<v1::Ack>, Status> {
-        let ack = self.control.report_outcome(request.into_inner()).await?;
+        let secret = worker_secret(&request);
+        let ack = self
+            .control
+            .report_outcome(request.into_inner(), secret.as_deref())
+            .await?;
         Ok(Response::new(ack))
     }
 
@@ -136,9 +167,10 @@ impl Workers for Service {
         &self,
         request: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::Ack>, Status> {
+        let secret = worker_secret(&request);
         let known = self
             .control
-            .deregister(&request.into_inner().worker_id)
+            .deregister(&request.into_inner().worker_id, secret.as_deref())
             .await?;
         Ok(Response::new(v1::Ack { stale: !known }))
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{agent, eventually, spec, Node};
 use samtrain_coordinator::agent::{Assignment, Outcome, Progress};
-use samtrain_coordinator::client::Client;
+use samtrain_coordinator::client::{Client, Credentials};
 use samtrain_coordinator::jobs::{JobRecord, JobState};
 use samtrain_coordinator::store;
 use samtrain_proto::v1;
@@ -69,7 +69,7 @@ async fn stored_job_is(endpoints: &[String], id: &str, eval: v1::Scores) -> stor
     assert_eq!(stored.eval, Some(eval));
     assert_eq!(
         stored.checkpoint.unwrap().url,
-        "file:///tmp/ckpt/pair/step-10"
+        "file:///tmp/ckpt/pair/step-00000010"
     );
     s
 }
@@ -80,7 +80,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     let endpoints = vec![etcd.endpoint.clone()];
     let node = Node::start(endpoints.clone(), "c1", Duration::from_secs(2));
     let coords = vec![node.address()];
-    let mut client = Client::new(coords.clone());
+    let mut client = Client::new(coords.clone(), Credentials::none());
     let id = client
         .submit(&spec("pair", 2, 2, 1, 3), "pair.toml")
         .await
@@ -115,7 +115,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     });
     r.checkpoint(v1::Checkpoint {
         step: 10,
-        url: "file:///tmp/ckpt/pair/step-10".into(),
+        url: "file:///tmp/ckpt/pair/step-00000010".into(),
     });
     eventually(Duration::from_secs(5), "progress and checkpoint", || {
         let mut c = client.clone();
@@ -192,7 +192,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
 async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
     let node = Node::start(Vec::new(), "solo", Duration::from_secs(1));
     let coords = vec![node.address()];
-    let mut client = Client::new(coords.clone());
+    let mut client = Client::new(coords.clone(), Credentials::none());
     let id = client
         .submit(&spec("elastic", 2, 2, 1, 1), "elastic.toml")
         .await
@@ -275,7 +275,7 @@ async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
 async fn permanent_failure_cancel_invalid_spec_and_idle_workers() {
     let node = Node::start(Vec::new(), "solo", Duration::from_secs(1));
     let coords = vec![node.address()];
-    let mut client = Client::new(coords.clone());
+    let mut client = Client::new(coords.clone(), Credentials::none());
 
     // Every problem of the spec is named; nothing is stored.
     let bad = spec("Bad_Name", 3, 2, 2, 1).replace("steps = 50", "steps = 0");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{agent, spec, Node};
 use samtrain_coordinator::agent::{Outcome, Progress};
-use samtrain_coordinator::client::Client;
+use samtrain_coordinator::client::{Client, Credentials};
 use samtrain_proto::v1;
 use samtrain_testkit::Etcd;
 use tonic::Code;
@@ -33,7 +33,7 @@ async fn only_the_leader_is_ready(first: &Node, second: &Node) {
     assert_eq!(http_status(first.health, "/readyz").await, 200);
     assert_eq!(http_status(second.health, "/readyz").await, 503);
     assert_eq!(http_status(second.health, "/healthz").await, 200);
-    let err = Client::new(vec![second.address()])
+    let err = Client::new(vec![second.address()], Credentials::none())
         .list()
         .await
         .unwrap_err();
@@ -86,7 +86,7 @@ async fn standby_takes_over_without_ending_the_generation() {
 
     only_the_leader_is_ready(&first, &second).await;
 
-    let mut client = Client::new(coords.clone());
+    let mut client = Client::new(coords.clone(), Credentials::none());
     let id = client
         .submit(&spec("ha", 2, 2, 1, 3), "ha.toml")
         .await
@@ -101,7 +101,7 @@ async fn standby_takes_over_without_ending_the_generation() {
     // Kill the leader; the standby serves once the leader's lease expires.
     let t0 = Instant::now();
     first.kill();
-    let mut standby = Client::new(vec![second.address()]);
+    let mut standby = Client::new(vec![second.address()], Credentials::none());
     until_serving(&mut standby, &id, ttl, t0).await;
     let takeover = t0.elapsed();
     println!(

@@ -8,14 +8,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{spec, Node};
-use samtrain_coordinator::client::Client;
+use samtrain_coordinator::client::{Client, Credentials};
 
 #[tokio::test]
 #[ignore = "a benchmark: run with --ignored --nocapture"]
 async fn sequential_get_latency() {
     const CALLS: u32 = 200;
     let node = Node::start(vec![], "bench", Duration::from_secs(5));
-    let mut client = Client::new(vec![node.address()]);
+    let mut client = Client::new(vec![node.address()], Credentials::none());
     let id = client
         .submit(&spec("latency", 1, 1, 1, 1), "latency.toml")
         .await

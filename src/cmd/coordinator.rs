@@ -5,10 +5,12 @@
 //! chart sets.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use samtrain_coordinator::auth::{AuthOptions, TokenSource};
 use samtrain_coordinator::CoordinatorOptions;
 
 #[derive(Args)]
@@ -35,6 +37,18 @@ pub struct CoordinatorArgs {
     /// (default: the bound listen address).
     #[arg(long, env = "SAMTRAIN_ADVERTISE")]
     advertise: Option<String>,
+    /// A file of operator tokens (one per line, `#` comments), re-read when
+    /// it changes: they may submit, cancel, get, list and watch jobs.
+    #[arg(long, env = "SAMTRAIN_OPERATOR_TOKENS_FILE")]
+    operator_tokens: Option<PathBuf>,
+    /// A file of worker tokens, the same way: they may register workers,
+    /// keep their leases and report.
+    #[arg(long, env = "SAMTRAIN_WORKER_TOKENS_FILE")]
+    worker_tokens: Option<PathBuf>,
+    /// Serve without tokens on a non-loopback address: anyone who reaches
+    /// it controls every job. Only for networks where that is true anyway.
+    #[arg(long, env = "SAMTRAIN_INSECURE")]
+    insecure: bool,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -54,6 +68,19 @@ async fn serve(args: CoordinatorArgs) -> Result<()> {
         node_id,
         lease_ttl: Duration::from_secs(args.lease_ttl),
         advertise: args.advertise,
+        auth: AuthOptions {
+            operator: args
+                .operator_tokens
+                .map(TokenSource::File)
+                .into_iter()
+                .collect(),
+            worker: args
+                .worker_tokens
+                .map(TokenSource::File)
+                .into_iter()
+                .collect(),
+        },
+        insecure: args.insecure,
     })
     .await
     .context("starting the coordinator")?;

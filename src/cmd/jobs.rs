@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use samtrain_coordinator::client::Client;
 
 use super::Coordinators;
 use samtrain_proto::v1;
@@ -146,7 +145,10 @@ async fn submit(args: SubmitArgs) -> Result<()> {
     if args.preflight {
         preflight(&spec).await?;
     }
-    let id = Client::new(args.remote.coordinators.addresses)
+    let id = args
+        .remote
+        .coordinators
+        .client()
         .submit(&text, &source)
         .await?;
     if args.remote.json {
@@ -261,9 +263,7 @@ fn warn_if_over_memory(spec: &samtrain_proto::spec::JobSpec, source: &str) {
 }
 
 async fn status(args: JobArgs) -> Result<()> {
-    let job = Client::new(args.remote.coordinators.addresses)
-        .get(&args.job)
-        .await?;
+    let job = args.remote.coordinators.client().get(&args.job).await?;
     if args.remote.json {
         println!("{}", job_json(&job));
     } else {
@@ -273,9 +273,7 @@ async fn status(args: JobArgs) -> Result<()> {
 }
 
 async fn list(args: ListArgs) -> Result<()> {
-    let jobs = Client::new(args.remote.coordinators.addresses)
-        .list()
-        .await?;
+    let jobs = args.remote.coordinators.client().list().await?;
     if args.remote.json {
         println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
         return Ok(());
@@ -298,9 +296,7 @@ async fn list(args: ListArgs) -> Result<()> {
 }
 
 async fn cancel(args: JobArgs) -> Result<()> {
-    let job = Client::new(args.remote.coordinators.addresses)
-        .cancel(&args.job)
-        .await?;
+    let job = args.remote.coordinators.client().cancel(&args.job).await?;
     if args.remote.json {
         println!("{}", job_json(&job));
     } else {
@@ -394,7 +390,7 @@ fn event_json(e: &v1::JobEvent) -> Value {
 }
 
 async fn watch(args: JobArgs) -> Result<()> {
-    let mut client = Client::new(args.remote.coordinators.addresses);
+    let mut client = args.remote.coordinators.client();
     // A broken stream (a failover) is opened again; its snapshot catches up.
     let mut failures = 0;
     loop {

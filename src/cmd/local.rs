@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use samtrain_coordinator::client::Client;
+use samtrain_coordinator::auth::{AuthOptions, TokenSource};
+use samtrain_coordinator::client::{Client, Credentials};
 use samtrain_coordinator::{CoordinatorOptions, RunningCoordinator};
 use samtrain_proto::spec::JobSpec;
 use samtrain_proto::v1::{self, job_event::Event, JobState};
@@ -140,17 +141,25 @@ async fn drive(
     options: &LocalOptions,
     run_dir: PathBuf,
 ) -> Result<LocalResult> {
+    // Loopback only, and tokens made for this run: another user of the
+    // machine cannot reach in. Workers get theirs in the environment (not
+    // on their command line, which `ps` shows).
+    let (auth, operator_token, worker_token) = AuthOptions::generated();
     let coordinator = samtrain_coordinator::run(CoordinatorOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         etcd: options.etcd.clone(),
         node_id: format!("local-{}", std::process::id()),
+        auth,
         ..CoordinatorOptions::default()
     })
     .await
     .context("starting the coordinator")?;
     coordinator.until_leader().await;
     let address = format!("http://{}", coordinator.addr());
-    let mut client = Client::new(vec![address.clone()]);
+    let mut client = Client::new(
+        vec![address.clone()],
+        Credentials::token(TokenSource::Literal(operator_token)),
+    );
     let job_id = client
         .submit(&spec.to_toml(), source)
         .await
@@ -158,7 +167,13 @@ async fn drive(
     tracing::info!(job = %job_id, coordinator = %address, "job submitted");
 
     let workers = options.workers.unwrap_or(spec.parallel.max_workers);
-    let mut pool = WorkerPool::start(&address, workers, &run_dir, spec.restart.max_restarts)?;
+    let mut pool = WorkerPool::start(
+        &address,
+        worker_token,
+        workers,
+        &run_dir,
+        spec.restart.max_restarts,
+    )?;
     let outcome = follow(&mut client, &job_id, spec, &mut pool).await;
     pool.stop(Duration::from_secs(20));
     let (job, losses) = outcome?;
@@ -259,6 +274,8 @@ fn is_final(state: JobState) -> bool {
 /// The worker processes, restarted when they die.
 struct WorkerPool {
     coordinator: String,
+    /// The worker token of this run.
+    token: String,
     run_dir: PathBuf,
     children: Vec<(String, Child)>,
     max_restarts: u32,
@@ -267,12 +284,19 @@ struct WorkerPool {
 }
 
 impl WorkerPool {
-    fn start(coordinator: &str, n: u32, run_dir: &Path, max_restarts: u32) -> Result<WorkerPool> {
+    fn start(
+        coordinator: &str,
+        token: String,
+        n: u32,
+        run_dir: &Path,
+        max_restarts: u32,
+    ) -> Result<WorkerPool> {
         if n == 0 {
             bail!("--workers must be at least 1");
         }
         let mut pool = WorkerPool {
             coordinator: coordinator.to_owned(),
+            token,
             run_dir: run_dir.to_owned(),
             children: Vec::new(),
             max_restarts,
@@ -307,6 +331,8 @@ impl WorkerPool {
             ])
             .env_remove("SAMTRAIN_HEALTH_LISTEN")
             .env_remove("SAMTRAIN_ETCD")
+            .env_remove("SAMTRAIN_TOKEN_FILE")
+            .env("SAMTRAIN_TOKEN", &self.token)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -95,6 +95,7 @@ async fn serve(
         etcd_prefix: args.etcd_prefix.clone(),
         exit_when_idle: args.exit_when_idle,
         lease_ttl: None,
+        credentials: args.coordinators.credentials(),
     })
     .await
     .context("registering with the coordinator")?;

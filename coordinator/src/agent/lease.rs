@@ -12,8 +12,9 @@ use samtrain_proto::v1;
 use tonic::Code;
 
 use super::{backoff, call_leader, AgentError, AgentOptions, Shared};
+use crate::auth::secret_digest;
 use crate::failover::Coordinators;
-use crate::records::{new_worker_id, now_ms, Keys, WorkerRecord};
+use crate::records::{new_worker_identity, now_ms, Keys, WorkerRecord};
 use crate::store::{etcd::EtcdStore, LeaseId, LeaseKeeper, SharedStore, StoreError};
 use crate::tasks::AbortOnDrop;
 
@@ -33,6 +34,9 @@ pub(super) struct Registration {
     pub(super) lease: LeaseHold,
     pub(super) worker_id: String,
     pub(super) ttl: Duration,
+    /// What the worker's record holds of its secret (etcd-held leases
+    /// write the record again when the lease is replaced).
+    pub(super) secret_sha256: String,
 }
 
 impl Registration {
@@ -46,16 +50,21 @@ impl Registration {
                 .map(|t| t.as_secs().max(1) as u32)
                 .unwrap_or(0);
             let r = register_rpc(options, String::new(), ttl_s).await?;
+            // Every later call (heartbeats, reports) proves the id with it.
+            options.credentials.set_worker_secret(&r.worker_secret);
             return Ok(Registration {
                 lease: LeaseHold::Heartbeat,
                 worker_id: r.worker_id,
                 ttl: Duration::from_secs(r.lease_ttl_s.max(1) as u64),
+                secret_sha256: secret_digest(&r.worker_secret),
             });
         }
         let store: SharedStore = Arc::new(EtcdStore::connect(&options.etcd).await?);
         let ttl = options.lease_ttl.unwrap_or(Duration::from_secs(5));
-        let worker_id = new_worker_id(&options.name);
-        let lease = put_own_key(&store, options, &worker_id, ttl).await?;
+        let (worker_id, secret) = new_worker_identity(&options.name);
+        options.credentials.set_worker_secret(&secret);
+        let digest = secret_digest(&secret);
+        let lease = put_own_key(&store, options, &worker_id, &digest, ttl).await?;
         Ok(Registration {
             lease: LeaseHold::Etcd {
                 store,
@@ -63,6 +72,7 @@ impl Registration {
             },
             worker_id,
             ttl,
+            secret_sha256: digest,
         })
     }
 }
@@ -111,7 +121,7 @@ async fn register_rpc(
     worker_id: String,
     lease_ttl_s: u32,
 ) -> Result<v1::RegisterResponse, AgentError> {
-    let coordinators = Coordinators::new(options.coordinators.clone());
+    let coordinators = Coordinators::new(options.coordinators.clone(), options.credentials.clone());
     let request = v1::RegisterRequest {
         name: options.name.clone(),
         advertise: options.advertise.clone(),
@@ -145,6 +155,7 @@ async fn put_own_key(
     store: &SharedStore,
     options: &AgentOptions,
     worker_id: &str,
+    secret_sha256: &str,
     ttl: Duration,
 ) -> Result<LeaseId, StoreError> {
     let lease = store.grant(ttl).await?;
@@ -155,6 +166,7 @@ async fn put_own_key(
         device: options.device.clone(),
         registered_unix_ms: now_ms(),
         own_lease: true,
+        secret_sha256: secret_sha256.to_owned(),
     };
     let key = Keys::new(&options.etcd_prefix).worker(worker_id);
     store.put(&key, record.to_json(), Some(lease)).await?;
@@ -177,7 +189,15 @@ async fn keep_etcd_lease(
         tracing::error!(worker = %shared.worker_id, %reason, "worker lease lost; registering again");
         let mut attempt = 0;
         loop {
-            match put_own_key(&store, &shared.options, &shared.worker_id, ttl).await {
+            match put_own_key(
+                &store,
+                &shared.options,
+                &shared.worker_id,
+                &shared.secret_sha256,
+                ttl,
+            )
+            .await
+            {
                 Ok(new) => {
                     *lease.lock().expect("agent lock") = new;
                     shared.registered.store(true, Ordering::Relaxed);

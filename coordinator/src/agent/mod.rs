@@ -22,10 +22,10 @@ use samtrain_proto::spec::JobSpec;
 use samtrain_proto::v1;
 use samtrain_proto::v1::workers_client::WorkersClient;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::failover::{Coordinators, Unanswered};
+use crate::auth::Credentials;
+use crate::failover::{AuthChannel, Coordinators, Unanswered};
 use crate::health::Readiness;
 use crate::store::StoreError;
 use crate::tasks::AbortOnDrop;
@@ -55,6 +55,8 @@ pub struct AgentOptions {
     /// The worker's lease TTL; `None` takes the coordinator's (5 s by
     /// default) or 5 s with etcd.
     pub lease_ttl: Option<Duration>,
+    /// The worker token every call presents.
+    pub credentials: Credentials,
 }
 
 impl Default for AgentOptions {
@@ -68,6 +70,7 @@ impl Default for AgentOptions {
             etcd_prefix: "/samtrain".to_owned(),
             exit_when_idle: false,
             lease_ttl: None,
+            credentials: Credentials::none(),
         }
     }
 }
@@ -140,6 +143,7 @@ pub struct Progress {
 struct Shared {
     options: AgentOptions,
     worker_id: String,
+    secret_sha256: String,
     generations: Generations,
     coordinators: Coordinators,
     registered: AtomicBool,
@@ -148,7 +152,7 @@ struct Shared {
 impl Shared {
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, AgentError>
     where
-        F: Fn(WorkersClient<Channel>) -> Fut,
+        F: Fn(WorkersClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         call_leader(&self.coordinators, f).await
@@ -159,7 +163,7 @@ impl Shared {
 /// hung one cannot stall the worker's keep-alive or reports.
 async fn call_leader<T, F, Fut>(coordinators: &Coordinators, f: F) -> Result<T, AgentError>
 where
-    F: Fn(WorkersClient<Channel>) -> Fut,
+    F: Fn(WorkersClient<AuthChannel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 {
     coordinators
@@ -215,12 +219,17 @@ impl Agent {
             lease,
             worker_id,
             ttl,
+            secret_sha256,
         } = Registration::new(&options).await?;
         tracing::info!(worker = %worker_id, ttl = ?ttl, etcd = !options.etcd.is_empty(), "worker registered");
         let shared = Arc::new(Shared {
-            coordinators: Coordinators::new(options.coordinators.clone()),
+            coordinators: Coordinators::new(
+                options.coordinators.clone(),
+                options.credentials.clone(),
+            ),
             options,
             worker_id,
+            secret_sha256,
             generations: Generations::default(),
             registered: AtomicBool::new(true),
         });

@@ -1,14 +1,18 @@
 //! What workers report about the generations they train in: progress,
-//! committed checkpoints and how a generation ended. A report about a
-//! generation that is over, or from a worker not in it, is acknowledged as
-//! stale and changes nothing, so a worker that missed a restart cannot
-//! disturb the next generation.
+//! committed checkpoints and how a generation ended. Every report comes
+//! from a worker that proved its identity (its secret) and speaks only for
+//! itself: its rank is the one the coordinator gave it, not the one the
+//! report names. A report about a generation that is over, or from a worker
+//! not in it, is acknowledged as stale and changes nothing, so a worker that
+//! missed a restart cannot disturb the next generation.
 
 use samtrain_proto::v1;
 use tonic::Status;
 
 use super::{event, Control, Ending, JobAtHand};
-use crate::jobs::MemberRecord;
+use samtrain_proto::spec::JobSpec;
+
+use crate::jobs::{JobRecord, MemberRecord};
 use crate::records::now_ms;
 
 /// The answer to a report.
@@ -18,20 +22,28 @@ fn ack(stale: bool) -> v1::Ack {
 
 impl Control {
     /// Rank 0's progress becomes the job's; the others' is acknowledged.
-    pub(crate) async fn report_progress(&self, r: v1::ProgressReport) -> Result<v1::Ack, Status> {
+    pub(crate) async fn report_progress(
+        &self,
+        r: v1::ProgressReport,
+        presented: Option<&str>,
+    ) -> Result<v1::Ack, Status> {
+        self.authenticated_worker(&r.worker_id, presented).await?;
         let mut at = self.lead_job(&r.job_id).await?;
-        if at.member(&r.worker_id, r.generation).is_none() {
+        let Some(rank) = at.member(&r.worker_id, r.generation).map(|m| m.rank) else {
             return Ok(ack(true));
-        }
+        };
         // Rank 0 speaks for the job; the other ranks' figures would repeat it.
-        let (Some(p), 0) = (r.progress, r.rank) else {
+        let (Some(p), 0) = (r.progress, rank) else {
             return Ok(ack(false));
         };
+        if p.step > at.job.total_steps || p.total_steps > at.job.total_steps {
+            return Err(Status::invalid_argument(format!(
+                "progress of job {}: step {} of {} where the spec has {} steps",
+                r.job_id, p.step, p.total_steps, at.job.total_steps
+            )));
+        }
         let job = &mut at.job;
         job.step = p.step;
-        if p.total_steps > 0 {
-            job.total_steps = p.total_steps;
-        }
         job.loss = Some(p.loss);
         job.updated_unix_ms = now_ms();
         self.save(job).await?;
@@ -46,15 +58,23 @@ impl Control {
     pub(crate) async fn report_checkpoint(
         &self,
         r: v1::CheckpointReport,
+        presented: Option<&str>,
     ) -> Result<v1::Ack, Status> {
+        self.authenticated_worker(&r.worker_id, presented).await?;
         let mut at = self.lead_job(&r.job_id).await?;
         let Some(ck) = r.checkpoint else {
             return Err(Status::invalid_argument(
                 "a checkpoint report needs its checkpoint",
             ));
         };
-        // A committed checkpoint stays valid whatever became of its
-        // generation; only a newer one replaces the hint.
+        // Only a member of the running generation commits checkpoints; a
+        // late report from an earlier one is stale (the checkpoint itself
+        // stays in storage, where the next generation finds it).
+        if at.member(&r.worker_id, r.generation).is_none() {
+            return Ok(ack(true));
+        }
+        check_checkpoint(&at.job, &ck)?;
+        // Only a newer checkpoint replaces the hint.
         if at
             .job
             .checkpoint
@@ -77,7 +97,12 @@ impl Control {
 
     /// Rank 0's completion ends the job well; any member's failure ends
     /// the generation (a retriable one restarts it).
-    pub(crate) async fn report_outcome(&self, r: v1::OutcomeReport) -> Result<v1::Ack, Status> {
+    pub(crate) async fn report_outcome(
+        &self,
+        r: v1::OutcomeReport,
+        presented: Option<&str>,
+    ) -> Result<v1::Ack, Status> {
+        self.authenticated_worker(&r.worker_id, presented).await?;
         let mut at = self.lead_job(&r.job_id).await?;
         let Some(member) = at.member(&r.worker_id, r.generation).cloned() else {
             return Ok(ack(true));
@@ -87,6 +112,15 @@ impl Control {
                 // Rank 0 evaluates and holds the final step; the other
                 // ranks' completions add nothing.
                 if member.rank == 0 {
+                    if let Some(ck) = &done.checkpoint {
+                        check_checkpoint(&at.job, ck)?;
+                    }
+                    if done.step > at.job.total_steps {
+                        return Err(Status::invalid_argument(format!(
+                            "job {} completed at step {} of {}",
+                            at.job.id, done.step, at.job.total_steps
+                        )));
+                    }
                     self.succeed(at, done).await?;
                 }
             }
@@ -134,4 +168,25 @@ fn failure(member: &MemberRecord, failed: &v1::Failed) -> Ending {
     } else {
         Ending::Permanent(format!("{who} failed permanently: {}", failed.message))
     }
+}
+
+/// A reported checkpoint must be the step folder of a step the job can
+/// reach, under the job's own checkpoint URL: a worker cannot point the job
+/// (and its next resume) at another location or at a step from the future.
+/// The folder's name is the checkpoint crate's `step_folder`.
+fn check_checkpoint(job: &JobRecord, ck: &v1::Checkpoint) -> Result<(), Status> {
+    let spec = JobSpec::from_toml(&job.spec_toml, None)
+        .map_err(|e| Status::internal(format!("the stored spec of job {}: {e}", job.id)))?;
+    let expected = format!(
+        "{}/step-{:08}",
+        spec.checkpoint.url.trim_end_matches('/'),
+        ck.step
+    );
+    if ck.step > spec.training.steps || ck.url != expected {
+        return Err(Status::invalid_argument(format!(
+            "job {}: checkpoint `{}` at step {} is not a step folder under the job's checkpoint URL `{}` (steps 0 to {})",
+            job.id, ck.url, ck.step, spec.checkpoint.url, spec.training.steps
+        )));
+    }
+    Ok(())
 }

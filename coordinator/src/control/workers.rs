@@ -3,6 +3,11 @@
 //! subscriptions through which the leader hands out assignments. Any
 //! coordinator, standby or leader, can register a worker and renew its
 //! lease (they only touch the store); only the leader takes subscriptions.
+//!
+//! The coordinator issues each worker its id and a secret; every later
+//! call as that worker presents the secret, checked against the digest in
+//! the worker's record, so one worker (or anyone holding only a worker
+//! token) cannot act as another.
 
 use std::time::Duration;
 
@@ -11,8 +16,9 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::{store_status, worker_event, Control, Subscriber, View, WorkerFeed};
+use crate::auth::{secret_digest, secret_matches, WORKER_SECRET_HEADER};
 use crate::jobs::JobState;
-use crate::records::{new_worker_id, now_ms, WorkerRecord};
+use crate::records::{id_belongs_to, new_worker_identity, now_ms, WorkerRecord};
 use crate::store::{LeaseId, StoreError};
 
 /// What the leader sends one subscribed worker.
@@ -25,13 +31,20 @@ fn is_host_port(address: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
+/// The longest lease a worker may ask for: a dead worker's key outlives
+/// it by at most this long.
+pub(crate) const MAX_WORKER_LEASE_TTL: Duration = Duration::from_secs(60);
+
 impl Control {
-    /// Stores a worker's record under its lease: the worker's own lease
-    /// when it names one, else a new one this coordinator keeps alive on
-    /// its Heartbeat calls.
+    /// Registers a worker under a lease this coordinator keeps alive on its
+    /// Heartbeat calls. A new worker gets its id and secret from the
+    /// coordinator; a worker registering again (its lease expired) names
+    /// its id and presents the secret it was given. The lease's TTL is the
+    /// coordinator's, or shorter when the worker asks.
     pub(crate) async fn register_worker(
         &self,
         r: v1::RegisterRequest,
+        presented: Option<&str>,
     ) -> Result<v1::RegisterResponse, Status> {
         if !is_host_port(&r.advertise) {
             return Err(Status::invalid_argument(format!(
@@ -39,54 +52,104 @@ impl Control {
                 r.advertise
             )));
         }
-        let worker_id = if r.worker_id.is_empty() {
-            new_worker_id(&r.name)
+        if r.lease_id != 0 {
+            return Err(Status::invalid_argument(
+                "a worker that holds its own lease writes its record in etcd; through the coordinator the lease is the coordinator's",
+            ));
+        }
+        let (worker_id, secret) = if r.worker_id.is_empty() {
+            new_worker_identity(&r.name)
         } else {
-            r.worker_id.clone()
+            (
+                r.worker_id.clone(),
+                self.reclaim(&r.worker_id, presented).await?,
+            )
         };
-        let ttl_s = if r.lease_ttl_s == 0 {
-            self.lease_ttl.as_secs().max(1) as u32
-        } else {
-            r.lease_ttl_s
-        };
-        let own_lease = r.lease_id != 0;
-        let lease = if own_lease {
-            r.lease_id
-        } else {
-            self.store
-                .grant(Duration::from_secs(ttl_s as u64))
-                .await
-                .map_err(store_status)?
-        };
+        let ttl = self.worker_lease_ttl(r.lease_ttl_s);
+        let lease = self.store.grant(ttl).await.map_err(store_status)?;
         let record = WorkerRecord {
             worker_id: worker_id.clone(),
             name: r.name.clone(),
             advertise: r.advertise.clone(),
             device: r.device.clone(),
             registered_unix_ms: now_ms(),
-            own_lease,
+            own_lease: false,
+            secret_sha256: secret_digest(&secret),
         };
         self.store
             .put(&self.keys.worker(&worker_id), record.to_json(), Some(lease))
             .await
-            .map_err(|e| match e {
-                StoreError::LeaseNotFound { .. } => {
-                    Status::failed_precondition(format!("cannot register worker {worker_id}: {e}"))
-                }
-                e => store_status(e),
-            })?;
-        tracing::info!(worker = %worker_id, advertise = %r.advertise, device = %r.device, own_lease, "worker registered");
+            .map_err(store_status)?;
+        tracing::info!(worker = %worker_id, advertise = %r.advertise, device = %r.device, ttl_s = ttl.as_secs(), "worker registered");
         self.wake.notify_one();
         Ok(v1::RegisterResponse {
             worker_id,
             lease_id: lease,
-            lease_ttl_s: ttl_s,
+            lease_ttl_s: ttl.as_secs() as u32,
+            worker_secret: secret,
         })
     }
 
+    /// The TTL of a heartbeat worker's lease: the coordinator's, or what
+    /// the worker asks within 1 s and [`MAX_WORKER_LEASE_TTL`].
+    fn worker_lease_ttl(&self, requested_s: u32) -> Duration {
+        let ours = self.lease_ttl.max(Duration::from_secs(1));
+        if requested_s == 0 {
+            return ours.min(MAX_WORKER_LEASE_TTL);
+        }
+        Duration::from_secs(requested_s as u64).clamp(Duration::from_secs(1), MAX_WORKER_LEASE_TTL)
+    }
+
+    /// The secret of a worker registering again under `worker_id`: it must
+    /// be the one the id was made from, and the one its record holds if
+    /// the record is still there.
+    async fn reclaim(&self, worker_id: &str, presented: Option<&str>) -> Result<String, Status> {
+        let secret = presented.ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "registering again as {worker_id} needs that worker's secret"
+            ))
+        })?;
+        if !id_belongs_to(worker_id, secret) {
+            return Err(Status::permission_denied(format!(
+                "the secret presented is not worker {worker_id}'s"
+            )));
+        }
+        if let Ok((record, _)) = self.worker(worker_id).await {
+            if !secret_matches(secret, &record.secret_sha256) {
+                return Err(Status::permission_denied(format!(
+                    "the secret presented is not worker {worker_id}'s"
+                )));
+            }
+        }
+        Ok(secret.to_owned())
+    }
+
+    /// The record of the registered worker `worker_id`, once the caller
+    /// proved with its secret that it is that worker.
+    pub(crate) async fn authenticated_worker(
+        &self,
+        worker_id: &str,
+        presented: Option<&str>,
+    ) -> Result<(WorkerRecord, Option<LeaseId>), Status> {
+        let (record, lease) = self.worker(worker_id).await?;
+        match presented {
+            Some(secret) if secret_matches(secret, &record.secret_sha256) => Ok((record, lease)),
+            Some(_) => Err(Status::permission_denied(format!(
+                "the secret presented is not worker {worker_id}'s"
+            ))),
+            None => Err(Status::unauthenticated(format!(
+                "calls as worker {worker_id} need its secret ({WORKER_SECRET_HEADER})"
+            ))),
+        }
+    }
+
     /// Renews the lease of a heartbeat worker; its TTL.
-    pub(crate) async fn heartbeat(&self, worker_id: &str) -> Result<Duration, Status> {
-        let (_, lease) = self.worker(worker_id).await?;
+    pub(crate) async fn heartbeat(
+        &self,
+        worker_id: &str,
+        presented: Option<&str>,
+    ) -> Result<Duration, Status> {
+        let (_, lease) = self.authenticated_worker(worker_id, presented).await?;
         let lease = lease.ok_or_else(|| {
             Status::failed_precondition(format!("worker {worker_id} has no lease"))
         })?;
@@ -100,9 +163,15 @@ impl Control {
 
     /// Removes a worker at once (its generation ends on the next tick);
     /// false when it was not registered.
-    pub(crate) async fn deregister(&self, worker_id: &str) -> Result<bool, Status> {
-        let Ok((_, lease)) = self.worker(worker_id).await else {
-            return Ok(false);
+    pub(crate) async fn deregister(
+        &self,
+        worker_id: &str,
+        presented: Option<&str>,
+    ) -> Result<bool, Status> {
+        let lease = match self.authenticated_worker(worker_id, presented).await {
+            Ok((_, lease)) => lease,
+            Err(status) if status.code() == tonic::Code::NotFound => return Ok(false),
+            Err(status) => return Err(status),
         };
         let result = match lease {
             Some(lease) => self.store.revoke(lease).await,
@@ -141,11 +210,12 @@ impl Control {
     pub(crate) async fn subscribe(
         &self,
         worker_id: &str,
+        presented: Option<&str>,
         current: Option<v1::CurrentGeneration>,
     ) -> Result<WorkerEvents, Status> {
         // A standby says so before the store is asked about the worker.
         self.ensure_leader()?;
-        let (record, _) = self.worker(worker_id).await?;
+        let (record, _) = self.authenticated_worker(worker_id, presented).await?;
         let mut view = self.lead().await?;
         let (feed, rx) = mpsc::channel(64);
         let busy = current.and_then(|cur| rejoin(&view, &record.worker_id, cur, &feed));

@@ -29,25 +29,28 @@ pub struct Node {
 
 impl Node {
     pub fn start(etcd: Vec<String>, node_id: &str, lease_ttl: Duration) -> Node {
+        Node::start_with(CoordinatorOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            health_listen: Some("127.0.0.1:0".parse().unwrap()),
+            etcd,
+            prefix: "/samtrain-test".to_owned(),
+            node_id: node_id.to_owned(),
+            lease_ttl,
+            ..CoordinatorOptions::default()
+        })
+    }
+
+    /// A coordinator with these options (its health probes must be served).
+    pub fn start_with(options: CoordinatorOptions) -> Node {
         logs();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (kill_tx, kill_rx) = std::sync::mpsc::channel::<bool>();
-        let node_id = node_id.to_owned();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .unwrap();
-            let options = CoordinatorOptions {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                health_listen: Some("127.0.0.1:0".parse().unwrap()),
-                etcd,
-                prefix: "/samtrain-test".to_owned(),
-                node_id,
-                lease_ttl,
-                advertise: None,
-            };
             let running = rt.block_on(run(options));
             let running = match running {
                 Ok(r) => r,
@@ -135,6 +138,7 @@ pub async fn agent(coordinators: &[String], etcd: &[String], name: &str, port: u
         etcd_prefix: "/samtrain-test".to_owned(),
         exit_when_idle: false,
         lease_ttl: Some(Duration::from_secs(1)),
+        ..AgentOptions::default()
     })
     .await
     .expect("agent registers")

@@ -204,3 +204,38 @@ checks each value on its own.
 {{- fail (printf "workers.device is \"cpu\" but workers.gpus is %d: the GPUs would sit idle; set workers.gpus to 0, or device to \"auto\" or \"cuda\"" (int .Values.workers.gpus)) }}
 {{- end }}
 {{- end }}
+
+{{- define "samtrain.authSecretName" -}}
+{{- default (printf "%s-auth" (include "samtrain.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/* The token files a pod reads: call with (dict "ctx" $ "keys" (list "worker-tokens")). */}}
+{{- define "samtrain.authVolume" -}}
+{{- if .ctx.Values.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ include "samtrain.authSecretName" .ctx }}
+    defaultMode: 0444
+    items:
+      {{- range .keys }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "samtrain.authMount" -}}
+{{- if .Values.auth.enabled }}
+- name: auth
+  mountPath: /etc/samtrain/auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The token a client presents: call with (dict "ctx" $ "key" "operator-tokens"). */}}
+{{- define "samtrain.tokenEnv" -}}
+{{- if .ctx.Values.auth.enabled }}
+- name: SAMTRAIN_TOKEN_FILE
+  value: /etc/samtrain/auth/{{ .key }}
+{{- end }}
+{{- end }}
