@@ -9,20 +9,25 @@
 //! Every rank listens on one address (the caller binds it, possibly on port
 //! 0, and advertises it) that serves all its groups. For each group of more
 //! than one rank, a rank connects to the next member and accepts the
-//! previous one. Each connection opens with a handshake carrying
-//! (generation, group, sender rank, receiver rank); the listener refuses a
-//! connection from another generation, for another rank or from a rank that
-//! is not its ring neighbour, with a reason the connecting rank reports.
+//! previous one. Each connection opens with an authenticated handshake
+//! (`crate::handshake`) carrying (generation, group, sender rank, receiver
+//! rank); the listener refuses a connection without the generation's
+//! secret, from another generation, for another rank or from a rank that is
+//! not its ring neighbour, with a reason the connecting rank reports. Each
+//! handshake runs on a thread of its own, so a stranger that connects and
+//! says nothing delays nobody.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use samtrain_comm::{Collective, LocalCollective};
 
 use crate::abort::Abort;
 use crate::error::{CollectiveError, Result};
+use crate::handshake::{self, Claimed, ConnectFailure, Hello, Secret};
 use crate::ring::{Link, RingCollective};
 
 /// How to join a generation's process groups.
@@ -40,6 +45,8 @@ pub struct GroupOptions {
     pub timeout: Duration,
     /// Ends connection setup and every later operation promptly.
     pub abort: Abort,
+    /// The generation's secret, the same on every rank: only holders join.
+    pub secret: Secret,
 }
 
 /// Where a rank sits in the dp x tp grid.
@@ -131,62 +138,6 @@ impl std::fmt::Debug for ProcessGroups {
             .field("layout", &self.layout)
             .finish()
     }
-}
-
-const HELLO_MAGIC: [u8; 8] = *b"SAMTCOL1";
-const HELLO_LEN: usize = 8 + 8 + 1 + 8 + 8;
-
-/// The first bytes of every connection.
-#[derive(Clone, Copy, Debug)]
-struct Hello {
-    generation: u64,
-    group: u8,
-    from: i64,
-    to: i64,
-}
-
-impl Hello {
-    fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut b = [0u8; HELLO_LEN];
-        b[..8].copy_from_slice(&HELLO_MAGIC);
-        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        b[16] = self.group;
-        b[17..25].copy_from_slice(&self.from.to_le_bytes());
-        b[25..33].copy_from_slice(&self.to.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8; HELLO_LEN]) -> Option<Hello> {
-        if b[..8] != HELLO_MAGIC {
-            return None;
-        }
-        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        Some(Hello {
-            generation: word(8),
-            group: b[16],
-            from: word(17) as i64,
-            to: word(25) as i64,
-        })
-    }
-}
-
-/// The listener's answer: status byte, then a length-prefixed reason.
-fn write_reply(stream: &mut TcpStream, reason: Option<&str>) -> std::io::Result<()> {
-    let text = reason.unwrap_or("").as_bytes();
-    let len = text.len().min(u16::MAX as usize);
-    let mut msg = Vec::with_capacity(3 + len);
-    msg.push(u8::from(reason.is_some()));
-    msg.extend_from_slice(&(len as u16).to_le_bytes());
-    msg.extend_from_slice(&text[..len]);
-    stream.write_all(&msg)
-}
-
-fn read_reply(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut head = [0u8; 3];
-    stream.read_exact(&mut head)?;
-    let mut text = vec![0u8; u16::from_le_bytes([head[1], head[2]]) as usize];
-    stream.read_exact(&mut text)?;
-    Ok((head[0] != 0).then(|| String::from_utf8_lossy(&text).into_owned()))
 }
 
 fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
@@ -295,24 +246,32 @@ impl Setup<'_> {
             to: want.peer,
         };
         stream.set_nodelay(true).map_err(io)?;
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        stream
-            .set_read_timeout(Some(remaining.max(Duration::from_millis(1))))
-            .map_err(io)?;
-        stream.write_all(&hello.encode()).map_err(io)?;
-        match read_reply(&mut stream) {
-            Ok(None) => Ok(Link {
+        let shaken = handshake::connect(
+            &mut stream,
+            hello,
+            &self.options.secret,
+            self.deadline,
+            &self.options.abort,
+        );
+        match shaken {
+            Ok(()) => Ok(Link {
                 stream,
                 rank: want.peer,
                 addr: addr.to_string(),
             }),
-            Ok(Some(reason)) => Err(CollectiveError::Refused {
+            Err(ConnectFailure::Refused(reason)) => Err(CollectiveError::Refused {
                 group,
                 peer: want.peer,
                 addr: addr.to_string(),
                 reason,
             }),
-            Err(source) => Err(io(source)),
+            Err(ConnectFailure::Io(_)) if self.options.abort.is_triggered() => {
+                Err(CollectiveError::Aborted {
+                    op: "connect",
+                    group,
+                })
+            }
+            Err(ConnectFailure::Io(source)) => Err(io(source)),
         }
     }
 
@@ -328,6 +287,9 @@ impl Setup<'_> {
             source,
         };
         listener.set_nonblocking(true).map_err(listener_err)?;
+        let (claims_tx, claims) =
+            mpsc::channel::<(SocketAddr, std::result::Result<Claimed, String>)>();
+        let in_flight = Arc::new(AtomicUsize::new(0));
         while got.iter().any(Option::is_none) {
             self.aborted("world")?;
             let stopping = self.stopping();
@@ -360,6 +322,12 @@ impl Setup<'_> {
                     timeout: self.options.timeout,
                 });
             }
+            while let Ok((from, shaken)) = claims.try_recv() {
+                let verdict = shaken.and_then(|claimed| self.admit(claimed, wanted, &mut got));
+                if let Err(reason) = verdict {
+                    tracing::warn!(rank = self.options.rank, from = %from, %reason, "refused a connection");
+                }
+            }
             let (stream, from) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -368,59 +336,67 @@ impl Setup<'_> {
                 }
                 Err(e) => return Err(listener_err(e)),
             };
-            if let Err(reason) = self.admit(stream, wanted, &mut got) {
-                tracing::warn!(rank = self.options.rank, from = %from, %reason, "refused a connection");
-            }
+            self.shake(stream, from, &claims_tx, &in_flight);
         }
         Ok(got.into_iter().map(|g| g.expect("all accepted")).collect())
     }
 
-    /// Reads a handshake and either files the stream under its group or
-    /// refuses it (returning the reason).
+    /// Runs `stream`'s handshake on a thread of its own; the claim (or the
+    /// reason it was refused) arrives on `claims`. Past
+    /// [`MAX_HANDSHAKES`] at once, new connections are dropped unread.
+    fn shake(
+        &self,
+        stream: TcpStream,
+        from: SocketAddr,
+        claims: &mpsc::Sender<(SocketAddr, std::result::Result<Claimed, String>)>,
+        in_flight: &Arc<AtomicUsize>,
+    ) {
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(rank = self.options.rank, from = %from, "too many handshakes at once; dropped a connection");
+            return;
+        }
+        let (generation, rank) = (self.options.generation, self.options.rank);
+        let secret = self.options.secret.clone();
+        let abort = self.options.abort.clone();
+        let deadline = self.deadline.min(Instant::now() + HANDSHAKE_LIMIT);
+        let (claims, in_flight) = (claims.clone(), in_flight.clone());
+        std::thread::spawn(move || {
+            let claim = handshake::accept(stream, generation, rank, &secret, deadline, &abort);
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            // The receiver is gone once every wanted peer is in.
+            let _ = claims.send((from, claim));
+        });
+    }
+
+    /// Files an authenticated connection under its group, or refuses it
+    /// (returning the reason).
     fn admit(
         &self,
-        mut stream: TcpStream,
+        claimed: Claimed,
         wanted: &[Wanted],
         got: &mut [Option<Link>],
     ) -> std::result::Result<(), String> {
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        stream
-            .set_nonblocking(false)
-            .and_then(|()| {
-                stream.set_read_timeout(Some(
-                    remaining.clamp(Duration::from_millis(1), Duration::from_secs(5)),
-                ))
-            })
-            .map_err(|e| e.to_string())?;
-        let mut bytes = [0u8; HELLO_LEN];
-        stream
-            .read_exact(&mut bytes)
-            .map_err(|e| format!("no handshake: {e}"))?;
-        let verdict = match Hello::decode(&bytes) {
-            None => Err("not a samtrain collective handshake".to_string()),
-            Some(h) if h.generation != self.options.generation => Err(format!(
-                "generation mismatch: rank {} is in generation {}, the connection is from generation {}",
-                self.options.rank, self.options.generation, h.generation
+        let h = claimed.hello;
+        let verdict = match wanted.iter().position(|w| w.kind as u8 == h.group) {
+            None => Err(format!(
+                "rank {} expects no connection for group code {}",
+                self.options.rank, h.group
             )),
-            Some(h) if h.to != self.options.rank => Err(format!(
-                "this listener is rank {}, not rank {}",
-                self.options.rank, h.to
+            Some(i) if wanted[i].peer != h.from => Err(format!(
+                "rank {} expects rank {} in group {}, not rank {}",
+                self.options.rank,
+                wanted[i].peer,
+                wanted[i].kind.name(),
+                h.from
             )),
-            Some(h) => match wanted
-                .iter()
-                .position(|w| w.kind as u8 == h.group)
-            {
-                None => Err(format!("rank {} expects no connection for group code {}", self.options.rank, h.group)),
-                Some(i) if wanted[i].peer != h.from => Err(format!(
-                    "rank {} expects rank {} in group {}, not rank {}",
-                    self.options.rank, wanted[i].peer, wanted[i].kind.name(), h.from
-                )),
-                Some(i) if got[i].is_some() => Err(format!(
-                    "rank {} already has a connection from rank {} in group {}",
-                    self.options.rank, h.from, wanted[i].kind.name()
-                )),
-                Some(i) => Ok(i),
-            },
+            Some(i) if got[i].is_some() => Err(format!(
+                "rank {} already has a connection from rank {} in group {}",
+                self.options.rank,
+                h.from,
+                wanted[i].kind.name()
+            )),
+            Some(i) => Ok(i),
         };
         // Once this rank has failed to join, nobody may join it: say why,
         // so the other side's error names the real cause.
@@ -433,7 +409,9 @@ impl Setup<'_> {
         };
         match verdict {
             Ok(i) => {
-                write_reply(&mut stream, None).map_err(|e| e.to_string())?;
+                let stream = claimed
+                    .admit(&self.options.secret)
+                    .map_err(|e| e.to_string())?;
                 stream.set_nodelay(true).map_err(|e| e.to_string())?;
                 got[i] = Some(Link {
                     stream,
@@ -443,13 +421,18 @@ impl Setup<'_> {
                 Ok(())
             }
             Err(reason) => {
-                // Best effort: the reason is for the other side's error.
-                let _ = write_reply(&mut stream, Some(&reason));
+                claimed.refuse(&reason);
                 Err(reason)
             }
         }
     }
 }
+
+/// Handshakes running at once on one listener; more are dropped unread.
+const MAX_HANDSHAKES: usize = 32;
+
+/// The longest one handshake may take: a peer that says nothing is dropped.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
 
 impl ProcessGroups {
     /// Joins the world, dp and tp groups of `options.generation`. `listener`

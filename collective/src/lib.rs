@@ -15,6 +15,7 @@
 pub mod abort;
 pub mod error;
 pub mod groups;
+mod handshake;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
@@ -23,4 +24,5 @@ pub mod routed;
 pub use abort::Abort;
 pub use error::{CollectiveError, Result};
 pub use groups::{GroupOptions, Layout, ProcessGroups};
+pub use handshake::Secret;
 pub use ring::RingCollective;

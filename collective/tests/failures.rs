@@ -5,11 +5,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
+use samtrain_collective::{Abort, GroupOptions, ProcessGroups, Secret};
 use tch::{Kind, Tensor};
 
 const CHILD_ENV: &str = "SAMTRAIN_COLLECTIVE_TEST_CHILD";
@@ -66,6 +66,7 @@ fn child_rank_entry() {
             generation: 1,
             timeout: Duration::from_secs(20),
             abort: Abort::new(),
+            secret: Secret::new(b"test generation".to_vec()),
         },
         listener,
     )
@@ -110,6 +111,7 @@ fn killed_process_fails_the_survivor_at_once() {
             generation: 1,
             timeout: Duration::from_secs(30),
             abort: Abort::new(),
+            secret: Secret::new(b"test generation".to_vec()),
         },
         listener,
     )
@@ -233,4 +235,75 @@ fn different_operations_are_reported_not_mixed() {
             .any(|e| e.contains("disagrees") && e.contains("of 11 elements")),
         "{results:?}"
     );
+}
+
+/// What a stranger on the network does to a rank's port while the real
+/// ranks connect: one connects and says nothing, one claims to be rank 1
+/// without the generation's secret. Neither takes a slot nor stalls anyone.
+#[test]
+fn strangers_neither_join_nor_stall_the_ranks() {
+    use std::io::Read;
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let silent = TcpStream::connect(&peers[0]).unwrap();
+    let mut forger = TcpStream::connect(&peers[0]).unwrap();
+    let forged = std::thread::spawn(move || {
+        let mut challenge = [0u8; 24];
+        forger.read_exact(&mut challenge).unwrap();
+        // A well-formed hello from "rank 1" to rank 0, with a guessed tag.
+        let mut answer = b"SAMTCOL2".to_vec();
+        answer.extend_from_slice(&1u64.to_le_bytes());
+        answer.push(0);
+        answer.extend_from_slice(&1i64.to_le_bytes());
+        answer.extend_from_slice(&0i64.to_le_bytes());
+        answer.extend_from_slice(&[7u8; 16 + 32]);
+        forger.write_all(&answer).unwrap();
+        let mut reply = Vec::new();
+        let _ = forger.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                let g = ProcessGroups::connect(
+                    GroupOptions {
+                        rank: rank as i64,
+                        peers,
+                        tp: 1,
+                        generation: 1,
+                        timeout: Duration::from_secs(20),
+                        abort: Abort::new(),
+                        secret: Secret::new(b"the real generation".to_vec()),
+                    },
+                    listener,
+                )
+                .unwrap();
+                let sum = g
+                    .world
+                    .all_reduce_sum(&tch::Tensor::from_slice(&[rank as f32 + 1.0]))
+                    .unwrap();
+                sum.double_value(&[0])
+            })
+        })
+        .collect();
+    for r in ranks {
+        assert_eq!(r.join().unwrap(), 3.0);
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the ranks took {:?} beside the strangers",
+        start.elapsed()
+    );
+    assert!(forged.join().unwrap().contains("not authenticated"));
+    drop(silent);
 }

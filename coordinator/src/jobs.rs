@@ -114,6 +114,10 @@ pub struct JobRecord {
     pub checkpoint: Option<Checkpoint>,
     /// The running generation's members in rank order (empty otherwise).
     pub members: Vec<MemberRecord>,
+    /// The running generation's secret, which its members' collectives
+    /// prove they hold (never shown by `Get`).
+    #[serde(default)]
+    pub ring_secret: String,
     pub message: String,
     /// The final evaluation's scores, once succeeded with one.
     pub eval: Option<Scores>,
@@ -148,6 +152,7 @@ impl JobRecord {
             loss: None,
             checkpoint: None,
             members: Vec::new(),
+            ring_secret: String::new(),
             message: "waiting for workers".to_owned(),
             eval: None,
             created_unix_ms: now,
@@ -164,8 +169,9 @@ impl JobRecord {
     }
 
     /// A generation forms with these members (rank order).
-    pub fn form(&mut self, members: Vec<MemberRecord>, now: i64) {
+    pub fn form(&mut self, members: Vec<MemberRecord>, ring_secret: String, now: i64) {
         self.state = JobState::Running;
+        self.ring_secret = ring_secret;
         self.message = format!(
             "generation {} running on {} workers",
             self.generation,
@@ -316,7 +322,7 @@ mod tests {
     #[test]
     fn restarts_are_counted_until_max_restarts_then_the_job_fails() {
         let mut j = job(1);
-        j.form(vec![member("a", 0), member("b", 1)], 2);
+        j.form(vec![member("a", 0), member("b", 1)], "s".into(), 2);
         assert_eq!(j.state, JobState::Running);
         let end = j.end_generation("b lost its lease", 3);
         assert_eq!(
@@ -328,7 +334,7 @@ mod tests {
             (JobState::Restarting, 1, 1)
         );
         assert!(j.members.is_empty());
-        j.form(vec![member("a", 0)], 4);
+        j.form(vec![member("a", 0)], "s".into(), 4);
         let end = j.end_generation("peer closed the connection", 5);
         assert!(end.failed);
         assert_eq!(
@@ -343,7 +349,7 @@ mod tests {
     #[test]
     fn success_keeps_scores_and_cancel_keeps_the_checkpoint() {
         let mut j = job(3);
-        j.form(vec![member("a", 0)], 2);
+        j.form(vec![member("a", 0)], "s".into(), 2);
         let eval = Some(Scores {
             rouge: 0.0,
             cider: 0.5,
@@ -361,7 +367,7 @@ mod tests {
             step: 10,
             url: "file:///c/step-10".into(),
         });
-        j.form(vec![member("a", 0)], 2);
+        j.form(vec![member("a", 0)], "s".into(), 2);
         let end = j.cancel(3);
         assert_eq!((end.ended_generation, end.members.len()), (0, 1));
         assert_eq!((j.state, j.generation), (JobState::Cancelled, 1));

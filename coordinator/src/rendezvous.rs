@@ -52,7 +52,12 @@ pub fn decide(
         return Decision::Wait;
     };
     let since = last_call_since.unwrap_or(now);
-    let deadline = since + Duration::from_secs_f64(policy.last_call_s.max(0.0));
+    // The spec bounds last_call_s; a stored record from before the bound
+    // (or NaN) must still not panic the scheduling loop.
+    let wait = Duration::try_from_secs_f64(policy.last_call_s.max(0.0)).unwrap_or(Duration::MAX);
+    let deadline = since
+        .checked_add(wait)
+        .unwrap_or(since + Duration::from_secs(86_400));
     if n < policy.max_workers && now < deadline {
         return Decision::LastCall(since);
     }
@@ -92,6 +97,23 @@ mod tests {
                 registered_unix_ms: 100 - i as i64,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_absurd_last_call_waits_without_panicking() {
+        let t0 = Instant::now();
+        for last_call_s in [1e300, f64::INFINITY, f64::NAN, -5.0] {
+            let p = Policy {
+                last_call_s,
+                ..policy(1, 2, 4)
+            };
+            let d = decide(&p, &workers(2), Some(t0), t0);
+            if last_call_s > 0.0 {
+                assert_eq!(d, Decision::LastCall(t0), "{last_call_s}");
+            } else {
+                assert!(matches!(d, Decision::Form(_)), "{last_call_s}");
+            }
+        }
     }
 
     #[test]

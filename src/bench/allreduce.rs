@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use samtrain_collective::{Abort, GroupOptions, ProcessGroups};
+use samtrain_collective::{Abort, GroupOptions, ProcessGroups, Secret};
 use samtrain_comm::Collective;
 use tch::{Device, Kind, Tensor};
 
@@ -253,6 +253,7 @@ fn connect(args: &AllreduceArgs, rank: usize) -> Result<(Arc<dyn Collective>, De
                     generation: 1,
                     timeout: Duration::from_secs(60),
                     abort: Abort::new(),
+                    secret: Secret::new(b"allreduce benchmark".to_vec()),
                 },
                 listener,
             )?;

@@ -17,10 +17,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use samtrain_collective::ProcessGroups;
+use samtrain_collective::{ProcessGroups, Secret};
 use samtrain_proto::spec::JobSpec;
 use samtrain_worker::device::resolve_device;
-use samtrain_worker::launch::join_groups;
+use samtrain_worker::launch::{join_groups, Membership};
 use samtrain_worker::{train, ResidentModels, TrainJob};
 
 use crate::prepare;
@@ -69,16 +69,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let listener = TcpListener::bind(own)
             .with_context(|| format!("cannot listen on {own} (rank {})", args.rank))?;
         let device = resolve_device(spec.training.device, args.rank)?;
-        join_groups(
-            args.rank,
-            &args.peers,
-            &spec,
-            device,
-            0,
-            Arc::new(AtomicBool::new(false)),
-            listener,
-        )
-        .with_context(|| format!("rank {} joining the process groups", args.rank))?
+        let member = Membership {
+            rank: args.rank,
+            peers: &args.peers,
+            generation: 0,
+            secret: ring_secret(&spec.name),
+            ended: Arc::new(AtomicBool::new(false)),
+        };
+        join_groups(member, &spec, device, listener)
+            .with_context(|| format!("rank {} joining the process groups", args.rank))?
     };
     let outcome = train(TrainJob {
         spec,
@@ -112,6 +111,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
             tracing::error!(rank = args.rank, error = %e, kind, "training failed");
             eprintln!("error (rank {}, {kind}): {e}", args.rank);
             std::process::exit(e.exit_code());
+        }
+    }
+}
+
+/// The ranks' shared secret: `SAMTRAIN_RING_SECRET`, the same on every rank.
+/// Without it the job's name stands in, which keeps ranks of different jobs
+/// apart but keeps nobody out, so it is said.
+fn ring_secret(job_name: &str) -> Secret {
+    match std::env::var("SAMTRAIN_RING_SECRET") {
+        Ok(s) if !s.is_empty() => Secret::new(s.into_bytes()),
+        _ => {
+            tracing::warn!("SAMTRAIN_RING_SECRET is not set: any host that reaches the ranks' ports can join their groups");
+            Secret::new(job_name.as_bytes())
         }
     }
 }

@@ -15,11 +15,12 @@ use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Prog
 use samtrain_coordinator::health;
 
 use super::Coordinators;
+use samtrain_collective::Secret;
 use samtrain_proto::spec::DeviceKind;
 use samtrain_proto::Scores;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::error::panic_message;
-use samtrain_worker::launch::join_groups;
+use samtrain_worker::launch::{join_groups, Membership};
 use samtrain_worker::{train, ResidentModels, TrainEvent, TrainJob};
 use tracing::Instrument;
 
@@ -68,8 +69,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     // Bound once, before registering, so the advertised port is the real one
     // and stays the same for every generation this worker joins.
-    let listener = TcpListener::bind(("0.0.0.0", args.collective_port))
-        .with_context(|| format!("cannot listen on port {}", args.collective_port))?;
+    let listener = bind_collective(&host, args.collective_port)?;
     let port = listener.local_addr()?.port();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(serve(args, device, host, port, listener))
@@ -198,19 +198,18 @@ fn run_generation(
                 retriable: e.retriable(),
                 message: e.to_string(),
             })?;
-        let groups = join_groups(
-            a.rank,
-            &a.peers,
-            &a.spec,
-            device,
-            a.generation,
-            a.ended.clone(),
-            listener,
-        )
-        .map_err(|e| Outcome::Failed {
-            retriable: true,
-            message: format!("rank {} joining generation {}: {e}", a.rank, a.generation),
-        })?;
+        let member = Membership {
+            rank: a.rank,
+            peers: &a.peers,
+            generation: a.generation,
+            secret: Secret::new(a.ring_secret.as_bytes()),
+            ended: a.ended.clone(),
+        };
+        let groups =
+            join_groups(member, &a.spec, device, listener).map_err(|e| Outcome::Failed {
+                retriable: true,
+                message: format!("rank {} joining generation {}: {e}", a.rank, a.generation),
+            })?;
         let total_steps = a.spec.training.steps;
         let events = move |event: TrainEvent| match event {
             TrainEvent::Progress(m) => reporter.progress(Progress {
@@ -271,4 +270,22 @@ fn host_name() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .context("cannot read this machine's host name; pass --advertise and --name")?;
     Ok(name.trim().to_owned())
+}
+
+/// The collective listener, on the advertised host's address when it is
+/// one of this machine's (so `--advertise 127.0.0.1` is not reachable from
+/// the network), else on every interface (behind NAT the advertised name
+/// may resolve to an address the machine does not hold).
+fn bind_collective(host: &str, port: u16) -> Result<TcpListener> {
+    use std::net::ToSocketAddrs;
+    let local = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .and_then(|addr| TcpListener::bind(addr).ok());
+    if let Some(listener) = local {
+        return Ok(listener);
+    }
+    tracing::warn!(%host, "the advertised host is not an address of this machine; the collective port listens on every interface");
+    TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("cannot listen on port {port}"))
 }

@@ -13,31 +13,42 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use samtrain_collective::{Abort, CollectiveError, GroupOptions, ProcessGroups};
+use samtrain_collective::{Abort, CollectiveError, GroupOptions, ProcessGroups, Secret};
 use samtrain_proto::spec::{Backend, JobSpec};
 use tch::Device;
 
+/// This rank's place in one generation.
+pub struct Membership<'a> {
+    pub rank: u32,
+    /// Every rank's collective address, in rank order.
+    pub peers: &'a [String],
+    pub generation: u64,
+    /// The generation's secret, which every rank proves it holds.
+    pub secret: Secret,
+    /// Set when the generation ends: any wait (connecting included) then
+    /// fails promptly.
+    pub ended: Arc<AtomicBool>,
+}
+
 /// Connects this rank to the world's data- and tensor-parallel groups;
 /// `listener` is bound to this rank's entry of `peers`, and `device` is
-/// where this rank trains. Setting `ended` makes any wait (connecting
-/// included) fail promptly.
+/// where this rank trains.
 pub fn join_groups(
-    rank: u32,
-    peers: &[String],
+    member: Membership<'_>,
     spec: &JobSpec,
     device: Device,
-    generation: u64,
-    ended: Arc<AtomicBool>,
     listener: TcpListener,
 ) -> Result<ProcessGroups, CollectiveError> {
+    let generation = member.generation;
     let groups = ProcessGroups::connect(
         GroupOptions {
-            rank: i64::from(rank),
-            peers: peers.to_vec(),
+            rank: i64::from(member.rank),
+            peers: member.peers.to_vec(),
             tp: i64::from(spec.parallel.tp),
             generation,
             timeout: Duration::from_secs_f64(spec.parallel.collective_timeout_s),
-            abort: Abort::from(ended),
+            abort: Abort::from(member.ended),
+            secret: member.secret,
         },
         listener,
     )?;

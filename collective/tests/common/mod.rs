@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use samtrain_collective::{Abort, GroupOptions, ProcessGroups, Result};
+use samtrain_collective::{Abort, GroupOptions, ProcessGroups, Result, Secret};
 
 /// Binds one listener per rank on a free port.
 pub fn listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
@@ -39,6 +39,7 @@ pub fn connect_with(
                 generation: generation(rank),
                 timeout,
                 abort: abort(rank),
+                secret: Secret::new(b"test generation".to_vec()),
             };
             std::thread::spawn(move || ProcessGroups::connect(options, listener))
         })

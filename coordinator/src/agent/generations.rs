@@ -188,6 +188,7 @@ fn assignment(shared: &Shared, a: v1::Assignment) -> Option<Box<Assignment>> {
         peers: a.peers,
         spec,
         resume_checkpoint: a.resume_checkpoint.map(|c| c.url),
+        ring_secret: a.ring_secret,
         ended,
     }))
 }

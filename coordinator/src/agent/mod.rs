@@ -106,6 +106,9 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// The newest committed checkpoint the coordinator knew of (a hint).
     pub resume_checkpoint: Option<String>,
+    /// The generation's secret: the collectives of its ranks prove they
+    /// hold it to each other.
+    pub ring_secret: String,
     /// Set by the agent when the coordinator ends this generation (a
     /// failure elsewhere, a cancel).
     pub ended: Arc<AtomicBool>,

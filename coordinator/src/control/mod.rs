@@ -14,6 +14,7 @@ mod reports;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use samtrain_proto::v1;
@@ -57,6 +58,10 @@ impl View {
     }
 }
 
+/// A leader whose reconcile loop has not finished a pass for this long is
+/// not ready (a pass takes milliseconds; store calls time out sooner).
+const LOOP_STALL_MS: i64 = 10_000;
+
 /// How a generation ends.
 enum Ending {
     /// A retriable failure or a lost member: restart (or fail at max_restarts).
@@ -98,6 +103,9 @@ pub(crate) struct Control {
     events: broadcast::Sender<v1::JobEvent>,
     /// Wakes the reconcile loop before its next tick.
     wake: Notify,
+    /// When (Unix ms) the reconcile loop last finished a pass, panicked or
+    /// not: `/readyz` fails on a leader whose loop stopped.
+    loop_beat: AtomicI64,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -135,6 +143,7 @@ impl Control {
             view: Mutex::new(View::default()),
             events: broadcast::channel(1024).0,
             wake: Notify::new(),
+            loop_beat: AtomicI64::new(now_ms()),
         }
     }
 
@@ -160,7 +169,15 @@ impl Control {
         } else if !s.is_leader {
             Err("standby (not the leader)".to_owned())
         } else {
-            Ok(())
+            let silent_ms = now_ms() - self.loop_beat.load(Ordering::Relaxed);
+            if silent_ms > LOOP_STALL_MS {
+                Err(format!(
+                    "the scheduling loop has not finished a pass for {:.1} s",
+                    silent_ms as f64 / 1000.0
+                ))
+            } else {
+                Ok(())
+            }
         }
     }
 

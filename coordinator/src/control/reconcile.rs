@@ -5,6 +5,7 @@
 //! left behind.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{store_status, worker_event, Control, Ending, View};
+use crate::auth;
 use crate::jobs::{JobState, MemberRecord};
 use crate::records::{now_ms, WorkerRecord};
 use crate::rendezvous::{self, Candidate, Decision};
@@ -169,7 +171,7 @@ impl Control {
                 rank: rank as u32,
             })
             .collect();
-        job.form(members.clone(), now_ms());
+        job.form(members.clone(), auth::new_secret(), now_ms());
         self.save(&job).await?;
         view.last_call.remove(job_id);
         tracing::info!(job = %job_id, generation = job.generation, workers = members.len(), "generation formed");
@@ -185,6 +187,7 @@ impl Control {
                 peers: peers.clone(),
                 spec_toml: job.spec_toml.clone(),
                 resume_checkpoint: job.checkpoint.clone(),
+                ring_secret: job.ring_secret.clone(),
             };
             let s = view
                 .subscribers
@@ -224,9 +227,18 @@ impl Control {
         };
         let _stop_watcher = AbortOnDrop(watcher);
         loop {
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!(error = %e.message(), "reconcile failed; retrying");
+            // Each pass runs as its own task, so a panic in it (a bug, or a
+            // record no check foresaw) is logged and the next pass runs:
+            // one bad job must not stop the scheduling of every other.
+            let this = self.clone();
+            match tokio::spawn(async move { this.reconcile().await }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e.message(), "reconcile failed; retrying"),
+                Err(e) => {
+                    tracing::error!(error = %e, "a reconcile pass panicked; the loop goes on")
+                }
             }
+            self.loop_beat.store(now_ms(), Ordering::Relaxed);
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
