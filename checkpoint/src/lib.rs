@@ -251,6 +251,9 @@ pub(crate) struct Inner {
     options: CheckpointOptions,
     tuning: CheckpointTuning,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Steps whose files this process has read back and found whole, so
+    /// the retention sweep verifies each checkpoint once, not every save.
+    verified: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Inner {
@@ -320,6 +323,7 @@ impl Checkpointer {
             options,
             tuning,
             runtime: Some(runtime),
+            verified: Default::default(),
         });
         let pending = Arc::new(Pending::default());
         let (jobs, queue) = mpsc::channel::<(Job, Arc<Slot>)>();

@@ -14,8 +14,7 @@ use crate::format::{
     self, checksum, crc_hex, encode, optimizer_file, params_file, part_file, stage, step_folder,
     FileEntry, Manifest, PartRecord, Staged, FORMAT, MANIFEST_FILE, META_FILE,
 };
-use crate::store::Store;
-use crate::{load, run_blocking, Inner, SaveOutcome, SaveStatus, ShardState};
+use crate::{load, run_blocking, CheckpointInfo, Inner, SaveOutcome, SaveStatus, ShardState};
 
 /// A staged save, waiting for the upload thread.
 pub(crate) struct Job {
@@ -193,7 +192,7 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
     let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     store.put(&at(MANIFEST_FILE), &[Bytes::from(bytes)]).await?;
     tracing::info!(step = part.step, url = %store.shown(&folder), "checkpoint committed");
-    if let Err(e) = retain(store, inner.options.keep, part.step).await {
+    if let Err(e) = retain(inner, part.step).await {
         tracing::warn!(error = %e, "checkpoint retention failed; old checkpoints stay for now");
     }
     Ok(SaveStatus::Committed)
@@ -256,18 +255,34 @@ async fn gather_parts(inner: &Inner, own: &PartRecord) -> Result<Vec<PartRecord>
     }
 }
 
-/// Deletes the committed checkpoints beyond the newest `keep` (0: none),
-/// and the uncommitted step folders older than the newest committed one
-/// (saves that never completed).
-async fn retain(store: &Store, keep: usize, newest: u64) -> Result<(), CheckpointError> {
-    let committed: Vec<u64> = load::list(store).await?.iter().map(|c| c.step).collect();
+/// Deletes the committed checkpoints beyond the newest `keep` (0: none)
+/// that verify, and the uncommitted step folders older than the one just
+/// written (saves that never completed). Only checkpoints whose files match
+/// their manifest count towards `keep`: a damaged one is neither counted
+/// nor deleted (it is skipped at resume), so damage can never push a good
+/// checkpoint, or the one just written (`newest`), out of the retention.
+async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
+    let store = &inner.store;
+    let keep = inner.options.keep;
+    let committed = load::list(store).await?;
     let mut doomed: Vec<u64> = Vec::new();
-    if keep > 0 && committed.len() > keep {
-        doomed.extend(&committed[..committed.len() - keep]);
+    if keep > 0 {
+        let mut kept = 0;
+        for info in committed.iter().rev() {
+            let good = info.step == newest || verified(inner, info).await?;
+            if !good {
+                continue;
+            }
+            if kept < keep {
+                kept += 1;
+            } else {
+                doomed.push(info.step);
+            }
+        }
     }
     for folder in store.folders().await? {
         if let Some(step) = format::parse_step(&folder) {
-            if step < newest && !committed.contains(&step) {
+            if step < newest && !committed.iter().any(|c| c.step == step) {
                 doomed.push(step);
             }
         }
@@ -280,9 +295,39 @@ async fn retain(store: &Store, keep: usize, newest: u64) -> Result<(), Checkpoin
         for file in store.files_under(&folder).await? {
             store.delete(&file).await?;
         }
+        inner.verified.lock().expect("verified lock").remove(&step);
         tracing::info!(step, url = %store.shown(&folder), "old checkpoint deleted");
     }
     Ok(())
+}
+
+/// Whether `info`'s files match its manifest (read once per process); a
+/// store that cannot be reached is an error, so nothing is deleted on a
+/// guess.
+async fn verified(inner: &Inner, info: &CheckpointInfo) -> Result<bool, CheckpointError> {
+    if inner
+        .verified
+        .lock()
+        .expect("verified lock")
+        .contains(&info.step)
+    {
+        return Ok(true);
+    }
+    match load::verify(&inner.store, info).await {
+        Ok(()) => {
+            inner
+                .verified
+                .lock()
+                .expect("verified lock")
+                .insert(info.step);
+            Ok(true)
+        }
+        Err(e) if e.is_corrupt() => {
+            tracing::warn!(step = info.step, url = %info.url, error = %e, "checkpoint damaged; retention neither counts nor deletes it");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

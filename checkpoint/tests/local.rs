@@ -183,6 +183,38 @@ fn retention_keeps_the_newest_k_and_sweeps_torn_saves() {
     assert_eq!(folders, ["step-00000005", "step-00000006"]);
 }
 
+/// The scenario that once lost every good checkpoint: 30 and 40 damaged,
+/// a run resumed from 20 saves 25 with `keep = 2`. Only checkpoints that
+/// verify count: 25 and 20 stay, 10 goes, the damaged ones are left alone,
+/// and the next resume finds 25.
+#[test]
+fn retention_keeps_good_checkpoints_when_newer_ones_are_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap();
+    let all = open(url, 0);
+    for step in [10, 20, 30, 40] {
+        assert_eq!(save_all(&all, state(step, 0, 1, 0)), SaveStatus::Committed);
+    }
+    for step in [30, 40] {
+        let shard = dir
+            .path()
+            .join(format!("step-{step:08}/tp-00-of-01.safetensors"));
+        let mut bytes = std::fs::read(&shard).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&shard, &bytes).unwrap();
+    }
+    assert_eq!(all.latest().unwrap().unwrap().step, 20);
+
+    let resumed = open(url, 2);
+    assert_eq!(
+        save_all(&resumed, state(25, 0, 1, 0)),
+        SaveStatus::Committed
+    );
+    let steps: Vec<u64> = resumed.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [20, 25, 30, 40]);
+    assert_eq!(resumed.latest().unwrap().unwrap().step, 25);
+}
+
 /// Saves the model state of `seed` at tp size `size` (one Checkpointer per
 /// rank, as in a real job) and returns the committed checkpoint.
 fn save_sharded(url: &str, step: u64, size: u32, seed: i64) {

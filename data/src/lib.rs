@@ -6,9 +6,11 @@
 //! - [`preprocess`]: images and text to model-ready batches, ahead of the step;
 //! - [`sampler`]: the global sample order and each rank's slice of it;
 //! - [`rng`]: the seeded generator behind the sample order and synthetic data;
-//! - [`eval`]: SAM's evaluation protocol.
+//! - [`eval`]: SAM's evaluation protocol;
+//! - [`limits`]: how many images a record and how many pixels an image may have.
 
 pub mod eval;
+pub mod limits;
 pub mod mmlink;
 pub mod preprocess;
 pub mod remote;

@@ -40,6 +40,13 @@ pub enum PreprocessError {
         #[source]
         source: crate::remote::RemoteError,
     },
+    #[error("record {record}: field `{field}`: image {} {message}", path.display())]
+    ImageTooLarge {
+        record: RecordId,
+        field: String,
+        path: PathBuf,
+        message: String,
+    },
     #[error("record {record}: field `{field}`: image {path} has no pixels ({width}x{height})")]
     EmptyImage {
         record: RecordId,

@@ -310,3 +310,55 @@ fn synth_rejects_bad_options() {
     o.samples = 0;
     assert!(synth(dir.path(), &o).is_err());
 }
+
+/// A record listing more images than the limit, and an image whose header
+/// promises more pixels than the limit (its file is small: 10000 x 10000
+/// grey, 100 MB decoded), are bad records named by record and field, found
+/// without decoding the oversized image.
+#[test]
+fn oversized_records_and_images_are_problems_not_allocations() {
+    use samtrain_data::limits::InputLimits;
+    let dir = tempfile::tempdir().unwrap();
+    synth(dir.path(), &options(Task::Group, 2)).unwrap();
+    let root = dir.path().to_str().unwrap();
+    let mut records: Vec<serde_json::Value> =
+        serde_json::from_slice(&fs::read(dir.path().join("annotations.json")).unwrap()).unwrap();
+    let first = records[0]["img_list"][0].clone();
+    records[1]["img_list"] = serde_json::Value::Array(vec![first; 100]);
+    image::GrayImage::new(10_000, 10_000)
+        .save(dir.path().join("images/bomb.png"))
+        .unwrap();
+    records[2]["img_list"][1] = "images/bomb.png".into();
+    fs::write(
+        dir.path().join("annotations.json"),
+        serde_json::to_vec(&records).unwrap(),
+    )
+    .unwrap();
+    let skip = LoadOptions {
+        policy: Policy::Skip,
+        limits: InputLimits {
+            max_images_per_record: 8,
+            max_image_pixels: 50_000_000,
+        },
+        ..LoadOptions::default()
+    };
+    let loaded = load_blocking(root, skip).unwrap();
+    assert_eq!(loaded.records.len(), 4);
+    let problems: Vec<String> = loaded
+        .report
+        .problems
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].contains("img_list")
+            && problems[0].contains("lists 100 images, more than data.max_images_per_record (8)"),
+        "{problems:?}"
+    );
+    assert!(
+        problems[1].contains("img_list[1]")
+            && problems[1].contains("10000 x 10000 = 100000000 pixels"),
+        "{problems:?}"
+    );
+}

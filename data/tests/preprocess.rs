@@ -95,6 +95,7 @@ fn solid_colour_normalises_exactly() {
                 size: 32,
                 resize,
                 augment: None,
+                ..ImageConfig::default()
             },
         );
         assert_eq!(out.len(), 3 * 32 * 32);
@@ -119,6 +120,7 @@ fn resize_keeps_the_centre_square() {
         size: 30,
         resize: ResizeMode::ShorterSideCrop,
         augment: None,
+        ..ImageConfig::default()
     };
     let out = preprocess::image::to_chw(&image::DynamicImage::ImageRgb8(img), &config);
     assert_eq!(out.len(), 3 * 30 * 30);
@@ -275,6 +277,7 @@ fn dataset(dir: &Path, n: usize) -> (Arc<Preprocessor>, Arc<[Record]>) {
         size: 8,
         resize: ResizeMode::ShorterSideCrop,
         augment: None,
+        ..ImageConfig::default()
     };
     let pre = Preprocessor::new(dir, image, &text_config(dir)).unwrap();
     (Arc::new(pre), records.into())

@@ -164,6 +164,14 @@ pub struct DataSpec {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// A record listing more images than this is a bad record (SAM's data
+    /// has 1 to 8): the images of one sample are decoded together.
+    #[serde(default = "default_max_images_per_record")]
+    pub max_images_per_record: usize,
+    /// An image of more pixels than this is a bad image, refused from its
+    /// header before it is decoded (a small file can decode to gigabytes).
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
     /// Where objects of `s3://`, `gs://`, `az://` or `http(s)://` datasets,
     /// tokenizers and model folders are cached on the worker; default
     /// `$SAMTRAIN_CACHE/objects`, or `~/.cache/samtrain/objects`.
@@ -254,6 +262,12 @@ fn default_loader_threads() -> usize {
 }
 fn default_prefetch() -> usize {
     4
+}
+fn default_max_images_per_record() -> usize {
+    64
+}
+fn default_max_image_pixels() -> u64 {
+    50_000_000
 }
 /// `[data] cache_max_gib` when a spec names none.
 pub const DEFAULT_CACHE_MAX_GIB: f64 = 100.0;
@@ -545,6 +559,18 @@ impl JobSpec {
         );
         p.within(d.loader_threads, 1, MAX_THREADS, "data.loader_threads");
         p.within(d.prefetch, 1, 1024, "data.prefetch");
+        p.within(
+            d.max_images_per_record,
+            1,
+            1024,
+            "data.max_images_per_record",
+        );
+        p.within(
+            d.max_image_pixels,
+            1,
+            1_000_000_000,
+            "data.max_image_pixels",
+        );
         for (token, field) in [
             (&d.bos_token, "data.bos_token"),
             (&d.eos_token, "data.eos_token"),
@@ -854,6 +880,25 @@ url = "file:///tmp/ckpt"
 
     /// Numbers that would overflow a duration, exhaust memory at evaluation
     /// or never end are refused with their field named.
+    #[test]
+    fn input_limits_are_bounded_and_default_to_generous_caps() {
+        let spec = JobSpec::from_toml(MINIMAL, None).unwrap();
+        assert_eq!(
+            (spec.data.max_images_per_record, spec.data.max_image_pixels),
+            (64, 50_000_000)
+        );
+        let text = MINIMAL.replace(
+            "[data]\n",
+            "[data]\nmax_images_per_record = 100000\nmax_image_pixels = 0\n",
+        );
+        let err = JobSpec::from_toml(&text, None).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["data.max_images_per_record", "data.max_image_pixels"]
+        );
+    }
+
     #[test]
     fn every_number_has_an_upper_bound() {
         let text = format!(

@@ -36,7 +36,12 @@ pub fn run(args: &FetchArgs) -> Result<()> {
     // Every record once: the epoch's last batch is padded, not dropped.
     local.data.tail = samtrain_proto::spec::Tail::Pad;
     let started = Instant::now();
-    let dataset = inputs::load_dataset(&spec.data.train, spec.data.bad_records, &remote)?;
+    let dataset = inputs::load_dataset(
+        &spec.data.train,
+        spec.data.bad_records,
+        inputs::input_limits(&spec),
+        &remote,
+    )?;
     let read_s = started.elapsed().as_secs_f64();
     let records = dataset.records.len();
     let images: usize = dataset.records.iter().map(|r| r.img_list.len()).sum();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use samtrain_data::limits::InputLimits;
 use samtrain_data::mmlink::{self, synth, LoadOptions, Policy};
 use samtrain_data::preprocess::batch::IGNORE_INDEX;
 use samtrain_data::preprocess::{Preprocessor, Visit};
@@ -68,6 +69,16 @@ pub struct ValidateArgs {
     /// Print one JSON object {"records", "valid", "problems"} instead of lines.
     #[arg(long)]
     json: bool,
+    /// A record listing more images is a problem (a job's
+    /// `data.max_images_per_record`).
+    #[arg(long, default_value_t = InputLimits::default().max_images_per_record as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_images_per_record: u64,
+    /// An image of more pixels is a problem, found from its header (a job's
+    /// `data.max_image_pixels`).
+    #[arg(long, default_value_t = InputLimits::default().max_image_pixels,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    max_image_pixels: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +145,10 @@ fn validate(args: ValidateArgs) -> Result<()> {
     // rather than stopping at an error.
     let options = LoadOptions {
         policy: Policy::Skip,
+        limits: InputLimits {
+            max_images_per_record: args.max_images_per_record as usize,
+            max_image_pixels: args.max_image_pixels,
+        },
         ..LoadOptions::default()
     };
     let report = mmlink::load_blocking(&args.path, options)?.report;
@@ -201,7 +216,12 @@ fn preview(args: PreviewArgs) -> Result<()> {
             .clone()
             .context("--split eval: the spec has no data.eval")?
     };
-    let set = inputs::load_dataset(&location, spec.data.bad_records, &remote)?;
+    let set = inputs::load_dataset(
+        &location,
+        spec.data.bad_records,
+        inputs::input_limits(&spec),
+        &remote,
+    )?;
     let text = inputs::text_config(&local);
     let image = inputs::image_config(&local, config.vision_config.image_size, training);
     let pre = Preprocessor::new(set.images.clone(), image, &text)?;

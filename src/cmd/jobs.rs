@@ -175,6 +175,7 @@ async fn preflight(spec: &samtrain_proto::spec::JobSpec) -> Result<()> {
             policy,
             images: ImageCheck::Decode,
             validated: None,
+            limits: samtrain_worker::inputs::input_limits(spec),
         };
         let loaded = load(location, options)
             .await

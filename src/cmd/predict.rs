@@ -86,7 +86,12 @@ pub fn run(args: PredictArgs) -> Result<()> {
         Some(spec) => inputs::Remote::of(&spec.data),
         None => inputs::Remote::new(None, DEFAULT_CACHE_MAX_GIB, DEFAULT_FETCH_RETRIES),
     };
-    let set = inputs::load_dataset(&args.data, BadRecords::Fail, &remote)?;
+    let set = inputs::load_dataset(
+        &args.data,
+        BadRecords::Fail,
+        samtrain_data::limits::InputLimits::default(),
+        &remote,
+    )?;
     let qformer_named = m
         .spec
         .as_ref()

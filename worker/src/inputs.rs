@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use samtrain_data::limits::InputLimits;
 use samtrain_data::mmlink::{self, ImageCheck, LoadOptions, Policy, Record};
 use samtrain_data::preprocess::{
     Augment, Batch, ImageConfig, ImageRoot, Loader, LoaderConfig, Preprocessor, ResizeMode, Side,
@@ -168,6 +169,7 @@ fn local_root(location: &str) -> PathBuf {
 pub fn load_dataset(
     location: &str,
     policy: BadRecords,
+    limits: InputLimits,
     remote: &Remote,
 ) -> Result<Dataset, DataError> {
     let is_remote = remote::is_remote(location);
@@ -182,6 +184,7 @@ pub fn load_dataset(
             ImageCheck::Decode
         },
         validated: Some(remote.dir.join("validated")),
+        limits,
     };
     let loaded = mmlink::load_blocking(location, options).map_err(|e| DataError {
         location: location.to_owned(),
@@ -252,8 +255,17 @@ pub fn text_config(spec: &JobSpec) -> TextConfig {
 
 /// The image settings of a spec for a model of `size` pixels: with
 /// `training`, its augmentation.
+/// The spec's bounds on images per record and pixels per image.
+pub fn input_limits(spec: &JobSpec) -> InputLimits {
+    InputLimits {
+        max_images_per_record: spec.data.max_images_per_record,
+        max_image_pixels: spec.data.max_image_pixels,
+    }
+}
+
 pub fn image_config(spec: &JobSpec, size: i64, training: bool) -> ImageConfig {
     ImageConfig {
+        max_pixels: spec.data.max_image_pixels,
         size: size as u32,
         resize: match spec.data.image_resize {
             ImageResize::Stretch => ResizeMode::Stretch,

@@ -291,7 +291,12 @@ pub fn predict_set(
     model: &SamModel,
     device: Device,
 ) -> Result<Vec<Prediction>, TrainError> {
-    let set = inputs::load_dataset(location, spec.data.bad_records, remote)?;
+    let set = inputs::load_dataset(
+        location,
+        spec.data.bad_records,
+        inputs::input_limits(spec),
+        remote,
+    )?;
     let text = inputs::text_config(spec);
     inputs::check_vocabulary(
         &text,

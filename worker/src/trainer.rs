@@ -183,7 +183,12 @@ impl Trainer {
             "agreeing on the attempt id",
         )?;
 
-        let train_set = inputs::load_dataset(&spec.data.train, spec.data.bad_records, &remote)?;
+        let train_set = inputs::load_dataset(
+            &spec.data.train,
+            spec.data.bad_records,
+            inputs::input_limits(&spec),
+            &remote,
+        )?;
         let skipped_records = train_set.skipped;
         let config = &lease.model().model.config;
         inputs::check_vocabulary(

@@ -162,19 +162,36 @@ fn an_unchanged_local_dataset_is_decoded_once() {
     let cache = f.dir.path().join("validated-cache");
     let remote = Remote::new(Some(cache.to_str().unwrap()), 1.0, 0);
     let location = f.data.to_str().unwrap();
-    let first = load_dataset(location, BadRecords::Fail, &remote).unwrap();
+    let first = load_dataset(
+        location,
+        BadRecords::Fail,
+        samtrain_data::limits::InputLimits::default(),
+        &remote,
+    )
+    .unwrap();
     assert!(!first.validated_before);
-    let second = load_dataset(location, BadRecords::Fail, &remote).unwrap();
+    let second = load_dataset(
+        location,
+        BadRecords::Fail,
+        samtrain_data::limits::InputLimits::default(),
+        &remote,
+    )
+    .unwrap();
     assert!(second.validated_before);
     assert_eq!(first.records, second.records);
 
     // A rewritten (here: corrupt) image changes the digest: decoded again.
     let image = f.data.join(&first.records[0].img_list[0]);
     std::fs::write(&image, b"not an image").unwrap();
-    let err = load_dataset(location, BadRecords::Fail, &remote)
-        .err()
-        .expect("a corrupt image is found")
-        .to_string();
+    let err = load_dataset(
+        location,
+        BadRecords::Fail,
+        samtrain_data::limits::InputLimits::default(),
+        &remote,
+    )
+    .err()
+    .expect("a corrupt image is found")
+    .to_string();
     assert!(
         err.contains("img_list[0]") && err.contains("decoded"),
         "{err}"

@@ -233,6 +233,31 @@ fn describe(value: &Value) -> String {
     }
 }
 
+/// Words of an answer that are scored; longer answers are cut here, with a
+/// warning. ROUGE-L's table grows with the product of two answers' lengths
+/// (three 200,000-word answers once asked for 320 GB); at this cap it stays
+/// under 10 MB, and real captions are a few dozen words.
+pub const MAX_SCORED_WORDS: usize = 1024;
+
+/// `text` cut to its first [`MAX_SCORED_WORDS`] words (a normalised text's
+/// words are separated by single spaces).
+fn capped(text: String, index: usize, sample_id: &SampleId, field: &str) -> String {
+    match text.match_indices(' ').nth(MAX_SCORED_WORDS - 1) {
+        None => text,
+        Some((at, _)) => {
+            tracing::warn!(
+                index,
+                ?sample_id,
+                field,
+                words = text.split(' ').count(),
+                limit = MAX_SCORED_WORDS,
+                "answer longer than the scoring limit; only its first words are scored"
+            );
+            text[..at].to_owned()
+        }
+    }
+}
+
 /// Scores a set of predictions as SAM's `Eval.evaluate_rouge`.
 pub fn evaluate(predictions: &[Prediction]) -> Result<Evaluation, Invalid> {
     if predictions.is_empty() {
@@ -257,7 +282,12 @@ pub fn evaluate(predictions: &[Prediction]) -> Result<Evaluation, Invalid> {
             );
             return Err(problem("sample_id", message));
         }
-        let reference = normalize(&p.gt_response);
+        let reference = capped(
+            normalize(&p.gt_response),
+            index,
+            &p.sample_id,
+            "gt_response",
+        );
         if reference.is_empty() {
             let message = format!(
                 "{:?} is empty after SAM's normalisation: every sample needs a reference",
@@ -265,7 +295,12 @@ pub fn evaluate(predictions: &[Prediction]) -> Result<Evaluation, Invalid> {
             );
             return Err(problem("gt_response", message));
         }
-        let hypothesis = normalize(&p.pred_response);
+        let hypothesis = capped(
+            normalize(&p.pred_response),
+            index,
+            &p.sample_id,
+            "pred_response",
+        );
         // An empty prediction scores 0 without asking the `rouge` package,
         // which would reject it.
         let f = if hypothesis.is_empty() {
@@ -354,6 +389,26 @@ mod tests {
             Err(problem) => problem,
         };
         problem.to_string()
+    }
+
+    /// Three 200,000-word answers once asked ROUGE-L for 320 GB. They are
+    /// scored on their first words, as the same answers cut by hand are.
+    #[test]
+    fn huge_answers_are_scored_on_their_first_words() {
+        let huge = "word ".repeat(200_000);
+        let cut = "word ".repeat(MAX_SCORED_WORDS);
+        let score = |pred: &str, gt: &str| {
+            let p = parse_predictions(&json!([record(json!(1), pred, gt)])).unwrap();
+            evaluate(&p).unwrap().summary
+        };
+        let started = std::time::Instant::now();
+        let whole = score(&huge, &huge);
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        assert_eq!(whole, score(&cut, &cut));
+        assert_eq!(
+            capped("a b c".into(), 0, &SampleId::Text("s".into()), "x"),
+            "a b c"
+        );
     }
 
     #[test]

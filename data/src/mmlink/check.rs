@@ -63,8 +63,9 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// Checks every field of the record at `index` of `file`.
-pub(crate) fn check_record(value: &Value, index: usize, file: &str) -> Checked {
+/// Checks every field of the record at `index` of `file`; a record may list
+/// at most `max_images` images.
+pub(crate) fn check_record(value: &Value, index: usize, file: &str, max_images: usize) -> Checked {
     let mut problems = Vec::new();
     let mut problem = |id: &Option<RecordId>, field: Option<&str>, message: String| {
         problems.push(Problem {
@@ -114,6 +115,14 @@ pub(crate) fn check_record(value: &Value, index: usize, file: &str) -> Checked {
             &id,
             Some("img_list"),
             "is empty: a record needs at least one image".into(),
+        ),
+        Some(Value::Array(list)) if list.len() > max_images => problem(
+            &id,
+            Some("img_list"),
+            format!(
+                "lists {} images, more than data.max_images_per_record ({max_images})",
+                list.len()
+            ),
         ),
         Some(Value::Array(list)) => {
             img_list_ok = true;
@@ -222,7 +231,7 @@ mod tests {
     fn a_good_record_passes() {
         let v =
             json!({"id": 3, "img_list": ["a.png", "./b/c.png"], "instruction": "", "output": "x"});
-        let c = check_record(&v, 0, "ann.json");
+        let c = check_record(&v, 0, "ann.json", 64);
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         assert_eq!(c.record.unwrap().id, RecordId::Int(3));
     }
@@ -231,7 +240,7 @@ mod tests {
     fn every_problem_of_a_record_is_reported() {
         let v =
             json!({"img_list": [1, "../x.png", "/etc/passwd"], "instruction": 5, "output": " "});
-        let c = check_record(&v, 4, "ann.json");
+        let c = check_record(&v, 4, "ann.json", 64);
         let fields: Vec<_> = c
             .problems
             .iter()
@@ -259,7 +268,7 @@ mod tests {
     fn ids_must_be_integers_or_strings() {
         for bad in [json!(1.5), json!(null), json!([1]), json!(true)] {
             let v = json!({"id": bad, "img_list": ["a.png"], "instruction": "", "output": "x"});
-            let c = check_record(&v, 0, "f");
+            let c = check_record(&v, 0, "f", 64);
             assert_eq!(c.problems.len(), 1);
             assert_eq!(c.problems[0].field.as_deref(), Some("id"));
         }

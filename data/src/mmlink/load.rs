@@ -26,6 +26,7 @@ use url::Url;
 
 use super::check::{check_record, path_segments, Problem};
 use super::record::{Record, RecordId};
+use crate::limits::{self, DecodeError, InputLimits};
 use crate::remote;
 
 /// The annotation files looked for, in this order, when a folder is given.
@@ -64,6 +65,8 @@ pub struct LoadOptions {
     /// problem. Under [`ImageCheck::Decode`], a dataset whose digest is
     /// there is only checked for existence; one decoded cleanly is added.
     pub validated: Option<PathBuf>,
+    /// Images per record and pixels per image.
+    pub limits: InputLimits,
 }
 
 /// What reading a dataset found.
@@ -256,6 +259,7 @@ impl Dataset {
         &self,
         relative: &str,
         check: ImageCheck,
+        max_pixels: u64,
         inventory: Option<&Inventory>,
     ) -> Option<String> {
         let path = self.path(relative);
@@ -281,11 +285,12 @@ impl Dataset {
             Err(e) => return Some(not_found(&e)),
         };
         // Decoding is CPU work: off the async threads, in parallel.
-        let decoded = tokio::task::spawn_blocking(move || image::load_from_memory(&bytes).err())
+        let decoded = tokio::task::spawn_blocking(move || limits::decode(&bytes, max_pixels).err())
             .await
             .map_err(|e| e.to_string());
         match decoded {
             Ok(None) => None,
+            Ok(Some(e @ DecodeError::TooLarge { .. })) => Some(format!("image {e}")),
             Ok(Some(e)) => Some(format!("image cannot be decoded: {e}")),
             Err(e) => Some(format!("image decoding stopped: {e}")),
         }
@@ -384,7 +389,7 @@ pub async fn load(location: &str, options: LoadOptions) -> Result<Loaded, LoadEr
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let mut c = check_record(v, i, &shown);
+            let mut c = check_record(v, i, &shown, options.limits.max_images_per_record);
             if unparsed_at.contains(&i) {
                 // The placeholder's own "not an object" adds nothing.
                 c.problems.clear();
@@ -439,9 +444,12 @@ pub async fn load(location: &str, options: LoadOptions) -> Result<Loaded, LoadEr
         options.images
     };
     let (dataset_ref, listed) = (&dataset, inventory.as_ref());
+    let max_pixels = options.limits.max_image_pixels;
     let image_problems: HashMap<String, String> = futures::stream::iter(unique)
         .map(|path| async move {
-            let problem = dataset_ref.image_problem(&path, check, listed).await;
+            let problem = dataset_ref
+                .image_problem(&path, check, max_pixels, listed)
+                .await;
             (path, problem)
         })
         .buffer_unordered(IMAGES_IN_FLIGHT)

@@ -12,7 +12,9 @@
 
 use std::path::Path;
 
-use image::{imageops::FilterType, DynamicImage, ImageReader};
+use image::{imageops::FilterType, DynamicImage};
+
+use crate::limits::{self, DecodeError, InputLimits};
 use serde::{Deserialize, Serialize};
 
 use super::PreprocessError;
@@ -50,6 +52,14 @@ pub struct ImageConfig {
     /// transform.
     #[serde(default)]
     pub augment: Option<Augment>,
+    /// Images with more pixels are refused from their header
+    /// (`[data] max_image_pixels`).
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: u64,
+}
+
+fn default_max_pixels() -> u64 {
+    InputLimits::default().max_image_pixels
 }
 
 impl Default for ImageConfig {
@@ -58,6 +68,7 @@ impl Default for ImageConfig {
             size: 224,
             resize: ResizeMode::default(),
             augment: None,
+            max_pixels: default_max_pixels(),
         }
     }
 }
@@ -194,12 +205,16 @@ pub fn load(
         path: path.to_path_buf(),
         source: Box::new(source),
     };
-    let decoded = ImageReader::open(path)
-        .map_err(|e| image_error(e.into()))?
-        .with_guessed_format()
-        .map_err(|e| image_error(e.into()))?
-        .decode()
-        .map_err(image_error)?;
+    let bytes = std::fs::read(path).map_err(|e| image_error(e.into()))?;
+    let decoded = limits::decode(&bytes, config.max_pixels).map_err(|e| match e {
+        DecodeError::Image(e) => image_error(e),
+        DecodeError::TooLarge { .. } => PreprocessError::ImageTooLarge {
+            record: record.clone(),
+            field: field.to_string(),
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    })?;
     if decoded.width() == 0 || decoded.height() == 0 {
         return Err(PreprocessError::EmptyImage {
             record: record.clone(),
