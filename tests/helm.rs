@@ -412,6 +412,63 @@ fn default_values_give_two_coordinators_bundled_etcd_and_gpu_workers() {
     assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth"]);
 }
 
+/// Whether `selector`'s matchLabels all hold on `workload`'s pods.
+fn selects(selector: &Value, workload: &Value) -> bool {
+    let labels = &workload["spec"]["template"]["metadata"]["labels"];
+    selector["matchLabels"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+#[test]
+fn network_policies_close_the_api_the_ring_and_etcd() {
+    let docs = manifests(&[], "defaults (network policies)");
+    let coordinator = find(&docs, "Deployment", "samtrain-coordinator");
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    let etcd = find(&docs, "StatefulSet", "samtrain-etcd");
+    let rules = |name: &str| -> Vec<(u64, Vec<Value>)> {
+        let policy = find(&docs, "NetworkPolicy", name);
+        policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let from = r["from"].as_array().cloned().unwrap_or_default();
+                (r["ports"][0]["port"].as_u64().unwrap(), from)
+            })
+            .collect()
+    };
+    let from_pods = |from: &[Value], workload: &Value| {
+        from.iter().any(|f| selects(&f["podSelector"], workload))
+    };
+
+    let policy = find(&docs, "NetworkPolicy", "samtrain-coordinator");
+    assert!(selects(&policy["spec"]["podSelector"], coordinator));
+    let api = rules("samtrain-coordinator");
+    assert_eq!(api[0].0, 7070);
+    assert!(from_pods(&api[0].1, workers));
+    assert!(!from_pods(&api[0].1, etcd));
+    assert_eq!((api[1].0, api[1].1.is_empty()), (7071, true), "probes");
+
+    let ring = rules("samtrain-workers");
+    assert_eq!(ring[0].0, 29500);
+    assert!(from_pods(&ring[0].1, workers));
+    assert!(!from_pods(&ring[0].1, coordinator));
+    assert_eq!(ring[0].1.len(), 1, "only workers reach the ring");
+
+    let store = rules("samtrain-etcd");
+    assert_eq!(store[0].0, 2379);
+    assert!(from_pods(&store[0].1, coordinator) && from_pods(&store[0].1, workers));
+    assert_eq!(store[1].0, 2380);
+    assert!(from_pods(&store[1].1, etcd) && !from_pods(&store[1].1, workers));
+
+    // Turned off, there are none.
+    let open = parse(&render(&[], &["networkPolicy.enabled=false"]).unwrap());
+    assert!(kinds(&open, "NetworkPolicy").is_empty());
+}
+
 /// The pod's volume named `name`.
 fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
     workload["spec"]["template"]["spec"]["volumes"]
