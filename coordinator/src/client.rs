@@ -102,11 +102,27 @@ impl Client {
         .await
     }
 
+    /// Every job, oldest first, a page at a time.
     pub async fn list(&mut self) -> Result<Vec<v1::Job>, ClientError> {
-        let r = self
-            .call(|mut c| async move { c.list(v1::ListJobsRequest {}).await })
-            .await?;
-        Ok(r.jobs)
+        let mut jobs = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = v1::ListJobsRequest {
+                page_size: 0,
+                page_token: page_token.clone(),
+            };
+            let page = self
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.list(request).await }
+                })
+                .await?;
+            jobs.extend(page.jobs);
+            if page.next_page_token.is_empty() {
+                return Ok(jobs);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub async fn cancel(&mut self, job_id: &str) -> Result<v1::Job, ClientError> {

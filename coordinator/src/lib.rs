@@ -23,5 +23,6 @@ mod server;
 pub mod store;
 mod tasks;
 
+pub use control::History;
 pub use process::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};
 pub use records::WorkerRecord;

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{AuthError, AuthOptions, Guard, Role, ServerAuth};
-use crate::control::Control;
+use crate::control::{Control, History};
 use crate::election::{Election, LeaderInfo};
 use crate::health::{self, HealthServer};
 use crate::records::Keys;
@@ -46,6 +46,8 @@ pub struct CoordinatorOptions {
     pub auth: AuthOptions,
     /// Serve an open API on a non-loopback address (logged as a warning).
     pub insecure: bool,
+    /// How many finished jobs, and for how long, stay listed.
+    pub history: History,
 }
 
 impl Default for CoordinatorOptions {
@@ -60,6 +62,7 @@ impl Default for CoordinatorOptions {
             advertise: None,
             auth: AuthOptions::default(),
             insecure: false,
+            history: History::default(),
         }
     }
 }
@@ -170,6 +173,7 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
         Keys::new(&prefix),
         options.lease_ttl,
         election,
+        options.history,
     ));
     let health = match options.health_listen {
         Some(listen) => Some(serve_health(listen, control.clone()).await?),

@@ -57,11 +57,13 @@ impl Jobs for Service {
 
     async fn list(
         &self,
-        _request: Request<v1::ListJobsRequest>,
+        request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
-        let jobs = self.control.jobs().await?;
+        let r = request.into_inner();
+        let (jobs, next_page_token) = self.control.jobs(r.page_size, &r.page_token).await?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs: jobs.iter().map(JobRecord::to_proto).collect(),
+            next_page_token,
         }))
     }
 

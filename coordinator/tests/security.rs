@@ -349,3 +349,95 @@ async fn an_open_api_is_refused_off_loopback() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn history_is_bounded_listed_by_page_and_specs_are_sized() {
+    let (auth, operator, _) = AuthOptions::generated();
+    let node = Node::start_with(CoordinatorOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        health_listen: Some("127.0.0.1:0".parse().unwrap()),
+        prefix: "/samtrain-test".to_owned(),
+        node_id: "history".to_owned(),
+        auth,
+        history: samtrain_coordinator::History {
+            max_jobs: 2,
+            max_age: Duration::from_secs(86_400),
+        },
+        ..CoordinatorOptions::default()
+    });
+    let mut ops = operator_client(&node, &operator);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            ops.submit(&spec(&format!("h{i}"), 1, 1, 1, 0), "h.toml")
+                .await
+                .unwrap(),
+        );
+    }
+
+    // Pages of two, in submission order, each token continuing the last.
+    let mut jobs =
+        samtrain_proto::v1::jobs_client::JobsClient::connect(format!("http://{}", node.address()))
+            .await
+            .unwrap();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = jobs
+            .list(request(
+                v1::ListJobsRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                },
+                &operator,
+                None,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.jobs.len() <= 2);
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!((seen, pages), (ids.clone(), 3));
+
+    // Five finished jobs, two kept: the oldest three go.
+    for id in &ids {
+        ops.cancel(id).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed: Vec<String> = ops
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        if listed == ids[3..] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history still holds {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = ops.get(&ids[0]).await.unwrap_err();
+    assert_eq!(gone.code(), Some(Code::NotFound));
+
+    // A spec too large for the store is refused with the reason.
+    let padded = format!(
+        "{}\n# {}\n",
+        spec("big", 1, 1, 1, 0),
+        "x".repeat(300 * 1024)
+    );
+    let err = ops.submit(&padded, "big.toml").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("at most 262144"), "{err}");
+}

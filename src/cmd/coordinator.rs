@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_coordinator::auth::{AuthOptions, TokenSource};
-use samtrain_coordinator::CoordinatorOptions;
+use samtrain_coordinator::{CoordinatorOptions, History};
 
 #[derive(Args)]
 pub struct CoordinatorArgs {
@@ -31,7 +31,8 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SAMTRAIN_NODE_ID")]
     node_id: Option<String>,
     /// Lease TTL in seconds, of the leader and (by default) the workers.
-    #[arg(long, env = "SAMTRAIN_LEASE_TTL", default_value_t = 5)]
+    #[arg(long, env = "SAMTRAIN_LEASE_TTL", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
     lease_ttl: u64,
     /// The address standbys give clients for this node when it leads
     /// (default: the bound listen address).
@@ -49,6 +50,14 @@ pub struct CoordinatorArgs {
     /// it controls every job. Only for networks where that is true anyway.
     #[arg(long, env = "SAMTRAIN_INSECURE")]
     insecure: bool,
+    /// Finished jobs kept in the history (`samtrain list`); older ones go.
+    #[arg(long, env = "SAMTRAIN_HISTORY_JOBS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    history_jobs: u64,
+    /// Days a finished job stays in the history.
+    #[arg(long, env = "SAMTRAIN_HISTORY_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3650))]
+    history_days: u64,
 }
 
 pub fn run(args: CoordinatorArgs) -> Result<()> {
@@ -81,6 +90,10 @@ async fn serve(args: CoordinatorArgs) -> Result<()> {
                 .collect(),
         },
         insecure: args.insecure,
+        history: History {
+            max_jobs: args.history_jobs as usize,
+            max_age: Duration::from_secs(args.history_days * 86_400),
+        },
     })
     .await
     .context("starting the coordinator")?;

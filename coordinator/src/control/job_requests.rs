@@ -14,6 +14,14 @@ use crate::store::{Compare, Op};
 /// The events of one watched job, as the `Watch` stream sends them.
 pub(crate) type JobEvents = mpsc::Receiver<Result<v1::JobEvent, Status>>;
 
+/// The largest spec accepted: a job's record (its spec inside) is one
+/// value in the store, and etcd refuses requests over 1.5 MiB.
+pub(crate) const MAX_SPEC_BYTES: usize = 256 * 1024;
+
+/// The jobs of a `List` page when the caller names no size, and the most.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
 impl Control {
     /// Checks a spec and stores it as a new pending job; its id.
     pub(crate) async fn submit(
@@ -21,6 +29,12 @@ impl Control {
         spec_toml: String,
         source_name: &str,
     ) -> Result<String, Status> {
+        if spec_toml.len() > MAX_SPEC_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the spec is {} bytes; at most {MAX_SPEC_BYTES} are accepted (a job's record is one value in the store, and etcd refuses requests over 1.5 MiB)",
+                spec_toml.len()
+            )));
+        }
         let source = (!source_name.is_empty()).then_some(source_name);
         let spec = JobSpec::from_toml(&spec_toml, source)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -62,12 +76,50 @@ impl Control {
         Ok(self.lead_job(job_id).await?.job)
     }
 
-    /// Every job, oldest first.
-    pub(crate) async fn jobs(&self) -> Result<Vec<JobRecord>, Status> {
+    /// One page of the jobs, oldest first, and the token of the next page
+    /// (empty after the last). The token is the last job's place in that
+    /// order, so a page never repeats or skips a job that stays.
+    pub(crate) async fn jobs(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<JobRecord>, String), Status> {
+        let size = match page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            let (ms, id) = page_token
+                .split_once(':')
+                .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "page token `{page_token}` is not one this coordinator made"
+                    ))
+                })?;
+            Some((ms, id))
+        };
         let view = self.lead().await?;
-        let mut jobs: Vec<JobRecord> = view.jobs.values().cloned().collect();
+        let mut jobs: Vec<&JobRecord> = view
+            .jobs
+            .values()
+            .filter(|j| {
+                after
+                    .as_ref()
+                    .is_none_or(|(ms, id)| (j.created_unix_ms, &j.id) > (*ms, id))
+            })
+            .collect();
         jobs.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
-        Ok(jobs)
+        let next = match jobs.get(size) {
+            Some(_) => {
+                let last = jobs[size - 1];
+                format!("{}:{}", last.created_unix_ms, last.id)
+            }
+            None => String::new(),
+        };
+        Ok((jobs.into_iter().take(size).cloned().collect(), next))
     }
 
     /// Cancels a job that has not ended; the job as cancelled.

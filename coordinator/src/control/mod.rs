@@ -106,6 +106,26 @@ pub(crate) struct Control {
     /// When (Unix ms) the reconcile loop last finished a pass, panicked or
     /// not: `/readyz` fails on a leader whose loop stopped.
     loop_beat: AtomicI64,
+    /// How many finished jobs, and for how long, stay listed.
+    history: History,
+    last_prune: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Finished jobs are kept until there are more than `max_jobs` of them or
+/// they are older than `max_age`, then deleted, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    pub max_jobs: usize,
+    pub max_age: Duration,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            max_jobs: 1000,
+            max_age: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -134,6 +154,7 @@ impl Control {
         keys: Keys,
         lease_ttl: Duration,
         election: Election,
+        history: History,
     ) -> Control {
         Control {
             store,
@@ -144,6 +165,8 @@ impl Control {
             events: broadcast::channel(1024).0,
             wake: Notify::new(),
             loop_beat: AtomicI64::new(now_ms()),
+            history,
+            last_prune: std::sync::Mutex::new(None),
         }
     }
 

@@ -18,8 +18,11 @@ use crate::auth;
 use crate::jobs::{JobState, MemberRecord};
 use crate::records::{now_ms, WorkerRecord};
 use crate::rendezvous::{self, Candidate, Decision};
-use crate::store::StoreError;
+use crate::store::{Op, StoreError};
 use crate::tasks::AbortOnDrop;
+
+/// How often the history is looked at for jobs to delete.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 impl Control {
     /// Live workers: those whose key (and so lease) exists.
@@ -78,6 +81,7 @@ impl Control {
             .retain(|id, s| !s.feed.is_closed() && live.contains_key(id));
 
         self.form_generations(&mut view).await?;
+        self.prune_history(&mut view).await?;
 
         let active = view.jobs.values().any(|j| !j.state.is_terminal());
         if !active {
@@ -91,6 +95,56 @@ impl Control {
                             })));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes finished jobs beyond the history's count or age, oldest
+    /// first; looked at every [`PRUNE_EVERY`].
+    async fn prune_history(&self, view: &mut View) -> Result<(), Status> {
+        {
+            let mut last = self.last_prune.lock().expect("prune lock");
+            if last.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let mut finished: Vec<(i64, String)> = view
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal())
+            .map(|j| {
+                (
+                    j.finished_unix_ms.unwrap_or(j.updated_unix_ms),
+                    j.id.clone(),
+                )
+            })
+            .collect();
+        finished.sort();
+        let oldest_kept = now_ms().saturating_sub(self.history.max_age.as_millis() as i64);
+        let over = finished.len().saturating_sub(self.history.max_jobs);
+        let doomed: Vec<String> = finished
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (at, _))| *i < over || *at < oldest_kept)
+            .map(|(_, (_, id))| id)
+            .collect();
+        for id in doomed {
+            let deleted = self
+                .store
+                .txn(
+                    vec![self.election.guard()],
+                    vec![Op::Delete {
+                        key: self.keys.job(&id),
+                    }],
+                )
+                .await
+                .map_err(store_status)?;
+            if !deleted {
+                return Ok(());
+            }
+            view.jobs.remove(&id);
+            tracing::info!(job = %id, "finished job deleted from the history");
         }
         Ok(())
     }
