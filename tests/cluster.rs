@@ -112,6 +112,13 @@ impl Cluster {
     }
 
     fn worker(&self, name: &str, coordinators: &str) -> Proc {
+        self.worker_with(name, coordinators, &[])
+    }
+
+    /// A worker with extra environment variables (flags by their env names).
+    fn worker_with(&self, name: &str, coordinators: &str, extra: &[(&str, &str)]) -> Proc {
+        let mut env = self.s3.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Proc::start(
             &[
                 "worker",
@@ -128,7 +135,7 @@ impl Cluster {
                 "--device",
                 "cpu",
             ],
-            &self.s3.env(),
+            &env,
             self.path(&format!("{name}.log")),
         )
     }
@@ -405,6 +412,32 @@ fn an_interrupted_job_resumes_when_the_cluster_comes_back() {
         log.contains("resum"),
         "the new workers did not resume from a checkpoint:\n{log}"
     );
+}
+
+/// A worker confined to other places refuses a job that would checkpoint
+/// to `s3://ckpt/e2e`: the job fails at once, naming the field, and no
+/// checkpoint is written.
+#[test]
+fn a_worker_refuses_to_write_outside_its_roots() {
+    let _one = serial();
+    let c = Cluster::new();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let allowed = [(
+        "SAMTRAIN_ALLOW_WRITE",
+        "s3://other-bucket,/var/lib/samtrain",
+    )];
+    let _w0 = c.worker_with("w0", &addr, &allowed);
+    let _w1 = c.worker_with("w1", &addr, &allowed);
+    let s = wait_status(&addr, &job, Duration::from_secs(120), "job end", finished);
+    assert_eq!(state(&s), "failed", "{s}");
+    let message = s["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("checkpoint.url = `s3://ckpt/e2e` is outside")
+            && message.contains("--allow-write"),
+        "{s}"
+    );
+    assert_eq!(step(&s), 0, "{s}");
 }
 
 #[test]

@@ -658,6 +658,11 @@ fn external_etcd_example_uses_its_endpoints_and_s3_secret() {
         assert_eq!(env(c, "AWS_ALLOW_HTTP"), Some("true"));
         assert_eq!(c["envFrom"][0]["secretRef"]["name"], "samtrain-s3");
     }
+    // Jobs may make these workers write only to the bucket and the scratch.
+    assert_eq!(
+        env(container(workers, "worker"), "SAMTRAIN_ALLOW_WRITE"),
+        Some("s3://checkpoints,/var/lib/samtrain")
+    );
 }
 
 #[test]

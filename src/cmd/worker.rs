@@ -21,6 +21,7 @@ use samtrain_proto::Scores;
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::error::panic_message;
 use samtrain_worker::launch::{join_groups, Membership};
+use samtrain_worker::write_roots::WriteRoots;
 use samtrain_worker::{train, ResidentModels, TrainEvent, TrainJob};
 use tracing::Instrument;
 
@@ -54,6 +55,12 @@ pub struct WorkerArgs {
     /// Exit once no job needs this worker (what `samtrain local` uses).
     #[arg(long)]
     exit_when_idle: bool,
+    /// Local folders or object-store URL prefixes (comma-separated) under
+    /// which jobs may make this worker write: checkpoints, evaluation
+    /// output, the object cache. An assignment naming another place fails
+    /// with the field named. Default: anywhere.
+    #[arg(long, env = "SAMTRAIN_ALLOW_WRITE", value_delimiter = ',')]
+    allow_write: Vec<String>,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -109,8 +116,9 @@ async fn serve(
         None => None,
     };
 
+    let roots = WriteRoots::new(&args.allow_write);
     let result = tokio::select! {
-        r = work(&mut agent, device, &listener) => r,
+        r = work(&mut agent, device, &listener, &roots) => r,
         signal = stop_signal() => {
             tracing::info!(signal = signal?, "stopping");
             Ok(())
@@ -121,13 +129,30 @@ async fn serve(
 }
 
 /// Generation after generation until no job needs this worker.
-async fn work(agent: &mut Agent, device: DeviceKind, listener: &TcpListener) -> Result<()> {
+async fn work(
+    agent: &mut Agent,
+    device: DeviceKind,
+    listener: &TcpListener,
+    roots: &WriteRoots,
+) -> Result<()> {
     // The model stays loaded from one generation to the next (see
     // samtrain_worker::resident): a restart re-forms the groups only.
     let models = ResidentModels::default();
     while let Some(mut assignment) = agent.next_assignment().await? {
         if device != DeviceKind::Auto {
             assignment.spec.training.device = device;
+        }
+        if let Err(message) = roots.check(&assignment.spec) {
+            tracing::error!(job = %assignment.job_id, %message, "assignment refused");
+            let refused = Outcome::Failed {
+                retriable: false,
+                message,
+            };
+            agent
+                .report_outcome(&assignment, refused)
+                .await
+                .context("reporting the refusal to the coordinator")?;
+            continue;
         }
         // Every log line of the generation, here and in its training
         // thread, names the job, the generation and this worker's rank.

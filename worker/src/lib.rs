@@ -15,7 +15,8 @@
 //! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores;
 //! - [`report`]: the events and outcome a rank reports;
 //! - [`resident`]: the model a worker keeps loaded between generations;
-//! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`].
+//! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`];
+//! - [`write_roots`]: the places a worker may write to (`--allow-write`).
 
 pub mod checkpointing;
 pub mod ddp;
@@ -30,6 +31,7 @@ pub mod resident;
 pub mod schedule;
 pub mod step;
 pub mod trainer;
+pub mod write_roots;
 
 pub use error::{DataError, PredictError, TrainError};
 pub use report::{EventSink, StepMetrics, TrainEvent, TrainOutcome};
