@@ -42,10 +42,11 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn name(self) -> &'static str {
+    /// The role with its article, for messages.
+    fn article(self) -> &'static str {
         match self {
-            Role::Operator => "operator",
-            Role::Worker => "worker",
+            Role::Operator => "an operator",
+            Role::Worker => "a worker",
         }
     }
 }
@@ -251,8 +252,8 @@ impl ServerAuth {
     pub fn check(&self, role: Role, metadata: &MetadataMap) -> Result<(), Status> {
         let Some(token) = bearer(metadata) else {
             return Err(Status::unauthenticated(format!(
-                "this call needs a {} token (authorization: Bearer ...); see --token-file",
-                role.name()
+                "this call needs {} token (authorization: Bearer ...): give --token-file or set SAMTRAIN_TOKEN",
+                role.article()
             )));
         };
         let presented = digest(token.as_bytes());
@@ -270,8 +271,8 @@ impl ServerAuth {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(
-                "the token is not a {} token of this coordinator",
-                role.name()
+                "the token is not {} token of this coordinator",
+                role.article()
             )))
         }
     }
