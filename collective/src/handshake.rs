@@ -26,10 +26,10 @@ const HELLO_MAGIC: [u8; 8] = *b"SAMTCOL2";
 const CHALLENGE_MAGIC: [u8; 8] = *b"SAMTCHL2";
 const NONCE_LEN: usize = 16;
 const TAG_LEN: usize = 32;
-pub(crate) const HELLO_LEN: usize = 8 + 8 + 1 + 8 + 8;
+const HELLO_LEN: usize = 8 + 8 + 1 + 8 + 8;
 const CHALLENGE_LEN: usize = 8 + NONCE_LEN;
 /// What the connecting rank sends after the challenge.
-pub(crate) const ANSWER_LEN: usize = HELLO_LEN + NONCE_LEN + TAG_LEN;
+const ANSWER_LEN: usize = HELLO_LEN + NONCE_LEN + TAG_LEN;
 
 /// The claim every connection opens with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +110,7 @@ fn nonce() -> [u8; NONCE_LEN] {
 
 /// Fills `buf` from `stream`, giving up when `abort` fires or `deadline`
 /// passes (checked every 100 ms while the peer is silent).
-pub(crate) fn read_full(
+fn read_full(
     stream: &mut TcpStream,
     buf: &mut [u8],
     deadline: Instant,

@@ -329,12 +329,9 @@ impl Credentials {
         }
     }
 
-    /// The token from `SAMTRAIN_TOKEN_FILE` or else `SAMTRAIN_TOKEN`, if
-    /// either is set (what `--token-file` falls back to).
-    pub fn from_env() -> Credentials {
-        if let Some(path) = std::env::var_os("SAMTRAIN_TOKEN_FILE").filter(|p| !p.is_empty()) {
-            return Credentials::token(TokenSource::File(path.into()));
-        }
+    /// The token in `SAMTRAIN_TOKEN`, if set: what callers without
+    /// `--token-file` (whose flag also reads `SAMTRAIN_TOKEN_FILE`) present.
+    pub fn from_token_env() -> Credentials {
         match std::env::var("SAMTRAIN_TOKEN") {
             Ok(t) if !t.is_empty() => Credentials::token(TokenSource::Literal(t)),
             _ => Credentials::none(),

@@ -49,7 +49,7 @@ impl Coordinators {
     pub fn credentials(&self) -> Credentials {
         match &self.token_file {
             Some(path) => Credentials::token(TokenSource::File(path.clone())),
-            None => Credentials::from_env(),
+            None => Credentials::from_token_env(),
         }
     }
 }

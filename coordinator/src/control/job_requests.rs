@@ -16,7 +16,7 @@ pub(crate) type JobEvents = mpsc::Receiver<Result<v1::JobEvent, Status>>;
 
 /// The largest spec accepted: a job's record (its spec inside) is one
 /// value in the store, and etcd refuses requests over 1.5 MiB.
-pub(crate) const MAX_SPEC_BYTES: usize = 256 * 1024;
+const MAX_SPEC_BYTES: usize = 256 * 1024;
 
 /// The jobs of a `List` page when the caller names no size, and the most.
 const DEFAULT_PAGE: usize = 100;
