@@ -73,18 +73,29 @@ fn sentences(text: &str) -> Vec<String> {
 /// The words of one longest common subsequence of `x` (reference) and `y`
 /// (hypothesis), chosen by the package's backtrack (`_recon_lcs`): on a
 /// mismatch it moves up only when that keeps a strictly longer LCS.
+///
+/// The lengths are kept for two rows only (O(|y|) words); the backtrack
+/// needs, per cell, only whether moving up keeps a strictly longer LCS,
+/// which is one bit (|x|·|y| bits, 1/64 of the full table). A
+/// divide-and-conquer LCS (Hirschberg) would use O(|y|) alone, but it finds
+/// some LCS, not the package's, and the score counts the chosen words.
 fn lcs_words<'a>(x: &[&'a str], y: &[&str]) -> Vec<&'a str> {
     let (n, m) = (x.len(), y.len());
-    let width = m + 1;
-    let mut table = vec![0usize; (n + 1) * width];
+    let mut up = UpBits::new(n, m);
+    let mut previous = vec![0usize; m + 1];
+    let mut current = vec![0usize; m + 1];
     for i in 1..=n {
         for j in 1..=m {
-            table[i * width + j] = if x[i - 1] == y[j - 1] {
-                table[(i - 1) * width + j - 1] + 1
+            current[j] = if x[i - 1] == y[j - 1] {
+                previous[j - 1] + 1
             } else {
-                table[(i - 1) * width + j].max(table[i * width + j - 1])
+                previous[j].max(current[j - 1])
             };
+            if previous[j] > current[j - 1] {
+                up.set(i, j);
+            }
         }
+        std::mem::swap(&mut previous, &mut current);
     }
     let (mut i, mut j) = (n, m);
     let mut words = Vec::new();
@@ -93,13 +104,43 @@ fn lcs_words<'a>(x: &[&'a str], y: &[&str]) -> Vec<&'a str> {
             words.push(x[i - 1]);
             i -= 1;
             j -= 1;
-        } else if table[(i - 1) * width + j] > table[i * width + j - 1] {
+        } else if up.get(i, j) {
             i -= 1;
         } else {
             j -= 1;
         }
     }
     words
+}
+
+/// One bit per cell (i, j), 1-based: "the LCS of x[..i-1], y[..j] is
+/// longer than that of x[..i], y[..j-1]".
+struct UpBits {
+    width: usize,
+    bits: Vec<u64>,
+}
+
+impl UpBits {
+    fn new(n: usize, m: usize) -> UpBits {
+        UpBits {
+            width: m,
+            bits: vec![0; (n * m).div_ceil(64)],
+        }
+    }
+
+    fn index(&self, i: usize, j: usize) -> usize {
+        (i - 1) * self.width + (j - 1)
+    }
+
+    fn set(&mut self, i: usize, j: usize) {
+        let k = self.index(i, j);
+        self.bits[k / 64] |= 1 << (k % 64);
+    }
+
+    fn get(&self, i: usize, j: usize) -> bool {
+        let k = self.index(i, j);
+        self.bits[k / 64] & (1 << (k % 64)) != 0
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +165,57 @@ mod tests {
         for (hyp, reference, want) in cases {
             let got = rouge_l_f(hyp, reference).unwrap();
             assert_eq!(got, want, "rouge_l_f({hyp:?}, {reference:?})");
+        }
+    }
+
+    /// The package's `_recon_lcs` over its whole table, as it is written.
+    fn lcs_words_full_table<'a>(x: &[&'a str], y: &[&str]) -> Vec<&'a str> {
+        let (n, m) = (x.len(), y.len());
+        let mut t = vec![vec![0usize; m + 1]; n + 1];
+        for i in 1..=n {
+            for j in 1..=m {
+                t[i][j] = if x[i - 1] == y[j - 1] {
+                    t[i - 1][j - 1] + 1
+                } else {
+                    t[i - 1][j].max(t[i][j - 1])
+                };
+            }
+        }
+        let (mut i, mut j, mut words) = (n, m, Vec::new());
+        while i > 0 && j > 0 {
+            if x[i - 1] == y[j - 1] {
+                words.push(x[i - 1]);
+                (i, j) = (i - 1, j - 1);
+            } else if t[i - 1][j] > t[i][j - 1] {
+                i -= 1;
+            } else {
+                j -= 1;
+            }
+        }
+        words
+    }
+
+    #[test]
+    fn bit_table_backtracks_as_the_full_table() {
+        let vocabulary = ["a", "b", "c", "d"];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut words = |len: usize| -> Vec<&str> {
+            (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    vocabulary[(state >> 60) as usize % vocabulary.len()]
+                })
+                .collect()
+        };
+        for case in 0..500 {
+            let (x, y) = (words(case % 23), words(case % 17 + 1));
+            assert_eq!(
+                lcs_words(&x, &y),
+                lcs_words_full_table(&x, &y),
+                "{x:?} {y:?}"
+            );
         }
     }
 
