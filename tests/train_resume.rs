@@ -256,6 +256,62 @@ fn killed_job_resumes_bit_for_bit() {
     assert!(d < 1e-5, "dp 1 after dp 2 differs from dp 2 by {d}");
 }
 
+/// Replaces `file` of `folder` with bytes that are not safetensors, and
+/// records their size and checksum in the manifest: the checkpoint verifies
+/// but does not decode.
+fn damage_consistently(folder: &Path, file: &str) {
+    let garbage = b"not a safetensors file, but its checksum is right".to_vec();
+    std::fs::write(folder.join(file), &garbage).unwrap();
+    let (size, crc) = samtrain_checkpoint::format::checksum(&[garbage.into()]);
+    let path = folder.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut patched = 0;
+    for shard in manifest["shards"].as_array_mut().unwrap() {
+        for entry in shard["files"].as_array_mut().unwrap() {
+            if entry["name"] == file {
+                entry["size"] = size.into();
+                entry["crc32"] = samtrain_checkpoint::format::crc_hex(crc).into();
+                patched += 1;
+            }
+        }
+    }
+    assert_eq!(patched, 1, "{file} is not in {}", path.display());
+    std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn a_checkpoint_that_verifies_but_does_not_decode_falls_back_to_the_one_before() {
+    let f = Fixture::new();
+    let straight = finish(launch(&f.job("a.toml", "ckpt-a", 2), 2));
+    assert_eq!(straight[0]["checkpoint"]["step"], 20);
+
+    // Steps 10 and 20 of the straight run, step 20's parameters replaced.
+    let d = f.path("ckpt-d");
+    for step in ["step-00000010", "step-00000020"] {
+        std::fs::create_dir_all(d.join(step)).unwrap();
+        for entry in std::fs::read_dir(f.path("ckpt-a").join(step)).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, d.join(step).join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    damage_consistently(&d.join("step-00000020"), "tp-00-of-01.safetensors");
+
+    let resumed = finish(launch(&f.job("d.toml", "ckpt-d", 2), 2));
+    for line in &resumed {
+        assert_eq!(line["resumed_from"], 10, "{line}");
+        assert_eq!(line["step"], 20);
+        assert_eq!(line["samples_consumed"], 80);
+    }
+    // Steps 11 to 20 again, as the straight run had them; step 20 rewritten.
+    let (a, again) = (weights_at(&f.path("ckpt-a"), 20), weights_at(&d, 20));
+    assert_eq!(a.len(), again.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&again) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs from the straight run");
+    }
+}
+
 #[test]
 fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     let f = Fixture::new();

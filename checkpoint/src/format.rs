@@ -284,11 +284,13 @@ impl<'a> Decoded<'a> {
         Ok(Self { file, tensors })
     }
 
-    /// The tensor `entry` names, checked against the record, bit for bit as stored.
+    /// The tensor `entry` names, checked against the record, bit for bit as
+    /// stored. A file that does not hold what its manifest records is
+    /// damaged, as one whose checksum differs.
     pub fn tensor(&self, entry: &TensorEntry) -> Result<Tensor, CheckpointError> {
-        let fail = |message: String| CheckpointError::Tensor {
-            name: entry.name.clone(),
-            message: format!("{}: {message}", self.file),
+        let fail = |message: String| CheckpointError::Safetensors {
+            path: self.file.clone(),
+            message: format!("tensor {}: {message}", entry.name),
         };
         let view = self
             .tensors

@@ -476,7 +476,14 @@ impl Checkpointer {
     /// returns (and of those it skips). A store that cannot be reached is an
     /// error, not a reason to fall back to an older checkpoint.
     pub fn latest(&self) -> Result<Option<CheckpointInfo>, CheckpointError> {
-        self.inner.block_on(load::latest(&self.inner.store))
+        self.inner.block_on(load::latest(&self.inner.store, None))
+    }
+
+    /// As [`Checkpointer::latest`], among the checkpoints of steps below
+    /// `step`: the one to fall back to when `step`'s does not decode.
+    pub fn latest_before(&self, step: u64) -> Result<Option<CheckpointInfo>, CheckpointError> {
+        self.inner
+            .block_on(load::latest(&self.inner.store, Some(step)))
     }
 
     /// tp rank `tp_rank`'s tensors and optimizer state of `info`, in the

@@ -121,8 +121,13 @@ pub(crate) async fn verify(store: &Store, info: &CheckpointInfo) -> Result<(), C
         .map(drop)
 }
 
-pub(crate) async fn latest(store: &Store) -> Result<Option<CheckpointInfo>, CheckpointError> {
-    for info in list(store).await?.into_iter().rev() {
+/// The newest verified checkpoint, of a step below `before` when given.
+pub(crate) async fn latest(
+    store: &Store,
+    before: Option<u64>,
+) -> Result<Option<CheckpointInfo>, CheckpointError> {
+    let candidates = list(store).await?.into_iter().rev();
+    for info in candidates.filter(|i| before.is_none_or(|b| i.step < b)) {
         match verify(store, &info).await {
             Ok(()) => return Ok(Some(info)),
             Err(e) if e.is_corrupt() => {

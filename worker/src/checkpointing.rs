@@ -64,8 +64,12 @@ pub(crate) fn from_world_rank0(
     Ok(shared.int64_value(&[0]))
 }
 
-/// Restores the newest committed checkpoint into `params` and `optimizer`
-/// (world rank 0 picks it, so that every rank restores the same one).
+/// Restores the newest committed checkpoint that every rank can decode into
+/// `params` and `optimizer` (world rank 0 picks it, so that every rank
+/// restores the same one). One whose files verify but do not decode on some
+/// rank is passed over for the one before, on every rank; a checkpoint that
+/// decodes but does not fit this job's model is an error, never a reason to
+/// start again from an older one.
 pub fn resume(
     ckpt: &Checkpointer,
     groups: &ProcessGroups,
@@ -74,48 +78,125 @@ pub fn resume(
 ) -> Result<Option<CheckpointMeta>, TrainError> {
     let layout = &groups.layout;
     let store_error = |source| TrainError::store(ckpt.url(), source);
-    let mine = if layout.rank == 0 {
-        ckpt.latest().map_err(store_error)?
-    } else {
-        None
-    };
-    let chosen = from_world_rank0(
-        groups,
-        mine.as_ref().map_or(-1, |i| i.step as i64),
-        "agreeing on the checkpoint to resume",
-    )?;
-    if chosen < 0 {
-        tracing::info!(url = %ckpt.url(), "no committed checkpoint; starting from the model folder");
-        return Ok(None);
+    let mut before: Option<u64> = None;
+    loop {
+        let mine = if layout.rank == 0 {
+            match before {
+                None => ckpt.latest(),
+                Some(step) => ckpt.latest_before(step),
+            }
+            .map_err(store_error)?
+        } else {
+            None
+        };
+        let chosen = from_world_rank0(
+            groups,
+            mine.as_ref().map_or(-1, |i| i.step as i64),
+            "agreeing on the checkpoint to resume",
+        )?;
+        if chosen < 0 {
+            tracing::info!(url = %ckpt.url(), "no committed checkpoint; starting from the model folder");
+            return Ok(None);
+        }
+        let step = chosen as u64;
+        let restored = restore(ckpt, groups, step, mine, params, optimizer);
+        let url = checkpoint_at(ckpt, step).url;
+        let (undecodable, failed) = match &restored {
+            Ok(_) => (0, 0),
+            Err(Restore::Undecodable(_)) => (1, 0),
+            Err(Restore::Failed(_)) => (0, 1),
+        };
+        let [undecodable, failed] =
+            sum_over_world(groups, [undecodable, failed], "agreeing on the restore")?;
+        match restored {
+            Err(Restore::Failed(e)) => return Err(e),
+            _ if failed > 0 => {
+                return Err(TrainError::Resume {
+                    url,
+                    message: "another rank could not restore it (its log says why)".into(),
+                })
+            }
+            Ok(meta) if undecodable == 0 => {
+                tracing::info!(
+                    step = meta.step,
+                    %url,
+                    samples_consumed = meta.samples_consumed,
+                    epoch = meta.position.epoch,
+                    consumed_in_epoch = meta.position.consumed,
+                    saved_dp_size = meta.dp_size,
+                    "resumed from checkpoint"
+                );
+                return Ok(Some(meta));
+            }
+            Ok(_) => {
+                tracing::warn!(step, %url, ranks = undecodable, "checkpoint does not decode on another rank; falling back to the one before")
+            }
+            Err(Restore::Undecodable(reason)) => {
+                tracing::warn!(step, %url, %reason, "checkpoint does not decode; falling back to the one before")
+            }
+        }
+        before = Some(step);
     }
-    let info: CheckpointInfo = match mine {
+}
+
+/// Why one rank could not restore a checkpoint.
+enum Restore {
+    /// Its files verify against the manifest, but what they hold is not a
+    /// training state: an older checkpoint may do.
+    Undecodable(String),
+    /// The store could not be read, or the state does not fit the model.
+    Failed(TrainError),
+}
+
+/// Restores `step`'s checkpoint (`info` when this rank already found it)
+/// into `params` and `optimizer`.
+fn restore(
+    ckpt: &Checkpointer,
+    groups: &ProcessGroups,
+    step: u64,
+    info: Option<CheckpointInfo>,
+    params: &[(String, Tensor)],
+    optimizer: &mut AdamW,
+) -> Result<CheckpointMeta, Restore> {
+    let layout = &groups.layout;
+    let url = checkpoint_at(ckpt, step).url;
+    let read_error = |source: samtrain_checkpoint::CheckpointError| {
+        if source.is_corrupt() {
+            Restore::Undecodable(source.to_string())
+        } else {
+            Restore::Failed(TrainError::store(ckpt.url(), source))
+        }
+    };
+    let info: CheckpointInfo = match info {
         Some(info) => info,
         None => ckpt
             .list()
-            .map_err(store_error)?
+            .map_err(read_error)?
             .into_iter()
-            .find(|i| i.step == chosen as u64)
-            .ok_or_else(|| TrainError::Resume {
-                url: checkpoint_at(ckpt, chosen as u64).url,
-                message: "rank 0 resumes from it but this rank does not find it".into(),
+            .find(|i| i.step == step)
+            .ok_or_else(|| {
+                Restore::Undecodable("rank 0 resumes from it but this rank does not find it".into())
             })?,
     };
     let state = ckpt
         .load(&info, layout.tp_rank as u32, layout.tp as u32)
-        .map_err(store_error)?;
-    let bad = |message: String| TrainError::Resume {
-        url: info.url.clone(),
-        message,
+        .map_err(read_error)?;
+    let meta: CheckpointMeta = serde_json::from_value(state.meta).map_err(|e| {
+        Restore::Undecodable(format!("meta.json is not samtrain's training state: {e}"))
+    })?;
+    let misfit = |message: String| {
+        Restore::Failed(TrainError::Resume {
+            url: url.clone(),
+            message,
+        })
     };
-    let meta: CheckpointMeta = serde_json::from_value(state.meta)
-        .map_err(|e| bad(format!("meta.json is not samtrain's training state: {e}")))?;
     let mut saved: HashMap<String, Tensor> = state.tensors.into_iter().collect();
     for (name, p) in params {
         let value = saved
             .remove(name)
-            .ok_or_else(|| bad(format!("has no tensor `{name}`, which this model trains")))?;
+            .ok_or_else(|| misfit(format!("has no tensor `{name}`, which this model trains")))?;
         if value.size() != p.size() {
-            return Err(bad(format!(
+            return Err(misfit(format!(
                 "tensor `{name}` has shape {:?}, the model's shard {:?}",
                 value.size(),
                 p.size()
@@ -124,23 +205,32 @@ pub fn resume(
         tch::no_grad(|| p.shallow_clone().copy_(&value));
     }
     if let Some(extra) = saved.keys().next() {
-        return Err(bad(format!(
+        return Err(misfit(format!(
             "tensor `{extra}` is not trained by this model (another trainable policy?)"
         )));
     }
     optimizer
         .load_state(state.optimizer, meta.optimizer_step)
-        .map_err(|e| bad(e.to_string()))?;
-    tracing::info!(
-        step = meta.step,
-        url = %info.url,
-        samples_consumed = meta.samples_consumed,
-        epoch = meta.position.epoch,
-        consumed_in_epoch = meta.position.consumed,
-        saved_dp_size = meta.dp_size,
-        "resumed from checkpoint"
-    );
-    Ok(Some(meta))
+        .map_err(|e| misfit(e.to_string()))?;
+    Ok(meta)
+}
+
+/// The sum of `values` over every rank of the world group.
+fn sum_over_world<const N: usize>(
+    groups: &ProcessGroups,
+    values: [i64; N],
+    what: &str,
+) -> Result<[i64; N], TrainError> {
+    if groups.layout.world_size == 1 {
+        return Ok(values);
+    }
+    let sum = groups
+        .world
+        .all_reduce_sum(&Tensor::from_slice(&values))
+        .map_err(|e| TrainError::collective(what, e))?;
+    let mut out = [0i64; N];
+    sum.copy_data(&mut out, N);
+    Ok(out)
 }
 
 /// The checkpoint store, the saves in flight, and the newest commit seen.
