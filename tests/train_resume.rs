@@ -312,6 +312,85 @@ fn a_checkpoint_that_verifies_but_does_not_decode_falls_back_to_the_one_before()
     }
 }
 
+/// Bytes of the files under `folder`.
+fn folder_bytes(folder: &Path) -> u64 {
+    std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn a_full_disk_fails_the_save_at_once_removes_its_files_and_fails_the_run() {
+    // A file system that holds one checkpoint and a half: a tmpfs of that
+    // size, mounted in a mount namespace of the run's own (`unshare -m`, as
+    // root, or `-rm` in a user namespace), so nothing outside sees it.
+    let probe = |flags: &str| {
+        Command::new("unshare")
+            .args([flags, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let Some(flags) = ["-m", "-rm"].into_iter().find(|f| probe(f)) else {
+        eprintln!(
+            "SKIPPED: this machine cannot mount a tmpfs in a mount namespace (unshare -m / -rm)"
+        );
+        return;
+    };
+    let f = Fixture::new();
+    let job = f.job("a.toml", "ckpt-a", 4);
+    finish(launch(&job, 1));
+    let one = folder_bytes(&f.path("ckpt-a").join("step-00000010"));
+    let size = (one * 3 / 2).div_ceil(4096) * 4096;
+
+    let full = f.path("ckpt-full");
+    std::fs::create_dir_all(&full).unwrap();
+    let job = f.job("full.toml", "ckpt-full", 4);
+    let started = Instant::now();
+    let out = Command::new("unshare")
+        .args([flags, "sh", "-c"])
+        .arg(
+            "dir=$1; shift; mount -t tmpfs -o size=$0 tmpfs \"$dir\" || exit 99; \
+             \"$@\"; rc=$?; echo FILES; find \"$dir\" -type f; exit $rc",
+        )
+        .arg(size.to_string())
+        .arg(&full)
+        .arg(env!("CARGO_BIN_EXE_samtrain"))
+        .args(["--log-json", "train"])
+        .arg(&job)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(99), "mount failed: {stderr}");
+    // Out of space is no reason to train again: exit 1, not the retriable 128.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the final checkpoint")
+            && stderr.contains("step-00000020")
+            && stderr.contains("out of space"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("retrying"),
+        "a full disk was retried: {stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let files: Vec<&str> = stdout
+        .split_once("FILES")
+        .map(|(_, f)| f.lines().filter(|l| !l.is_empty()).collect())
+        .unwrap_or_default();
+    let of = |step: &str| files.iter().filter(|f| f.contains(step)).count();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.ends_with("step-00000010/manifest.json")),
+        "step 10 lost: {files:?}"
+    );
+    assert_eq!(of("step-00000020"), 0, "partial files left: {files:?}");
+}
+
 #[test]
 fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     let f = Fixture::new();

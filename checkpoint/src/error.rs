@@ -43,6 +43,15 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// Whether the store refused a write for want of space (a full disk,
+    /// a quota, a file-size limit): retrying will not help.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => crate::store::is_out_of_space(source),
+            _ => false,
+        }
+    }
+
     /// Whether the error says the stored checkpoint itself is damaged (so an
     /// older one should be used), rather than that the store could not be
     /// reached.

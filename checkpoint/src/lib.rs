@@ -128,6 +128,9 @@ pub enum SaveStatus {
     Skipped,
     /// The save was given up (the message says why); training goes on.
     Failed(String),
+    /// The store is out of space (or over a quota or file-size limit): the
+    /// save was given up at once, not retried, and its files removed.
+    OutOfSpace(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -147,7 +150,10 @@ pub struct SaveOutcome {
 
 impl SaveOutcome {
     pub fn is_failed(&self) -> bool {
-        matches!(self.status, SaveStatus::Failed(_))
+        matches!(
+            self.status,
+            SaveStatus::Failed(_) | SaveStatus::OutOfSpace(_)
+        )
     }
 }
 

@@ -81,6 +81,7 @@ pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
     let retries_before = inner.store.retries();
     let (step, tp_rank, staging) = (job.step, job.tp_rank, job.staging);
     let bytes = job.bytes();
+    let written = files_of(&job);
     let result =
         std::panic::catch_unwind(AssertUnwindSafe(|| run_blocking(inner, upload(inner, job))))
             .unwrap_or_else(|panic| {
@@ -101,7 +102,12 @@ pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
         }
         Err(e) => {
             tracing::error!(step, tp_rank, error = %e, "checkpoint save failed; training goes on");
-            SaveStatus::Failed(e.to_string())
+            remove_partial(inner, step, &written);
+            if e.is_out_of_space() {
+                SaveStatus::OutOfSpace(e.to_string())
+            } else {
+                SaveStatus::Failed(e.to_string())
+            }
         }
     };
     SaveOutcome {
@@ -113,6 +119,39 @@ pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
         upload,
         retries: inner.store.retries() - retries_before,
     }
+}
+
+/// The files a save of `job` writes in its step folder (the manifest aside).
+fn files_of(job: &Job) -> Vec<String> {
+    let mut files = vec![
+        params_file(job.tp_rank, job.tp_size),
+        optimizer_file(job.tp_rank, job.tp_size),
+        part_file(job.tp_rank, job.tp_size),
+    ];
+    if job.tp_rank == 0 {
+        files.push(META_FILE.into());
+    }
+    files
+}
+
+/// Removes what a failed save of this rank wrote: the checkpoint was not
+/// committed (the manifest is written last and was removed first), and a
+/// full disk must not stay full of a save that will never count.
+fn remove_partial(inner: &Inner, step: u64, files: &[String]) {
+    let folder = step_folder(step);
+    let removed = run_blocking(inner, async {
+        let mut removed = 0;
+        for name in files {
+            match inner.store.delete(&format!("{folder}/{name}")).await {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(step, file = %name, error = %e, "could not remove a failed save's file")
+                }
+            }
+        }
+        removed
+    });
+    tracing::info!(step, url = %inner.store.shown(&folder), removed, "a failed save's files removed");
 }
 
 async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> {

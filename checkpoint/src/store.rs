@@ -421,22 +421,44 @@ fn local(path: &std::path::Path) -> Result<LocalFileSystem, String> {
 
 /// Errors worth another attempt: the store did not answer, or answered
 /// that it could not serve the request now. A missing file, a refused
-/// permission, a bad path stay as they are whatever the number of attempts.
+/// permission, a bad path, a full disk stay as they are whatever the number
+/// of attempts.
 fn is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
-    !matches!(
-        e,
-        E::NotFound { .. }
-            | E::InvalidPath { .. }
-            | E::NotSupported { .. }
-            | E::AlreadyExists { .. }
-            | E::Precondition { .. }
-            | E::NotModified { .. }
-            | E::NotImplemented { .. }
-            | E::PermissionDenied { .. }
-            | E::Unauthenticated { .. }
-            | E::UnknownConfigurationKey { .. }
-    )
+    !is_out_of_space(e)
+        && !matches!(
+            e,
+            E::NotFound { .. }
+                | E::InvalidPath { .. }
+                | E::NotSupported { .. }
+                | E::AlreadyExists { .. }
+                | E::Precondition { .. }
+                | E::NotModified { .. }
+                | E::NotImplemented { .. }
+                | E::PermissionDenied { .. }
+                | E::Unauthenticated { .. }
+                | E::UnknownConfigurationKey { .. }
+        )
+}
+
+/// Whether `e` or an error under it is a file system out of space, over a
+/// quota, or over its file-size limit (the local store wraps the
+/// `std::io::Error` of the failed write).
+pub(crate) fn is_out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+            ) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The bytes `[start, start + len)` of the file made of `chunks`, without copying.

@@ -233,11 +233,21 @@ fn sum_over_world<const N: usize>(
     Ok(out)
 }
 
-/// The checkpoint store, the saves in flight, and the newest commit seen.
+/// The checkpoint store, the saves in flight, the newest commit seen and
+/// the newest save this rank saw fail.
 pub struct Saves {
     ckpt: Checkpointer,
     tickets: Vec<SaveTicket>,
     last: Option<Checkpoint>,
+    failed: Option<FailedSave>,
+}
+
+/// A save given up: its step, why, and whether the store was out of space.
+#[derive(Debug, Clone)]
+struct FailedSave {
+    step: u64,
+    reason: String,
+    out_of_space: bool,
 }
 
 impl Saves {
@@ -247,6 +257,7 @@ impl Saves {
             ckpt,
             tickets: Vec::new(),
             last: resumed,
+            failed: None,
         }
     }
 
@@ -269,6 +280,7 @@ impl Saves {
     pub fn collect(&mut self, wait: bool, events: &mut EventSink) {
         let ckpt = &self.ckpt;
         let last = &mut self.last;
+        let failed = &mut self.failed;
         self.tickets.retain(|ticket| {
             let outcome = if wait {
                 Some(ticket.wait())
@@ -278,6 +290,7 @@ impl Saves {
             let Some(outcome) = outcome else {
                 return true;
             };
+            let out_of_space = matches!(outcome.status, SaveStatus::OutOfSpace(_));
             match outcome.status {
                 SaveStatus::Committed => {
                     let committed = checkpoint_at(ckpt, outcome.step);
@@ -285,8 +298,13 @@ impl Saves {
                     *last = Some(committed.clone());
                     events(TrainEvent::Checkpoint(committed));
                 }
-                SaveStatus::Failed(reason) => {
-                    tracing::warn!(step = outcome.step, %reason, "checkpoint not saved; training goes on");
+                SaveStatus::Failed(reason) | SaveStatus::OutOfSpace(reason) => {
+                    tracing::warn!(step = outcome.step, %reason, out_of_space, "checkpoint not saved; training goes on");
+                    *failed = Some(FailedSave {
+                        step: outcome.step,
+                        reason,
+                        out_of_space,
+                    });
                 }
                 SaveStatus::Uploaded | SaveStatus::Skipped => {}
             }
@@ -295,18 +313,37 @@ impl Saves {
     }
 
     /// Waits for every save, then shares the newest commit (which only tp
-    /// rank 0 of dp rank 0 sees) with every rank.
+    /// rank 0 of dp rank 0 sees) with every rank. A run whose last step
+    /// (`final_step`) was not committed fails: its trained state would be
+    /// lost with an exit that says success.
     pub fn finish(
         mut self,
         groups: &ProcessGroups,
+        final_step: u64,
         events: &mut EventSink,
-    ) -> Result<Option<Checkpoint>, TrainError> {
+    ) -> Result<Checkpoint, TrainError> {
         self.collect(true, events);
         let committed = from_world_rank0(
             groups,
             self.last.as_ref().map_or(-1, |c| c.step as i64),
             "sharing the last committed checkpoint",
         )?;
-        Ok((committed >= 0).then(|| checkpoint_at(&self.ckpt, committed as u64)))
+        let mine = self.failed.filter(|f| f.step == final_step);
+        let [out_of_space] = sum_over_world(
+            groups,
+            [mine.as_ref().is_some_and(|f| f.out_of_space) as i64],
+            "agreeing on the final save",
+        )?;
+        if committed == final_step as i64 {
+            return Ok(checkpoint_at(&self.ckpt, final_step));
+        }
+        Err(TrainError::FinalSave {
+            url: checkpoint_at(&self.ckpt, final_step).url,
+            reason: mine.map_or_else(
+                || "another rank's save failed (its log says why)".to_owned(),
+                |f| f.reason,
+            ),
+            out_of_space: out_of_space > 0,
+        })
     }
 }

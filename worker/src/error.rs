@@ -62,6 +62,15 @@ pub enum TrainError {
         #[source]
         source: Box<CheckpointError>,
     },
+    /// The checkpoint of the last step was not committed: the run's result
+    /// exists nowhere but in this process.
+    #[error("the final checkpoint {url} was not saved: {reason}{}",
+            if *.out_of_space { " (the store is out of space: free some, then run the job again to resume from its last checkpoint)" } else { "" })]
+    FinalSave {
+        url: String,
+        reason: String,
+        out_of_space: bool,
+    },
     /// A committed checkpoint does not fit this job's model.
     #[error("checkpoint {url}: {message}")]
     Resume { url: String, message: String },
@@ -84,6 +93,8 @@ impl TrainError {
             TrainError::Collective { .. }
             | TrainError::Checkpoint { .. }
             | TrainError::Aborted { .. } => true,
+            // Training again from the last checkpoint will not find space.
+            TrainError::FinalSave { out_of_space, .. } => !out_of_space,
             TrainError::Predict(e) => e.retriable(),
             _ => false,
         }

@@ -388,7 +388,10 @@ impl Trainer {
     /// Waits for the saves, agrees on the newest commit, and evaluates.
     pub fn finish(mut self) -> Result<TrainOutcome, TrainError> {
         drop(self.loader.take());
-        let checkpoint = self.saves.finish(&self.groups, &mut self.events)?;
+        let checkpoint = Some(
+            self.saves
+                .finish(&self.groups, self.step, &mut self.events)?,
+        );
         let layout = self.groups.layout;
         // The ranks of dp rank 0 generate together; world rank 0 scores.
         let eval = match &self.spec.data.eval {
