@@ -11,7 +11,7 @@ mod loss_plot;
 mod prepare;
 
 use clap::{Parser, Subcommand};
-use cmd::{coordinator, data, demo, eval, jobs, local, model, predict, train, worker};
+use cmd::{certs, coordinator, data, demo, etcd, eval, jobs, local, model, predict, train, worker};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -56,6 +56,12 @@ enum Command {
     /// Runs a coordinator: the gRPC API, leader election (with etcd) and
     /// the health probes. Without --etcd it runs embedded, in memory.
     Coordinator(coordinator::CoordinatorArgs),
+    /// Makes a CA and the certificates to serve the API over TLS (and
+    /// mutual TLS), for a cluster without its own.
+    Certs(certs::CertsArgs),
+    /// Sets up an etcd for samtrain: `enable-auth`.
+    #[command(subcommand)]
+    Etcd(etcd::EtcdCommand),
     #[command(flatten)]
     Jobs(jobs::JobCommand),
 }
@@ -88,6 +94,8 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),
         Command::Coordinator(args) => coordinator::run(args),
+        Command::Certs(args) => certs::run(args),
+        Command::Etcd(cmd) => etcd::run(cmd),
         Command::Jobs(cmd) => jobs::run(cmd),
     }
 }
@@ -96,12 +104,34 @@ fn main() -> anyhow::Result<()> {
 /// end quietly when the reader goes away, as Unix tools do, instead of
 /// panicking in `println!`. Rust ignores SIGPIPE; the long-running commands
 /// keep it ignored, so that a closed child pipe cannot kill a coordinator
-/// or a worker. Sockets are unaffected either way: they write with
-/// `MSG_NOSIGNAL`.
+/// or a worker.
+///
+/// Not SIGPIPE's default action: a TLS connection the coordinator closes
+/// raises it too (vectored socket writes do not pass `MSG_NOSIGNAL`), and
+/// that must be an error the command reports, not a silent death. The
+/// handler ends the process only when stdout is the pipe that broke.
 fn end_quietly_on_closed_pipe() {
-    // SAFETY: sets a signal's disposition to its default before any other
-    // thread exists; no handler runs Rust code.
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        let mut stdout = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll, signal and raise are async-signal-safe; a pipe
+        // whose reader is gone polls as POLLERR.
+        unsafe {
+            if libc::poll(&mut stdout, 1, 0) == 1 && stdout.revents & libc::POLLERR != 0 {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+    }
+    // SAFETY: installs the handler before any other thread exists; it
+    // calls only async-signal-safe functions.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }

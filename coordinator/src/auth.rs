@@ -23,6 +23,8 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::tls::ClientTls;
+
 /// The header in which a registered worker presents its secret.
 pub const WORKER_SECRET_HEADER: &str = "x-samtrain-worker-secret";
 
@@ -302,12 +304,14 @@ impl Interceptor for Guard {
     }
 }
 
-/// The caller's side: the token it presents, and once registered the
-/// worker secret. Cheap to clone; clones share the worker secret.
+/// The caller's side: the token it presents, once registered the worker
+/// secret, and over TLS what it trusts and the certificate it presents.
+/// Cheap to clone; clones share the worker secret.
 #[derive(Clone, Default)]
 pub struct Credentials {
     token: Option<TokenSource>,
     worker_secret: Arc<Mutex<Option<AsciiMetadataValue>>>,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -325,8 +329,19 @@ impl Credentials {
     pub fn token(source: TokenSource) -> Credentials {
         Credentials {
             token: Some(source),
-            worker_secret: Arc::default(),
+            ..Credentials::default()
         }
+    }
+
+    /// Calls go over TLS, trusting and presenting what `tls` says.
+    pub fn with_tls(mut self, tls: ClientTls) -> Credentials {
+        self.tls = Some(Arc::new(tls));
+        self
+    }
+
+    /// The TLS settings, when calls go over TLS.
+    pub(crate) fn tls(&self) -> Option<&ClientTls> {
+        self.tls.as_deref()
     }
 
     /// The token in `SAMTRAIN_TOKEN`, if set: what callers without

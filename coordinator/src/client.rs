@@ -8,8 +8,9 @@ use samtrain_proto::v1::jobs_client::JobsClient;
 use tonic::{Code, Status};
 
 pub use crate::auth::Credentials;
-pub use crate::failover::{connect, is_failover, url};
+pub use crate::failover::{is_failover, url};
 use crate::failover::{AuthChannel, Coordinators, Unanswered};
+pub use crate::tls::ClientTls;
 
 /// What went wrong talking to the coordinators.
 #[derive(Debug, thiserror::Error)]

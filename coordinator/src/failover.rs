@@ -14,29 +14,97 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::auth::Credentials;
+use crate::tls::ClientTls;
 
 /// A channel whose every call carries the caller's credentials.
 pub type AuthChannel = InterceptedService<Channel, Credentials>;
 
-/// `host:port` becomes `http://host:port`; URLs stay as they are.
-pub fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
+/// `host:port` becomes `https://host:port` with TLS, `http://host:port`
+/// without; URLs stay as they are.
+pub fn url(address: &str, tls: bool) -> String {
+    match (address.contains("://"), tls) {
+        (true, _) => address.to_owned(),
+        (false, true) => format!("https://{address}"),
+        (false, false) => format!("http://{address}"),
     }
 }
 
-/// Connects to one coordinator, giving up after 2 seconds.
-pub async fn connect(address: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url(address))
+/// Connects to one coordinator, giving up after 2 seconds. With `tls` the
+/// files are read now, so a renewed certificate is used by the next call.
+pub(crate) async fn connect(address: &str, tls: Option<&ClientTls>) -> Result<Channel, String> {
+    let url = url(address, tls.is_some());
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| format!("invalid address: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
+    match tls {
+        Some(tls) if url.starts_with("https://") => {
+            let config = tls.config().map_err(|e| format!("TLS: {e}"))?;
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| format!("{address}: TLS: {e}"))?;
+        }
+        Some(_) => {
+            return Err(format!(
+                "{address}: TLS is configured (--tls-ca) but the address says plaintext (http://)"
+            ))
+        }
+        None if url.starts_with("https://") => {
+            endpoint = endpoint
+                .tls_config(
+                    ClientTls::default()
+                        .config()
+                        .map_err(|e| format!("TLS: {e}"))?,
+                )
+                .map_err(|e| format!("{address}: TLS: {e}"))?;
+        }
+        None => {}
+    }
     endpoint
         .connect()
         .await
-        .map_err(|e| format!("{address}: cannot connect: {e}"))
+        .map_err(|e| format!("{address}: cannot connect: {}", with_causes(&e)))
+}
+
+/// What to give when a connection was cut off in a way a TLS mismatch
+/// explains: a plaintext client talking to a TLS coordinator (the
+/// coordinator ends the connection, or its reply is not HTTP/2), or a
+/// client without a certificate talking to one that requires it.
+fn tls_hint(error: &str, tls: Option<&ClientTls>) -> Option<&'static str> {
+    let cut_off = [
+        "CertificateRequired",
+        "BadCertificate",
+        "connection closed",
+        "broken pipe",
+        "h2 protocol error",
+    ]
+    .iter()
+    .any(|s| error.contains(s));
+    match tls {
+        _ if !cut_off => None,
+        None => Some("if the coordinator serves TLS, give --tls-ca or an https:// address"),
+        Some(tls) if tls.identity.is_none() => Some(
+            "a coordinator that requires client certificates cuts off a client without one: \
+             give --tls-client-cert and --tls-client-key",
+        ),
+        Some(_) => None,
+    }
+}
+
+/// An error and its causes: tonic's own text is "transport error", and
+/// what a user can act on (refused, unknown CA, certificate required) is
+/// underneath.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
 }
 
 /// Whether an error means "try another coordinator".
@@ -109,7 +177,7 @@ impl Coordinators {
         for i in 0..n {
             let index = (start + i) % n;
             let address = &self.addresses[index];
-            let channel = match connect(address).await {
+            let channel = match connect(address, self.credentials.tls()).await {
                 Ok(c) => InterceptedService::new(c, self.credentials.clone()),
                 Err(e) => {
                     last_error = e;
@@ -132,7 +200,26 @@ impl Coordinators {
                     return Ok(r.into_inner());
                 }
                 Err(status) if is_failover(&status) => {
-                    last_error = format!("{address}: {}", status.message());
+                    last_error = match std::error::Error::source(&status) {
+                        Some(cause) => {
+                            format!("{address}: {}: {}", status.message(), with_causes(cause))
+                        }
+                        None => format!("{address}: {}", status.message()),
+                    };
+                    if let Some(hint) = tls_hint(&last_error, self.credentials.tls()) {
+                        last_error = format!("{last_error} ({hint})");
+                    }
+                }
+                Err(status) if tls_hint(status.message(), self.credentials.tls()).is_some() => {
+                    let hint =
+                        tls_hint(status.message(), self.credentials.tls()).unwrap_or_default();
+                    return Err(Unanswered::Refused {
+                        address: address.clone(),
+                        status: Status::unavailable(format!(
+                            "{address}: {} ({hint})",
+                            status.message()
+                        )),
+                    });
                 }
                 Err(status) => {
                     return Err(Unanswered::Refused {

@@ -1,7 +1,7 @@
 //! The control plane: the job state machine, the store (etcd or in-memory)
 //! behind one trait, leases, leader election, rendezvous, the restart policy,
-//! the gRPC server, the health probes, the client the command line uses and
-//! the agent each worker runs. It never depends on libtorch.
+//! the gRPC server and its transport security, the health probes, the
+//! client the command line uses and the agent each worker runs. It never depends on libtorch.
 //!
 //! [`run`] starts a coordinator process ([`process`]); its gRPC handlers
 //! (`server`) are thin over the leader's state (`control`), which owns every
@@ -22,6 +22,7 @@ pub mod rendezvous;
 mod server;
 pub mod store;
 mod tasks;
+pub mod tls;
 
 pub use control::History;
 pub use process::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};

@@ -20,8 +20,9 @@ use crate::election::{Election, LeaderInfo};
 use crate::health::{self, HealthServer};
 use crate::records::Keys;
 use crate::server::Service;
-use crate::store::{self, StoreError};
+use crate::store::{self, EtcdAccess, StoreError};
 use crate::tasks::AbortOnDrop;
+use crate::tls::{self, ReloadingServerTls, ServerTlsFiles, TlsError};
 
 /// How to run a coordinator.
 #[derive(Debug, Clone)]
@@ -32,6 +33,8 @@ pub struct CoordinatorOptions {
     pub health_listen: Option<SocketAddr>,
     /// etcd endpoints; empty runs embedded, on the in-memory store.
     pub etcd: Vec<String>,
+    /// etcd's TLS and user, when it requires them.
+    pub etcd_access: EtcdAccess,
     /// The store prefix of every key, default `/samtrain`.
     pub prefix: String,
     /// This coordinator's name in the election.
@@ -44,7 +47,12 @@ pub struct CoordinatorOptions {
     /// The tokens of each role; none at all leaves the API open, which
     /// only a loopback `listen` or `insecure` allows.
     pub auth: AuthOptions,
-    /// Serve an open API on a non-loopback address (logged as a warning).
+    /// The certificate and key to serve gRPC over TLS (and the CA of
+    /// client certificates, for mutual TLS); none serves plaintext, which
+    /// only a loopback `listen` or `insecure` allows.
+    pub tls: Option<ServerTlsFiles>,
+    /// Serve an open or plaintext API on a non-loopback address (logged as
+    /// a warning).
     pub insecure: bool,
     /// How many finished jobs, and for how long, stay listed.
     pub history: History,
@@ -56,11 +64,13 @@ impl Default for CoordinatorOptions {
             listen: SocketAddr::from(([0, 0, 0, 0], 7070)),
             health_listen: None,
             etcd: Vec::new(),
+            etcd_access: EtcdAccess::default(),
             prefix: "/samtrain".to_owned(),
             node_id: format!("coordinator-{}", std::process::id()),
             lease_ttl: Duration::from_secs(5),
             advertise: None,
             auth: AuthOptions::default(),
+            tls: None,
             insecure: false,
             history: History::default(),
         }
@@ -86,6 +96,8 @@ pub enum CoordinatorError {
     Option(String),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A started coordinator.
@@ -156,7 +168,8 @@ impl RunningCoordinator {
 pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, CoordinatorError> {
     let prefix = checked_prefix(&options)?;
     let auth = checked_auth(&options)?;
-    let store = store::open(&options.etcd).await?;
+    let tls = checked_tls(&options)?;
+    let store = store::open(&options.etcd, &options.etcd_access).await?;
     let (listener, addr) = bind(options.listen).await?;
     let advertise = options
         .advertise
@@ -181,8 +194,15 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
     };
     let reconcile = AbortOnDrop(tokio::spawn(control.clone().run_loop()));
     let (stop, stopped) = oneshot::channel::<()>();
-    let serving = serve_grpc(listener, addr, control.clone(), auth, stopped);
-    tracing::info!(%addr, node = %options.node_id, store = %control.store_description(), "coordinator serving");
+    let serving = serve_grpc(listener, addr, control.clone(), auth, tls, stopped);
+    tracing::info!(
+        %addr,
+        node = %options.node_id,
+        store = %control.store_description(),
+        tls = options.tls.is_some(),
+        mutual_tls = options.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        "coordinator serving"
+    );
     Ok(RunningCoordinator {
         addr,
         health,
@@ -232,6 +252,30 @@ fn checked_auth(options: &CoordinatorOptions) -> Result<Option<Arc<ServerAuth>>,
     Ok(None)
 }
 
+/// The TLS configuration, or none for plaintext, which is refused on a
+/// non-loopback address unless the options say `insecure`: tokens would
+/// cross the network in clear.
+fn checked_tls(
+    options: &CoordinatorOptions,
+) -> Result<Option<Arc<ReloadingServerTls>>, CoordinatorError> {
+    if let Some(files) = &options.tls {
+        return Ok(Some(Arc::new(ReloadingServerTls::open(files.clone())?)));
+    }
+    if options.listen.ip().is_loopback() {
+        return Ok(None);
+    }
+    if !options.insecure {
+        return Err(CoordinatorError::Option(format!(
+            "listening on {} without TLS would send every token and job spec in clear; \
+             give --tls-cert and --tls-key (`samtrain certs` makes a set; docs/SECURITY.md), \
+             listen on 127.0.0.1, or say --insecure",
+            options.listen
+        )));
+    }
+    tracing::warn!(listen = %options.listen, "INSECURE: the coordinator's API is served without TLS (--insecure)");
+    Ok(None)
+}
+
 /// The gRPC listener and the address it is bound to (port 0 resolved).
 async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), CoordinatorError> {
     let failed = |source| CoordinatorError::Listen {
@@ -272,12 +316,13 @@ async fn serve_health(
 }
 
 /// Serves the `Jobs` service to operators and the `Workers` service to
-/// workers until `stopped` fires.
+/// workers, over TLS when given, until `stopped` fires.
 fn serve_grpc(
     listener: TcpListener,
     addr: SocketAddr,
     control: Arc<Control>,
     auth: Option<Arc<ServerAuth>>,
+    tls: Option<Arc<ReloadingServerTls>>,
     stopped: oneshot::Receiver<()>,
 ) -> JoinHandle<Result<(), CoordinatorError>> {
     let service = Service::new(control);
@@ -289,18 +334,28 @@ fn serve_grpc(
         auth,
         role: Role::Worker,
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .add_service(JobsServer::with_interceptor(service.clone(), operators))
+        .add_service(WorkersServer::with_interceptor(service, workers));
+    let stopped = async {
+        let _ = stopped.await;
+    };
     tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(JobsServer::with_interceptor(service.clone(), operators))
-            .add_service(WorkersServer::with_interceptor(service, workers))
-            // Without TCP_NODELAY a small reply waits on Nagle's algorithm
-            // and the client's delayed ACK: 12.7 ms per sequential call on
-            // loopback instead of 0.36 ms (docs/PERFORMANCE.md).
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            })
-            .await
-            .map_err(|source| CoordinatorError::Serve { addr, source })
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(tls::incoming(listener, tls), stopped)
+                    .await
+            }
+            None => {
+                // Without TCP_NODELAY a small reply waits on Nagle's
+                // algorithm and the client's delayed ACK: 12.7 ms per
+                // sequential call on loopback instead of 0.36 ms
+                // (docs/PERFORMANCE.md).
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+        }
+        .map_err(|source| CoordinatorError::Serve { addr, source })
     })
 }

@@ -58,7 +58,7 @@ async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> 
 /// The final state is in etcd, readable without the coordinator; the
 /// store, for further checks.
 async fn stored_job_is(endpoints: &[String], id: &str, eval: v1::Scores) -> store::SharedStore {
-    let s = store::open(endpoints).await.unwrap();
+    let s = store::open(endpoints, &Default::default()).await.unwrap();
     let kv = s
         .get(&format!("/samtrain-test/jobs/{id}"))
         .await

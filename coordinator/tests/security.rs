@@ -3,7 +3,7 @@
 //! let one worker act as another (reports, deregistration, re-registration
 //! under its id); reports are checked against what the coordinator knows
 //! (rank, checkpoint location and step); lease TTLs are bounded by the
-//! server; and an open API is refused off loopback.
+//! server; and an open or plaintext API is refused off loopback.
 
 mod common;
 
@@ -331,21 +331,37 @@ async fn lease_ttls_are_the_servers() {
     assert_eq!(foreign.code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
-async fn an_open_api_is_refused_off_loopback() {
+/// Why a coordinator on every interface with `auth` refuses to start
+/// (before anything is bound).
+async fn refusal_off_loopback(auth: AuthOptions) -> String {
     let options = CoordinatorOptions {
-        // Refused before anything is bound.
         listen: "0.0.0.0:0".parse().unwrap(),
-        node_id: "open".to_owned(),
+        node_id: "refused".to_owned(),
+        auth,
         ..CoordinatorOptions::default()
     };
-    let err = samtrain_coordinator::run(options)
+    samtrain_coordinator::run(options)
         .await
         .err()
         .expect("refused")
-        .to_string();
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_open_api_is_refused_off_loopback() {
+    let err = refusal_off_loopback(AuthOptions::default()).await;
     assert!(
         err.contains("without tokens") && err.contains("--insecure"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_off_loopback() {
+    let (auth, _, _) = AuthOptions::generated();
+    let err = refusal_off_loopback(auth).await;
+    assert!(
+        err.contains("without TLS") && err.contains("--tls-cert") && err.contains("--insecure"),
         "{err}"
     );
 }

@@ -149,14 +149,14 @@ async fn keep_alive_and_revocation(s: &SharedStore, name: &str, watch: &mut stor
 
 #[tokio::test]
 async fn memory_store_semantics() {
-    semantics(store::open(&[]).await.unwrap()).await;
+    semantics(store::open(&[], &Default::default()).await.unwrap()).await;
 }
 
 #[tokio::test]
 async fn etcd_store_semantics() {
     let etcd = Etcd::start();
     semantics(
-        store::open(std::slice::from_ref(&etcd.endpoint))
+        store::open(std::slice::from_ref(&etcd.endpoint), &Default::default())
             .await
             .unwrap(),
     )
@@ -167,7 +167,7 @@ async fn etcd_store_semantics() {
 async fn unreachable_etcd_fails_fast_naming_the_endpoints() {
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     let t0 = Instant::now();
-    let err = match store::open(std::slice::from_ref(&endpoint)).await {
+    let err = match store::open(std::slice::from_ref(&endpoint), &Default::default()).await {
         Ok(_) => panic!("nothing listens there"),
         Err(e) => e,
     };
@@ -177,4 +177,86 @@ async fn unreachable_etcd_fails_fast_naming_the_endpoints() {
         message.contains(&endpoint) && message.contains("unreachable"),
         "{message}"
     );
+}
+
+/// An etcd as a hardened cluster runs it: TLS with client certificates,
+/// and auth enabled with a root user.
+#[tokio::test]
+async fn an_etcd_with_tls_and_auth_is_reached_with_its_ca_certificate_and_user() {
+    use samtrain_coordinator::store::{etcd, EtcdAccess};
+    use samtrain_testkit::EtcdTls;
+
+    let dir = tempfile::tempdir().unwrap();
+    let made = samtrain_coordinator::tls::generate(&["127.0.0.1".to_owned()], 1).unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca = file("ca.pem", &made.ca_cert);
+    let (cert, key) = (
+        file("server.pem", &made.server_cert),
+        file("server-key.pem", &made.server_key),
+    );
+    let client = (
+        file("client.pem", &made.client_cert),
+        file("client-key.pem", &made.client_key),
+    );
+    let password = file("password", "s3cret\n");
+    let etcd = Etcd::start_with(Some(EtcdTls {
+        cert: &cert,
+        key: &key,
+        client_ca: &ca,
+    }));
+    let endpoints = std::slice::from_ref(&etcd.endpoint);
+
+    let full = EtcdAccess {
+        ca: Some(ca.clone()),
+        identity: Some(client.clone()),
+        user: Some(("root".to_owned(), password.clone())),
+    };
+    // Auth on, as the chart's hook turns it on; a second run changes nothing.
+    assert!(etcd::enable_auth(endpoints, &full).await.unwrap());
+    assert!(!etcd::enable_auth(endpoints, &full).await.unwrap());
+    semantics(store::open(endpoints, &full).await.unwrap()).await;
+
+    let refused = |access: EtcdAccess| async move {
+        match store::open(endpoints, &access).await {
+            Ok(store) => store
+                .put("/refused", b"x".to_vec(), None)
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| panic!("{access:?} was let in")),
+            Err(e) => e.to_string(),
+        }
+    };
+    let no_user = refused(EtcdAccess {
+        user: None,
+        ..full.clone()
+    })
+    .await;
+    assert!(no_user.contains("--etcd-user"), "{no_user}");
+    let wrong = file("wrong", "guess");
+    let bad_password = refused(EtcdAccess {
+        user: Some(("root".to_owned(), wrong)),
+        ..full.clone()
+    })
+    .await;
+    assert!(
+        bad_password.contains("authentication failed"),
+        "{bad_password}"
+    );
+    let no_certificate = refused(EtcdAccess {
+        identity: None,
+        ..full.clone()
+    })
+    .await;
+    assert!(no_certificate.contains("--etcd-cert"), "{no_certificate}");
+    let untrusted = refused(EtcdAccess {
+        ca: None,
+        ..full.clone()
+    })
+    .await;
+    assert!(untrusted.contains("UnknownIssuer"), "{untrusted}");
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_coordinator::auth::{AuthOptions, TokenSource};
+use samtrain_coordinator::tls::ServerTlsFiles;
 use samtrain_coordinator::{CoordinatorOptions, History};
 
 #[derive(Args)]
@@ -27,6 +28,8 @@ pub struct CoordinatorArgs {
     /// The prefix of every key in etcd.
     #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
     etcd_prefix: String,
+    #[command(flatten)]
+    etcd_flags: super::EtcdFlags,
     /// This coordinator's name in the election (default: the host name).
     #[arg(long, env = "SAMTRAIN_NODE_ID")]
     node_id: Option<String>,
@@ -46,8 +49,20 @@ pub struct CoordinatorArgs {
     /// keep their leases and report.
     #[arg(long, env = "SAMTRAIN_WORKER_TOKENS_FILE")]
     worker_tokens: Option<PathBuf>,
-    /// Serve without tokens on a non-loopback address: anyone who reaches
-    /// it controls every job. Only for networks where that is true anyway.
+    /// Serve gRPC over TLS with this certificate chain (PEM); re-read when
+    /// it changes. With `--tls-key`.
+    #[arg(long, env = "SAMTRAIN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "SAMTRAIN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: only clients presenting a certificate that chains to
+    /// this CA (PEM) may connect; tokens are still checked.
+    #[arg(long, env = "SAMTRAIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without tokens, or without TLS, on a non-loopback address:
+    /// anyone who reaches it (or sees its traffic) controls every job. Only
+    /// for networks where that is true anyway.
     #[arg(long, env = "SAMTRAIN_INSECURE")]
     insecure: bool,
     /// Finished jobs kept in the history (`samtrain list`); older ones go.
@@ -73,6 +88,7 @@ async fn serve(args: CoordinatorArgs) -> Result<()> {
         listen: args.listen,
         health_listen: Some(args.health_listen),
         etcd: args.etcd,
+        etcd_access: args.etcd_flags.access(),
         prefix: args.etcd_prefix,
         node_id,
         lease_ttl: Duration::from_secs(args.lease_ttl),
@@ -89,6 +105,14 @@ async fn serve(args: CoordinatorArgs) -> Result<()> {
                 .into_iter()
                 .collect(),
         },
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| ServerTlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            }),
         insecure: args.insecure,
         history: History {
             max_jobs: args.history_jobs as usize,

@@ -1,9 +1,11 @@
 //! One module per subcommand of `samtrain` (the benchmarks are in
 //! `crate::bench`), and the arguments several of them share.
 
+pub mod certs;
 pub mod coordinator;
 pub mod data;
 pub mod demo;
+pub mod etcd;
 pub mod eval;
 pub mod jobs;
 pub mod local;
@@ -16,10 +18,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 use samtrain_coordinator::auth::{Credentials, TokenSource};
-use samtrain_coordinator::client::Client;
+use samtrain_coordinator::client::{Client, ClientTls};
+use samtrain_coordinator::store::EtcdAccess;
 
-/// Where the coordinators are and the token to present: every command that
-/// talks to the control plane takes the same flags.
+/// Where the coordinators are, the token to present and the TLS to speak:
+/// every command that talks to the control plane takes the same flags.
 #[derive(Args, Clone, Debug)]
 pub struct Coordinators {
     /// Coordinator addresses, comma-separated; the leader is found among
@@ -37,6 +40,21 @@ pub struct Coordinators {
     /// none (an open, loopback coordinator).
     #[arg(long, env = "SAMTRAIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Call over TLS, trusting this CA (PEM) for the coordinator's
+    /// certificate. An `https://` address without it trusts the system's
+    /// roots.
+    #[arg(long, env = "SAMTRAIN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) to present, for a coordinator that
+    /// requires one (`--tls-client-ca`); with `--tls-client-key`.
+    #[arg(long, env = "SAMTRAIN_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    #[arg(long, env = "SAMTRAIN_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry, when it is not
+    /// the host called (an IP address, a port-forward).
+    #[arg(long, env = "SAMTRAIN_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 impl Coordinators {
@@ -47,9 +65,56 @@ impl Coordinators {
 
     /// The credentials these flags give.
     pub fn credentials(&self) -> Credentials {
-        match &self.token_file {
+        let credentials = match &self.token_file {
             Some(path) => Credentials::token(TokenSource::File(path.clone())),
             None => Credentials::from_token_env(),
+        };
+        let tls = self.tls_ca.is_some()
+            || self.tls_client_cert.is_some()
+            || self.tls_server_name.is_some()
+            || self.addresses.iter().any(|a| a.starts_with("https://"));
+        if !tls {
+            return credentials;
+        }
+        credentials.with_tls(ClientTls {
+            ca: self.tls_ca.clone(),
+            identity: self
+                .tls_client_cert
+                .clone()
+                .zip(self.tls_client_key.clone()),
+            server_name: self.tls_server_name.clone(),
+        })
+    }
+}
+
+/// How to reach an etcd that requires TLS or a user: the coordinator and
+/// the worker take the same flags.
+#[derive(Args, Clone, Debug)]
+pub struct EtcdFlags {
+    /// The CA (PEM) of etcd's server certificate, for `https://` endpoints.
+    #[arg(long, env = "SAMTRAIN_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for an etcd with `--client-cert-auth`;
+    /// with `--etcd-key`.
+    #[arg(long, env = "SAMTRAIN_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "SAMTRAIN_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd user, for an etcd with auth enabled; with
+    /// `--etcd-password-file`.
+    #[arg(long, env = "SAMTRAIN_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// A file whose first line is the etcd user's password.
+    #[arg(long, env = "SAMTRAIN_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdFlags {
+    pub fn access(&self) -> EtcdAccess {
+        EtcdAccess {
+            ca: self.etcd_ca.clone(),
+            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            user: self.etcd_user.clone().zip(self.etcd_password_file.clone()),
         }
     }
 }

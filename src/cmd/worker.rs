@@ -14,7 +14,7 @@ use clap::Args;
 use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
 use samtrain_coordinator::health;
 
-use super::Coordinators;
+use super::{Coordinators, EtcdFlags};
 use samtrain_collective::Secret;
 use samtrain_proto::spec::DeviceKind;
 use samtrain_proto::Scores;
@@ -45,6 +45,8 @@ pub struct WorkerArgs {
     etcd: Vec<String>,
     #[arg(long, env = "SAMTRAIN_ETCD_PREFIX", default_value = "/samtrain")]
     etcd_prefix: String,
+    #[command(flatten)]
+    etcd_flags: EtcdFlags,
     /// A readable name; the worker's id starts with it (default: host name).
     #[arg(long, env = "SAMTRAIN_NAME")]
     name: Option<String>,
@@ -99,6 +101,7 @@ async fn serve(
         advertise: format!("{host}:{port}"),
         device: args.device.clone(),
         etcd: args.etcd.clone(),
+        etcd_access: args.etcd_flags.access(),
         etcd_prefix: args.etcd_prefix.clone(),
         exit_when_idle: args.exit_when_idle,
         lease_ttl: None,

@@ -61,14 +61,40 @@ pub struct Etcd {
     _dir: tempfile::TempDir,
 }
 
+/// The PEM files of an etcd that serves TLS and requires client
+/// certificates signed by `client_ca`.
+pub struct EtcdTls<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub client_ca: &'a Path,
+}
+
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// With `tls`, the client endpoint is `https://` and asks for client
+    /// certificates.
+    pub fn start_with(tls: Option<EtcdTls<'_>>) -> Etcd {
         let dir = tempfile::tempdir().expect("a temporary folder for etcd");
         let client = free_port();
         let peer = free_port();
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = tls {
+            command
+                .arg("--cert-file")
+                .arg(tls.cert)
+                .arg("--key-file")
+                .arg(tls.key)
+                .arg("--trusted-ca-file")
+                .arg(tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "t", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &endpoint])

@@ -59,7 +59,8 @@ impl Registration {
                 secret_sha256: secret_digest(&r.worker_secret),
             });
         }
-        let store: SharedStore = Arc::new(EtcdStore::connect(&options.etcd).await?);
+        let store: SharedStore =
+            Arc::new(EtcdStore::connect(&options.etcd, &options.etcd_access).await?);
         let ttl = options.lease_ttl.unwrap_or(Duration::from_secs(5));
         let (worker_id, secret) = new_worker_identity(&options.name);
         options.credentials.set_worker_secret(&secret);

@@ -47,6 +47,8 @@ pub struct AgentOptions {
     pub device: String,
     /// etcd endpoints; empty: the lease is kept by Heartbeat calls.
     pub etcd: Vec<String>,
+    /// etcd's TLS and user, when it requires them.
+    pub etcd_access: crate::store::EtcdAccess,
     /// The store prefix the coordinators use (default `/samtrain`).
     pub etcd_prefix: String,
     /// Local mode: [`Agent::next_assignment`] returns `None` once no job
@@ -67,6 +69,7 @@ impl Default for AgentOptions {
             advertise: String::new(),
             device: "cpu".to_owned(),
             etcd: Vec::new(),
+            etcd_access: crate::store::EtcdAccess::default(),
             etcd_prefix: "/samtrain".to_owned(),
             exit_when_idle: false,
             lease_ttl: None,

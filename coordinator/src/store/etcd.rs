@@ -2,6 +2,7 @@
 //! timeout so an unreachable etcd surfaces as an error naming the
 //! endpoints, never a hang.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
@@ -11,29 +12,112 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use crate::tls::ClientTls;
+
 use super::{Compare, KeyValue, LeaseId, Op, Store, StoreError, WatchEvent, WatchStream};
 
 /// How long one etcd call may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How to reach an etcd that requires more than its address: TLS
+/// (`https://` endpoints) and a user (etcd's auth enabled). The files are
+/// read when the store is opened.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccess {
+    /// The CA of etcd's server certificate (PEM); `https://` endpoints
+    /// without it trust the system's roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key (PEM), for an etcd started with
+    /// `--client-cert-auth`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// A user, and the file holding its password (first line).
+    pub user: Option<(String, PathBuf)>,
+}
+
+impl EtcdAccess {
+    /// The first line of the password file.
+    fn password(&self) -> Result<String, String> {
+        let Some((_, file)) = &self.user else {
+            return Ok(String::new());
+        };
+        let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let text = String::from_utf8(text).map_err(|_| format!("{}: not UTF-8", file.display()))?;
+        Ok(text.lines().next().unwrap_or_default().to_owned())
+    }
+
+    /// The connection options these settings add to `options`.
+    fn apply(
+        &self,
+        endpoints: &[String],
+        mut options: ConnectOptions,
+    ) -> Result<ConnectOptions, String> {
+        let https = endpoints.iter().any(|e| e.starts_with("https://"));
+        if https {
+            let tls = ClientTls {
+                ca: self.ca.clone(),
+                identity: self.identity.clone(),
+                server_name: None,
+            }
+            .config()
+            .map_err(|e| e.to_string())?;
+            options = options.with_tls(tls);
+        } else if self.ca.is_some() || self.identity.is_some() {
+            return Err(
+                "TLS files are given but the endpoints are http://; give https:// endpoints".into(),
+            );
+        }
+        if let Some((user, _)) = &self.user {
+            let password = self.password()?;
+            // A user's token expires (etcd's simple tokens after 5 minutes
+            // idle); a call that meets an expired one authenticates again.
+            options = options
+                .with_user(user.clone(), password)
+                .with_auto_token_refresh(true);
+        }
+        Ok(options)
+    }
+}
+
 /// etcd, shared by every task of the process (the client multiplexes).
 pub struct EtcdStore {
     client: Client,
     endpoints: String,
+    /// Whether a user was given: without one, "permission denied" most
+    /// likely means etcd's auth is on.
+    has_user: bool,
 }
 
 impl EtcdStore {
     /// Connects and checks that etcd answers, within about 3 seconds.
-    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+    pub async fn connect(
+        endpoints: &[String],
+        access: &EtcdAccess,
+    ) -> Result<EtcdStore, StoreError> {
         let names = endpoints.join(",");
-        let unreachable = |message: String| StoreError::Unreachable {
-            endpoints: names.clone(),
-            message,
+        let unreachable = |message: String| {
+            let cut_off = [
+                "connection closed",
+                "broken pipe",
+                "BadCertificate",
+                "CertificateRequired",
+            ]
+            .iter()
+            .any(|s| message.contains(s));
+            let message = if cut_off && access.identity.is_none() && names.contains("https://") {
+                format!("{message} (if etcd requires client certificates, give --etcd-cert and --etcd-key)")
+            } else {
+                message
+            };
+            StoreError::Unreachable {
+                endpoints: names.clone(),
+                message,
+            }
         };
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let options = access.apply(endpoints, options).map_err(&unreachable)?;
         let connect = Client::connect(endpoints, Some(options));
         let mut client = tokio::time::timeout(CALL_TIMEOUT, connect)
             .await
@@ -46,6 +130,7 @@ impl EtcdStore {
         Ok(EtcdStore {
             client,
             endpoints: names,
+            has_user: access.user.is_some(),
         })
     }
 
@@ -55,11 +140,19 @@ impl EtcdStore {
     {
         match tokio::time::timeout(CALL_TIMEOUT, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Operation {
-                store: self.describe(),
-                operation: operation.to_owned(),
-                message: e.to_string(),
-            }),
+            Ok(Err(e)) => {
+                let mut message = e.to_string();
+                if !self.has_user && message.contains("permission denied") {
+                    message.push_str(
+                        " (if etcd's auth is on, give --etcd-user and --etcd-password-file)",
+                    );
+                }
+                Err(StoreError::Operation {
+                    store: self.describe(),
+                    operation: operation.to_owned(),
+                    message,
+                })
+            }
             Err(_) => Err(StoreError::Timeout {
                 store: self.describe(),
                 operation: operation.to_owned(),
@@ -67,6 +160,49 @@ impl EtcdStore {
             }),
         }
     }
+}
+
+/// Turns etcd's auth on with `access`'s user as its root: adds the user
+/// (when missing), grants it the root role, enables auth. Nothing changes
+/// when the user can already log in (auth is on); true when it was turned
+/// on now. For a new cluster, by its operator (the chart's hook).
+pub async fn enable_auth(endpoints: &[String], access: &EtcdAccess) -> Result<bool, StoreError> {
+    let Some((user, _)) = &access.user else {
+        return Err(StoreError::Unreachable {
+            endpoints: endpoints.join(","),
+            message: "turning auth on needs the root user and its password (--etcd-user, --etcd-password-file)".into(),
+        });
+    };
+    if EtcdStore::connect(endpoints, access).await.is_ok() {
+        return Ok(false);
+    }
+    let anonymous = EtcdAccess {
+        user: None,
+        ..access.clone()
+    };
+    let store = EtcdStore::connect(endpoints, &anonymous).await?;
+    let password = access
+        .password()
+        .map_err(|message| StoreError::Unreachable {
+            endpoints: store.endpoints.clone(),
+            message,
+        })?;
+    let mut client = store.client.clone();
+    if let Err(e) = store
+        .call("add user", client.user_add(user.clone(), password, None))
+        .await
+    {
+        if !e.to_string().contains("already exists") {
+            return Err(e);
+        }
+    }
+    let mut client = store.client.clone();
+    store
+        .call("grant root", client.user_grant_role(user.clone(), "root"))
+        .await?;
+    let mut client = store.client.clone();
+    store.call("enable auth", client.auth_enable()).await?;
+    Ok(true)
 }
 
 fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {

@@ -5,6 +5,8 @@
 //! other module runs unchanged on either.
 
 pub mod etcd;
+
+pub use etcd::EtcdAccess;
 pub mod memory;
 
 use std::sync::Arc;
@@ -115,13 +117,14 @@ pub trait Store: Send + Sync + 'static {
 /// A shared store.
 pub type SharedStore = Arc<dyn Store>;
 
-/// Opens etcd at `endpoints`, or the in-memory store when there are none.
-/// An unreachable etcd fails within a few seconds, naming the endpoints.
-pub async fn open(endpoints: &[String]) -> Result<SharedStore, StoreError> {
+/// Opens etcd at `endpoints` with `access`, or the in-memory store when
+/// there are none. An unreachable etcd fails within a few seconds, naming
+/// the endpoints.
+pub async fn open(endpoints: &[String], access: &EtcdAccess) -> Result<SharedStore, StoreError> {
     if endpoints.is_empty() {
         Ok(Arc::new(memory::MemoryStore::new()))
     } else {
-        Ok(Arc::new(etcd::EtcdStore::connect(endpoints).await?))
+        Ok(Arc::new(etcd::EtcdStore::connect(endpoints, access).await?))
     }
 }
 
