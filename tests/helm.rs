@@ -11,8 +11,9 @@
 //! (`SAMTRAIN_PYTHON`, default `<workspace>/.venv/bin/python`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -229,7 +230,7 @@ fn probe_port(container: &Value, probe: &str) -> (String, u64) {
 fn etcd_members(n: usize) -> String {
     (0..n)
         .map(|i| {
-            format!("http://samtrain-etcd-{i}.samtrain-etcd.{NAMESPACE}.svc.cluster.local:2379")
+            format!("https://samtrain-etcd-{i}.samtrain-etcd.{NAMESPACE}.svc.cluster.local:2379")
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -317,7 +318,7 @@ fn default_values_give_two_coordinators_bundled_etcd_and_gpu_workers() {
     );
     assert_eq!(
         env(worker, "SAMTRAIN_COORDINATOR"),
-        Some("http://samtrain-coordinator.ml.svc.cluster.local:7070")
+        Some("https://samtrain-coordinator.ml.svc.cluster.local:7070")
     );
     assert_eq!(env(worker, "SAMTRAIN_NAME"), Some("$(POD_NAME)"));
     assert_eq!(env(worker, "SAMTRAIN_COLLECTIVE_PORT"), Some("29500"));
@@ -405,11 +406,169 @@ fn default_values_give_two_coordinators_bundled_etcd_and_gpu_workers() {
         }
     }
 
-    // Without job specs there is nothing to submit; the one Secret holds
-    // the API's tokens.
+    // Without job specs there is nothing to submit: the one Job turns the
+    // bundled etcd's auth on. The Secrets hold the API's tokens, etcd's
+    // certificates and password, and the API's TLS files.
     assert!(kinds(&docs, "ConfigMap").is_empty());
-    assert!(kinds(&docs, "Job").is_empty());
-    assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth"]);
+    assert_eq!(kinds(&docs, "Job"), ["samtrain-etcd-auth"]);
+    assert_eq!(
+        kinds(&docs, "Secret"),
+        ["samtrain-auth", "samtrain-etcd-credentials", "samtrain-tls"]
+    );
+}
+
+/// A Secret's key, decoded.
+fn secret_file(secret: &Value, key: &str) -> Vec<u8> {
+    use base64::Engine;
+    let data = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no key {key}"));
+    base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .unwrap()
+}
+
+/// The API over TLS and the bundled etcd over TLS with auth, by default:
+/// every pod gets the files and settings of its role, and the certificate
+/// the chart makes is one `samtrain coordinator` serves and a client
+/// calling the Service's name trusts, with and without mutual TLS.
+#[test]
+fn tls_and_etcd_credentials_come_from_secrets_the_binary_accepts() {
+    let docs = manifests(&[], "defaults (tls)");
+    let coord_deploy = find(&docs, "Deployment", "samtrain-coordinator");
+    let coord = container(coord_deploy, "coordinator");
+    assert_eq!(
+        env(coord, "SAMTRAIN_TLS_CERT"),
+        Some("/etc/samtrain/tls/tls.crt")
+    );
+    assert_eq!(
+        env(coord, "SAMTRAIN_TLS_KEY"),
+        Some("/etc/samtrain/tls/tls.key")
+    );
+    assert_eq!(env(coord, "SAMTRAIN_TLS_CLIENT_CA"), None);
+    assert_eq!(env(coord, "SAMTRAIN_INSECURE"), None);
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    let worker = container(workers, "worker");
+    assert_eq!(
+        env(worker, "SAMTRAIN_TLS_CA"),
+        Some("/etc/samtrain/tls/ca.crt")
+    );
+    assert_eq!(env(worker, "SAMTRAIN_TLS_CLIENT_CERT"), None);
+    for c in [coord, worker] {
+        assert_eq!(
+            env(c, "SAMTRAIN_ETCD_CA"),
+            Some("/etc/samtrain/etcd/ca.crt")
+        );
+        assert_eq!(env(c, "SAMTRAIN_ETCD_USER"), Some("root"));
+    }
+    let etcd = container(find(&docs, "StatefulSet", "samtrain-etcd"), "etcd");
+    let args = etcd["command"].as_array().unwrap();
+    for flag in [
+        "--client-cert-auth",
+        "--listen-client-urls=https://0.0.0.0:2379",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "etcd lacks {flag}");
+    }
+    let hook = container(find(&docs, "Job", "samtrain-etcd-auth"), "enable-auth");
+    assert_eq!(hook["args"][0], "etcd");
+    assert_eq!(hook["args"][1], "enable-auth");
+    let out =
+        run(Command::new(env!("CARGO_BIN_EXE_samtrain")).args(["etcd", "enable-auth", "--help"]));
+    let help = String::from_utf8(out.stdout).unwrap();
+    for var in env_names(hook)
+        .iter()
+        .filter(|v| v.starts_with("SAMTRAIN_"))
+    {
+        assert!(
+            help.contains(&format!("env: {var}")),
+            "the hook sets {var}, unread"
+        );
+    }
+
+    // The chart's certificate, served by the binary, trusted by name.
+    let dir = tempfile::tempdir().unwrap();
+    let tls = find(&docs, "Secret", "samtrain-tls");
+    for key in ["ca.crt", "tls.crt", "tls.key", "client.crt", "client.key"] {
+        std::fs::write(dir.path().join(key), secret_file(tls, key)).unwrap();
+    }
+    std::fs::write(dir.path().join("tokens"), "a-token-of-at-least-16-chars\n").unwrap();
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for mutual in [false, true] {
+        let port = samtrain_testkit::free_port();
+        let mut coordinator = Command::new(env!("CARGO_BIN_EXE_samtrain"));
+        coordinator
+            .arg("coordinator")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--health-listen", "127.0.0.1:0"])
+            .args([
+                "--tls-cert",
+                &file("tls.crt"),
+                "--tls-key",
+                &file("tls.key"),
+            ])
+            .args([
+                "--operator-tokens",
+                &file("tokens"),
+                "--worker-tokens",
+                &file("tokens"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if mutual {
+            coordinator.args(["--tls-client-ca", &file("ca.crt")]);
+        }
+        let mut coordinator = coordinator.spawn().unwrap();
+        samtrain_testkit::wait_for_port(port, "coordinator", Duration::from_secs(20));
+        let mut list = Command::new(env!("CARGO_BIN_EXE_samtrain"));
+        list.args(["list", "--coordinator", &format!("127.0.0.1:{port}")])
+            .args(["--tls-ca", &file("ca.crt")])
+            .args([
+                "--tls-server-name",
+                &format!("samtrain-coordinator.{NAMESPACE}.svc.cluster.local"),
+            ])
+            .args(["--token-file", &file("tokens")]);
+        if mutual {
+            list.args(["--tls-client-cert", &file("client.crt")])
+                .args(["--tls-client-key", &file("client.key")]);
+        }
+        let out = list.output().unwrap();
+        coordinator.kill().unwrap();
+        coordinator.wait().unwrap();
+        assert!(
+            out.status.success(),
+            "mutual {mutual}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Mutual TLS gives clients a certificate; turning TLS off is explicit.
+    let mutual = parse(&render(&[], &["tls.mutual=true"]).unwrap());
+    let coord = container(
+        find(&mutual, "Deployment", "samtrain-coordinator"),
+        "coordinator",
+    );
+    assert_eq!(
+        env(coord, "SAMTRAIN_TLS_CLIENT_CA"),
+        Some("/etc/samtrain/tls/ca.crt")
+    );
+    let worker = container(find(&mutual, "StatefulSet", "samtrain-workers"), "worker");
+    assert_eq!(
+        env(worker, "SAMTRAIN_TLS_CLIENT_CERT"),
+        Some("/etc/samtrain/tls/client.crt")
+    );
+    let err = render(
+        &[],
+        &["tls.mutual=true", "tls.existingSecret=from-cert-manager"],
+    )
+    .expect_err("mutual TLS without the clients' Secret");
+    assert!(err.contains("tls.clientSecret"), "{err}");
+    let plain = parse(&render(&[], &["tls.enabled=false"]).unwrap());
+    let coord = container(
+        find(&plain, "Deployment", "samtrain-coordinator"),
+        "coordinator",
+    );
+    assert_eq!(env(coord, "SAMTRAIN_INSECURE"), Some("true"));
+    assert_eq!(env(coord, "SAMTRAIN_TLS_CERT"), None);
 }
 
 /// Whether `selector`'s matchLabels all hold on `workload`'s pods.
@@ -461,8 +620,9 @@ fn network_policies_close_the_api_the_ring_and_etcd() {
     let store = rules("samtrain-etcd");
     assert_eq!(store[0].0, 2379);
     assert!(from_pods(&store[0].1, coordinator) && from_pods(&store[0].1, workers));
-    assert_eq!(store[1].0, 2380);
-    assert!(from_pods(&store[1].1, etcd) && !from_pods(&store[1].1, workers));
+    assert_eq!((store[1].0, store[1].1.is_empty()), (2381, true), "probes");
+    assert_eq!(store[2].0, 2380);
+    assert!(from_pods(&store[2].1, etcd) && !from_pods(&store[2].1, workers));
 
     // Turned off, there are none.
     let open = parse(&render(&[], &["networkPolicy.enabled=false"]).unwrap());
@@ -519,10 +679,7 @@ fn the_api_takes_tokens_from_a_secret_each_role_its_own() {
         Some("/etc/samtrain/auth/worker-tokens")
     );
     assert_eq!(mounted_keys(workers), ["worker-tokens"]);
-    let hook = docs
-        .iter()
-        .find(|d| d["kind"] == "Job")
-        .expect("the submit hook");
+    let hook = find(&docs, "Job", "samtrain-submit");
     assert_eq!(mounted_keys(hook), ["operator-tokens"]);
 
     // An existing Secret replaces the chart's; turning auth off is explicit.
@@ -584,6 +741,8 @@ fn gpu_example_requests_gpus_and_submits_its_job() {
             "/var/lib/samtrain",
             "/tmp",
             "/etc/samtrain/auth",
+            "/etc/samtrain/tls",
+            "/etc/samtrain/etcd",
             "/models"
         ]
     );
@@ -614,7 +773,7 @@ fn gpu_example_requests_gpus_and_submits_its_job() {
         .contains("samtrain submit \"$spec\""));
     assert_eq!(
         env(submit, "SAMTRAIN_COORDINATOR"),
-        Some("http://samtrain-coordinator.ml.svc.cluster.local:7070")
+        Some("https://samtrain-coordinator.ml.svc.cluster.local:7070")
     );
     assert_eq!(volume(hook, "jobs")["configMap"]["name"], "samtrain-jobs");
     let deploy = find(&docs, "Deployment", "samtrain-coordinator");
@@ -635,8 +794,8 @@ fn external_etcd_example_uses_its_endpoints_and_s3_secret() {
     assert!(kinds(&docs, "PodDisruptionBudget") == ["samtrain-workers"]);
     assert!(!kinds(&docs, "Service").contains(&"samtrain-etcd".to_string()));
     // The object store's Secret is the user's: the chart makes only the
-    // API's tokens.
-    assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth"]);
+    // API's tokens and TLS files.
+    assert_eq!(kinds(&docs, "Secret"), ["samtrain-auth", "samtrain-tls"]);
 
     let endpoints = "http://etcd-0.etcd.platform.svc.cluster.local:2379,\
                      http://etcd-1.etcd.platform.svc.cluster.local:2379,\
@@ -912,7 +1071,13 @@ fn chart_settings_are_flags_the_binary_reads() {
         let help = help(command);
         for var in env_names(c).iter().filter(|v| v.starts_with("SAMTRAIN_")) {
             // The CLI of `samtrain submit` inside the pod reads this one.
-            let for_the_cli = ["SAMTRAIN_COORDINATOR", "SAMTRAIN_TOKEN_FILE"];
+            let for_the_cli = [
+                "SAMTRAIN_COORDINATOR",
+                "SAMTRAIN_TOKEN_FILE",
+                "SAMTRAIN_TLS_CA",
+                "SAMTRAIN_TLS_CLIENT_CERT",
+                "SAMTRAIN_TLS_CLIENT_KEY",
+            ];
             if for_the_cli.contains(&var.as_str()) && command == "coordinator" {
                 continue;
             }

@@ -84,7 +84,7 @@ app.kubernetes.io/part-of: samtrain
 
 {{/* The URL workers and the CLI reach the leading coordinator at. */}}
 {{- define "samtrain.coordinatorURL" -}}
-{{- printf "http://%s:%d" (include "samtrain.serviceDomain" (dict "ctx" . "service" (include "samtrain.coordinatorName" .))) (int .Values.coordinator.port) }}
+{{- printf "%s://%s:%d" (ternary "https" "http" .Values.tls.enabled) (include "samtrain.serviceDomain" (dict "ctx" . "service" (include "samtrain.coordinatorName" .))) (int .Values.coordinator.port) }}
 {{- end }}
 
 {{/*
@@ -97,7 +97,7 @@ or the external endpoints; empty with etcd.mode "none".
 {{- $domain := include "samtrain.serviceDomain" (dict "ctx" . "service" $name) }}
 {{- $urls := list }}
 {{- range $i := until (int .Values.etcd.bundled.replicas) }}
-{{- $urls = append $urls (printf "http://%s-%d.%s:2379" $name $i $domain) }}
+{{- $urls = append $urls (printf "%s://%s-%d.%s:2379" (ternary "https" "http" $.Values.etcd.bundled.tls) $name $i $domain) }}
 {{- end }}
 {{- join "," $urls }}
 {{- else if eq .Values.etcd.mode "external" }}
@@ -126,6 +126,148 @@ or the external endpoints; empty with etcd.mode "none".
   value: {{ . | quote }}
 - name: SAMTRAIN_ETCD_PREFIX
   value: {{ $.Values.etcd.prefix | quote }}
+{{- end }}
+{{- include "samtrain.etcdAccessEnv" . }}
+{{- end }}
+
+{{/* etcd's TLS files and user, as files mounted by etcdMount. */}}
+{{- define "samtrain.etcdAccessEnv" -}}
+{{- $access := include "samtrain.etcdAccess" . | fromYaml }}
+{{- if $access.ca }}
+- name: SAMTRAIN_ETCD_CA
+  value: /etc/samtrain/etcd/ca.crt
+{{- end }}
+{{- if $access.cert }}
+- name: SAMTRAIN_ETCD_CERT
+  value: /etc/samtrain/etcd/tls.crt
+- name: SAMTRAIN_ETCD_KEY
+  value: /etc/samtrain/etcd/tls.key
+{{- end }}
+{{- with $access.user }}
+- name: SAMTRAIN_ETCD_USER
+  value: {{ . | quote }}
+- name: SAMTRAIN_ETCD_PASSWORD_FILE
+  value: /etc/samtrain/etcd/password
+{{- end }}
+{{- end }}
+
+{{/*
+What samtrain's pods need to reach etcd, as YAML: the Secret holding it and
+which of ca.crt, a client certificate and a user apply.
+*/}}
+{{- define "samtrain.etcdAccess" -}}
+{{- if eq .Values.etcd.mode "bundled" }}
+secret: {{ include "samtrain.etcdName" . }}-credentials
+ca: {{ .Values.etcd.bundled.tls }}
+cert: {{ .Values.etcd.bundled.tls }}
+user: {{ ternary "root" "" .Values.etcd.bundled.auth | quote }}
+{{- else if and (eq .Values.etcd.mode "external") .Values.etcd.external.existingSecret }}
+secret: {{ .Values.etcd.external.existingSecret }}
+ca: {{ contains "https://" (join "," .Values.etcd.external.endpoints) }}
+cert: {{ .Values.etcd.external.clientCertificate }}
+user: {{ .Values.etcd.external.user | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The etcd credentials volume, its files named as etcdEnv expects. */}}
+{{- define "samtrain.etcdVolume" -}}
+{{- $access := include "samtrain.etcdAccess" . | fromYaml }}
+{{- if or $access.ca $access.cert $access.user }}
+- name: etcd-credentials
+  secret:
+    secretName: {{ $access.secret }}
+    defaultMode: 0444
+    items:
+      {{- if $access.ca }}
+      - key: ca.crt
+        path: ca.crt
+      {{- end }}
+      {{- if $access.cert }}
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- end }}
+      {{- if $access.user }}
+      - key: password
+        path: password
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "samtrain.etcdMount" -}}
+{{- $access := include "samtrain.etcdAccess" . | fromYaml }}
+{{- if or $access.ca $access.cert $access.user }}
+- name: etcd-credentials
+  mountPath: /etc/samtrain/etcd
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "samtrain.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "samtrain.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/*
+TLS files: the CA; the coordinator's certificate for role "server"; under
+mutual TLS, the clients' certificate (the coordinator's pod too, for the CLI
+run in it). Call with (dict "ctx" $ "role" "server").
+*/}}
+{{- define "samtrain.tlsVolume" -}}
+{{- $v := .ctx.Values.tls }}
+{{- if $v.enabled }}
+- name: tls
+  projected:
+    defaultMode: 0444
+    sources:
+      - secret:
+          name: {{ include "samtrain.tlsSecretName" .ctx }}
+          items:
+            - key: ca.crt
+              path: ca.crt
+            {{- if eq .role "server" }}
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+            {{- end }}
+            {{- if and $v.mutual (not $v.existingSecret) }}
+            - key: client.crt
+              path: client.crt
+            - key: client.key
+              path: client.key
+            {{- end }}
+      {{- if and $v.mutual $v.existingSecret }}
+      - secret:
+          name: {{ $v.clientSecret }}
+          items:
+            - key: tls.crt
+              path: client.crt
+            - key: tls.key
+              path: client.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "samtrain.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/samtrain/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A client's TLS settings (workers, the submit hook, the CLI in a pod). */}}
+{{- define "samtrain.tlsClientEnv" -}}
+{{- if .Values.tls.enabled }}
+- name: SAMTRAIN_TLS_CA
+  value: /etc/samtrain/tls/ca.crt
+{{- if .Values.tls.mutual }}
+- name: SAMTRAIN_TLS_CLIENT_CERT
+  value: /etc/samtrain/tls/client.crt
+- name: SAMTRAIN_TLS_CLIENT_KEY
+  value: /etc/samtrain/tls/client.key
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -190,6 +332,12 @@ checks each value on its own.
 {{- define "samtrain.validate" -}}
 {{- if and (eq .Values.etcd.mode "none") (gt (int .Values.coordinator.replicas) 1) }}
 {{- fail (printf "coordinator.replicas is %d but etcd.mode is \"none\": the embedded store lives inside one coordinator process, so more than one replica needs etcd.mode \"bundled\" or \"external\"" (int .Values.coordinator.replicas)) }}
+{{- end }}
+{{- if and .Values.tls.enabled .Values.tls.mutual .Values.tls.existingSecret (not .Values.tls.clientSecret) }}
+{{- fail "tls.mutual is true with tls.existingSecret: name the clients' certificate Secret (tls.crt, tls.key) in tls.clientSecret" }}
+{{- end }}
+{{- if and (eq .Values.etcd.mode "external") (or .Values.etcd.external.user .Values.etcd.external.clientCertificate) (not .Values.etcd.external.existingSecret) }}
+{{- fail "etcd.external.user or etcd.external.clientCertificate is set but etcd.external.existingSecret is empty: name the Secret with the password, tls.crt and tls.key" }}
 {{- end }}
 {{- if and (eq .Values.etcd.mode "external") (not .Values.etcd.external.endpoints) }}
 {{- fail "etcd.mode is \"external\" but etcd.external.endpoints is empty: list the etcd client URLs, e.g. [\"http://etcd-0.etcd:2379\"]" }}
