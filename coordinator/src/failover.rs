@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
@@ -128,14 +129,18 @@ pub(crate) enum Unanswered {
     },
 }
 
-/// The coordinator addresses, which one answered last, and the
-/// credentials every call presents. Shared by reference: concurrent calls
-/// only race on the preference, a hint.
+/// The coordinator addresses, which one answered last, the credentials
+/// every call presents, and a channel to each address that answered.
+/// Shared by reference: concurrent calls only race on the preference, a
+/// hint, and on which of two new channels to an address is kept.
 #[derive(Debug)]
 pub(crate) struct Coordinators {
     addresses: Vec<String>,
     preferred: AtomicUsize,
     credentials: Credentials,
+    /// Reused while calls on them get answers: a new connection per call
+    /// costs a TCP (and TLS) handshake. Clones share them.
+    channels: Arc<Mutex<Vec<Option<Channel>>>>,
 }
 
 impl Clone for Coordinators {
@@ -144,6 +149,7 @@ impl Clone for Coordinators {
             addresses: self.addresses.clone(),
             preferred: AtomicUsize::new(self.preferred.load(Ordering::Relaxed)),
             credentials: self.credentials.clone(),
+            channels: self.channels.clone(),
         }
     }
 }
@@ -153,10 +159,27 @@ impl Coordinators {
     /// tried first.
     pub(crate) fn new(addresses: Vec<String>, credentials: Credentials) -> Coordinators {
         Coordinators {
+            channels: Arc::new(Mutex::new(vec![None; addresses.len()])),
             addresses,
             preferred: AtomicUsize::new(0),
             credentials,
         }
+    }
+
+    /// The channel to address `index`: the one kept, or a new one.
+    async fn channel(&self, index: usize) -> Result<Channel, String> {
+        if let Some(kept) = self.channels.lock().expect("channels lock")[index].clone() {
+            return Ok(kept);
+        }
+        let channel = connect(&self.addresses[index], self.credentials.tls()).await?;
+        self.channels.lock().expect("channels lock")[index] = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets the channel to address `index`: the next call connects
+    /// anew (and reads the TLS files again).
+    fn forget(&self, index: usize) {
+        self.channels.lock().expect("channels lock")[index] = None;
     }
 
     /// Calls `f` on a channel to each coordinator in turn until one answers
@@ -177,7 +200,7 @@ impl Coordinators {
         for i in 0..n {
             let index = (start + i) % n;
             let address = &self.addresses[index];
-            let channel = match connect(address, self.credentials.tls()).await {
+            let channel = match self.channel(index).await {
                 Ok(c) => InterceptedService::new(c, self.credentials.clone()),
                 Err(e) => {
                     last_error = e;
@@ -188,6 +211,7 @@ impl Coordinators {
                 Some(limit) => match tokio::time::timeout(limit, f(channel)).await {
                     Ok(answer) => answer,
                     Err(_) => {
+                        self.forget(index);
                         last_error = format!("{address}: no answer within {} s", limit.as_secs());
                         continue;
                     }
@@ -200,6 +224,7 @@ impl Coordinators {
                     return Ok(r.into_inner());
                 }
                 Err(status) if is_failover(&status) => {
+                    self.forget(index);
                     last_error = match std::error::Error::source(&status) {
                         Some(cause) => {
                             format!("{address}: {}: {}", status.message(), with_causes(cause))
@@ -211,6 +236,7 @@ impl Coordinators {
                     }
                 }
                 Err(status) if tls_hint(status.message(), self.credentials.tls()).is_some() => {
+                    self.forget(index);
                     let hint =
                         tls_hint(status.message(), self.credentials.tls()).unwrap_or_default();
                     return Err(Unanswered::Refused {
