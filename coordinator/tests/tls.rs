@@ -144,11 +144,16 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let refused = trusts_old.list().await.unwrap_err().to_string();
+    // A connection made before the renewal stays up; new ones get the new
+    // certificate.
+    trusts_old.list().await.unwrap();
+    let mut new_trusting_old = client(&node, &token, Some(old.trusting(None)));
+    let refused = new_trusting_old.list().await.unwrap_err().to_string();
     assert!(refused.contains("UnknownIssuer"), "{refused}");
 
     // A renewal caught half-written keeps the certificate that loads.
     std::fs::write(&live.server.0, "-----BEGIN CERTIFICATE-----\ntruncated").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    trusts_new.list().await.unwrap();
+    let mut after_a_bad_write = client(&node, &token, Some(new.trusting(None)));
+    after_a_bad_write.list().await.unwrap();
 }
