@@ -38,28 +38,24 @@ pub(crate) async fn connect(address: &str, tls: Option<&ClientTls>) -> Result<Ch
         .map_err(|e| format!("invalid address: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true);
-    match tls {
-        Some(tls) if url.starts_with("https://") => {
-            let config = tls.config().map_err(|e| format!("TLS: {e}"))?;
-            endpoint = endpoint
-                .tls_config(config)
-                .map_err(|e| format!("{address}: TLS: {e}"))?;
-        }
-        Some(_) => {
+    match (tls, url.starts_with("https://")) {
+        (Some(_), false) => {
             return Err(format!(
                 "{address}: TLS is configured (--tls-ca) but the address says plaintext (http://)"
             ))
         }
-        None if url.starts_with("https://") => {
+        // An https:// address without TLS settings trusts the system's roots.
+        (tls, true) => {
+            let config = tls
+                .cloned()
+                .unwrap_or_default()
+                .config()
+                .map_err(|e| format!("TLS: {e}"))?;
             endpoint = endpoint
-                .tls_config(
-                    ClientTls::default()
-                        .config()
-                        .map_err(|e| format!("TLS: {e}"))?,
-                )
+                .tls_config(config)
                 .map_err(|e| format!("{address}: TLS: {e}"))?;
         }
-        None => {}
+        (None, false) => {}
     }
     endpoint
         .connect()
@@ -72,17 +68,8 @@ pub(crate) async fn connect(address: &str, tls: Option<&ClientTls>) -> Result<Ch
 /// coordinator ends the connection, or its reply is not HTTP/2), or a
 /// client without a certificate talking to one that requires it.
 fn tls_hint(error: &str, tls: Option<&ClientTls>) -> Option<&'static str> {
-    let cut_off = [
-        "CertificateRequired",
-        "BadCertificate",
-        "connection closed",
-        "broken pipe",
-        "h2 protocol error",
-    ]
-    .iter()
-    .any(|s| error.contains(s));
     match tls {
-        _ if !cut_off => None,
+        _ if !crate::tls::cut_off_by_tls(error) => None,
         None => Some("if the coordinator serves TLS, give --tls-ca or an https:// address"),
         Some(tls) if tls.identity.is_none() => Some(
             "a coordinator that requires client certificates cuts off a client without one: \
@@ -235,23 +222,20 @@ impl Coordinators {
                         last_error = format!("{last_error} ({hint})");
                     }
                 }
-                Err(status) if tls_hint(status.message(), self.credentials.tls()).is_some() => {
-                    self.forget(index);
-                    let hint =
-                        tls_hint(status.message(), self.credentials.tls()).unwrap_or_default();
-                    return Err(Unanswered::Refused {
-                        address: address.clone(),
-                        status: Status::unavailable(format!(
+                Err(mut status) => {
+                    // A plaintext client's call to a TLS coordinator ends
+                    // in an HTTP/2 protocol error: say what to give.
+                    if let Some(hint) = tls_hint(status.message(), self.credentials.tls()) {
+                        self.forget(index);
+                        status = Status::unavailable(format!(
                             "{address}: {} ({hint})",
                             status.message()
-                        )),
-                    });
-                }
-                Err(status) => {
+                        ));
+                    }
                     return Err(Unanswered::Refused {
                         address: address.clone(),
                         status,
-                    })
+                    });
                 }
             }
         }

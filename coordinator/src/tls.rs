@@ -77,6 +77,22 @@ impl ClientTls {
     }
 }
 
+/// Whether a connection error reads as one a TLS mismatch explains: the
+/// server cut the connection off (it wanted TLS, or a client certificate)
+/// or answered with something other than HTTP/2 (TLS to a plaintext
+/// client).
+pub(crate) fn cut_off_by_tls(error: &str) -> bool {
+    [
+        "CertificateRequired",
+        "BadCertificate",
+        "connection closed",
+        "broken pipe",
+        "h2 protocol error",
+    ]
+    .iter()
+    .any(|s| error.contains(s))
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| TlsError::File {
         path: path.to_owned(),

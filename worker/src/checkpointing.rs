@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 
 use samtrain_checkpoint::format::step_folder;
-use samtrain_checkpoint::{CheckpointInfo, Checkpointer, SaveStatus, SaveTicket, ShardState};
+use samtrain_checkpoint::{
+    CheckpointError, CheckpointInfo, Checkpointer, SaveStatus, SaveTicket, ShardState,
+};
 use samtrain_collective::ProcessGroups;
 use samtrain_data::sampler::Position;
 use samtrain_proto::Checkpoint;
@@ -101,20 +103,30 @@ pub fn resume(
         let step = chosen as u64;
         let restored = restore(ckpt, groups, step, mine, params, optimizer);
         let url = checkpoint_at(ckpt, step).url;
-        let (undecodable, failed) = match &restored {
-            Ok(_) => (0, 0),
-            Err(Restore::Undecodable(_)) => (1, 0),
-            Err(Restore::Failed(_)) => (0, 1),
+        // Ranks that could not restore say whether trying again may help,
+        // so every rank's error is as retriable as the worst one's.
+        let counts = match &restored {
+            Ok(_) => [0, 0, 0],
+            Err(Restore::Undecodable(_)) => [1, 0, 0],
+            Err(Restore::Failed(e)) if e.retriable() => [0, 1, 0],
+            Err(Restore::Failed(_)) => [0, 0, 1],
         };
-        let [undecodable, failed] =
-            sum_over_world(groups, [undecodable, failed], "agreeing on the restore")?;
+        let [undecodable, transient, permanent] =
+            sum_over_world(groups, counts, "agreeing on the restore")?;
+        let elsewhere = "another rank could not restore it (its log says why)";
         match restored {
             Err(Restore::Failed(e)) => return Err(e),
-            _ if failed > 0 => {
+            _ if permanent > 0 => {
                 return Err(TrainError::Resume {
                     url,
-                    message: "another rank could not restore it (its log says why)".into(),
+                    message: elsewhere.into(),
                 })
+            }
+            _ if transient > 0 => {
+                return Err(TrainError::store(
+                    &url,
+                    CheckpointError::Runtime(elsewhere.into()),
+                ))
             }
             Ok(meta) if undecodable == 0 => {
                 tracing::info!(
@@ -160,7 +172,7 @@ fn restore(
 ) -> Result<CheckpointMeta, Restore> {
     let layout = &groups.layout;
     let url = checkpoint_at(ckpt, step).url;
-    let read_error = |source: samtrain_checkpoint::CheckpointError| {
+    let read_error = |source: CheckpointError| {
         if source.is_corrupt() {
             Restore::Undecodable(source.to_string())
         } else {

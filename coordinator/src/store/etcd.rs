@@ -95,14 +95,7 @@ impl EtcdStore {
     ) -> Result<EtcdStore, StoreError> {
         let names = endpoints.join(",");
         let unreachable = |message: String| {
-            let cut_off = [
-                "connection closed",
-                "broken pipe",
-                "BadCertificate",
-                "CertificateRequired",
-            ]
-            .iter()
-            .any(|s| message.contains(s));
+            let cut_off = crate::tls::cut_off_by_tls(&message);
             let message = if cut_off && access.identity.is_none() && names.contains("https://") {
                 format!("{message} (if etcd requires client certificates, give --etcd-cert and --etcd-key)")
             } else {
