@@ -83,14 +83,19 @@ fn tls_hint(error: &str, tls: Option<&ClientTls>) -> Option<&'static str> {
 /// what a user can act on (refused, unknown CA, certificate required) is
 /// underneath.
 fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
+    causes(e.to_string(), e.source())
+}
+
+/// `first`, then each of the causes from `next` on, joined by ": ", each
+/// text once (tonic's layers repeat "transport error").
+fn causes(first: String, mut next: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut message = first;
+    while let Some(cause) = next {
         let text = cause.to_string();
-        if !message.ends_with(&text) {
+        if !message.contains(&text) {
             message = format!("{message}: {text}");
         }
-        source = cause.source();
+        next = cause.source();
     }
     message
 }
@@ -212,12 +217,11 @@ impl Coordinators {
                 }
                 Err(status) if is_failover(&status) => {
                     self.forget(index);
-                    last_error = match std::error::Error::source(&status) {
-                        Some(cause) => {
-                            format!("{address}: {}: {}", status.message(), with_causes(cause))
-                        }
-                        None => format!("{address}: {}", status.message()),
-                    };
+                    let message = causes(
+                        status.message().to_owned(),
+                        std::error::Error::source(&status),
+                    );
+                    last_error = format!("{address}: {message}");
                     if let Some(hint) = tls_hint(&last_error, self.credentials.tls()) {
                         last_error = format!("{last_error} ({hint})");
                     }
