@@ -112,6 +112,9 @@ pub struct JobRecord {
     pub loss: Option<f64>,
     /// The newest committed checkpoint.
     pub checkpoint: Option<Checkpoint>,
+    /// The newest save that failed with no commit after it.
+    #[serde(default)]
+    pub checkpoint_failure: Option<CheckpointFailure>,
     /// The running generation's members in rank order (empty otherwise).
     pub members: Vec<MemberRecord>,
     /// The running generation's secret, which its members' collectives
@@ -124,6 +127,22 @@ pub struct JobRecord {
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub finished_unix_ms: Option<i64>,
+}
+
+/// A save that failed: the checkpoint that was not committed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointFailure {
+    pub checkpoint: Checkpoint,
+    pub reason: String,
+}
+
+impl CheckpointFailure {
+    pub fn to_proto(&self) -> v1::CheckpointFailed {
+        v1::CheckpointFailed {
+            checkpoint: Some(self.checkpoint.clone()),
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 /// What ending a generation did.
@@ -151,6 +170,7 @@ impl JobRecord {
             total_steps: spec.training.steps,
             loss: None,
             checkpoint: None,
+            checkpoint_failure: None,
             members: Vec::new(),
             ring_secret: String::new(),
             message: "waiting for workers".to_owned(),
@@ -283,6 +303,10 @@ impl JobRecord {
             created_unix_ms: self.created_unix_ms,
             updated_unix_ms: self.updated_unix_ms,
             finished_unix_ms: self.finished_unix_ms,
+            checkpoint_failure: self
+                .checkpoint_failure
+                .as_ref()
+                .map(CheckpointFailure::to_proto),
         }
     }
 }

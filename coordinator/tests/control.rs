@@ -42,6 +42,9 @@ async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> 
             v1::job_event::Event::StateChanged(s) => format!("state:{}", s.state().as_str_name()),
             v1::job_event::Event::Progress(p) => format!("progress:{}", p.step),
             v1::job_event::Event::CheckpointCommitted(c) => format!("checkpoint:{}", c.step),
+            v1::job_event::Event::CheckpointFailed(f) => {
+                format!("checkpoint-failed:{}", f.checkpoint.unwrap().step)
+            }
             v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
             v1::job_event::Event::Finished(f) => {
                 format!(

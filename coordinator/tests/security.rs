@@ -268,6 +268,7 @@ async fn a_worker_cannot_act_for_another_or_misreport_its_job() {
                         step,
                         url: url.into(),
                     }),
+                    failure: String::new(),
                 },
                 &token,
                 Some(&rank0.secret),
@@ -287,6 +288,7 @@ async fn a_worker_cannot_act_for_another_or_misreport_its_job() {
                 job_id: job_id.clone(),
                 generation,
                 checkpoint: Some(good.clone()),
+                failure: String::new(),
             },
             &token,
             Some(&rank0.secret),
@@ -456,4 +458,81 @@ async fn history_is_bounded_listed_by_page_and_specs_are_sized() {
     let err = ops.submit(&padded, "big.toml").await.unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     assert!(err.to_string().contains("at most 262144"), "{err}");
+}
+
+#[tokio::test]
+async fn a_failed_save_is_told_to_the_job_checked_bounded_and_cleared_by_a_commit() {
+    let (node, operator, token) = secured();
+    let mut ops = operator_client(&node, &operator);
+    let job_id = ops
+        .submit(&spec("saves", 1, 1, 1, 3), "saves.toml")
+        .await
+        .unwrap();
+    let mut w = RawWorker::register(&node, &token, "w", 41101).await;
+    let a = w.assignment().await;
+    let mut watch = ops.watch(&job_id).await.unwrap();
+    let report = |step: u64, url: String, failure: String| v1::CheckpointReport {
+        worker_id: w.id.clone(),
+        job_id: job_id.clone(),
+        generation: a.generation,
+        checkpoint: Some(v1::Checkpoint { step, url }),
+        failure,
+    };
+    let folder = |step: u64| format!("file:///tmp/ckpt/saves/step-{step:08}");
+    let mut client = w.client.clone();
+
+    // A failure must name a checkpoint of the job, as a commit must.
+    let elsewhere = client
+        .report_checkpoint(request(
+            report(
+                10,
+                "s3://elsewhere/step-00000010".into(),
+                "disk full".into(),
+            ),
+            &token,
+            Some(&w.secret),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), Code::InvalidArgument);
+
+    // A reason of any size is kept to 4 KiB.
+    let reason = format!("No space left on device {}", "x".repeat(100_000));
+    client
+        .report_checkpoint(request(
+            report(10, folder(10), reason),
+            &token,
+            Some(&w.secret),
+        ))
+        .await
+        .unwrap();
+    let job = ops.get(&job_id).await.unwrap();
+    let failure = job.checkpoint_failure.expect("the job is told");
+    assert_eq!(failure.checkpoint.unwrap().step, 10);
+    assert!(failure.reason.starts_with("No space left on device"));
+    assert!(failure.reason.len() < 4200, "{}", failure.reason.len());
+    let told = loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .unwrap();
+        if let Some(v1::job_event::Event::CheckpointFailed(f)) = event.event {
+            break f;
+        }
+    };
+    assert_eq!(told.checkpoint.unwrap().url, folder(10));
+
+    // A later commit clears it.
+    client
+        .report_checkpoint(request(
+            report(20, folder(20), String::new()),
+            &token,
+            Some(&w.secret),
+        ))
+        .await
+        .unwrap();
+    let job = ops.get(&job_id).await.unwrap();
+    assert_eq!(job.latest_checkpoint.unwrap().step, 20);
+    assert_eq!(job.checkpoint_failure, None);
 }

@@ -99,6 +99,7 @@ fn job_json(job: &v1::Job) -> Value {
         "total_steps": job.total_steps,
         "loss": job.loss,
         "latest_checkpoint": job.latest_checkpoint.as_ref().map(|c| json!({"step": c.step, "url": c.url})),
+        "checkpoint_failure": job.checkpoint_failure.as_ref().map(failure_json),
         "members": job.members.iter().map(|m| json!({
             "rank": m.rank, "worker_id": m.worker_id, "name": m.name, "advertise": m.advertise,
         })).collect::<Vec<_>>(),
@@ -108,6 +109,22 @@ fn job_json(job: &v1::Job) -> Value {
         "updated_unix_ms": job.updated_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
     })
+}
+
+fn failure_json(f: &v1::CheckpointFailed) -> Value {
+    let checkpoint = f.checkpoint.as_ref();
+    json!({"step": checkpoint.map(|c| c.step), "url": checkpoint.map(|c| c.url.as_str()), "reason": f.reason})
+}
+
+/// A failed save, for people.
+pub(crate) fn describe_failure(f: &v1::CheckpointFailed) -> String {
+    match &f.checkpoint {
+        Some(c) => format!(
+            "checkpoint step {} not saved at {}: {}",
+            c.step, c.url, f.reason
+        ),
+        None => format!("a checkpoint not saved: {}", f.reason),
+    }
 }
 
 fn print_job(job: &v1::Job) {
@@ -121,6 +138,9 @@ fn print_job(job: &v1::Job) {
     println!("step       {} of {}{loss}", job.step, job.total_steps);
     if let Some(c) = &job.latest_checkpoint {
         println!("checkpoint step {} at {}", c.step, c.url);
+    }
+    if let Some(f) = &job.checkpoint_failure {
+        println!("warning    {}", describe_failure(f));
     }
     for m in &job.members {
         println!("rank {:<5} {} at {}", m.rank, m.worker_id, m.advertise);
@@ -346,6 +366,7 @@ fn describe(event: &v1::job_event::Event) -> String {
             p.step, p.total_steps, p.loss, p.lr, p.grad_norm, p.samples_per_s, p.tokens_per_s
         ),
         Event::CheckpointCommitted(c) => format!("checkpoint step {} at {}", c.step, c.url),
+        Event::CheckpointFailed(f) => describe_failure(f),
         Event::Restarted(r) => format!(
             "restart {} (generation {} -> {}): {}",
             r.restarts, r.ended_generation, r.next_generation, r.reason
@@ -379,6 +400,7 @@ fn event_json(e: &v1::JobEvent) -> Value {
         Some(Event::CheckpointCommitted(c)) => {
             json!({"checkpoint": {"step": c.step, "url": c.url}})
         }
+        Some(Event::CheckpointFailed(f)) => json!({"checkpoint_failed": failure_json(f)}),
         Some(Event::Restarted(r)) => json!({"restarted": {"ended_generation": r.ended_generation,
             "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason}}),
         Some(Event::Finished(f)) => {

@@ -240,6 +240,9 @@ async fn follow(
                     Some(Event::CheckpointCommitted(c)) => {
                         bar.note(&format!("checkpoint at step {}: {}", c.step, c.url));
                     }
+                    Some(Event::CheckpointFailed(f)) => {
+                        bar.note(&super::jobs::describe_failure(&f));
+                    }
                     Some(Event::Finished(_)) => {
                         bar.finish();
                         let job = client.get(job_id).await.context("reading the finished job")?;

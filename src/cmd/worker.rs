@@ -250,6 +250,9 @@ fn run_generation(
                 tokens_per_s: m.tokens_per_s,
             }),
             TrainEvent::Checkpoint(c) => reporter.checkpoint(c),
+            TrainEvent::CheckpointFailed { checkpoint, reason } => {
+                reporter.checkpoint_failed(checkpoint, reason)
+            }
             TrainEvent::Started { .. } => {}
         };
         train(TrainJob {

@@ -312,6 +312,10 @@ impl Saves {
                 }
                 SaveStatus::Failed(reason) | SaveStatus::OutOfSpace(reason) => {
                     tracing::warn!(step = outcome.step, %reason, out_of_space, "checkpoint not saved; training goes on");
+                    events(TrainEvent::CheckpointFailed {
+                        checkpoint: checkpoint_at(ckpt, outcome.step),
+                        reason: reason.clone(),
+                    });
                     *failed = Some(FailedSave {
                         step: outcome.step,
                         reason,

@@ -18,6 +18,12 @@ pub enum TrainEvent {
     Progress(StepMetrics),
     /// A checkpoint this rank committed (tp rank 0 of dp rank 0 commits).
     Checkpoint(Checkpoint),
+    /// A save of this rank that failed: the checkpoint was not committed.
+    /// Training goes on; the last step's save failing fails the run.
+    CheckpointFailed {
+        checkpoint: Checkpoint,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

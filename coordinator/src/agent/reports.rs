@@ -1,7 +1,8 @@
 //! The worker's reports about its generation, kept off the training path:
 //! the trainer hands them to a [`Reporter`] without waiting, and a
-//! background task sends them to the leader. Progress is best effort (a
-//! report the leader misses is superseded by the next); the newest
+//! background task sends them to the leader. Progress and failed saves are
+//! best effort (a progress report the leader misses is superseded by the
+//! next; a failed save is in the worker's log either way); the newest
 //! committed checkpoint is retried until acknowledged, since it is where
 //! the next generation resumes.
 
@@ -18,6 +19,7 @@ use super::{AgentError, Progress, Shared};
 pub(super) enum Report {
     Progress(Progress),
     Checkpoint(v1::Checkpoint),
+    CheckpointFailed(v1::Checkpoint, String),
 }
 
 /// Best-effort reports of the current generation; cheap to clone, never
@@ -36,6 +38,13 @@ impl Reporter {
     /// A committed checkpoint (its manifest is written).
     pub fn checkpoint(&self, committed: v1::Checkpoint) {
         let _ = self.reports.try_send(Report::Checkpoint(committed));
+    }
+
+    /// A save that failed: `checkpoint` was not committed, for `reason`.
+    pub fn checkpoint_failed(&self, checkpoint: v1::Checkpoint, reason: String) {
+        let _ = self
+            .reports
+            .try_send(Report::CheckpointFailed(checkpoint, reason));
     }
 }
 
@@ -59,6 +68,14 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 };
                 let span = current.span();
                 send_progress(&shared, current, p).instrument(span).await;
+            }
+            Some(Report::CheckpointFailed(checkpoint, reason)) => {
+                if let Some(current) = shared.generations.current() {
+                    let span = current.span();
+                    send_failed_save(&shared, current, checkpoint, reason)
+                        .instrument(span)
+                        .await;
+                }
             }
             Some(Report::Checkpoint(committed)) => {
                 if let Some(current) = shared.generations.current() {
@@ -114,23 +131,48 @@ async fn send_progress(shared: &Shared, current: Current, p: Progress) {
 /// Whether the checkpoint is settled: acknowledged, or refused for good.
 async fn send_checkpoint(shared: &Shared, current: Current, committed: v1::Checkpoint) -> bool {
     let step = committed.step;
-    let report = v1::CheckpointReport {
-        worker_id: shared.worker_id.clone(),
-        job_id: current.job_id,
-        generation: current.generation,
-        checkpoint: Some(committed),
-    };
-    let sent = shared
-        .call(|mut c| {
-            let report = report.clone();
-            async move { c.report_checkpoint(report).await }
-        })
-        .await;
-    match sent {
-        Ok(_) | Err(AgentError::Refused { .. }) => true,
+    match report_checkpoint(shared, current, committed, String::new()).await {
+        Ok(()) | Err(AgentError::Refused { .. }) => true,
         Err(e) => {
             tracing::debug!(error = %e, step, "checkpoint report not sent yet");
             false
         }
     }
+}
+
+/// Tells the leader a save failed; once, best effort.
+async fn send_failed_save(
+    shared: &Shared,
+    current: Current,
+    checkpoint: v1::Checkpoint,
+    reason: String,
+) {
+    let step = checkpoint.step;
+    if let Err(e) = report_checkpoint(shared, current, checkpoint, reason).await {
+        tracing::debug!(error = %e, step, "failed-save report dropped");
+    }
+}
+
+/// A checkpoint of the current generation, committed (`failure` empty) or
+/// not saved for `failure`.
+async fn report_checkpoint(
+    shared: &Shared,
+    current: Current,
+    checkpoint: v1::Checkpoint,
+    failure: String,
+) -> Result<(), AgentError> {
+    let report = v1::CheckpointReport {
+        worker_id: shared.worker_id.clone(),
+        job_id: current.job_id,
+        generation: current.generation,
+        checkpoint: Some(checkpoint),
+        failure,
+    };
+    shared
+        .call(|mut c| {
+            let report = report.clone();
+            async move { c.report_checkpoint(report).await }
+        })
+        .await
+        .map(drop)
 }

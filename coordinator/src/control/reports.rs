@@ -12,7 +12,7 @@ use tonic::Status;
 use super::{event, Control, Ending, JobAtHand};
 use samtrain_proto::spec::JobSpec;
 
-use crate::jobs::{JobRecord, MemberRecord};
+use crate::jobs::{CheckpointFailure, JobRecord, MemberRecord};
 use crate::records::now_ms;
 
 /// The answer to a report.
@@ -54,7 +54,8 @@ impl Control {
         Ok(ack(false))
     }
 
-    /// A newer committed checkpoint becomes the job's resume hint.
+    /// A newer committed checkpoint becomes the job's resume hint; a
+    /// failed save is kept on the job (until a later commit) and announced.
     pub(crate) async fn report_checkpoint(
         &self,
         r: v1::CheckpointReport,
@@ -74,6 +75,22 @@ impl Control {
             return Ok(ack(true));
         }
         check_checkpoint(&at.job, &ck)?;
+        if !r.failure.is_empty() {
+            let failure = CheckpointFailure {
+                checkpoint: ck,
+                reason: bounded_text(&r.failure, MAX_REASON_BYTES),
+            };
+            tracing::warn!(job = %r.job_id, step = failure.checkpoint.step, reason = %failure.reason, "checkpoint not saved");
+            let _ = self.events.send(event(
+                &r.job_id,
+                v1::job_event::Event::CheckpointFailed(failure.to_proto()),
+            ));
+            at.job.checkpoint_failure = Some(failure);
+            at.job.updated_unix_ms = now_ms();
+            self.save(&at.job).await?;
+            at.view.jobs.insert(at.job.id.clone(), at.job);
+            return Ok(ack(false));
+        }
         // Only a newer checkpoint replaces the hint.
         if at
             .job
@@ -82,6 +99,14 @@ impl Control {
             .is_some_and(|old| old.step >= ck.step)
         {
             return Ok(ack(true));
+        }
+        if at
+            .job
+            .checkpoint_failure
+            .as_ref()
+            .is_some_and(|f| f.checkpoint.step <= ck.step)
+        {
+            at.job.checkpoint_failure = None;
         }
         at.job.checkpoint = Some(ck.clone());
         at.job.updated_unix_ms = now_ms();
@@ -157,16 +182,33 @@ impl Control {
     }
 }
 
+/// The longest reason a worker's report may put in a job's record (which
+/// etcd keeps as one value, and every `Get` returns).
+const MAX_REASON_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes, at a character boundary, marked.
+fn bounded_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} [cut at {max} bytes]", &text[..end])
+}
+
 /// How a member's failure ends its generation.
 fn failure(member: &MemberRecord, failed: &v1::Failed) -> Ending {
     let who = format!(
         "rank {} ({} at {})",
         member.rank, member.worker_id, member.advertise
     );
+    let message = bounded_text(&failed.message, MAX_REASON_BYTES);
     if failed.retriable {
-        Ending::Retriable(format!("{who} failed: {}", failed.message))
+        Ending::Retriable(format!("{who} failed: {message}"))
     } else {
-        Ending::Permanent(format!("{who} failed permanently: {}", failed.message))
+        Ending::Permanent(format!("{who} failed permanently: {message}"))
     }
 }
 
