@@ -97,7 +97,7 @@ fn demo_learns_what_its_images_show() {
 /// A spec run twice: the second run finds the first's checkpoints and
 /// resumes from the newest instead of starting over.
 #[test]
-fn local_runs_a_spec_and_a_rerun_resumes_it() {
+fn local_runs_a_spec_a_rerun_resumes_it_and_a_failed_save_is_told() {
     let dir = tempfile::tempdir().unwrap();
     let root = samtrain_testkit::workspace_root();
     let spec = std::fs::read_to_string(root.join("examples/demo.toml"))
@@ -138,4 +138,28 @@ fn local_runs_a_spec_and_a_rerun_resumes_it() {
         logs.contains("resumed from checkpoint") && logs.contains("step-00000010"),
         "{logs}"
     );
+
+    // A save that fails (its step folder's path runs through a file) is
+    // told at once and costs no restart; the next save commits.
+    let spec = std::fs::read_to_string(dir.path().join("job.toml"))
+        .unwrap()
+        .replace("target/demo/checkpoints", "target/demo/blocked");
+    std::fs::write(dir.path().join("blocked.toml"), spec).unwrap();
+    let blocked = dir.path().join("target/demo/blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("step-00000010"), b"a file").unwrap();
+    let third = samtrain(dir.path(), &["local", "blocked.toml", "--json"]);
+    let v = last_json(&third);
+    assert!(third.status.success(), "{v}");
+    assert_eq!(
+        (v["state"].as_str(), v["restarts"].as_u64()),
+        (Some("succeeded"), Some(0)),
+        "{v}"
+    );
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        stderr.contains("checkpoint step 10 not saved") && stderr.contains("Not a directory"),
+        "{stderr}"
+    );
+    assert!(blocked.join("step-00000020/manifest.json").is_file());
 }

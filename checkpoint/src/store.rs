@@ -421,11 +421,11 @@ fn local(path: &std::path::Path) -> Result<LocalFileSystem, String> {
 
 /// Errors worth another attempt: the store did not answer, or answered
 /// that it could not serve the request now. A missing file, a refused
-/// permission, a bad path, a full disk stay as they are whatever the number
-/// of attempts.
+/// permission, a bad path, a full disk, a path through a file stay as they
+/// are whatever the number of attempts.
 fn is_transient(e: &object_store::Error) -> bool {
     use object_store::Error as E;
-    !is_out_of_space(e)
+    !is_permanent_io(e)
         && !matches!(
             e,
             E::NotFound { .. }
@@ -446,19 +446,42 @@ fn is_transient(e: &object_store::Error) -> bool {
 /// `std::io::Error` of the failed write).
 pub(crate) fn is_out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
     use std::io::ErrorKind;
+    io_error_kind(e).is_some_and(|kind| {
+        matches!(
+            kind,
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+        )
+    })
+}
+
+/// Whether `e` is a local file system's answer that another attempt gets
+/// again: out of space, a path through a file, a read-only file system, a
+/// refused permission.
+fn is_permanent_io(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    is_out_of_space(e)
+        || io_error_kind(e).is_some_and(|kind| {
+            matches!(
+                kind,
+                ErrorKind::NotADirectory
+                    | ErrorKind::IsADirectory
+                    | ErrorKind::ReadOnlyFilesystem
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::InvalidFilename
+            )
+        })
+}
+
+/// The kind of the first `std::io::Error` in `e`'s chain of sources.
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut next = Some(e);
     while let Some(e) = next {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
-            ) {
-                return true;
-            }
+            return Some(io.kind());
         }
         next = e.source();
     }
-    false
+    None
 }
 
 /// The bytes `[start, start + len)` of the file made of `chunks`, without copying.

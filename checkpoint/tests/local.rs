@@ -307,3 +307,21 @@ fn only_writers_upload_and_bad_ranks_are_refused() {
         })
     ));
 }
+
+/// A store that answers the same whatever the number of attempts (here a
+/// step folder's path runs through a file) fails the save at the first,
+/// removes what it wrote and lets the next save commit.
+#[test]
+fn a_permanent_local_error_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().to_str().unwrap(), 0);
+    std::fs::write(dir.path().join("step-00000005"), b"a file, not a folder").unwrap();
+    let outcome = ck.save(state(5, 0, 1, 0)).unwrap().wait();
+    match &outcome.status {
+        SaveStatus::Failed(message) => assert!(message.contains("Not a directory"), "{message}"),
+        other => panic!("a save through a file: {other:?}"),
+    }
+    assert_eq!(outcome.retries, 0);
+    assert_eq!(save_all(&ck, state(6, 0, 1, 0)), SaveStatus::Committed);
+    assert_eq!(ck.latest().unwrap().unwrap().step, 6);
+}
