@@ -238,17 +238,12 @@ fn checked_auth(options: &CoordinatorOptions) -> Result<Option<Arc<ServerAuth>>,
     if !options.auth.is_open() {
         return Ok(Some(Arc::new(ServerAuth::open(&options.auth)?)));
     }
-    if options.listen.ip().is_loopback() {
-        return Ok(None);
-    }
-    if !options.insecure {
-        return Err(CoordinatorError::Option(format!(
-            "listening on {} without tokens would let anyone who reaches it submit, cancel and forge reports; \
-             give --operator-tokens and --worker-tokens (docs/SECURITY.md), listen on 127.0.0.1, or say --insecure",
-            options.listen
-        )));
-    }
-    tracing::warn!(listen = %options.listen, "INSECURE: the coordinator's API is open to anyone who reaches this address (--insecure)");
+    allowed_off_loopback(
+        options,
+        "without tokens would let anyone who reaches it submit, cancel and forge reports; \
+         give --operator-tokens and --worker-tokens (docs/SECURITY.md)",
+        "INSECURE: the coordinator's API is open to anyone who reaches this address (--insecure)",
+    )?;
     Ok(None)
 }
 
@@ -261,19 +256,34 @@ fn checked_tls(
     if let Some(files) = &options.tls {
         return Ok(Some(Arc::new(ReloadingServerTls::open(files.clone())?)));
     }
+    allowed_off_loopback(
+        options,
+        "without TLS would send every token and job spec in clear; \
+         give --tls-cert and --tls-key (`samtrain certs` makes a set; docs/SECURITY.md)",
+        "INSECURE: the coordinator's API is served without TLS (--insecure)",
+    )?;
+    Ok(None)
+}
+
+/// What an unprotected API (no tokens, or no TLS) is allowed: loopback
+/// always; any other address only with `insecure`, logged as `warning`.
+/// Refused otherwise, saying `what_to_give`.
+fn allowed_off_loopback(
+    options: &CoordinatorOptions,
+    what_to_give: &str,
+    warning: &'static str,
+) -> Result<(), CoordinatorError> {
     if options.listen.ip().is_loopback() {
-        return Ok(None);
+        return Ok(());
     }
     if !options.insecure {
         return Err(CoordinatorError::Option(format!(
-            "listening on {} without TLS would send every token and job spec in clear; \
-             give --tls-cert and --tls-key (`samtrain certs` makes a set; docs/SECURITY.md), \
-             listen on 127.0.0.1, or say --insecure",
+            "listening on {} {what_to_give}, listen on 127.0.0.1, or say --insecure",
             options.listen
         )));
     }
-    tracing::warn!(listen = %options.listen, "INSECURE: the coordinator's API is served without TLS (--insecure)");
-    Ok(None)
+    tracing::warn!(listen = %options.listen, "{warning}");
+    Ok(())
 }
 
 /// The gRPC listener and the address it is bound to (port 0 resolved).

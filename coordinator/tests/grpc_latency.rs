@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{spec, Node};
+use common::{loopback_options, spec, Node};
 use samtrain_coordinator::client::{Client, ClientTls, Credentials};
 use samtrain_coordinator::tls::{generate, ServerTlsFiles};
 use samtrain_coordinator::CoordinatorOptions;
@@ -29,15 +29,12 @@ async fn sequential_get_latency() {
     );
     for tls in [false, true] {
         let node = Node::start_with(CoordinatorOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            health_listen: Some("127.0.0.1:0".parse().unwrap()),
-            node_id: "bench".to_owned(),
             tls: tls.then(|| ServerTlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: None,
             }),
-            ..CoordinatorOptions::default()
+            ..loopback_options("bench")
         });
         let credentials = match tls {
             true => Credentials::none().with_tls(ClientTls {

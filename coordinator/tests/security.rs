@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{spec, Node};
+use common::{loopback_options, spec, Node};
 use samtrain_coordinator::auth::{AuthOptions, TokenSource, WORKER_SECRET_HEADER};
 use samtrain_coordinator::client::{Client, Credentials};
 use samtrain_coordinator::CoordinatorOptions;
@@ -23,13 +23,8 @@ use tonic::{Code, Request};
 fn secured() -> (Node, String, String) {
     let (auth, operator, worker) = AuthOptions::generated();
     let node = Node::start_with(CoordinatorOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        health_listen: Some("127.0.0.1:0".parse().unwrap()),
-        prefix: "/samtrain-test".to_owned(),
-        node_id: "secured".to_owned(),
-        lease_ttl: Duration::from_secs(5),
         auth,
-        ..CoordinatorOptions::default()
+        ..loopback_options("secured")
     });
     (node, operator, worker)
 }
@@ -372,16 +367,12 @@ async fn plaintext_is_refused_off_loopback() {
 async fn history_is_bounded_listed_by_page_and_specs_are_sized() {
     let (auth, operator, _) = AuthOptions::generated();
     let node = Node::start_with(CoordinatorOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        health_listen: Some("127.0.0.1:0".parse().unwrap()),
-        prefix: "/samtrain-test".to_owned(),
-        node_id: "history".to_owned(),
         auth,
         history: samtrain_coordinator::History {
             max_jobs: 2,
             max_age: Duration::from_secs(86_400),
         },
-        ..CoordinatorOptions::default()
+        ..loopback_options("history")
     });
     let mut ops = operator_client(&node, &operator);
     let mut ids = Vec::new();

@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{loopback_options, Node};
 use samtrain_coordinator::auth::{AuthOptions, TokenSource};
 use samtrain_coordinator::client::{Client, ClientTls, Credentials};
 use samtrain_coordinator::tls::{generate, GeneratedCerts, ServerTlsFiles};
@@ -61,17 +61,13 @@ impl Pki {
 fn coordinator(cert: &Path, key: &Path, client_ca: Option<&Path>) -> (Node, String) {
     let (auth, operator, _) = AuthOptions::generated();
     let node = Node::start_with(CoordinatorOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        health_listen: Some("127.0.0.1:0".parse().unwrap()),
-        prefix: "/samtrain-test".to_owned(),
-        node_id: "tls".to_owned(),
         auth,
         tls: Some(ServerTlsFiles {
             cert: cert.to_owned(),
             key: key.to_owned(),
             client_ca: client_ca.map(Path::to_owned),
         }),
-        ..CoordinatorOptions::default()
+        ..loopback_options("tls")
     });
     (node, operator)
 }

@@ -344,15 +344,17 @@ impl Saves {
             self.last.as_ref().map_or(-1, |c| c.step as i64),
             "sharing the last committed checkpoint",
         )?;
+        // Every rank has the same `committed`: the agreement below is only
+        // needed, and only reached, when the final save is missing.
+        if committed == final_step as i64 {
+            return Ok(checkpoint_at(&self.ckpt, final_step));
+        }
         let mine = self.failed.filter(|f| f.step == final_step);
         let [out_of_space] = sum_over_world(
             groups,
             [mine.as_ref().is_some_and(|f| f.out_of_space) as i64],
             "agreeing on the final save",
         )?;
-        if committed == final_step as i64 {
-            return Ok(checkpoint_at(&self.ckpt, final_step));
-        }
         Err(TrainError::FinalSave {
             url: checkpoint_at(&self.ckpt, final_step).url,
             reason: mine.map_or_else(

@@ -27,16 +27,24 @@ pub struct Node {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A coordinator's options for a test: gRPC and probes on free loopback
+/// ports, the tests' store prefix, embedded; the rest by default.
+pub fn loopback_options(node_id: &str) -> CoordinatorOptions {
+    CoordinatorOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        health_listen: Some("127.0.0.1:0".parse().unwrap()),
+        prefix: "/samtrain-test".to_owned(),
+        node_id: node_id.to_owned(),
+        ..CoordinatorOptions::default()
+    }
+}
+
 impl Node {
     pub fn start(etcd: Vec<String>, node_id: &str, lease_ttl: Duration) -> Node {
         Node::start_with(CoordinatorOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            health_listen: Some("127.0.0.1:0".parse().unwrap()),
             etcd,
-            prefix: "/samtrain-test".to_owned(),
-            node_id: node_id.to_owned(),
             lease_ttl,
-            ..CoordinatorOptions::default()
+            ..loopback_options(node_id)
         })
     }
 
