@@ -340,6 +340,38 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
 }
 
 #[test]
+fn a_collective_that_never_returns_is_aborted_by_the_watchdog_and_the_job_recovers() {
+    let _one = serial();
+    let c = Cluster::new();
+    let spec = std::fs::read_to_string(&c.spec)
+        .unwrap()
+        .replace("collective_timeout_s = 20", "collective_timeout_s = 4");
+    std::fs::write(&c.spec, spec).unwrap();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    // Both ranks block in the same data-parallel all-reduce, as NCCL's
+    // kernels do when a peer dies: neither ring times out, only the
+    // watchdogs (4 s + a quarter) can end it.
+    let hang = [("SAMTRAIN_FAULT_HANG_COLLECTIVE", "30")];
+    let w0 = c.worker_with("w0", &addr, &hang);
+    let w1 = c.worker_with("w1", &addr, &hang);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(
+        s["restarts"].as_u64(),
+        Some(1),
+        "one failure, one restart: {s}"
+    );
+    for w in [&w0, &w1] {
+        let log = w.log();
+        assert!(
+            log.contains("the watchdog aborted the process groups: all_reduce in group dp was pending for 5."),
+            "{log}"
+        );
+    }
+}
+
+#[test]
 fn a_standby_coordinator_takes_over_without_restarting_workers() {
     let _one = serial();
     let c = Cluster::new();

@@ -11,18 +11,25 @@
 //!   loading libnccl at run time;
 //! - [`routed`]: groups that send CUDA tensors through NCCL and the rest
 //!   through the ring ([`ProcessGroups::route_cuda`]).
+//! - [`watchdog`]: a thread per generation that aborts every group when a
+//!   collective is pending too long or the generation ends from outside.
+//! - [`fault`]: faults tests inject through the environment (a collective
+//!   that never returns).
 
 pub mod abort;
 pub mod error;
+pub mod fault;
 pub mod groups;
 mod handshake;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod ring;
 pub mod routed;
+pub mod watchdog;
 
 pub use abort::Abort;
 pub use error::{CollectiveError, Result};
 pub use groups::{GroupOptions, Layout, ProcessGroups};
 pub use handshake::Secret;
 pub use ring::RingCollective;
+pub use watchdog::{Fired, Watchdog};

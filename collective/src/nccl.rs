@@ -11,15 +11,25 @@
 //! Setup: rank 0 makes an [`NcclId`] and the coordinator carries its bytes
 //! ([`NcclId::as_bytes`], [`NcclId::from_bytes`]) to every rank in its
 //! rendezvous data; each rank then calls [`NcclCollective::new`] with its
-//! rank, the world size, its CUDA device and the id. A stuck NCCL operation
-//! cannot be interrupted from the host; [`NcclCollective::abort`] tears the
-//! communicator down so the process can leave.
+//! rank, the world size, its CUDA device and the id.
+//!
+//! A peer that dies mid-operation leaves this rank's NCCL kernel spinning
+//! on the device and its host thread blocked at the next synchronising
+//! call, which nothing on the host can interrupt. So each operation records
+//! a CUDA event after its kernel: [`Collective::pending`] says which is the
+//! oldest not yet complete (a watchdog times it), and also looks at NCCL's
+//! asynchronous error (a peer's closed socket), aborting at once when there
+//! is one. [`Collective::abort`] calls `ncclCommAbort`, which ends the
+//! spinning kernel, from any thread.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use cudarc::driver::CudaContext;
+use cudarc::driver::{result as cuda, sys as cuda_sys, CudaContext};
 use cudarc::nccl::{result, sys};
-use samtrain_comm::Collective;
+use samtrain_comm::{Collective, Pending};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CollectiveError, Result};
@@ -86,20 +96,34 @@ impl NcclId {
     }
 }
 
-struct Comm(sys::ncclComm_t);
+/// One operation's completion marker on the device.
+struct InFlight {
+    op: &'static str,
+    since: Instant,
+    done: cuda_sys::CUevent,
+}
 
-// SAFETY: an NCCL communicator may be used from any thread as long as calls
-// are not concurrent; every use goes through the Mutex below.
-unsafe impl Send for Comm {}
+// SAFETY: a CUDA event handle may be queried and destroyed from any thread
+// once the device's context is bound there (see `NcclCollective::bind`).
+unsafe impl Send for InFlight {}
 
 /// A process group over NCCL for CUDA tensors on one device.
 pub struct NcclCollective {
-    comm: Mutex<Comm>,
+    /// The communicator; null once aborted. Read under `enqueue`, swapped
+    /// out by [`NcclCollective::abort`].
+    comm: AtomicPtr<sys::ncclComm>,
+    /// Held while an operation is enqueued: NCCL calls on one
+    /// communicator must not be concurrent.
+    enqueue: Mutex<()>,
+    /// Operations enqueued and not yet seen complete, oldest first.
+    in_flight: Mutex<VecDeque<InFlight>>,
+    /// Why the communicator was aborted, for the errors that follow.
+    aborted: Mutex<Option<String>>,
     rank: i64,
     world: i64,
     device: usize,
     /// Keeps the device's primary context (the one PyTorch uses) alive.
-    _context: Arc<CudaContext>,
+    context: Arc<CudaContext>,
 }
 
 impl std::fmt::Debug for NcclCollective {
@@ -157,33 +181,117 @@ impl NcclCollective {
             .map_err(|e| nccl_error(op, e))?;
         tracing::info!(rank, world, device, "NCCL communicator ready");
         Ok(NcclCollective {
-            comm: Mutex::new(Comm(comm)),
+            comm: AtomicPtr::new(comm),
+            enqueue: Mutex::new(()),
+            in_flight: Mutex::new(VecDeque::new()),
+            aborted: Mutex::new(None),
             rank,
             world,
             device,
-            _context: context,
+            context,
         })
     }
 
-    /// Aborts the communicator: pending and later operations fail.
-    pub fn abort(&self) -> Result<()> {
-        let comm = self.lock("abort")?;
-        if comm.0.is_null() {
-            return Ok(());
+    /// Aborts the communicator from any thread, saying why: kernels
+    /// waiting on peers end, and every later operation fails naming
+    /// `reason`. Only the first call does anything.
+    pub fn abort_because(&self, reason: &str) {
+        let comm = self.comm.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if comm.is_null() {
+            return;
         }
-        // SAFETY: a live communicator; nulled below so Drop skips it.
-        let r = unsafe { result::comm_abort(comm.0) };
-        drop(comm);
-        self.lock("abort")?.0 = std::ptr::null_mut();
-        r.map(|_| ()).map_err(|e| nccl_error("abort", e))
+        if let Ok(mut why) = self.aborted.lock() {
+            why.get_or_insert_with(|| reason.to_owned());
+        }
+        // An operation being enqueued holds the communicator; give it a
+        // moment to return so the abort does not pull the communicator
+        // from under a call about to start. One blocked inside NCCL (a
+        // connection to a dead peer) is what ncclCommAbort is for.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let _quiet = loop {
+            match self.enqueue.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        // SAFETY: a live communicator, taken out of `comm` above, so it is
+        // aborted once and Drop skips it.
+        let result = unsafe { result::comm_abort(comm) };
+        tracing::warn!(rank = self.rank, device = self.device, %reason, ok = result.is_ok(), "NCCL communicator aborted");
     }
 
-    fn lock(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, Comm>> {
-        self.comm.lock().map_err(|_| CollectiveError::Broken {
+    /// The communicator, unless aborted; hold `enqueue` while using it.
+    fn live(&self, op: &'static str) -> Result<(std::sync::MutexGuard<'_, ()>, sys::ncclComm_t)> {
+        let guard = self.enqueue.lock().map_err(|_| CollectiveError::Broken {
             op,
             group: "nccl",
             first: "a thread panicked inside an operation".into(),
-        })
+        })?;
+        let comm = self.comm.load(Ordering::SeqCst);
+        if comm.is_null() {
+            let why = self
+                .aborted
+                .lock()
+                .ok()
+                .and_then(|w| w.clone())
+                .unwrap_or_else(|| "aborted".to_owned());
+            return Err(CollectiveError::Broken {
+                op,
+                group: "nccl",
+                first: format!("the communicator was aborted: {why}"),
+            });
+        }
+        Ok((guard, comm))
+    }
+
+    /// Makes the device's context current on this thread (the watchdog's
+    /// thread never touched CUDA otherwise).
+    fn bind(&self) -> bool {
+        self.context.bind_to_thread().is_ok()
+    }
+
+    /// Marks the end of the operation just enqueued on the default stream.
+    fn track(&self, op: &'static str) {
+        if !self.bind() {
+            return;
+        }
+        let flags = cuda_sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let Ok(done) = cuda::event::create(flags) else {
+            return;
+        };
+        // SAFETY: a fresh event; the null stream is the legacy default
+        // stream, the one the operation was enqueued on.
+        if unsafe { cuda::event::record(done, std::ptr::null_mut()) }.is_err() {
+            // SAFETY: created above, never recorded.
+            let _ = unsafe { cuda::event::destroy(done) };
+            return;
+        }
+        if let Ok(mut queue) = self.in_flight.lock() {
+            queue.push_back(InFlight {
+                op,
+                since: Instant::now(),
+                done,
+            });
+        }
+    }
+
+    /// NCCL's asynchronous error on a live communicator, if it has one.
+    fn async_error(&self) -> Option<String> {
+        let _enqueue = self.enqueue.try_lock().ok()?;
+        let comm = self.comm.load(Ordering::SeqCst);
+        if comm.is_null() {
+            return None;
+        }
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: a live communicator (not aborted while `enqueue` is held).
+        let called = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        match (called, state) {
+            (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess) => None,
+            (sys::ncclResult_t::ncclSuccess, _) if state.result().is_ok() => None,
+            (sys::ncclResult_t::ncclSuccess, error) => Some(format!("{error:?}")),
+            (failed, _) => Some(format!("ncclCommGetAsyncError: {failed:?}")),
+        }
     }
 
     /// A contiguous copy's source and a fresh output, both on this device.
@@ -203,24 +311,12 @@ impl NcclCollective {
             .map_err(|source| CollectiveError::Torch { op, source })
     }
 
-    fn live(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, Comm>> {
-        let comm = self.lock(op)?;
-        if comm.0.is_null() {
-            return Err(CollectiveError::Broken {
-                op,
-                group: "nccl",
-                first: "the communicator was aborted".into(),
-            });
-        }
-        Ok(comm)
-    }
-
     pub fn try_all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
         let op = "all_reduce";
         let input = self.prepare(op, tensor)?;
         let dtype = nccl_kind(op, input.kind())?;
         let out = input.empty_like();
-        let comm = self.live(op)?;
+        let (_enqueue, comm) = self.live(op)?;
         // SAFETY: both buffers hold numel elements on this device; the
         // default stream orders the kernel with PyTorch's work.
         unsafe {
@@ -230,11 +326,12 @@ impl NcclCollective {
                 input.numel(),
                 dtype,
                 sys::ncclRedOp_t::ncclSum,
-                comm.0,
+                comm,
                 std::ptr::null_mut(),
             )
         }
         .map_err(|e| nccl_error(op, e))?;
+        self.track(op);
         Ok(out)
     }
 
@@ -244,7 +341,7 @@ impl NcclCollective {
         let dtype = nccl_kind(op, input.kind())?;
         let numel = input.numel() as i64;
         let all = Tensor::empty([self.world * numel], (input.kind(), input.device()));
-        let comm = self.live(op)?;
+        let (_enqueue, comm) = self.live(op)?;
         // SAFETY: `all` holds world * numel elements on this device.
         unsafe {
             result::all_gather(
@@ -252,11 +349,12 @@ impl NcclCollective {
                 all.data_ptr(),
                 numel as usize,
                 dtype,
-                comm.0,
+                comm,
                 std::ptr::null_mut(),
             )
         }
         .map_err(|e| nccl_error(op, e))?;
+        self.track(op);
         let shape = tensor.size();
         Ok((0..self.world)
             .map(|i| all.narrow(0, i * numel, numel).view(shape.as_slice()))
@@ -274,7 +372,7 @@ impl NcclCollective {
         let input = self.prepare(op, tensor)?;
         let dtype = nccl_kind(op, input.kind())?;
         let out = input.empty_like();
-        let comm = self.live(op)?;
+        let (_enqueue, comm) = self.live(op)?;
         // SAFETY: both buffers hold numel elements on this device.
         unsafe {
             result::broadcast(
@@ -283,11 +381,12 @@ impl NcclCollective {
                 input.numel(),
                 dtype,
                 root as i32,
-                comm.0,
+                comm,
                 std::ptr::null_mut(),
             )
         }
         .map_err(|e| nccl_error(op, e))?;
+        self.track(op);
         Ok(out)
     }
 
@@ -304,11 +403,20 @@ impl NcclCollective {
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
-        if let Ok(comm) = self.comm.get_mut() {
-            if !comm.0.is_null() {
-                // SAFETY: a live communicator, destroyed once.
-                let _ = unsafe { result::comm_destroy(comm.0) };
+        let bound = self.bind();
+        if let Ok(queue) = self.in_flight.get_mut() {
+            for f in queue.drain(..) {
+                if bound {
+                    // SAFETY: recorded by `track`, destroyed once; CUDA
+                    // frees it when its work completes.
+                    let _ = unsafe { cuda::event::destroy(f.done) };
+                }
             }
+        }
+        let comm = *self.comm.get_mut();
+        if !comm.is_null() {
+            // SAFETY: a live communicator, destroyed once.
+            let _ = unsafe { result::comm_destroy(comm) };
         }
     }
 }
@@ -336,5 +444,40 @@ impl Collective for NcclCollective {
 
     fn barrier(&self) -> samtrain_comm::Result<()> {
         self.try_barrier()
+    }
+
+    /// Forgets the operations the device finished; the oldest left is
+    /// pending. An asynchronous NCCL error aborts the communicator here.
+    fn pending(&self) -> Option<Pending> {
+        if let Some(error) = self.async_error() {
+            self.abort_because(&format!("NCCL reported an error: {error}"));
+        }
+        if !self.bind() {
+            return None;
+        }
+        let mut queue = self.in_flight.lock().ok()?;
+        while let Some(front) = queue.front() {
+            // SAFETY: recorded by `track` and not destroyed yet.
+            match unsafe { cuda::event::query(front.done) } {
+                Err(cuda::DriverError(cuda_sys::cudaError_enum::CUDA_ERROR_NOT_READY)) => {
+                    return Some(Pending {
+                        op: front.op,
+                        since: front.since,
+                    })
+                }
+                // Complete, or the device cannot say (it failed): either
+                // way nothing is left to wait for.
+                _ => {
+                    let done = queue.pop_front().expect("a front entry").done;
+                    // SAFETY: popped, so destroyed once.
+                    let _ = unsafe { cuda::event::destroy(done) };
+                }
+            }
+        }
+        None
+    }
+
+    fn abort(&self) {
+        self.abort_because("the watchdog aborted the generation's groups");
     }
 }

@@ -69,6 +69,13 @@ fn route(ring: Arc<dyn Collective>, cuda_index: usize) -> Result<Arc<dyn Collect
         fn barrier(&self) -> Result<()> {
             self.ring.barrier()
         }
+        fn pending(&self) -> Option<samtrain_comm::Pending> {
+            self.nccl.pending()
+        }
+        fn abort(&self) {
+            self.nccl.abort();
+            self.ring.abort();
+        }
     }
 
     let id = if ring.rank() == 0 {

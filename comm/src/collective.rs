@@ -1,9 +1,19 @@
 //! The collective operations the model and the trainer need from a process
 //! group.
 
+use std::time::Instant;
+
 use tch::Tensor;
 
 use crate::error::Result;
+
+/// An operation a group started and has not finished, as a watchdog sees
+/// it: which one, and since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub op: &'static str,
+    pub since: Instant,
+}
 
 /// A process group. All ranks of the group call the same operations in the
 /// same order.
@@ -31,4 +41,17 @@ pub trait Collective: Send + Sync {
     /// Rank `root`'s tensor, on every rank.
     fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<Tensor>;
     fn barrier(&self) -> Result<()>;
+
+    /// The oldest operation still running on the device after its call
+    /// returned (NCCL enqueues kernels and returns at once). Backends whose
+    /// calls finish their work before returning have none: a watchdog
+    /// times those calls from outside.
+    fn pending(&self) -> Option<Pending> {
+        None
+    }
+
+    /// Tears the group down, from any thread: an operation blocked in it
+    /// (on the host or on the device) ends with an error, and so does
+    /// every later one. Calling it again does nothing.
+    fn abort(&self) {}
 }

@@ -4,7 +4,8 @@
 //! [`shard_dim`] says. None of them needs to link another: they all meet
 //! here.
 //!
-//! - [`Collective`]: the operations a process group offers;
+//! - [`Collective`]: the operations a process group offers, and how a
+//!   watchdog sees and aborts them ([`Pending`]);
 //! - [`CollectiveError`]: why one failed, naming the peer, group and operation;
 //! - [`CollectiveFailure`]: the typed panic payload for a collective that
 //!   fails where no `Result` can be returned (inside a forward pass);
@@ -17,7 +18,7 @@ mod error;
 mod local;
 mod shard;
 
-pub use collective::Collective;
+pub use collective::{Collective, Pending};
 pub use error::{CollectiveError, CollectiveFailure, Result};
 pub use local::LocalCollective;
 pub use shard::shard_dim;

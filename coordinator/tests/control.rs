@@ -222,7 +222,9 @@ async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
     assert_eq!((job.generation, job.restarts), (1, 1));
     assert!(job.message.contains("lost its lease"), "{}", job.message);
 
-    // A replacement joins; survivor and newcomer form generation 1.
+    // The survivor says how its part ended (its trainer stopped), which
+    // frees it; a replacement joins; they form generation 1.
+    w0.report_outcome(&a0, aborted()).await.unwrap();
     let mut w2 = agent(&coords, &[], "w2", 6202).await;
     let (b0, b2) = (next(&mut w0).await, next(&mut w2).await);
     assert_eq!((b0.generation, b2.generation), (1, 1));
@@ -272,6 +274,57 @@ async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
     assert_eq!(state(&mut client, &id).await.state(), v1::JobState::Failed);
     w0.shutdown().await;
     w2.shutdown().await;
+}
+
+fn aborted() -> Outcome {
+    Outcome::Failed {
+        retriable: true,
+        message: "collective aborted: the generation ended".into(),
+    }
+}
+
+/// One failure costs one restart: a member that has not said how its part
+/// of the ended generation went (it died, and its stream and lease have
+/// not run out yet) is not picked for the next one, which would fail too.
+#[tokio::test]
+async fn a_member_that_never_reports_is_not_picked_again() {
+    let node = Node::start(Vec::new(), "solo", Duration::from_secs(30));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone(), Credentials::none());
+    let id = client
+        .submit(&spec("once", 2, 2, 1, 3), "once.toml")
+        .await
+        .unwrap();
+    let mut w0 = agent(&coords, &[], "w0", 6210).await;
+    let mut w1 = agent(&coords, &[], "w1", 6211).await;
+    let (a0, a1) = (next(&mut w0).await, next(&mut w1).await);
+    // w1's process is gone but its lease (30 s) and stream live on: w0
+    // sees the peer die and reports; w1 says nothing.
+    w0.report_outcome(
+        &a0,
+        Outcome::Failed {
+            retriable: true,
+            message: "connection with rank 1 closed".into(),
+        },
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(2), "w1 to hear", || async {
+        a1.ended.load(Ordering::SeqCst)
+    })
+    .await;
+    let mut w2 = agent(&coords, &[], "w2", 6212).await;
+    let (b0, b2) = (next(&mut w0).await, next(&mut w2).await);
+    assert_eq!((b0.generation, b2.generation), (1, 1));
+    assert_eq!(b0.peers, ["127.0.0.1:6210", "127.0.0.1:6212"]);
+    let job = state(&mut client, &id).await;
+    assert_eq!((job.generation, job.restarts), (1, 1));
+    // w1, once it reports, waits for the next generation like any worker.
+    w1.report_outcome(&a1, aborted()).await.unwrap();
+    assert_eq!(state(&mut client, &id).await.restarts, 1);
+    for w in [w0, w1, w2] {
+        w.shutdown().await;
+    }
 }
 
 #[tokio::test]

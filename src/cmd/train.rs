@@ -51,7 +51,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.rank == 0 {
         prepare::prepare(&spec)?;
     }
-    let groups = if args.peers.is_empty() {
+    // The flag that ends this run's collectives: the watchdog raises it
+    // when one is pending past the timeout, and the trainer stops.
+    let ended = Arc::new(AtomicBool::new(false));
+    let (groups, watchdog) = if args.peers.is_empty() {
         if args.rank != 0 || spec.parallel.tp != 1 {
             bail!(
                 "a job without --peers is one process: rank 0 and parallel.tp = 1 (got rank {}, tp {})",
@@ -59,7 +62,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 spec.parallel.tp
             );
         }
-        ProcessGroups::in_process(1, 1)?.remove(0)
+        (ProcessGroups::in_process(1, 1)?.remove(0), None)
     } else {
         let world = args.peers.len() as u32;
         let own = args
@@ -74,15 +77,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
             peers: &args.peers,
             generation: 0,
             secret: ring_secret(&spec.name),
-            ended: Arc::new(AtomicBool::new(false)),
+            ended: ended.clone(),
         };
-        join_groups(member, &spec, device, listener)
-            .with_context(|| format!("rank {} joining the process groups", args.rank))?
+        let (groups, watchdog) = join_groups(member, &spec, device, listener)
+            .with_context(|| format!("rank {} joining the process groups", args.rank))?;
+        (groups, Some(watchdog))
     };
     let outcome = train(TrainJob {
         spec,
         groups,
-        abort: Arc::new(AtomicBool::new(false)),
+        abort: ended,
         events: Box::new(|_| {}),
         models: ResidentModels::default(),
     });
@@ -108,8 +112,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             } else {
                 "permanent"
             };
-            tracing::error!(rank = args.rank, error = %e, kind, "training failed");
-            eprintln!("error (rank {}, {kind}): {e}", args.rank);
+            let why = watchdog
+                .as_ref()
+                .and_then(|w| w.fired())
+                .map(|f| format!(" ({f})"))
+                .unwrap_or_default();
+            tracing::error!(rank = args.rank, error = %e, kind, watchdog = %why, "training failed");
+            eprintln!("error (rank {}, {kind}): {e}{why}", args.rank);
             std::process::exit(e.exit_code());
         }
     }

@@ -8,6 +8,8 @@
 //! best effort, and training goes on while the coordinator fails over.
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -81,8 +83,36 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let listener = bind_collective(&host, args.collective_port)?;
     let port = listener.local_addr()?.port();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(serve(args, device, host, port, listener))
+    match runtime.block_on(serve(args, device, host, port, listener)) {
+        Err(e) if e.is::<Stuck>() => {
+            // The stuck thread cannot be joined; leaving the process is
+            // the only way to free its device. 128: retried by Kubeflow's
+            // ExitCode policy and restarted by `samtrain local`.
+            tracing::error!(error = %e, "exiting so that this worker is replaced");
+            std::process::exit(128)
+        }
+        other => other,
+    }
 }
+
+/// The training thread did not stop after its generation ended.
+#[derive(Debug)]
+struct Stuck {
+    generation: u64,
+    grace: Duration,
+}
+
+impl std::fmt::Display for Stuck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the training thread of generation {} did not stop within {:?} after the generation ended",
+            self.generation, self.grace
+        )
+    }
+}
+
+impl std::error::Error for Stuck {}
 
 async fn serve(
     args: WorkerArgs,
@@ -191,7 +221,7 @@ async fn generation(
     let models = models.clone();
     // A plain thread, not tokio's blocking pool: the data crate's
     // blocking loaders refuse to run inside an async runtime's context.
-    let (done, result) = tokio::sync::oneshot::channel();
+    let (done, mut result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("train-g{}", job.generation))
         .spawn(move || {
@@ -199,10 +229,40 @@ async fn generation(
             let _ = done.send(outcome);
         })
         .context("starting the training thread")?;
-    let outcome = result.await.unwrap_or_else(|_| Outcome::Failed {
-        retriable: true,
-        message: "the training thread ended without an outcome".to_owned(),
-    });
+    // The control loop never waits on the training thread for good: once
+    // the generation has ended (the coordinator ended it, the watchdog
+    // aborted its groups, the lease was lost) the thread has `grace` to
+    // return before the worker gives up on it.
+    let grace = Duration::from_secs_f64(assignment.spec.parallel.collective_timeout_s)
+        .max(Duration::from_secs(10));
+    let mut ended_at: Option<tokio::time::Instant> = None;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut result => break r.unwrap_or_else(|_| Outcome::Failed {
+                retriable: true,
+                message: "the training thread ended without an outcome".to_owned(),
+            }),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if ended_at.is_none() && assignment.ended.load(Ordering::SeqCst) {
+            ended_at = Some(tokio::time::Instant::now());
+        }
+        if ended_at.is_some_and(|t| t.elapsed() > grace) {
+            let stuck = Stuck {
+                generation: assignment.generation,
+                grace,
+            };
+            let failed = Outcome::Failed {
+                retriable: true,
+                message: format!("rank {}: {stuck}", assignment.rank),
+            };
+            agent
+                .report_outcome(assignment, failed)
+                .await
+                .context("reporting the outcome to the coordinator")?;
+            return Err(stuck.into());
+        }
+    };
     if let Outcome::Failed { retriable, message } = &outcome {
         tracing::warn!(job = %assignment.job_id, generation = assignment.generation, retriable, %message, "generation failed");
     }
@@ -233,7 +293,7 @@ fn run_generation(
             secret: Secret::new(a.ring_secret.as_bytes()),
             ended: a.ended.clone(),
         };
-        let groups =
+        let (groups, watchdog) =
             join_groups(member, &a.spec, device, listener).map_err(|e| Outcome::Failed {
                 retriable: true,
                 message: format!("rank {} joining generation {}: {e}", a.rank, a.generation),
@@ -264,7 +324,10 @@ fn run_generation(
         })
         .map_err(|e| Outcome::Failed {
             retriable: e.retriable(),
-            message: e.to_string(),
+            message: match watchdog.fired() {
+                Some(why) => format!("{e} ({why})"),
+                None => e.to_string(),
+            },
         })
     }));
     match result {

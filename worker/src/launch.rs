@@ -7,13 +7,21 @@
 //! control values the trainer shares, and all of CPU training). On CUDA,
 //! the spec's backend decides whether the groups also route CUDA tensors
 //! through NCCL ([`ProcessGroups::route_cuda`]).
+//!
+//! Every generation's groups are watched ([`Watchdog`]): a collective
+//! pending longer than the job's `parallel.collective_timeout_s` (plus a
+//! quarter, so that the ring's own timeout, which names the stuck peer,
+//! fails first where it can), or the end of the generation, aborts them
+//! all, NCCL's communicators included.
 
 use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use samtrain_collective::{Abort, CollectiveError, GroupOptions, ProcessGroups, Secret};
+use samtrain_collective::{
+    fault, Abort, CollectiveError, GroupOptions, ProcessGroups, Secret, Watchdog,
+};
 use samtrain_proto::spec::{Backend, JobSpec};
 use tch::Device;
 
@@ -30,10 +38,28 @@ pub struct Membership<'a> {
     pub ended: Arc<AtomicBool>,
 }
 
-/// Connects this rank to the world's data- and tensor-parallel groups;
-/// `listener` is bound to this rank's entry of `peers`, and `device` is
-/// where this rank trains.
+/// Connects this rank to the world's data- and tensor-parallel groups
+/// and starts their watchdog (keep it while training: dropping it stops
+/// the watching); `listener` is bound to this rank's entry of `peers`, and
+/// `device` is where this rank trains.
 pub fn join_groups(
+    member: Membership<'_>,
+    spec: &JobSpec,
+    device: Device,
+    listener: TcpListener,
+) -> Result<(ProcessGroups, Watchdog), CollectiveError> {
+    let ended = Abort::from(member.ended.clone());
+    let timeout = Duration::from_secs_f64(spec.parallel.collective_timeout_s);
+    let groups = connect(member, spec, device, listener)?;
+    Watchdog::start(fault::inject(groups), ended, timeout + timeout / 4).map_err(|e| {
+        CollectiveError::Invalid {
+            op: "connect",
+            message: format!("cannot start the collective watchdog: {e}"),
+        }
+    })
+}
+
+fn connect(
     member: Membership<'_>,
     spec: &JobSpec,
     device: Device,

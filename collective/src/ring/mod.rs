@@ -470,6 +470,13 @@ impl Collective for RingCollective {
     fn barrier(&self) -> samtrain_comm::Result<()> {
         self.try_barrier()
     }
+
+    /// Triggers the ring's abort flag; waiting operations notice it within
+    /// tens of milliseconds. The flag is the generation's, shared by its
+    /// groups, so they all end.
+    fn abort(&self) {
+        self.abort.trigger();
+    }
 }
 
 /// Asks for transparent huge pages on a fresh output buffer. Tensors over

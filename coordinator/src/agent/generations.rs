@@ -19,6 +19,13 @@ use super::{backoff, AgentError, Assignment, Shared};
 /// What the agent hands [`super::Agent::next_assignment`].
 pub(super) enum Incoming {
     Assignment(Box<Assignment>),
+    /// An assignment this worker cannot take (its spec does not parse
+    /// here): reported as a permanent failure, so the coordinator is not
+    /// left waiting for it.
+    Unusable {
+        current: Current,
+        message: String,
+    },
     Idle,
 }
 
@@ -61,7 +68,9 @@ impl Generations {
         ended
     }
 
-    /// The leader ended a generation: its trainer is told to stop.
+    /// The leader ended a generation: its trainer is told to stop. The
+    /// worker stays in it until its outcome is acknowledged, so that a new
+    /// leader hears it is still finishing.
     fn end(&self, job_id: &str, generation: u64) {
         if let Some(flag) = self
             .ended
@@ -71,7 +80,16 @@ impl Generations {
         {
             flag.store(true, Ordering::SeqCst);
         }
-        self.leave(job_id, generation);
+    }
+
+    /// The worker's lease was lost: the coordinator counts it dead and
+    /// ends its generation, so the trainer stops now rather than train on
+    /// alone.
+    pub(super) fn end_current(&self, reason: &str) {
+        if let Some(c) = self.current() {
+            tracing::warn!(job = %c.job_id, generation = c.generation, %reason, "ending the generation");
+            self.end(&c.job_id, c.generation);
+        }
     }
 
     /// The worker is done with a generation (ended, or its outcome
@@ -145,10 +163,9 @@ async fn handle(
     event: v1::WorkerEvent,
 ) -> bool {
     match event.event {
-        Some(v1::worker_event::Event::Assignment(a)) => match assignment(shared, a) {
-            Some(a) => incoming.send(Incoming::Assignment(a)).await.is_ok(),
-            None => true,
-        },
+        Some(v1::worker_event::Event::Assignment(a)) => {
+            incoming.send(assignment(shared, a)).await.is_ok()
+        }
         Some(v1::worker_event::Event::GenerationEnded(g)) => {
             tracing::info!(job = %g.job_id, generation = g.generation, reason = %g.reason, "generation ended");
             shared.generations.end(&g.job_id, g.generation);
@@ -159,9 +176,15 @@ async fn handle(
     }
 }
 
-/// Joins the generation an assignment names; `None` (logged) when its
-/// spec is unreadable, which no retry would mend.
-fn assignment(shared: &Shared, a: v1::Assignment) -> Option<Box<Assignment>> {
+/// Joins the generation an assignment names; [`Incoming::Unusable`]
+/// when its spec is unreadable here, which no retry would mend.
+fn assignment(shared: &Shared, a: v1::Assignment) -> Incoming {
+    let current = Current {
+        job_id: a.job_id.clone(),
+        generation: a.generation,
+        rank: a.rank,
+    };
+    let ended = shared.generations.join(current.clone());
     let spec = match JobSpec::from_toml(&a.spec_toml, None) {
         Ok(s) => s,
         Err(e) => {
@@ -169,17 +192,15 @@ fn assignment(shared: &Shared, a: v1::Assignment) -> Option<Box<Assignment>> {
                 job_id: a.job_id.clone(),
                 message: e.to_string(),
             };
-            tracing::error!(error = %e, "assignment ignored");
-            return None;
+            tracing::error!(error = %e, "assignment refused");
+            return Incoming::Unusable {
+                current,
+                message: e.to_string(),
+            };
         }
     };
-    let ended = shared.generations.join(Current {
-        job_id: a.job_id.clone(),
-        generation: a.generation,
-        rank: a.rank,
-    });
     tracing::info!(job = %a.job_id, generation = a.generation, rank = a.rank, world = a.world_size, "assigned");
-    Some(Box::new(Assignment {
+    Incoming::Assignment(Box::new(Assignment {
         job_id: a.job_id,
         generation: a.generation,
         rank: a.rank,

@@ -188,6 +188,9 @@ async fn keep_etcd_lease(
         let reason = keeper.lost().await;
         shared.registered.store(false, Ordering::Relaxed);
         tracing::error!(worker = %shared.worker_id, %reason, "worker lease lost; registering again");
+        shared
+            .generations
+            .end_current("this worker's lease was lost");
         let mut attempt = 0;
         loop {
             match put_own_key(
@@ -238,6 +241,9 @@ async fn heartbeat(shared: Arc<Shared>, ttl: Duration) {
             Err(AgentError::Refused { status, .. }) if status.code() == Code::NotFound => {
                 shared.registered.store(false, Ordering::Relaxed);
                 tracing::error!(worker = %shared.worker_id, reason = status.message(), "worker lease lost; registering again");
+                shared
+                    .generations
+                    .end_current("this worker's lease was lost");
                 let ttl_s = ttl.as_secs().max(1) as u32;
                 match register_rpc(&shared.options, shared.worker_id.clone(), ttl_s).await {
                     Ok(_) => {

@@ -273,6 +273,12 @@ impl Agent {
 
     /// Waits (across coordinator failovers) for the next generation that
     /// includes this worker. `None` in local mode once no job needs it.
+    ///
+    /// Every assignment the worker receives gets exactly one outcome: the
+    /// coordinator keeps a worker out of new generations until it has
+    /// reported how its last one ended (a dead worker never does, so a
+    /// re-formed group never includes it). One that ended before it
+    /// started, or that this worker cannot read, is reported here.
     pub async fn next_assignment(&mut self) -> Result<Option<Assignment>, AgentError> {
         loop {
             match self.incoming.recv().await {
@@ -280,6 +286,20 @@ impl Agent {
                     if !a.ended.load(Ordering::SeqCst) {
                         return Ok(Some(*a));
                     }
+                    let skipped = Outcome::Failed {
+                        retriable: true,
+                        message: "the generation ended before this rank started".to_owned(),
+                    };
+                    self.report(&a.job_id, a.generation, a.rank, skipped)
+                        .await?;
+                }
+                Some(Incoming::Unusable { current, message }) => {
+                    let refused = Outcome::Failed {
+                        retriable: false,
+                        message,
+                    };
+                    self.report(&current.job_id, current.generation, current.rank, refused)
+                        .await?;
                 }
                 Some(Incoming::Idle) => {
                     if self.shared.options.exit_when_idle && self.incoming.is_empty() {
@@ -304,11 +324,27 @@ impl Agent {
         assignment: &Assignment,
         outcome: Outcome,
     ) -> Result<(), AgentError> {
+        self.report(
+            &assignment.job_id,
+            assignment.generation,
+            assignment.rank,
+            outcome,
+        )
+        .await
+    }
+
+    async fn report(
+        &self,
+        job_id: &str,
+        generation: u64,
+        rank: u32,
+        outcome: Outcome,
+    ) -> Result<(), AgentError> {
         let report = v1::OutcomeReport {
             worker_id: self.shared.worker_id.clone(),
-            job_id: assignment.job_id.clone(),
-            generation: assignment.generation,
-            rank: assignment.rank,
+            job_id: job_id.to_owned(),
+            generation,
+            rank,
             outcome: Some(match outcome {
                 Outcome::Completed {
                     eval,
@@ -336,18 +372,19 @@ impl Agent {
                 .await;
             match result {
                 Ok(_) => break,
-                Err(e @ AgentError::Refused { .. }) => return Err(e),
+                Err(e @ AgentError::Refused { .. }) => {
+                    self.shared.generations.leave(job_id, generation);
+                    return Err(e);
+                }
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
-                    tracing::warn!(job = %assignment.job_id, error = %e, "outcome not acknowledged yet; retrying");
+                    tracing::warn!(job = %job_id, error = %e, "outcome not acknowledged yet; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;
                 }
             }
         }
-        self.shared
-            .generations
-            .leave(&assignment.job_id, assignment.generation);
+        self.shared.generations.leave(job_id, generation);
         Ok(())
     }
 

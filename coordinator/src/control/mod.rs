@@ -48,6 +48,19 @@ struct View {
 }
 
 impl View {
+    /// A worker reported how its part in `generation` of `job_id` ended:
+    /// it is free for the next generation.
+    fn finished(&mut self, worker_id: &str, job_id: &str, generation: u64) {
+        if let Some(s) = self.subscribers.get_mut(worker_id) {
+            if s.busy
+                .as_ref()
+                .is_some_and(|(j, g)| j == job_id && *g == generation)
+            {
+                s.busy = None;
+            }
+        }
+    }
+
     /// Members of a generation that ended well go back to waiting.
     fn release(&mut self, members: &[MemberRecord]) {
         for m in members {
@@ -358,14 +371,14 @@ impl Control {
     }
 }
 
-/// Tells the subscribed members of an ended generation, and frees those
-/// still busy with it.
+/// Tells the subscribed members of an ended generation. They stay busy
+/// with it until each reports its outcome ([`View::finished`]): one that
+/// died never does, so the next generation cannot pick it while its
+/// stream and lease have not yet run out, which would cost a second
+/// restart for one failure.
 fn tell_generation_ended(view: &mut View, job_id: &str, end: &GenerationEnd, reason: &str) {
     for m in &end.members {
         if let Some(s) = view.subscribers.get_mut(&m.worker_id) {
-            if s.busy.as_ref().is_some_and(|(j, _)| j == job_id) {
-                s.busy = None;
-            }
             let _ = s
                 .feed
                 .try_send(worker_event(v1::worker_event::Event::GenerationEnded(

@@ -129,6 +129,7 @@ impl Control {
     ) -> Result<v1::Ack, Status> {
         self.authenticated_worker(&r.worker_id, presented).await?;
         let mut at = self.lead_job(&r.job_id).await?;
+        at.view.finished(&r.worker_id, &r.job_id, r.generation);
         let Some(member) = at.member(&r.worker_id, r.generation).cloned() else {
             return Ok(ack(true));
         };

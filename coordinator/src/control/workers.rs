@@ -236,8 +236,9 @@ impl Control {
 }
 
 /// A reconnecting worker names the generation it was in: it stays in it
-/// (busy, the returned generation) while that generation runs with it, and
-/// is told the generation ended otherwise, unless it completed.
+/// (busy, the returned generation) while that generation runs with it.
+/// Otherwise it is told the generation ended, unless it completed, and
+/// stays busy finishing it until it reports its outcome.
 fn rejoin(
     view: &View,
     worker_id: &str,
@@ -270,6 +271,7 @@ fn rejoin(
                 job.state.name(),
                 job.generation
             )));
+            return Some((cur.job_id.clone(), cur.generation));
         }
         None => {
             let _ = feed.try_send(ended(format!("no job {}", cur.job_id)));

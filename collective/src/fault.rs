@@ -1,0 +1,100 @@
+//! Faults a test injects into a running worker through its environment,
+//! so that recovery is proven on real processes over real sockets:
+//!
+//! - `SAMTRAIN_FAULT_HANG_COLLECTIVE=N`: the `N`-th data-parallel
+//!   all-reduce of this process (counted from 1) never returns until its
+//!   group is aborted, as an NCCL kernel whose peer died never does. It
+//!   hangs once per process, so the next generation trains.
+//!
+//! Unset (always, outside tests), nothing is wrapped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use samtrain_comm::{Collective, CollectiveError, Pending, Result};
+use tch::Tensor;
+
+use crate::groups::ProcessGroups;
+
+const HANG: &str = "SAMTRAIN_FAULT_HANG_COLLECTIVE";
+
+/// Data-parallel all-reduces this process made, over every generation.
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static HUNG: AtomicBool = AtomicBool::new(false);
+
+/// `groups` with the faults the environment asks for.
+pub fn inject(groups: ProcessGroups) -> ProcessGroups {
+    let Some(at) = std::env::var(HANG).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return groups;
+    };
+    if HUNG.load(Ordering::SeqCst) {
+        return groups;
+    }
+    tracing::warn!(call = at, "{HANG}: a data-parallel all-reduce will hang");
+    ProcessGroups {
+        dp: Arc::new(Hang {
+            inner: groups.dp,
+            at,
+            aborted: AtomicBool::new(false),
+        }),
+        ..groups
+    }
+}
+
+/// A group whose `at`-th all-reduce blocks until [`Collective::abort`].
+struct Hang {
+    inner: Arc<dyn Collective>,
+    at: u64,
+    aborted: AtomicBool,
+}
+
+impl Hang {
+    fn maybe_hang(&self) -> Result<()> {
+        let n = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
+        if n != self.at || HUNG.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        tracing::warn!(call = n, "{HANG}: hanging until aborted");
+        while !self.aborted.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(CollectiveError::Aborted {
+            op: "all_reduce",
+            group: "dp",
+        })
+    }
+}
+
+impl Collective for Hang {
+    fn rank(&self) -> i64 {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> i64 {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        self.maybe_hang()?;
+        self.inner.all_reduce_sum(tensor)
+    }
+    fn all_reduce_sum_(&self, tensor: &mut Tensor) -> Result<()> {
+        self.maybe_hang()?;
+        self.inner.all_reduce_sum_(tensor)
+    }
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        self.inner.all_gather(tensor)
+    }
+    fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<Tensor> {
+        self.inner.broadcast(tensor, root)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn pending(&self) -> Option<Pending> {
+        self.inner.pending()
+    }
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.inner.abort();
+    }
+}
