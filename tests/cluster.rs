@@ -371,6 +371,95 @@ fn a_collective_that_never_returns_is_aborted_by_the_watchdog_and_the_job_recove
     }
 }
 
+/// The number in `field=N` of the first line of `log` that holds `message`
+/// (colour codes, which the logs carry, stripped).
+fn logged(log: &str, message: &str, field: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(message))?;
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(ch);
+        }
+    }
+    let line = plain;
+    let at = line.find(&format!(" {field}="))? + field.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() {
+    let _one = serial();
+    let c = Cluster::new();
+    let spec = std::fs::read_to_string(&c.spec)
+        .unwrap()
+        .replace("min_workers = 2", "min_workers = 1");
+    std::fs::write(&c.spec, spec).unwrap();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let w0 = c.worker("w0", &addr);
+    let s = wait_status(
+        &addr,
+        &job,
+        Duration::from_secs(300),
+        "one rank training",
+        |s| step(s) >= 2,
+    );
+    assert_eq!(
+        (s["world_size"].as_u64(), s["dp"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    let _w1 = c.worker("w1", &addr);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "two ranks", |s| {
+        s["world_size"].as_u64() == Some(2) || finished(s)
+    });
+    assert_eq!(
+        (s["dp"].as_u64(), s["tp"].as_u64(), s["resizes"].as_u64()),
+        (Some(2), Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["members"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["members"][1]["host"], "127.0.0.1", "{s}");
+    let s = wait_status(
+        &addr,
+        &job,
+        Duration::from_secs(300),
+        "a rank's report",
+        |s| s["members"][1]["last_report_unix_ms"].is_i64() || finished(s),
+    );
+    assert!(s["members"][1]["step"].as_u64() > Some(0), "{s}");
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(
+        (s["restarts"].as_u64(), s["resizes"].as_u64()),
+        (Some(0), Some(1)),
+        "{s}"
+    );
+    // Steps up to the checkpoint trained one rank's batch (4), the rest
+    // two ranks' (8): the global sample position carried over exactly.
+    let log = w0.log();
+    let grown_at = logged(&log, "resumed from checkpoint", "step")
+        .unwrap_or_else(|| panic!("no resume in the log of w0:\n{log}"));
+    assert_eq!(
+        logged(&log, "resumed from checkpoint", "saved_dp_size"),
+        Some(1),
+        "{log}"
+    );
+    let consumed = logged(&log, "training done", "samples_consumed")
+        .unwrap_or_else(|| panic!("no end in the log of w0:\n{log}"));
+    eprintln!(
+        "grew from 1 to 2 ranks at checkpoint step {grown_at}; {consumed} samples in {STEPS} steps"
+    );
+    assert_eq!(consumed, 4 * grown_at + 8 * (STEPS - grown_at), "{log}");
+}
+
 #[test]
 fn a_standby_coordinator_takes_over_without_restarting_workers() {
     let _one = serial();

@@ -135,6 +135,24 @@ impl Client {
         .await
     }
 
+    pub async fn scale(&mut self, job_id: &str, workers: u32) -> Result<v1::Job, ClientError> {
+        let job_id = job_id.to_owned();
+        self.call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.scale(v1::ScaleJobRequest { job_id, workers }).await }
+        })
+        .await
+    }
+
+    pub async fn drain(&mut self, worker_id: &str) -> Result<v1::DrainWorkerResponse, ClientError> {
+        let worker_id = worker_id.to_owned();
+        self.call(|mut c| {
+            let worker_id = worker_id.clone();
+            async move { c.drain(v1::DrainWorkerRequest { worker_id }).await }
+        })
+        .await
+    }
+
     /// The job's events: a snapshot first, then changes until it ends. A
     /// stream that breaks (failover) can be opened again: the new snapshot
     /// carries what was missed.

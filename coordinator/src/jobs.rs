@@ -107,6 +107,9 @@ pub struct JobRecord {
     /// The running generation, or the next one to form.
     pub generation: u64,
     pub restarts: u32,
+    /// Generations ended to change size (not failures).
+    #[serde(default)]
+    pub resizes: u32,
     pub step: u64,
     pub total_steps: u64,
     pub loss: Option<f64>,
@@ -166,6 +169,7 @@ impl JobRecord {
             state: JobState::Pending,
             generation: 0,
             restarts: 0,
+            resizes: 0,
             step: 0,
             total_steps: spec.training.steps,
             loss: None,
@@ -235,6 +239,31 @@ impl JobRecord {
                 failed: false,
             }
         }
+    }
+
+    /// The running generation ended to change size (growth, scale, drain)
+    /// after a committed checkpoint: no restart is counted.
+    pub fn resize(&mut self, reason: &str, now: i64) -> GenerationEnd {
+        let ended_generation = self.generation;
+        let members = std::mem::take(&mut self.members);
+        self.generation += 1;
+        self.resizes += 1;
+        self.updated_unix_ms = now;
+        self.state = JobState::Restarting;
+        self.message = format!("generation {ended_generation} ended to resize: {reason}");
+        GenerationEnd {
+            ended_generation,
+            members,
+            failed: false,
+        }
+    }
+
+    /// At most `workers` workers from now on; `min_workers` drops to it.
+    /// The caller checks the bounds.
+    pub fn scale(&mut self, workers: u32, now: i64) {
+        self.policy.max_workers = workers;
+        self.policy.min_workers = self.policy.min_workers.min(workers);
+        self.updated_unix_ms = now;
     }
 
     /// A permanent failure: the job fails at once.
@@ -307,6 +336,19 @@ impl JobRecord {
                 .checkpoint_failure
                 .as_ref()
                 .map(CheckpointFailure::to_proto),
+            world_size: self.members.len() as u32,
+            dp: if self.members.is_empty() {
+                0
+            } else {
+                self.members.len() as u32 / self.policy.tp.max(1)
+            },
+            tp: if self.members.is_empty() {
+                0
+            } else {
+                self.policy.tp
+            },
+            resizes: self.resizes,
+            max_workers: self.policy.max_workers,
         }
     }
 }
@@ -318,6 +360,8 @@ impl MemberRecord {
             name: self.name.clone(),
             advertise: self.advertise.clone(),
             rank: self.rank,
+            step: 0,
+            last_report_unix_ms: None,
         }
     }
 }

@@ -34,7 +34,8 @@ impl WorkerRecord {
 }
 
 /// The key layout under one store prefix: `<prefix>/jobs/<id>` holds a
-/// [`crate::jobs::JobRecord`], `<prefix>/workers/<id>` a [`WorkerRecord`].
+/// [`crate::jobs::JobRecord`], `<prefix>/workers/<id>` a [`WorkerRecord`],
+/// `<prefix>/drained/<id>` marks a drained worker (when, Unix ms).
 /// (The election's `<prefix>/leader` is the election's own business.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Keys {
@@ -65,6 +66,15 @@ impl Keys {
     /// The range of every live worker's record.
     pub(crate) fn workers(&self) -> String {
         format!("{}/workers/", self.prefix)
+    }
+
+    pub(crate) fn drained_worker(&self, id: &str) -> String {
+        format!("{}/drained/{id}", self.prefix)
+    }
+
+    /// The range of every drained worker's mark.
+    pub(crate) fn drained(&self) -> String {
+        format!("{}/drained/", self.prefix)
     }
 }
 

@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::WORKER_SECRET_HEADER;
 use crate::control::Control;
-use crate::jobs::JobRecord;
 
 /// The worker secret a call presents, if any.
 fn worker_secret<T>(request: &Request<T>) -> Option<String> {
@@ -52,7 +51,7 @@ impl Jobs for Service {
 
     async fn get(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let job = self.control.job(&request.into_inner().job_id).await?;
-        Ok(Response::new(job.to_proto()))
+        Ok(Response::new(job))
     }
 
     async fn list(
@@ -62,7 +61,7 @@ impl Jobs for Service {
         let r = request.into_inner();
         let (jobs, next_page_token) = self.control.jobs(r.page_size, &r.page_token).await?;
         Ok(Response::new(v1::ListJobsResponse {
-            jobs: jobs.iter().map(JobRecord::to_proto).collect(),
+            jobs,
             next_page_token,
         }))
     }
@@ -73,6 +72,24 @@ impl Jobs for Service {
     ) -> Result<Response<v1::Job>, Status> {
         let job = self.control.cancel(&request.into_inner().job_id).await?;
         Ok(Response::new(job.to_proto()))
+    }
+
+    async fn scale(
+        &self,
+        request: Request<v1::ScaleJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let r = request.into_inner();
+        let job = self.control.scale(&r.job_id, r.workers).await?;
+        Ok(Response::new(job))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<v1::DrainWorkerRequest>,
+    ) -> Result<Response<v1::DrainWorkerResponse>, Status> {
+        let worker_id = request.into_inner().worker_id;
+        let job_id = self.control.drain(&worker_id).await?;
+        Ok(Response::new(v1::DrainWorkerResponse { worker_id, job_id }))
     }
 
     type WatchStream = EventStream<v1::JobEvent>;

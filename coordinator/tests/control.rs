@@ -327,6 +327,100 @@ async fn a_member_that_never_reports_is_not_picked_again() {
     }
 }
 
+fn committed(job: &str, step: u64) -> v1::Checkpoint {
+    v1::Checkpoint {
+        step,
+        url: format!("file:///tmp/ckpt/{job}/step-{step:08}"),
+    }
+}
+
+/// `Scale` and `Drain` change a running generation at its next committed
+/// checkpoint, as resizes (not restarts); bad values are refused.
+#[tokio::test]
+async fn scale_and_drain_resize_at_a_checkpoint_without_a_restart() {
+    let node = Node::start(Vec::new(), "solo", Duration::from_secs(30));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone(), Credentials::none());
+    let id = client
+        .submit(&spec("resize", 1, 2, 1, 0), "resize.toml")
+        .await
+        .unwrap();
+    let mut w0 = agent(&coords, &[], "w0", 6220).await;
+    let mut w1 = agent(&coords, &[], "w1", 6221).await;
+    let (a0, a1) = (next(&mut w0).await, next(&mut w1).await);
+    assert_eq!(a0.world_size, 2);
+    let job = state(&mut client, &id).await;
+    assert_eq!(
+        (job.world_size, job.dp, job.tp, job.max_workers),
+        (2, 2, 1, 2)
+    );
+
+    // Every rank's progress shows on its member.
+    for (agent, step) in [(&w0, 7), (&w1, 6)] {
+        agent.reporter().progress(Progress {
+            step,
+            total_steps: 50,
+            ..Progress::default()
+        });
+    }
+    eventually(Duration::from_secs(5), "both ranks heard", || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            let job = state(&mut client, &id).await;
+            job.members.iter().map(|m| m.step).collect::<Vec<_>>() == [7, 6]
+                && job.members.iter().all(|m| m.last_report_unix_ms.is_some())
+        }
+    })
+    .await;
+
+    for bad in [0, 65_537] {
+        let err = client.scale(&id, bad).await.unwrap_err();
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    }
+    let scaled = client.scale(&id, 1).await.unwrap();
+    assert_eq!((scaled.max_workers, scaled.world_size), (1, 2));
+    // Nothing changes until a checkpoint commits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a0.ended.load(Ordering::SeqCst));
+    w0.reporter().checkpoint(committed("resize", 10));
+    eventually(Duration::from_secs(5), "the resize", || async {
+        a0.ended.load(Ordering::SeqCst) && a1.ended.load(Ordering::SeqCst)
+    })
+    .await;
+    let job = state(&mut client, &id).await;
+    assert_eq!((job.restarts, job.resizes), (0, 1), "{}", job.message);
+    assert!(
+        job.message.contains("scaled to 1 workers from 2"),
+        "{}",
+        job.message
+    );
+    w0.report_outcome(&a0, aborted()).await.unwrap();
+    w1.report_outcome(&a1, aborted()).await.unwrap();
+    let b0 = next(&mut w0).await;
+    assert_eq!((b0.generation, b0.world_size), (1, 1));
+
+    // Draining the only member moves the job to the other worker.
+    let err = client.drain("nobody-0123456789abcdef").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err}");
+    let drained = client.drain(w0.worker_id()).await.unwrap();
+    assert_eq!(drained.job_id.as_deref(), Some(id.as_str()));
+    w0.reporter().checkpoint(committed("resize", 20));
+    eventually(Duration::from_secs(5), "the drain's resize", || async {
+        b0.ended.load(Ordering::SeqCst)
+    })
+    .await;
+    w0.report_outcome(&b0, aborted()).await.unwrap();
+    let c1 = next(&mut w1).await;
+    assert_eq!((c1.generation, c1.world_size, c1.rank), (2, 1, 0));
+    let job = state(&mut client, &id).await;
+    assert_eq!((job.restarts, job.resizes), (0, 2), "{}", job.message);
+    assert_eq!(job.members[0].worker_id, w1.worker_id());
+    for w in [w0, w1] {
+        w.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn permanent_failure_cancel_invalid_spec_and_idle_workers() {
     let node = Node::start(Vec::new(), "solo", Duration::from_secs(1));

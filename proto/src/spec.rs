@@ -788,7 +788,8 @@ const MAX_STEPS: u64 = 1_000_000_000;
 const MAX_BATCH: u64 = 65_536;
 const MAX_TEXT_TOKENS: usize = 32_768;
 const MAX_THREADS: usize = 1024;
-const MAX_WORKERS: u32 = 65_536;
+/// The most workers (and the largest tensor-parallel degree) a job may ask for.
+pub const MAX_WORKERS: u32 = 65_536;
 const MAX_SYNTH_SAMPLES: usize = 10_000_000;
 const MAX_BEAMS: usize = 64;
 const MAX_COLLECTIVE_TIMEOUT_S: f64 = 86_400.0;

@@ -24,6 +24,31 @@ pub enum JobCommand {
     Cancel(JobArgs),
     /// Follows a job until it ends; exits 0 only if it succeeded.
     Watch(JobArgs),
+    /// Sets how many workers a job runs on; a running generation of another
+    /// size changes at its next committed checkpoint (not a restart).
+    Scale(ScaleArgs),
+    /// Takes a worker out of service: it gets no new generation, and the
+    /// one it trains in re-forms without it at its next checkpoint.
+    Drain(DrainArgs),
+}
+
+#[derive(Args)]
+pub struct ScaleArgs {
+    /// The job id.
+    job: String,
+    /// The most workers the job runs on (a multiple of its `tp`).
+    #[arg(long)]
+    workers: u32,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    /// The worker id (`samtrain status JOB` lists each rank's).
+    worker: String,
+    #[command(flatten)]
+    remote: Remote,
 }
 
 #[derive(Args)]
@@ -71,6 +96,8 @@ pub fn run(cmd: JobCommand) -> Result<()> {
             JobCommand::List(args) => list(args).await,
             JobCommand::Cancel(args) => cancel(args).await,
             JobCommand::Watch(args) => watch(args).await,
+            JobCommand::Scale(args) => scale(args).await,
+            JobCommand::Drain(args) => drain(args).await,
         }
     })
 }
@@ -95,6 +122,11 @@ fn job_json(job: &v1::Job) -> Value {
         "state": state_name(job.state),
         "generation": job.generation,
         "restarts": job.restarts,
+        "resizes": job.resizes,
+        "max_workers": job.max_workers,
+        "world_size": job.world_size,
+        "dp": job.dp,
+        "tp": job.tp,
         "step": job.step,
         "total_steps": job.total_steps,
         "loss": job.loss,
@@ -102,6 +134,8 @@ fn job_json(job: &v1::Job) -> Value {
         "checkpoint_failure": job.checkpoint_failure.as_ref().map(failure_json),
         "members": job.members.iter().map(|m| json!({
             "rank": m.rank, "worker_id": m.worker_id, "name": m.name, "advertise": m.advertise,
+            "host": host_of(&m.advertise), "step": m.step,
+            "last_report_unix_ms": m.last_report_unix_ms,
         })).collect::<Vec<_>>(),
         "message": job.message,
         "eval": job.eval,
@@ -109,6 +143,13 @@ fn job_json(job: &v1::Job) -> Value {
         "updated_unix_ms": job.updated_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
     })
+}
+
+/// The host part of `host:port` (an IPv6 address keeps its brackets).
+fn host_of(advertise: &str) -> &str {
+    advertise
+        .rsplit_once(':')
+        .map_or(advertise, |(host, _)| host)
 }
 
 fn failure_json(f: &v1::CheckpointFailed) -> Value {
@@ -130,7 +171,16 @@ pub(crate) fn describe_failure(f: &v1::CheckpointFailed) -> String {
 fn print_job(job: &v1::Job) {
     println!("job        {} ({})", job.id, job.name);
     println!("state      {}", state_name(job.state));
-    println!("generation {} ({} restarts)", job.generation, job.restarts);
+    println!(
+        "generation {} ({} restarts, {} resizes)",
+        job.generation, job.restarts, job.resizes
+    );
+    if job.world_size > 0 {
+        println!(
+            "world      {} ranks = dp {} x tp {} (at most {} workers)",
+            job.world_size, job.dp, job.tp, job.max_workers
+        );
+    }
     let loss = job
         .loss
         .map(|l| format!(", loss {l:.4}"))
@@ -142,8 +192,22 @@ fn print_job(job: &v1::Job) {
     if let Some(f) = &job.checkpoint_failure {
         println!("warning    {}", describe_failure(f));
     }
+    let now = samtrain_coordinator::records::now_ms();
     for m in &job.members {
-        println!("rank {:<5} {} at {}", m.rank, m.worker_id, m.advertise);
+        let heard = m
+            .last_report_unix_ms
+            .map(|ms| {
+                format!(
+                    ", step {}, heard {:.1} s ago",
+                    m.step,
+                    (now - ms) as f64 / 1000.0
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "rank {:<5} {} at {}{heard}",
+            m.rank, m.worker_id, m.advertise
+        );
     }
     if let Some(scores) = &job.eval {
         println!("eval       {}", scores.describe(4));
@@ -316,6 +380,48 @@ async fn list(args: ListArgs) -> Result<()> {
     Ok(())
 }
 
+async fn scale(args: ScaleArgs) -> Result<()> {
+    let job = args
+        .remote
+        .coordinators
+        .client()
+        .scale(&args.job, args.workers)
+        .await?;
+    if args.remote.json {
+        println!("{}", job_json(&job));
+    } else {
+        println!(
+            "{}: at most {} workers (now {})",
+            job.id, job.max_workers, job.world_size
+        );
+    }
+    Ok(())
+}
+
+async fn drain(args: DrainArgs) -> Result<()> {
+    let drained = args
+        .remote
+        .coordinators
+        .client()
+        .drain(&args.worker)
+        .await?;
+    if args.remote.json {
+        println!(
+            "{}",
+            json!({"worker_id": drained.worker_id, "job_id": drained.job_id})
+        );
+    } else {
+        match drained.job_id {
+            Some(job) => println!(
+                "drained {}; job {job} re-forms without it at its next checkpoint",
+                drained.worker_id
+            ),
+            None => println!("drained {}", drained.worker_id),
+        }
+    }
+    Ok(())
+}
+
 async fn cancel(args: JobArgs) -> Result<()> {
     let job = args.remote.coordinators.client().cancel(&args.job).await?;
     if args.remote.json {
@@ -367,6 +473,10 @@ fn describe(event: &v1::job_event::Event) -> String {
         ),
         Event::CheckpointCommitted(c) => format!("checkpoint step {} at {}", c.step, c.url),
         Event::CheckpointFailed(f) => describe_failure(f),
+        Event::Restarted(r) if r.resize => format!(
+            "resize (generation {} -> {}): {}",
+            r.ended_generation, r.next_generation, r.reason
+        ),
         Event::Restarted(r) => format!(
             "restart {} (generation {} -> {}): {}",
             r.restarts, r.ended_generation, r.next_generation, r.reason
@@ -402,7 +512,8 @@ fn event_json(e: &v1::JobEvent) -> Value {
         }
         Some(Event::CheckpointFailed(f)) => json!({"checkpoint_failed": failure_json(f)}),
         Some(Event::Restarted(r)) => json!({"restarted": {"ended_generation": r.ended_generation,
-            "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason}}),
+            "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason,
+            "resize": r.resize}}),
         Some(Event::Finished(f)) => {
             json!({"finished": {"state": state_name(f.state), "message": f.message, "step": f.step,
             "eval": f.eval}})

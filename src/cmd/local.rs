@@ -234,6 +234,9 @@ async fn follow(
                     Some(Event::StateChanged(s)) => {
                         bar.note(&format!("job {}: generation {}{}", state_name(s.state), s.generation, if s.message.is_empty() { String::new() } else { format!(" ({})", s.message) }));
                     }
+                    Some(Event::Restarted(r)) if r.resize => {
+                        bar.note(&format!("resize: generation {} ended: {}", r.ended_generation, r.reason));
+                    }
                     Some(Event::Restarted(r)) => {
                         bar.note(&format!("restart {}: generation {} ended: {}", r.restarts, r.ended_generation, r.reason));
                     }

@@ -1,4 +1,5 @@
-//! What users ask of jobs: submit, look up, list, cancel and watch.
+//! What users ask of jobs: submit, look up, list, cancel, watch and scale;
+//! and of workers: drain.
 
 use samtrain_proto::spec::JobSpec;
 use samtrain_proto::v1;
@@ -7,7 +8,7 @@ use tonic::Status;
 
 use super::{event, store_status, Control, Ending};
 use crate::election::LeaderState;
-use crate::jobs::JobRecord;
+use crate::jobs::{JobRecord, JobState};
 use crate::records::{now_ms, random_suffix};
 use crate::store::{Compare, Op};
 
@@ -21,6 +22,9 @@ const MAX_SPEC_BYTES: usize = 256 * 1024;
 /// The jobs of a `List` page when the caller names no size, and the most.
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+
+/// The most workers `Scale` accepts: the spec's own bound on `max_workers`.
+const MAX_SCALE: u32 = samtrain_proto::spec::MAX_WORKERS;
 
 impl Control {
     /// Checks a spec and stores it as a new pending job; its id.
@@ -72,8 +76,10 @@ impl Control {
         Ok(id)
     }
 
-    pub(crate) async fn job(&self, job_id: &str) -> Result<JobRecord, Status> {
-        Ok(self.lead_job(job_id).await?.job)
+    /// The job as users see it (each member's last reported step).
+    pub(crate) async fn job(&self, job_id: &str) -> Result<v1::Job, Status> {
+        let at = self.lead_job(job_id).await?;
+        Ok(at.view.job_proto(&at.job))
     }
 
     /// One page of the jobs, oldest first, and the token of the next page
@@ -83,7 +89,7 @@ impl Control {
         &self,
         page_size: u32,
         page_token: &str,
-    ) -> Result<(Vec<JobRecord>, String), Status> {
+    ) -> Result<(Vec<v1::Job>, String), Status> {
         let size = match page_size as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
@@ -119,7 +125,13 @@ impl Control {
             }
             None => String::new(),
         };
-        Ok((jobs.into_iter().take(size).cloned().collect(), next))
+        Ok((
+            jobs.into_iter()
+                .take(size)
+                .map(|j| view.job_proto(j))
+                .collect(),
+            next,
+        ))
     }
 
     /// Cancels a job that has not ended; the job as cancelled.
@@ -134,15 +146,78 @@ impl Control {
         self.end(&mut at.view, job_id, Ending::Cancel).await
     }
 
+    /// Sets the most workers `job_id` runs on; a running generation of
+    /// another size changes at its next committed checkpoint.
+    pub(crate) async fn scale(&self, job_id: &str, workers: u32) -> Result<v1::Job, Status> {
+        let mut at = self.lead_job(job_id).await?;
+        if at.job.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} already {}",
+                at.job.state.name()
+            )));
+        }
+        let tp = at.job.policy.tp.max(1);
+        if workers == 0 || workers % tp != 0 || workers > MAX_SCALE {
+            return Err(Status::invalid_argument(format!(
+                "job {job_id}: --workers {workers} must be a multiple of its tensor-parallel degree {tp}, from {tp} to {MAX_SCALE}"
+            )));
+        }
+        at.job.scale(workers, now_ms());
+        self.save(&at.job).await?;
+        tracing::info!(job = %job_id, workers, "job scaled");
+        let job = at.job.clone();
+        at.view.jobs.insert(job.id.clone(), job.clone());
+        self.announce_state(&job);
+        self.wake.notify_one();
+        Ok(at.view.job_proto(&job))
+    }
+
+    /// Takes a live worker out of service; the job it trains in, if any.
+    pub(crate) async fn drain(&self, worker_id: &str) -> Result<Option<String>, Status> {
+        let live = self.live_workers().await.map_err(store_status)?;
+        if !live.contains_key(worker_id) {
+            return Err(Status::not_found(format!("no live worker {worker_id}")));
+        }
+        let mut view = self.lead().await?;
+        let written = self
+            .store
+            .txn(
+                vec![self.election.guard()],
+                vec![Op::Put {
+                    key: self.keys.drained_worker(worker_id),
+                    value: now_ms().to_string().into_bytes(),
+                    lease: None,
+                }],
+            )
+            .await
+            .map_err(store_status)?;
+        if !written {
+            return Err(Status::unavailable(
+                "not the leader any more; drain again on the new leader",
+            ));
+        }
+        view.drained.insert(worker_id.to_owned());
+        tracing::info!(worker = %worker_id, "worker drained");
+        let job = view
+            .jobs
+            .values()
+            .find(|j| j.state == JobState::Running && j.member(worker_id).is_some())
+            .map(|j| j.id.clone());
+        Ok(job)
+    }
+
     /// A snapshot of the job, then its events until it ends, or until
     /// this node stops leading (the stream then ends with UNAVAILABLE, so
     /// the watcher watches again on the new leader).
     pub(crate) async fn watch(&self, job_id: &str) -> Result<JobEvents, Status> {
         // Subscribe before the snapshot so no change falls in between.
         let events = self.events.subscribe();
-        let job = self.lead_job(job_id).await?.job;
+        let at = self.lead_job(job_id).await?;
+        let snapshot = at.view.job_proto(&at.job);
+        let job = at.job.clone();
+        drop(at);
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(forward_events(job, events, self.leadership(), tx));
+        tokio::spawn(forward_events(job, snapshot, events, self.leadership(), tx));
         Ok(rx)
     }
 }
@@ -150,13 +225,14 @@ impl Control {
 /// Sends a watcher the job's snapshot and then its events.
 async fn forward_events(
     job: JobRecord,
+    snapshot: v1::Job,
     mut events: broadcast::Receiver<v1::JobEvent>,
     mut leadership: watch::Receiver<LeaderState>,
     tx: mpsc::Sender<Result<v1::JobEvent, Status>>,
 ) {
     let id = job.id.clone();
     let terminal = job.state.is_terminal();
-    let snapshot = event(&id, v1::job_event::Event::Snapshot(job.to_proto()));
+    let snapshot = event(&id, v1::job_event::Event::Snapshot(snapshot));
     if tx.send(Ok(snapshot)).await.is_err() || terminal {
         return;
     }

@@ -13,7 +13,7 @@ mod reconcile;
 mod reports;
 mod workers;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -45,6 +45,76 @@ struct View {
     jobs: BTreeMap<String, JobRecord>,
     subscribers: HashMap<String, Subscriber>,
     last_call: HashMap<String, Instant>,
+    /// Workers taken out of service (also in the store).
+    drained: HashSet<String>,
+    /// Each member's last report on the training path: not stored (it
+    /// changes every few steps on every rank), so empty after a failover
+    /// until the ranks report again.
+    heard: HashMap<String, Heard>,
+}
+
+/// A member's last progress report.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    generation: u64,
+    step: u64,
+    unix_ms: i64,
+}
+
+impl View {
+    /// The job as users see it: the stored record and, for its members,
+    /// the step each last reported.
+    fn job_proto(&self, job: &JobRecord) -> v1::Job {
+        let mut proto = job.to_proto();
+        for m in &mut proto.members {
+            if let Some(h) = self
+                .heard
+                .get(&m.worker_id)
+                .filter(|h| h.generation == job.generation)
+            {
+                m.step = h.step;
+                m.last_report_unix_ms = Some(h.unix_ms);
+            }
+        }
+        proto
+    }
+
+    /// Why the running generation of `job` should end at this committed
+    /// checkpoint to change size, if it should: one of its members is
+    /// drained, it is above its (scaled) `max_workers`, or free workers
+    /// would make it larger while no other job waits for workers.
+    fn resize_reason(&self, job: &JobRecord) -> Option<String> {
+        if job.state != JobState::Running {
+            return None;
+        }
+        if let Some(m) = job
+            .members
+            .iter()
+            .find(|m| self.drained.contains(&m.worker_id))
+        {
+            return Some(format!(
+                "worker {} (rank {}) is drained",
+                m.worker_id, m.rank
+            ));
+        }
+        let size = job.members.len() as u32;
+        if size > job.policy.max_workers {
+            return Some(format!(
+                "scaled to {} workers from {size}",
+                job.policy.max_workers
+            ));
+        }
+        if self.jobs.values().any(|j| j.state.needs_workers()) {
+            return None;
+        }
+        let free = self
+            .subscribers
+            .values()
+            .filter(|s| s.busy.is_none() && !self.drained.contains(&s.record.worker_id))
+            .count();
+        let grown = crate::rendezvous::size(&job.policy, size as usize + free)?;
+        (grown > size).then(|| format!("{} more workers wait; growing to {grown}", grown - size))
+    }
 }
 
 impl View {
@@ -79,6 +149,8 @@ const LOOP_STALL_MS: i64 = 10_000;
 enum Ending {
     /// A retriable failure or a lost member: restart (or fail at max_restarts).
     Retriable(String),
+    /// To change size, at a committed checkpoint: no restart counted.
+    Resize(String),
     /// A permanent failure: the job fails.
     Permanent(String),
     Cancel,
@@ -249,6 +321,7 @@ impl Control {
             *view = View {
                 loaded: true,
                 jobs: self.load_jobs().await?,
+                drained: self.load_drained().await?,
                 ..View::default()
             };
         }
@@ -288,6 +361,19 @@ impl Control {
         Ok(jobs)
     }
 
+    /// The workers drained so far.
+    async fn load_drained(&self) -> Result<HashSet<String>, Status> {
+        let prefix = self.keys.drained();
+        Ok(self
+            .store
+            .range(&prefix)
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_owned))
+            .collect())
+    }
+
     /// Writes a job, only while this node leads.
     async fn save(&self, job: &JobRecord) -> Result<(), Status> {
         let value = serde_json::to_vec(job).expect("job record serialises");
@@ -322,6 +408,7 @@ impl Control {
         let now = now_ms();
         let (end, reason): (GenerationEnd, String) = match &how {
             Ending::Retriable(r) => (job.end_generation(r, now), r.clone()),
+            Ending::Resize(r) => (job.resize(r, now), r.clone()),
             Ending::Permanent(r) => (job.fail(r, now), r.clone()),
             Ending::Cancel => (job.cancel(now), "cancelled".to_owned()),
         };
@@ -330,7 +417,7 @@ impl Control {
         view.last_call.remove(job_id);
         tracing::info!(job = %job_id, generation = end.ended_generation, state = job.state.name(), %reason, "generation ended");
         tell_generation_ended(view, job_id, &end, &reason);
-        if matches!(how, Ending::Retriable(_)) && !end.failed {
+        if matches!(how, Ending::Retriable(_) | Ending::Resize(_)) && !end.failed {
             let _ = self.events.send(event(
                 job_id,
                 v1::job_event::Event::Restarted(v1::Restarted {
@@ -338,6 +425,7 @@ impl Control {
                     next_generation: job.generation,
                     restarts: job.restarts,
                     reason: reason.clone(),
+                    resize: matches!(how, Ending::Resize(_)),
                 }),
             ));
         }

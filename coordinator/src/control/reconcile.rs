@@ -26,7 +26,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(1);
 
 impl Control {
     /// Live workers: those whose key (and so lease) exists.
-    async fn live_workers(&self) -> Result<HashMap<String, WorkerRecord>, StoreError> {
+    pub(super) async fn live_workers(&self) -> Result<HashMap<String, WorkerRecord>, StoreError> {
         Ok(self
             .store
             .range(&self.keys.workers())
@@ -76,9 +76,29 @@ impl Control {
                 .await?;
         }
 
-        // Forget streams that closed and workers whose lease is gone.
+        // Forget streams that closed and workers whose lease is gone, and
+        // the drain marks of workers that left.
         view.subscribers
             .retain(|id, s| !s.feed.is_closed() && live.contains_key(id));
+        let left: Vec<String> = view
+            .drained
+            .iter()
+            .filter(|id| !live.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in left {
+            self.store
+                .txn(
+                    vec![self.election.guard()],
+                    vec![Op::Delete {
+                        key: self.keys.drained_worker(&id),
+                    }],
+                )
+                .await
+                .map_err(store_status)?;
+            view.drained.remove(&id);
+        }
+        view.heard.retain(|id, _| live.contains_key(id));
 
         self.form_generations(&mut view).await?;
         self.prune_history(&mut view).await?;
@@ -154,7 +174,7 @@ impl Control {
         let mut pool: Vec<Candidate> = view
             .subscribers
             .values()
-            .filter(|s| s.busy.is_none())
+            .filter(|s| s.busy.is_none() && !view.drained.contains(&s.record.worker_id))
             .map(|s| Candidate {
                 worker_id: s.record.worker_id.clone(),
                 name: s.record.name.clone(),

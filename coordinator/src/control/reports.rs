@@ -9,7 +9,7 @@
 use samtrain_proto::v1;
 use tonic::Status;
 
-use super::{event, Control, Ending, JobAtHand};
+use super::{event, Control, Ending, Heard, JobAtHand};
 use samtrain_proto::spec::JobSpec;
 
 use crate::jobs::{CheckpointFailure, JobRecord, MemberRecord};
@@ -32,6 +32,18 @@ impl Control {
         let Some(rank) = at.member(&r.worker_id, r.generation).map(|m| m.rank) else {
             return Ok(ack(true));
         };
+        if let Some(p) = &r.progress {
+            if p.step <= at.job.total_steps {
+                at.view.heard.insert(
+                    r.worker_id.clone(),
+                    Heard {
+                        generation: r.generation,
+                        step: p.step,
+                        unix_ms: now_ms(),
+                    },
+                );
+            }
+        }
         // Rank 0 speaks for the job; the other ranks' figures would repeat it.
         let (Some(p), 0) = (r.progress, rank) else {
             return Ok(ack(false));
@@ -117,6 +129,17 @@ impl Control {
             &r.job_id,
             v1::job_event::Event::CheckpointCommitted(ck),
         ));
+        // A checkpoint boundary: where the generation may change size, at
+        // the cost of the steps trained since the checkpoint's step.
+        let reason = at
+            .view
+            .jobs
+            .get(&r.job_id)
+            .and_then(|j| at.view.resize_reason(j));
+        if let Some(reason) = reason {
+            self.end(&mut at.view, &r.job_id, Ending::Resize(reason))
+                .await?;
+        }
         Ok(ack(false))
     }
 
