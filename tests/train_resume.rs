@@ -415,3 +415,54 @@ fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     let text = rest.join("\n");
     assert!(text.contains("rank 1"), "the error names the peer: {text}");
 }
+
+/// A copy of `from` (a flat folder) at `to`.
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_onto_a_copy_of_its_base_model_but_never_onto_another() {
+    let f = Fixture::new();
+    let first = finish(launch(&f.job("a.toml", "ckpt-a", 2), 1));
+    assert_eq!(first[0]["checkpoint"]["step"], 20);
+    let with_model = |name: &str, model: &str| {
+        let job = f.job(name, "ckpt-a", 2);
+        let text = std::fs::read_to_string(&job).unwrap().replace(
+            &format!("path = \"{}\"", f.path("model").display()),
+            &format!("path = \"{}\"", f.path(model).display()),
+        );
+        std::fs::write(&job, text).unwrap();
+        job
+    };
+
+    // Another node's copy (new modification times) is the same base model.
+    copy_folder(&f.path("model"), &f.path("model-copy"));
+    let copied = finish(launch(&with_model("copy.toml", "model-copy"), 1));
+    assert_eq!(copied[0]["resumed_from"], 20, "{}", copied[0]);
+
+    // The same shapes with one weight's lowest mantissa bit changed is not.
+    copy_folder(&f.path("model"), &f.path("model-b"));
+    let file = f.path("model-b").join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last_float = bytes.len() - 4;
+    bytes[last_float] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let out = launch(&with_model("b.toml", "model-b"), 1)
+        .pop()
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a permanent failure: {stderr}");
+    assert!(
+        stderr.contains("was trained on a base model with digest")
+            && stderr.contains("model-b has digest")
+            && stderr.contains("step-00000020"),
+        "{stderr}"
+    );
+}

@@ -108,6 +108,53 @@ pub fn fingerprint(dir: &Path) -> Result<String> {
         .collect())
 }
 
+/// Bytes read at each sampled place of a weight file by [`base_digest`].
+const SAMPLE_BYTES: u64 = 64 * 1024;
+/// Places sampled per weight file, spread evenly over it.
+const SAMPLES_PER_FILE: u64 = 16;
+
+/// A digest of the base model in `dir`, which a checkpoint records so that
+/// it is never resumed onto other weights: `config.json`, and per weight
+/// file its name, length, safetensors header and 16 samples of 64 KiB
+/// spread over its contents (the first and last bytes included). Unlike
+/// [`fingerprint`] it ignores modification times, so a copy of the folder
+/// (another node's cache, a re-download) has the same digest, and it reads
+/// about 1 MiB per file, not the weights: two checkpoints of the same
+/// shapes (LLaMA and Vicuna, say) differ throughout, so in the samples.
+pub fn base_digest(dir: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let mut hash = Sha256::new();
+    let config = dir.join(CONFIG_FILE);
+    hash.update(std::fs::read(&config).map_err(io(&config))?);
+    let mut sample = vec![0u8; SAMPLE_BYTES as usize];
+    for file in weight_files(dir)? {
+        let mut f = std::fs::File::open(&file).map_err(io(&file))?;
+        let len = f.metadata().map_err(io(&file))?.len();
+        hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        hash.update(len.to_le_bytes());
+        hash.update(TensorFile::open(&file)?.header());
+        let span = len.saturating_sub(SAMPLE_BYTES);
+        for i in 0..SAMPLES_PER_FILE {
+            let at = span * i / (SAMPLES_PER_FILE - 1);
+            let n = SAMPLE_BYTES.min(len - at) as usize;
+            f.seek(SeekFrom::Start(at)).map_err(io(&file))?;
+            f.read_exact(&mut sample[..n]).map_err(io(&file))?;
+            hash.update(&sample[..n]);
+        }
+    }
+    Ok(hash
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// The names of every tensor the weight files of `dir` hold (headers only).
 pub fn checkpoint_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
     let mut names = std::collections::HashSet::new();

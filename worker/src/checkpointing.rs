@@ -40,6 +40,11 @@ pub struct CheckpointMeta {
     pub tp_size: u32,
     /// Identifies the run attempt (see `samtrain_checkpoint::ShardState`).
     pub attempt: i64,
+    /// The digest of the base model the trainable tensors were trained on
+    /// (`samtrain_model::weights::base_digest`); absent in checkpoints of
+    /// older samtrain, which are resumed without the check.
+    #[serde(default)]
+    pub base_model: Option<String>,
 }
 
 /// The checkpoint of `step` under the store's URL.
@@ -75,6 +80,7 @@ pub(crate) fn from_world_rank0(
 pub fn resume(
     ckpt: &Checkpointer,
     groups: &ProcessGroups,
+    base: &BaseModel,
     params: &[(String, Tensor)],
     optimizer: &mut AdamW,
 ) -> Result<Option<CheckpointMeta>, TrainError> {
@@ -101,7 +107,7 @@ pub fn resume(
             return Ok(None);
         }
         let step = chosen as u64;
-        let restored = restore(ckpt, groups, step, mine, params, optimizer);
+        let restored = restore(ckpt, groups, step, mine, base, params, optimizer);
         let url = checkpoint_at(ckpt, step).url;
         // Ranks that could not restore say whether trying again may help,
         // so every rank's error is as retriable as the worst one's.
@@ -160,13 +166,21 @@ enum Restore {
     Failed(TrainError),
 }
 
+/// The base model a job trains on: where, and its digest.
+#[derive(Debug, Clone)]
+pub struct BaseModel {
+    pub path: String,
+    pub digest: String,
+}
+
 /// Restores `step`'s checkpoint (`info` when this rank already found it)
-/// into `params` and `optimizer`.
+/// into `params` and `optimizer`, if it was trained on `base`.
 fn restore(
     ckpt: &Checkpointer,
     groups: &ProcessGroups,
     step: u64,
     info: Option<CheckpointInfo>,
+    base: &BaseModel,
     params: &[(String, Tensor)],
     optimizer: &mut AdamW,
 ) -> Result<CheckpointMeta, Restore> {
@@ -202,6 +216,17 @@ fn restore(
             message,
         })
     };
+    match &meta.base_model {
+        Some(digest) if *digest != base.digest => {
+            return Err(misfit(format!(
+                "was trained on a base model with digest {digest} ({}), but model.path {} has digest {}: \
+                 resume with the model it was trained on, or give this job a new checkpoint.url",
+                meta.model_path, base.path, base.digest
+            )))
+        }
+        Some(_) => {}
+        None => tracing::warn!(%url, "the checkpoint records no base-model digest (older samtrain); resuming without the check"),
+    }
     let mut saved: HashMap<String, Tensor> = state.tensors.into_iter().collect();
     for (name, p) in params {
         let value = saved

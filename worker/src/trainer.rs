@@ -38,11 +38,13 @@ use samtrain_collective::ProcessGroups;
 use samtrain_data::preprocess::Loader;
 use samtrain_data::sampler::Position;
 use samtrain_model::parallel::TensorParallel;
-use samtrain_model::{rng, trainable, DropoutKeys, LoadedModel};
+use samtrain_model::{rng, trainable, weights, DropoutKeys, LoadedModel};
 use samtrain_proto::spec::JobSpec;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpointing::{self, checkpoint_at, from_world_rank0, CheckpointMeta, Saves};
+use crate::checkpointing::{
+    self, checkpoint_at, from_world_rank0, BaseModel, CheckpointMeta, Saves,
+};
 use crate::ddp::{GradBuckets, DEFAULT_BUCKET_BYTES};
 use crate::device::{model_dtype, resolve_device};
 use crate::error::{DataError, TrainError};
@@ -107,6 +109,8 @@ pub struct Trainer {
     loader: Option<Loader>,
     /// Pairs this attempt's checkpoint parts (the same on every rank).
     attempt: i64,
+    /// The base model's digest, recorded in every checkpoint.
+    base_model: String,
     step: u64,
     position: Position,
     samples_consumed: u64,
@@ -163,7 +167,13 @@ impl Trainer {
             retry: RetryPolicy::default(),
         })
         .map_err(|source| TrainError::store(&spec.checkpoint.url, source))?;
-        let resumed = checkpointing::resume(&ckpt, &groups, &params, &mut optimizer)?;
+        let base = BaseModel {
+            path: spec.model.path.clone(),
+            digest: weights::base_digest(Path::new(&local.model.path)).map_err(|e| {
+                TrainError::from_model(&spec.model.path, "reading the base model", e)
+            })?,
+        };
+        let resumed = checkpointing::resume(&ckpt, &groups, &base, &params, &mut optimizer)?;
         let (step, position, samples_consumed) = match &resumed {
             Some(meta) => (meta.step, meta.position, meta.samples_consumed),
             None => (0, Position::default(), 0),
@@ -229,6 +239,7 @@ impl Trainer {
             buckets,
             loader,
             attempt,
+            base_model: base.digest,
             step,
             position,
             samples_consumed,
@@ -366,6 +377,7 @@ impl Trainer {
                 dp_size: layout.dp as u32,
                 tp_size: layout.tp as u32,
                 attempt: self.attempt,
+                base_model: Some(self.base_model.clone()),
             };
             self.saves.start(ShardState {
                 step,
