@@ -11,7 +11,9 @@ mod loss_plot;
 mod prepare;
 
 use clap::{Parser, Subcommand};
-use cmd::{certs, coordinator, data, demo, etcd, eval, jobs, local, model, predict, train, worker};
+use cmd::{
+    certs, coordinator, data, demo, etcd, eval, jobs, ledger, local, model, predict, train, worker,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -46,6 +48,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Scores a pred.json with SAM's protocol (ROUGE-L, CIDEr, BLEU-4).
     Eval(eval::EvalArgs),
+    /// Proves from a checkpoint's sample ledger that every sample of each
+    /// epoch was trained once, across kills and resizes.
+    Ledger(ledger::LedgerArgs),
     /// MmLINK datasets: validate one, or synthesise one.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -70,7 +75,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Jobs(_) | Command::Data(_) | Command::Eval(_) | Command::Model(_)
+        Command::Jobs(_)
+            | Command::Data(_)
+            | Command::Eval(_)
+            | Command::Model(_)
+            | Command::Ledger(_)
     ) {
         end_quietly_on_closed_pipe();
     }
@@ -90,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Eval(args) => eval::run(args),
+        Command::Ledger(args) => ledger::run(args),
         Command::Data(cmd) => data::run(cmd),
         Command::Train(args) => train::run(args),
         Command::Predict(args) => predict::run(args),

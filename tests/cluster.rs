@@ -435,13 +435,7 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
         |s| s["members"][1]["last_report_unix_ms"].is_i64() || finished(s),
     );
     assert!(s["members"][1]["step"].as_u64() > Some(0), "{s}");
-    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
-    assert_succeeded(&s);
-    assert_eq!(
-        (s["restarts"].as_u64(), s["resizes"].as_u64()),
-        (Some(0), Some(1)),
-        "{s}"
-    );
+    succeeded_after_one_resize(&addr, &job);
     // Steps up to the checkpoint trained one rank's batch (4), the rest
     // two ranks' (8): the global sample position carried over exactly.
     let log = w0.log();
@@ -458,6 +452,83 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
         "grew from 1 to 2 ranks at checkpoint step {grown_at}; {consumed} samples in {STEPS} steps"
     );
     assert_eq!(consumed, 4 * grown_at + 8 * (STEPS - grown_at), "{log}");
+    // The final checkpoint's ledger: two segments (one rank, then two),
+    // every sample once.
+    let out = Command::new(BIN)
+        .args(["ledger", "--json", "s3://ckpt/e2e"])
+        .envs(c.s3.env())
+        .output()
+        .unwrap();
+    let ledger: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(ledger["exactly_once"], true, "{ledger}");
+    let dps: Vec<u64> = ledger["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["dp"].as_u64().unwrap())
+        .collect();
+    assert_eq!(dps, [1, 2], "{ledger}");
+    assert_eq!(ledger["segments"][0]["last_step"], grown_at, "{ledger}");
+}
+
+#[test]
+fn a_slowed_rank_is_flagged_a_straggler_and_replaced_at_a_checkpoint() {
+    let _one = serial();
+    let c = Cluster::new();
+    let spec = std::fs::read_to_string(&c.spec).unwrap().replace(
+        "collective_timeout_s = 20",
+        "collective_timeout_s = 20\nstraggler_factor = 1.5\nstraggler_steps = 3\nstraggler_policy = \"replace\"",
+    );
+    std::fs::write(&c.spec, spec).unwrap();
+    let (coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let w0 = c.worker("w0", &addr);
+    let slow = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "400")]);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "two ranks", |s| {
+        s["world_size"].as_u64() == Some(2)
+    });
+    let slow_id = worker_id(&slow, &s);
+    let _spare = c.worker("w2", &addr);
+    succeeded_after_one_resize(&addr, &job);
+    let log = coord.log();
+    let flagged = log
+        .lines()
+        .find(|l| l.contains("a straggler"))
+        .unwrap_or_else(|| panic!("no straggler in the coordinator's log:\n{log}"));
+    assert!(flagged.contains(&slow_id), "{flagged}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("worker {slow_id} (rank "))
+                && l.contains("is a straggler; replacing it")),
+        "{log}"
+    );
+    // Its replacement trained to the end with the fast rank.
+    assert!(w0.log().contains("training done"));
+    assert!(!slow.log().contains("training done"));
+}
+
+/// Waits for the job's end: succeeded, with one resize and no restart.
+fn succeeded_after_one_resize(addr: &str, job: &str) {
+    let s = wait_status(addr, job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(
+        (s["restarts"].as_u64(), s["resizes"].as_u64()),
+        (Some(0), Some(1)),
+        "{s}"
+    );
+}
+
+/// The id of the member whose worker wrote `proc`'s log.
+fn worker_id(proc: &Proc, status: &Value) -> String {
+    let log = proc.log();
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["worker_id"].as_str().unwrap().to_owned())
+        .find(|id| log.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("no member's id in the log: {status}"))
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! `samtrain train` as a user runs it: real processes joined by the TCP
 //! ring, checkpoints on local disk. A job killed with SIGKILL and started
 //! again ends with the weights of a job never interrupted, bit for bit, and
-//! the same samples consumed; it also resumes at another data-parallel size;
-//! and a killed peer makes the survivor fail fast, naming the peer.
+//! the same samples consumed; it also resumes at another data-parallel size,
+//! and the checkpoints' sample ledgers prove each sample trained once; and a
+//! killed peer makes the survivor fail fast, naming the peer.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use samtrain_data::mmlink::synth::{synth, SynthOptions, Task};
 use samtrain_model::{weights, LoadedModel, SamConfig};
+use serde_json::json;
 use tch::{Device, Tensor};
 
 struct Fixture {
@@ -254,6 +256,45 @@ fn killed_job_resumes_bit_for_bit() {
         .map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[]))
         .fold(0.0, f64::max);
     assert!(d < 1e-5, "dp 1 after dp 2 differs from dp 2 by {d}");
+
+    // The ledgers prove every sample was trained once: across the kill
+    // (the steps after step 10 trained twice, but only once into a
+    // checkpoint) and across the change of data-parallel size.
+    for (ckpt, segments) in [("ckpt-b", 1), ("ckpt-c", 2)] {
+        let out = ledger(&f.path(ckpt));
+        assert_eq!(out["exactly_once"], true, "{out}");
+        assert_eq!(out["verdict"]["steps"], 20, "{out}");
+        assert_eq!(out["segments"].as_array().unwrap().len(), segments, "{out}");
+        // 48 samples; 20 steps of a global batch of 4 = 80: epoch 0 whole
+        // (48 = 12 steps), epoch 1 in progress with 32.
+        let epochs = &out["verdict"]["epochs"];
+        assert_eq!(
+            (
+                &epochs[0]["distinct"],
+                &epochs[0]["trained"],
+                &epochs[0]["complete"]
+            ),
+            (&json!(48), &json!(48), &json!(true)),
+            "{out}"
+        );
+        assert_eq!(
+            (&epochs[1]["distinct"], &epochs[1]["trained"]),
+            (&json!(32), &json!(32)),
+            "{out}"
+        );
+    }
+}
+
+/// `samtrain ledger --json` of the checkpoint location `ckpt`.
+fn ledger(ckpt: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_samtrain"))
+        .args(["ledger", "--json"])
+        .arg(ckpt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Replaces `file` of `folder` with bytes that are not safetensors, and

@@ -13,12 +13,9 @@
 //!   through the ring ([`ProcessGroups::route_cuda`]).
 //! - [`watchdog`]: a thread per generation that aborts every group when a
 //!   collective is pending too long or the generation ends from outside.
-//! - [`fault`]: faults tests inject through the environment (a collective
-//!   that never returns).
 
 pub mod abort;
 pub mod error;
-pub mod fault;
 pub mod groups;
 mod handshake;
 #[cfg(feature = "nccl")]

@@ -6,7 +6,7 @@
 //! The transitions here are plain functions of a record, so the policy is
 //! testable without a store or a network.
 
-use samtrain_proto::spec::JobSpec;
+use samtrain_proto::spec::{JobSpec, ParallelSpec, StragglerPolicy};
 use samtrain_proto::{v1, Checkpoint, Scores};
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +74,8 @@ pub struct MemberRecord {
     pub rank: u32,
 }
 
-/// The rendezvous and restart settings of a job, copied from its spec.
+/// The rendezvous, restart and straggler settings of a job, copied from
+/// its spec (`max_workers` as `Scale` changed it).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     pub tp: u32,
@@ -82,6 +83,20 @@ pub struct Policy {
     pub max_workers: u32,
     pub last_call_s: f64,
     pub max_restarts: u32,
+    #[serde(default = "default_straggler_factor")]
+    pub straggler_factor: f64,
+    #[serde(default = "default_straggler_steps")]
+    pub straggler_steps: u64,
+    #[serde(default)]
+    pub straggler_policy: StragglerPolicy,
+}
+
+fn default_straggler_factor() -> f64 {
+    ParallelSpec::default().straggler_factor
+}
+
+fn default_straggler_steps() -> u64 {
+    ParallelSpec::default().straggler_steps
 }
 
 impl Policy {
@@ -92,6 +107,9 @@ impl Policy {
             max_workers: spec.parallel.max_workers,
             last_call_s: spec.parallel.last_call_s,
             max_restarts: spec.restart.max_restarts,
+            straggler_factor: spec.parallel.straggler_factor,
+            straggler_steps: spec.parallel.straggler_steps,
+            straggler_policy: spec.parallel.straggler_policy,
         }
     }
 }
@@ -362,6 +380,9 @@ impl MemberRecord {
             rank: self.rank,
             step: 0,
             last_report_unix_ms: None,
+            compute_s: 0.0,
+            comm_s: 0.0,
+            straggler: false,
         }
     }
 }

@@ -85,6 +85,9 @@ mod tests {
             max_workers: max,
             last_call_s: 1.0,
             max_restarts: 3,
+            straggler_factor: 1.5,
+            straggler_steps: 50,
+            straggler_policy: Default::default(),
         }
     }
 

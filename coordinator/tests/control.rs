@@ -46,6 +46,7 @@ async fn event_kinds(watch: &mut tonic::Streaming<v1::JobEvent>) -> Vec<String> 
                 format!("checkpoint-failed:{}", f.checkpoint.unwrap().step)
             }
             v1::job_event::Event::Restarted(_) => "restarted".to_owned(),
+            v1::job_event::Event::Straggler(g) => format!("straggler:{}", g.rank),
             v1::job_event::Event::Finished(f) => {
                 format!(
                     "finished:{}:{}",
@@ -418,6 +419,87 @@ async fn scale_and_drain_resize_at_a_checkpoint_without_a_restart() {
     assert_eq!(job.members[0].worker_id, w1.worker_id());
     for w in [w0, w1] {
         w.shutdown().await;
+    }
+}
+
+/// A rank whose compute time per step stays above `straggler_factor`
+/// times the others' median for `straggler_steps` steps is flagged (an
+/// event and a field), and unflagged once it keeps up again.
+#[tokio::test]
+async fn a_slow_rank_is_flagged_after_enough_steps_and_cleared_when_it_recovers() {
+    let node = Node::start(Vec::new(), "solo", Duration::from_secs(30));
+    let coords = vec![node.address()];
+    let mut client = Client::new(coords.clone(), Credentials::none());
+    let spec = spec("slow", 3, 3, 1, 0).replace(
+        "last_call_s = 0.3",
+        "last_call_s = 0.3\nstraggler_factor = 2.0\nstraggler_steps = 4",
+    );
+    let id = client.submit(&spec, "slow.toml").await.unwrap();
+    let mut agents = Vec::new();
+    for (i, port) in [6230, 6231, 6232].into_iter().enumerate() {
+        agents.push(agent(&coords, &[], &format!("w{i}"), port).await);
+    }
+    let mut ranks = Vec::new();
+    for a in &mut agents {
+        ranks.push(next(a).await.rank);
+    }
+    let mut watch = client.watch(&id).await.unwrap();
+    let report = |step: u64, slow_compute: f64| {
+        for (a, &rank) in agents.iter().zip(&ranks) {
+            a.reporter().progress(Progress {
+                step,
+                total_steps: 50,
+                compute_s: if rank == 2 { slow_compute } else { 0.1 },
+                comm_s: if rank == 2 { 0.0 } else { slow_compute - 0.1 },
+                ..Progress::default()
+            });
+        }
+    };
+    let flags = |client: &Client| {
+        let (mut client, id) = (client.clone(), id.clone());
+        async move {
+            let job = state(&mut client, &id).await;
+            job.members.iter().map(|m| m.straggler).collect::<Vec<_>>()
+        }
+    };
+    // Every rank keeps up to step 2; rank 2 is slow over steps 3-4 (two
+    // steps in a row: not yet), then 5-6.
+    for (step, compute) in [(2, 0.1), (4, 0.5)] {
+        report(step, compute);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(flags(&client).await, [false, false, false]);
+    report(6, 0.5);
+    eventually(Duration::from_secs(5), "rank 2 flagged", || async {
+        flags(&client).await == [false, false, true]
+    })
+    .await;
+    let job = state(&mut client, &id).await;
+    assert!(
+        (job.members[2].compute_s - 0.5).abs() < 1e-9,
+        "{:?}",
+        job.members[2]
+    );
+    let event = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(v1::job_event::Event::Straggler(g)) = e.event {
+            break g;
+        }
+    };
+    assert_eq!((event.rank, event.steps, event.replace), (2, 4, false));
+    assert!((event.median_compute_s - 0.1).abs() < 1e-9, "{event:?}");
+    // Keeping up again clears the flag.
+    report(8, 0.1);
+    eventually(Duration::from_secs(5), "rank 2 cleared", || async {
+        flags(&client).await == [false, false, false]
+    })
+    .await;
+    for a in agents {
+        a.shutdown().await;
     }
 }
 

@@ -353,6 +353,19 @@ impl Default for TrainingSpec {
     }
 }
 
+/// What the coordinator does with a rank flagged as a straggler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StragglerPolicy {
+    /// An event in `watch` and a field in `status`; nothing else.
+    #[default]
+    Flag,
+    /// Also drain its worker at the next committed checkpoint: the
+    /// generation re-forms without it (with a free worker in its place,
+    /// if one waits).
+    Replace,
+}
+
 /// The collective backend between workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -384,6 +397,14 @@ pub struct ParallelSpec {
     /// The accelerator memory each worker has, in GiB. When set, `samtrain
     /// submit` warns if `samtrain model plan` says a rank needs more.
     pub worker_memory_gib: Option<f64>,
+    /// A rank whose compute time per step (the step outside collectives)
+    /// exceeds this factor times the median of the other ranks' is slow...
+    pub straggler_factor: f64,
+    /// ...and is flagged a straggler once it has been slow for this many
+    /// steps in a row (as its progress reports, every
+    /// `training.log_every` steps, say).
+    pub straggler_steps: u64,
+    pub straggler_policy: StragglerPolicy,
 }
 
 impl Default for ParallelSpec {
@@ -396,6 +417,9 @@ impl Default for ParallelSpec {
             collective_timeout_s: 60.0,
             last_call_s: 1.0,
             worker_memory_gib: None,
+            straggler_factor: 1.5,
+            straggler_steps: 50,
+            straggler_policy: StragglerPolicy::Flag,
         }
     }
 }
@@ -709,6 +733,21 @@ impl JobSpec {
             ),
         );
         p.check(
+            par.straggler_factor.is_finite()
+                && (MIN_STRAGGLER_FACTOR..=MAX_STRAGGLER_FACTOR).contains(&par.straggler_factor),
+            "parallel.straggler_factor",
+            format!(
+                "must be from {MIN_STRAGGLER_FACTOR} to {MAX_STRAGGLER_FACTOR}, got {:?}",
+                par.straggler_factor
+            ),
+        );
+        p.within(
+            par.straggler_steps,
+            1,
+            MAX_STEPS,
+            "parallel.straggler_steps",
+        );
+        p.check(
             par.last_call_s.is_finite() && (0.0..=MAX_LAST_CALL_S).contains(&par.last_call_s),
             "parallel.last_call_s",
             format!(
@@ -788,6 +827,10 @@ const MAX_STEPS: u64 = 1_000_000_000;
 const MAX_BATCH: u64 = 65_536;
 const MAX_TEXT_TOKENS: usize = 32_768;
 const MAX_THREADS: usize = 1024;
+/// Bounds of `parallel.straggler_factor`: below 1.1 noise alone flags
+/// ranks.
+const MIN_STRAGGLER_FACTOR: f64 = 1.1;
+const MAX_STRAGGLER_FACTOR: f64 = 100.0;
 /// The most workers (and the largest tensor-parallel degree) a job may ask for.
 pub const MAX_WORKERS: u32 = 65_536;
 const MAX_SYNTH_SAMPLES: usize = 10_000_000;

@@ -136,6 +136,7 @@ fn job_json(job: &v1::Job) -> Value {
             "rank": m.rank, "worker_id": m.worker_id, "name": m.name, "advertise": m.advertise,
             "host": host_of(&m.advertise), "step": m.step,
             "last_report_unix_ms": m.last_report_unix_ms,
+            "compute_s": m.compute_s, "comm_s": m.comm_s, "straggler": m.straggler,
         })).collect::<Vec<_>>(),
         "message": job.message,
         "eval": job.eval,
@@ -198,9 +199,12 @@ fn print_job(job: &v1::Job) {
             .last_report_unix_ms
             .map(|ms| {
                 format!(
-                    ", step {}, heard {:.1} s ago",
+                    ", step {}, {:.3} s compute + {:.3} s comm per step, heard {:.1} s ago{}",
                     m.step,
-                    (now - ms) as f64 / 1000.0
+                    m.compute_s,
+                    m.comm_s,
+                    (now - ms) as f64 / 1000.0,
+                    if m.straggler { ", STRAGGLER" } else { "" }
                 )
             })
             .unwrap_or_default();
@@ -433,7 +437,7 @@ async fn cancel(args: JobArgs) -> Result<()> {
 }
 
 /// One event as a line for people.
-fn describe(event: &v1::job_event::Event) -> String {
+pub(crate) fn describe(event: &v1::job_event::Event) -> String {
     use v1::job_event::Event;
     match event {
         Event::Snapshot(j) => format!(
@@ -473,6 +477,15 @@ fn describe(event: &v1::job_event::Event) -> String {
         ),
         Event::CheckpointCommitted(c) => format!("checkpoint step {} at {}", c.step, c.url),
         Event::CheckpointFailed(f) => describe_failure(f),
+        Event::Straggler(g) => format!(
+            "rank {} ({}) is a straggler: {:.3} s compute per step against a median of {:.3} s, for {} steps{}",
+            g.rank,
+            g.worker_id,
+            g.compute_s,
+            g.median_compute_s,
+            g.steps,
+            if g.replace { "; replaced at the next checkpoint" } else { "" }
+        ),
         Event::Restarted(r) if r.resize => format!(
             "resize (generation {} -> {}): {}",
             r.ended_generation, r.next_generation, r.reason
@@ -511,6 +524,9 @@ fn event_json(e: &v1::JobEvent) -> Value {
             json!({"checkpoint": {"step": c.step, "url": c.url}})
         }
         Some(Event::CheckpointFailed(f)) => json!({"checkpoint_failed": failure_json(f)}),
+        Some(Event::Straggler(g)) => json!({"straggler": {"rank": g.rank, "worker_id": g.worker_id,
+            "compute_s": g.compute_s, "median_compute_s": g.median_compute_s, "steps": g.steps,
+            "replace": g.replace}}),
         Some(Event::Restarted(r)) => json!({"restarted": {"ended_generation": r.ended_generation,
             "next_generation": r.next_generation, "restarts": r.restarts, "reason": r.reason,
             "resize": r.resize}}),

@@ -246,6 +246,7 @@ async fn follow(
                     Some(Event::CheckpointFailed(f)) => {
                         bar.note(&super::jobs::describe_failure(&f));
                     }
+                    Some(e @ Event::Straggler(_)) => bar.note(&super::jobs::describe(&e)),
                     Some(Event::Finished(_)) => {
                         bar.finish();
                         let job = client.get(job_id).await.context("reading the finished job")?;

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod etcd;
 pub mod eval;
 pub mod jobs;
+pub mod ledger;
 pub mod local;
 pub mod model;
 pub mod predict;

@@ -308,6 +308,8 @@ fn run_generation(
                 grad_norm: m.grad_norm,
                 samples_per_s: m.samples_per_s,
                 tokens_per_s: m.tokens_per_s,
+                compute_s: m.compute_s,
+                comm_s: m.comm_s,
             }),
             TrainEvent::Checkpoint(c) => reporter.checkpoint(c),
             TrainEvent::CheckpointFailed { checkpoint, reason } => {

@@ -15,6 +15,7 @@ use samtrain_checkpoint::{
     CheckpointError, CheckpointInfo, Checkpointer, SaveStatus, SaveTicket, ShardState,
 };
 use samtrain_collective::ProcessGroups;
+use samtrain_data::ledger::Segment;
 use samtrain_data::sampler::Position;
 use samtrain_proto::Checkpoint;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,10 @@ pub struct CheckpointMeta {
     /// older samtrain, which are resumed without the check.
     #[serde(default)]
     pub base_model: Option<String>,
+    /// Which samples training consumed, from its start to `step`
+    /// (`samtrain_data::ledger`); empty in checkpoints of older samtrain.
+    #[serde(default)]
+    pub ledger: Vec<Segment>,
 }
 
 /// The checkpoint of `step` under the store's URL.

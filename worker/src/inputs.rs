@@ -364,6 +364,19 @@ pub fn preprocessor(
     })
 }
 
+/// The sampler of a training set of `num_samples` records under `spec`.
+pub fn sampler_config(spec: &JobSpec, num_samples: usize) -> SamplerConfig {
+    SamplerConfig {
+        num_samples: num_samples as u64,
+        seed: spec.training.seed,
+        batch_size: spec.training.batch_size,
+        tail: match spec.data.tail {
+            Tail::Drop => TailPolicy::Drop,
+            Tail::Pad => TailPolicy::Pad,
+        },
+    }
+}
+
 /// The prefetching loader of one data-parallel rank's share of
 /// `train_set`: `(rank, size)` of the data-parallel group, from `position`
 /// on.
@@ -374,19 +387,10 @@ pub fn start_loader(
     (dp_rank, dp): (u64, u64),
     position: Position,
 ) -> Result<Loader, DataError> {
-    let t = &spec.training;
     let data_error = |e: &dyn std::fmt::Display| DataError::new(&spec.data.train, e.to_string());
     let pre = preprocessor(spec, &train_set, image_size)?;
     let sampler = Sampler::new(
-        SamplerConfig {
-            num_samples: train_set.records.len() as u64,
-            seed: t.seed,
-            batch_size: t.batch_size,
-            tail: match spec.data.tail {
-                Tail::Drop => TailPolicy::Drop,
-                Tail::Pad => TailPolicy::Pad,
-            },
-        },
+        sampler_config(spec, train_set.records.len()),
         dp_rank,
         dp,
         position,

@@ -19,9 +19,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use samtrain_collective::{
-    fault, Abort, CollectiveError, GroupOptions, ProcessGroups, Secret, Watchdog,
-};
+use samtrain_collective::{Abort, CollectiveError, GroupOptions, ProcessGroups, Secret, Watchdog};
+
+use crate::fault;
 use samtrain_proto::spec::{Backend, JobSpec};
 use tch::Device;
 

@@ -16,12 +16,15 @@
 //! - [`report`]: the events and outcome a rank reports;
 //! - [`resident`]: the model a worker keeps loaded between generations;
 //! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`];
-//! - [`write_roots`]: the places a worker may write to (`--allow-write`).
+//! - [`write_roots`]: the places a worker may write to (`--allow-write`);
+//! - [`fault`]: faults tests inject through the environment (a hung
+//!   collective, a slow rank).
 
 pub mod checkpointing;
 pub mod ddp;
 pub mod device;
 pub mod error;
+pub mod fault;
 pub mod inputs;
 pub mod launch;
 pub mod optim;

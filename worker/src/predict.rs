@@ -190,8 +190,6 @@ pub struct PredictModel {
 /// committed checkpoint. A checkpoint gives the model folder recorded in its
 /// metadata plus the checkpoint's trainable tensors (resharded to one rank).
 pub fn load_model(location: &str, device: Device) -> Result<PredictModel, PredictError> {
-    use samtrain_checkpoint::format::parse_step;
-    use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
     let local = Path::new(location);
     if local.join(samtrain_model::weights::CONFIG_FILE).is_file() {
         let loaded = samtrain_model::LoadedModel::load(local, device, None)
@@ -204,39 +202,7 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
         });
     }
     let store_error = |source| PredictError::store(location, source);
-    let trimmed = location.trim_end_matches('/');
-    let step_folder = trimmed
-        .rsplit_once('/')
-        .and_then(|(parent, folder)| Some((parent, parse_step(folder)?)));
-    let (ckpt, info) = match step_folder {
-        Some((parent, step)) => {
-            let ckpt = Checkpointer::open(CheckpointOptions::new(parent)).map_err(store_error)?;
-            let info = ckpt
-                .list()
-                .map_err(store_error)?
-                .into_iter()
-                .find(|c| c.step == step)
-                .ok_or_else(|| PredictError::Location {
-                    url: location.to_owned(),
-                    message: format!("no committed checkpoint of step {step} in {parent}"),
-                })?;
-            // No separate verification: loading checks every checksum.
-            (ckpt, info)
-        }
-        None => {
-            let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
-            let info =
-                ckpt.latest()
-                    .map_err(store_error)?
-                    .ok_or_else(|| PredictError::Location {
-                        url: location.to_owned(),
-                        message: "neither a model folder (no config.json), a step folder, nor a \
-                              location with a committed checkpoint"
-                            .into(),
-                    })?;
-            (ckpt, info)
-        }
-    };
+    let (ckpt, info) = checkpoint_at_location(location)?;
     let state = ckpt.load(&info, 0, 1).map_err(store_error)?;
     let bad = |message: String| PredictError::Location {
         url: info.url.clone(),
@@ -279,6 +245,56 @@ pub fn load_model(location: &str, device: Device) -> Result<PredictModel, Predic
         spec: Some(spec),
         step: Some(meta.step),
     })
+}
+
+/// The committed checkpoint a location names: a step folder, or the
+/// newest under a checkpoint location.
+pub fn checkpoint_at_location(
+    location: &str,
+) -> Result<
+    (
+        samtrain_checkpoint::Checkpointer,
+        samtrain_checkpoint::CheckpointInfo,
+    ),
+    PredictError,
+> {
+    use samtrain_checkpoint::format::parse_step;
+    use samtrain_checkpoint::{CheckpointOptions, Checkpointer};
+    let store_error = |source| PredictError::store(location, source);
+    let trimmed = location.trim_end_matches('/');
+    let step_folder = trimmed
+        .rsplit_once('/')
+        .and_then(|(parent, folder)| Some((parent, parse_step(folder)?)));
+    let found = match step_folder {
+        Some((parent, step)) => {
+            let ckpt = Checkpointer::open(CheckpointOptions::new(parent)).map_err(store_error)?;
+            let info = ckpt
+                .list()
+                .map_err(store_error)?
+                .into_iter()
+                .find(|c| c.step == step)
+                .ok_or_else(|| PredictError::Location {
+                    url: location.to_owned(),
+                    message: format!("no committed checkpoint of step {step} in {parent}"),
+                })?;
+            // No separate verification: loading checks every checksum.
+            (ckpt, info)
+        }
+        None => {
+            let ckpt = Checkpointer::open(CheckpointOptions::new(location)).map_err(store_error)?;
+            let info =
+                ckpt.latest()
+                    .map_err(store_error)?
+                    .ok_or_else(|| PredictError::Location {
+                        url: location.to_owned(),
+                        message: "neither a model folder (no config.json), a step folder, nor a \
+                              location with a committed checkpoint"
+                            .into(),
+                    })?;
+            (ckpt, info)
+        }
+    };
+    Ok(found)
 }
 
 /// Answers every selected record of the set at `location` with `model`,

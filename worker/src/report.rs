@@ -39,6 +39,11 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Samples trained on by all ranks since the job began.
     pub samples_consumed: u64,
+    /// This rank's seconds per step outside the data-parallel collectives
+    /// (data, forward, backward, update) and inside them (waiting for
+    /// slower ranks included); means since the last report.
+    pub compute_s: f64,
+    pub comm_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -18,6 +18,7 @@
 //! The optimizer update itself is the trainer's.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
 
 use samtrain_comm::Collective;
 use samtrain_model::tape::GradTape;
@@ -47,6 +48,9 @@ pub(crate) struct StepStats {
     pub grad_norm: f64,
     /// Answer tokens in the global batch.
     pub tokens: i64,
+    /// Time in the data-parallel collectives (waiting for slower ranks
+    /// included).
+    pub comm: Duration,
 }
 
 impl StepContext<'_> {
@@ -54,14 +58,17 @@ impl StepContext<'_> {
     /// leaves the final gradients in the parameters.
     pub fn run(&self, step: u64, micro: &[(SamInputs, Tensor)]) -> Result<StepStats, TrainError> {
         let dp = self.dp;
+        let mut comm = Duration::ZERO;
         let local_tokens: i64 = micro
             .iter()
             .map(|(_, labels)| labels.ne(-100).sum(Kind::Int64).int64_value(&[]))
             .sum();
         let tokens = if dp.world_size() > 1 {
-            dp.all_reduce_sum(&Tensor::from_slice(&[local_tokens]))
-                .map_err(|e| TrainError::collective(&format!("step {step}: counting tokens"), e))?
-                .int64_value(&[0])
+            timed(&mut comm, || {
+                dp.all_reduce_sum(&Tensor::from_slice(&[local_tokens]))
+            })
+            .map_err(|e| TrainError::collective(&format!("step {step}: counting tokens"), e))?
+            .int64_value(&[0])
         } else {
             local_tokens
         };
@@ -73,13 +80,15 @@ impl StepContext<'_> {
         }
         let loss_sum = catch_unwind(AssertUnwindSafe(|| self.backward(step, micro, tokens)))
             .map_err(|p| TrainError::from_panic(step, p))??;
-        self.buckets
-            .all_reduce(self.params, dp)
+        crate::fault::slow_step();
+        timed(&mut comm, || self.buckets.all_reduce(self.params, dp))
             .map_err(|e| TrainError::collective(&format!("step {step}: gradient all-reduce"), e))?;
         let loss_sum = if dp.world_size() > 1 {
-            dp.all_reduce_sum(&Tensor::from_slice(&[loss_sum]))
-                .map_err(|e| TrainError::collective(&format!("step {step}: loss all-reduce"), e))?
-                .double_value(&[0])
+            timed(&mut comm, || {
+                dp.all_reduce_sum(&Tensor::from_slice(&[loss_sum]))
+            })
+            .map_err(|e| TrainError::collective(&format!("step {step}: loss all-reduce"), e))?
+            .double_value(&[0])
         } else {
             loss_sum
         };
@@ -89,6 +98,7 @@ impl StepContext<'_> {
             loss: loss_sum / tokens as f64,
             grad_norm,
             tokens,
+            comm,
         })
     }
 
@@ -128,4 +138,12 @@ impl StepContext<'_> {
         }
         Ok(loss_sum)
     }
+}
+
+/// Runs `f`, adding its time to `total`.
+fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    *total += started.elapsed();
+    out
 }

@@ -35,8 +35,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer, RetryPolicy, ShardState};
 use samtrain_collective::ProcessGroups;
+use samtrain_data::ledger::{self, Segment, Tally};
 use samtrain_data::preprocess::Loader;
-use samtrain_data::sampler::Position;
+use samtrain_data::sampler::{Position, SamplerConfig};
 use samtrain_model::parallel::TensorParallel;
 use samtrain_model::{rng, trainable, weights, DropoutKeys, LoadedModel};
 use samtrain_proto::spec::JobSpec;
@@ -111,6 +112,12 @@ pub struct Trainer {
     attempt: i64,
     /// The base model's digest, recorded in every checkpoint.
     base_model: String,
+    /// Step times since the last progress report.
+    timing: StepTiming,
+    /// The sample ledger up to the checkpoint this generation resumed
+    /// from, and this generation's part of it so far.
+    ledger: Vec<Segment>,
+    trained: Trained,
     step: u64,
     position: Position,
     samples_consumed: u64,
@@ -178,6 +185,10 @@ impl Trainer {
             Some(meta) => (meta.step, meta.position, meta.samples_consumed),
             None => (0, Position::default(), 0),
         };
+        let ledger = resumed
+            .as_ref()
+            .map(|m| m.ledger.clone())
+            .unwrap_or_default();
         let resumed_at = resumed.as_ref().map(|m| checkpoint_at(&ckpt, m.step));
         events(TrainEvent::Started {
             step,
@@ -200,6 +211,7 @@ impl Trainer {
             &remote,
         )?;
         let skipped_records = train_set.skipped;
+        let sampler_config = inputs::sampler_config(&local, train_set.records.len());
         let config = &lease.model().model.config;
         inputs::check_vocabulary(
             &inputs::text_config(&local),
@@ -240,6 +252,15 @@ impl Trainer {
             loader,
             attempt,
             base_model: base.digest,
+            timing: StepTiming::default(),
+            ledger,
+            trained: Trained {
+                from: position,
+                first_step: step + 1,
+                micro_steps: 0,
+                tally: Tally::default(),
+                sampler: sampler_config,
+            },
             step,
             position,
             samples_consumed,
@@ -290,6 +311,14 @@ impl Trainer {
         self.samples_consumed += global_batch;
 
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let comm_s = stats.comm.as_secs_f64();
+        self.timing.add(seconds - comm_s, comm_s);
+        let reporting = step % t.log_every == 0 || step == t.steps;
+        let (compute_s, comm_s) = if reporting {
+            self.timing.take()
+        } else {
+            (seconds - comm_s, comm_s)
+        };
         let metrics = StepMetrics {
             step,
             epoch,
@@ -299,8 +328,10 @@ impl Trainer {
             samples_per_s: global_batch as f64 / seconds,
             tokens_per_s: stats.tokens as f64 / seconds,
             samples_consumed: self.samples_consumed,
+            compute_s,
+            comm_s,
         };
-        if step % t.log_every == 0 || step == t.steps {
+        if reporting {
             tracing::info!(
                 step,
                 epoch,
@@ -310,6 +341,8 @@ impl Trainer {
                 samples_per_s = metrics.samples_per_s,
                 tokens_per_s = metrics.tokens_per_s,
                 samples_consumed = self.samples_consumed,
+                compute_s,
+                comm_s,
                 "train step"
             );
             (self.events)(TrainEvent::Progress(metrics.clone()));
@@ -350,6 +383,10 @@ impl Trainer {
             // Dropout masks follow the sample and the epoch, not the step or
             // the rank: data-parallel and accumulated runs draw what one
             // process would, and a resumed job what it drew before.
+            self.trained.micro_steps += 1;
+            for &id in &fetched.indices {
+                self.trained.tally.add(fetched.epoch, id as u64);
+            }
             let samples: Vec<i64> = fetched.indices.iter().map(|&i| i as i64).collect();
             inputs.dropout = Some(DropoutKeys {
                 seed: rng::derive(self.spec.training.seed, &[epoch]),
@@ -378,6 +415,7 @@ impl Trainer {
                 tp_size: layout.tp as u32,
                 attempt: self.attempt,
                 base_model: Some(self.base_model.clone()),
+                ledger: self.ledger_at(step)?,
             };
             self.saves.start(ShardState {
                 step,
@@ -437,6 +475,92 @@ impl Trainer {
             skipped_records: self.skipped_records,
             eval,
         })
+    }
+}
+
+/// What this generation trained on so far: its part of the ledger.
+#[derive(Debug)]
+struct Trained {
+    from: Position,
+    first_step: u64,
+    micro_steps: u64,
+    /// This rank's tally.
+    tally: Tally,
+    sampler: SamplerConfig,
+}
+
+impl Trainer {
+    /// The ledger up to `step`: the resumed checkpoint's, and this
+    /// generation's segment with every data-parallel rank's tally (an
+    /// all-gather over the world; tensor-parallel ranks of one dp rank
+    /// train the same samples, so their tp rank 0 speaks for them).
+    fn ledger_at(&self, step: u64) -> Result<Vec<Segment>, TrainError> {
+        let mut ledger = self.ledger.clone();
+        let t = &self.trained;
+        if t.micro_steps == 0 {
+            return Ok(ledger);
+        }
+        let layout = self.groups.layout;
+        let mine = [t.tally.count as i64, t.tally.digest as i64];
+        let all: Vec<[i64; 2]> = if layout.world_size == 1 {
+            vec![mine]
+        } else {
+            self.groups
+                .world
+                .all_gather(&Tensor::from_slice(&mine))
+                .map_err(|e| TrainError::collective("gathering the sample ledger", e))?
+                .iter()
+                .map(|t| [t.int64_value(&[0]), t.int64_value(&[1])])
+                .collect()
+        };
+        let ranks = (0..layout.dp)
+            .map(|d| {
+                let [count, digest] = all[(d * layout.tp) as usize];
+                Tally {
+                    count: count as u64,
+                    digest: digest as u64,
+                }
+            })
+            .collect();
+        ledger::append(
+            &mut ledger,
+            Segment {
+                from: t.from,
+                to: self.position,
+                first_step: t.first_step,
+                last_step: step,
+                micro_steps: t.micro_steps,
+                dp: layout.dp as u64,
+                sampler: t.sampler,
+                ranks,
+            },
+        );
+        Ok(ledger)
+    }
+}
+
+/// Sums of the steps' seconds outside and inside the data-parallel
+/// collectives since the last report.
+#[derive(Debug, Default)]
+struct StepTiming {
+    compute_s: f64,
+    comm_s: f64,
+    steps: u32,
+}
+
+impl StepTiming {
+    fn add(&mut self, compute_s: f64, comm_s: f64) {
+        self.compute_s += compute_s;
+        self.comm_s += comm_s;
+        self.steps += 1;
+    }
+
+    /// The means per step, and a fresh start.
+    fn take(&mut self) -> (f64, f64) {
+        let n = f64::from(self.steps.max(1));
+        let means = (self.compute_s / n, self.comm_s / n);
+        *self = StepTiming::default();
+        means
     }
 }
 

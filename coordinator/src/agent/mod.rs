@@ -143,6 +143,9 @@ pub struct Progress {
     pub grad_norm: f64,
     pub samples_per_s: f64,
     pub tokens_per_s: f64,
+    /// Seconds per step outside and inside the data-parallel collectives.
+    pub compute_s: f64,
+    pub comm_s: f64,
 }
 
 /// What the agent's background tasks share.

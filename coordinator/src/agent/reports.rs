@@ -115,6 +115,8 @@ async fn send_progress(shared: &Shared, current: Current, p: Progress) {
             grad_norm: p.grad_norm,
             samples_per_s: p.samples_per_s,
             tokens_per_s: p.tokens_per_s,
+            compute_s: p.compute_s,
+            comm_s: p.comm_s,
         }),
     };
     let sent = shared

@@ -179,24 +179,7 @@ impl Control {
             return Err(Status::not_found(format!("no live worker {worker_id}")));
         }
         let mut view = self.lead().await?;
-        let written = self
-            .store
-            .txn(
-                vec![self.election.guard()],
-                vec![Op::Put {
-                    key: self.keys.drained_worker(worker_id),
-                    value: now_ms().to_string().into_bytes(),
-                    lease: None,
-                }],
-            )
-            .await
-            .map_err(store_status)?;
-        if !written {
-            return Err(Status::unavailable(
-                "not the leader any more; drain again on the new leader",
-            ));
-        }
-        view.drained.insert(worker_id.to_owned());
+        self.mark_drained(&mut view, worker_id).await?;
         tracing::info!(worker = %worker_id, "worker drained");
         let job = view
             .jobs

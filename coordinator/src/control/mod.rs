@@ -26,6 +26,7 @@ use crate::election::{Election, LeaderState};
 use crate::jobs::{GenerationEnd, JobRecord, JobState, MemberRecord};
 use crate::records::{now_ms, Keys, WorkerRecord};
 use crate::store::{Op, SharedStore, StoreError};
+use samtrain_proto::spec::StragglerPolicy;
 
 /// The feed of one subscribed worker.
 type WorkerFeed = mpsc::Sender<Result<v1::WorkerEvent, Status>>;
@@ -53,37 +54,110 @@ struct View {
     heard: HashMap<String, Heard>,
 }
 
-/// A member's last progress report.
-#[derive(Debug, Clone, Copy)]
+/// A member's last progress report, and what the straggler check made of
+/// its reports so far.
+#[derive(Debug, Clone, Copy, Default)]
 struct Heard {
     generation: u64,
     step: u64,
     unix_ms: i64,
+    compute_s: f64,
+    comm_s: f64,
+    /// Steps in a row its compute time has been over the limit.
+    slow_steps: u64,
+    straggler: bool,
 }
 
 impl View {
     /// The job as users see it: the stored record and, for its members,
-    /// the step each last reported.
+    /// what each last reported.
     fn job_proto(&self, job: &JobRecord) -> v1::Job {
         let mut proto = job.to_proto();
         for m in &mut proto.members {
-            if let Some(h) = self
-                .heard
-                .get(&m.worker_id)
-                .filter(|h| h.generation == job.generation)
-            {
+            if let Some(h) = self.heard_in(&m.worker_id, job.generation) {
                 m.step = h.step;
                 m.last_report_unix_ms = Some(h.unix_ms);
+                m.compute_s = h.compute_s;
+                m.comm_s = h.comm_s;
+                m.straggler = h.straggler;
             }
         }
         proto
+    }
+
+    fn heard_in(&self, worker_id: &str, generation: u64) -> Option<&Heard> {
+        self.heard
+            .get(worker_id)
+            .filter(|h| h.generation == generation)
+    }
+
+    /// Records `member`'s progress report; the straggler event when the
+    /// report makes it one. A rank is slow while its compute time per step
+    /// exceeds `straggler_factor` times the median of the other ranks',
+    /// and a straggler once slow for `straggler_steps` steps in a row.
+    /// Compute time, not step time: in synchronous data parallelism every
+    /// rank's step lasts as long as the slowest's, but only the slowest
+    /// spends it computing; the others wait inside the all-reduce.
+    fn hear(
+        &mut self,
+        job: &JobRecord,
+        member: &MemberRecord,
+        p: &v1::Progress,
+    ) -> Option<v1::Straggler> {
+        let before = self
+            .heard_in(&member.worker_id, job.generation)
+            .copied()
+            .unwrap_or_default();
+        let mut others: Vec<f64> = job
+            .members
+            .iter()
+            .filter(|m| m.worker_id != member.worker_id)
+            .filter_map(|m| self.heard_in(&m.worker_id, job.generation))
+            .map(|h| h.compute_s)
+            .filter(|c| *c > 0.0)
+            .collect();
+        others.sort_by(f64::total_cmp);
+        let median = match others.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(others[n / 2]),
+            n => Some((others[n / 2 - 1] + others[n / 2]) / 2.0),
+        };
+        let seconds = |s: f64| if s.is_finite() { s.max(0.0) } else { 0.0 };
+        let compute_s = seconds(p.compute_s);
+        let slow = median.is_some_and(|m| compute_s > job.policy.straggler_factor * m);
+        let slow_steps = if slow {
+            before.slow_steps + p.step.saturating_sub(before.step)
+        } else {
+            0
+        };
+        let straggler = slow && slow_steps >= job.policy.straggler_steps;
+        self.heard.insert(
+            member.worker_id.clone(),
+            Heard {
+                generation: job.generation,
+                step: p.step,
+                unix_ms: now_ms(),
+                compute_s,
+                comm_s: seconds(p.comm_s),
+                slow_steps,
+                straggler,
+            },
+        );
+        (straggler && !before.straggler).then(|| v1::Straggler {
+            rank: member.rank,
+            worker_id: member.worker_id.clone(),
+            compute_s,
+            median_compute_s: median.unwrap_or_default(),
+            steps: slow_steps,
+            replace: job.policy.straggler_policy == StragglerPolicy::Replace,
+        })
     }
 
     /// Why the running generation of `job` should end at this committed
     /// checkpoint to change size, if it should: one of its members is
     /// drained, it is above its (scaled) `max_workers`, or free workers
     /// would make it larger while no other job waits for workers.
-    fn resize_reason(&self, job: &JobRecord) -> Option<String> {
+    fn resize_reason(&self, job: &JobRecord) -> Option<Resize> {
         if job.state != JobState::Running {
             return None;
         }
@@ -92,17 +166,32 @@ impl View {
             .iter()
             .find(|m| self.drained.contains(&m.worker_id))
         {
-            return Some(format!(
+            return Some(Resize::because(format!(
                 "worker {} (rank {}) is drained",
                 m.worker_id, m.rank
-            ));
+            )));
+        }
+        if job.policy.straggler_policy == StragglerPolicy::Replace {
+            let straggler = job.members.iter().find(|m| {
+                self.heard_in(&m.worker_id, job.generation)
+                    .is_some_and(|h| h.straggler)
+            });
+            if let Some(m) = straggler {
+                return Some(Resize {
+                    reason: format!(
+                        "worker {} (rank {}) is a straggler; replacing it",
+                        m.worker_id, m.rank
+                    ),
+                    drain: Some(m.worker_id.clone()),
+                });
+            }
         }
         let size = job.members.len() as u32;
         if size > job.policy.max_workers {
-            return Some(format!(
+            return Some(Resize::because(format!(
                 "scaled to {} workers from {size}",
                 job.policy.max_workers
-            ));
+            )));
         }
         if self.jobs.values().any(|j| j.state.needs_workers()) {
             return None;
@@ -113,7 +202,28 @@ impl View {
             .filter(|s| s.busy.is_none() && !self.drained.contains(&s.record.worker_id))
             .count();
         let grown = crate::rendezvous::size(&job.policy, size as usize + free)?;
-        (grown > size).then(|| format!("{} more workers wait; growing to {grown}", grown - size))
+        (grown > size).then(|| {
+            Resize::because(format!(
+                "{} more workers wait; growing to {grown}",
+                grown - size
+            ))
+        })
+    }
+}
+
+/// Why a generation ends to change size, and the worker to drain first
+/// (a straggler being replaced).
+struct Resize {
+    reason: String,
+    drain: Option<String>,
+}
+
+impl Resize {
+    fn because(reason: String) -> Resize {
+        Resize {
+            reason,
+            drain: None,
+        }
     }
 }
 
@@ -372,6 +482,30 @@ impl Control {
             .into_iter()
             .filter_map(|kv| kv.key.strip_prefix(&prefix).map(str::to_owned))
             .collect())
+    }
+
+    /// Takes a worker out of service, in the store (only while this node
+    /// leads) and in the view.
+    async fn mark_drained(&self, view: &mut View, worker_id: &str) -> Result<(), Status> {
+        let written = self
+            .store
+            .txn(
+                vec![self.election.guard()],
+                vec![Op::Put {
+                    key: self.keys.drained_worker(worker_id),
+                    value: now_ms().to_string().into_bytes(),
+                    lease: None,
+                }],
+            )
+            .await
+            .map_err(store_status)?;
+        if !written {
+            return Err(Status::unavailable(
+                "not the leader any more; drain again on the new leader",
+            ));
+        }
+        view.drained.insert(worker_id.to_owned());
+        Ok(())
     }
 
     /// Writes a job, only while this node leads.

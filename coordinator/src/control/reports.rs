@@ -9,7 +9,7 @@
 use samtrain_proto::v1;
 use tonic::Status;
 
-use super::{event, Control, Ending, Heard, JobAtHand};
+use super::{event, Control, Ending, JobAtHand};
 use samtrain_proto::spec::JobSpec;
 
 use crate::jobs::{CheckpointFailure, JobRecord, MemberRecord};
@@ -29,19 +29,16 @@ impl Control {
     ) -> Result<v1::Ack, Status> {
         self.authenticated_worker(&r.worker_id, presented).await?;
         let mut at = self.lead_job(&r.job_id).await?;
-        let Some(rank) = at.member(&r.worker_id, r.generation).map(|m| m.rank) else {
+        let Some(member) = at.member(&r.worker_id, r.generation).cloned() else {
             return Ok(ack(true));
         };
-        if let Some(p) = &r.progress {
-            if p.step <= at.job.total_steps {
-                at.view.heard.insert(
-                    r.worker_id.clone(),
-                    Heard {
-                        generation: r.generation,
-                        step: p.step,
-                        unix_ms: now_ms(),
-                    },
-                );
+        let rank = member.rank;
+        if let Some(p) = r.progress.as_ref().filter(|p| p.step <= at.job.total_steps) {
+            if let Some(straggler) = at.view.hear(&at.job, &member, p) {
+                tracing::warn!(job = %r.job_id, rank, worker = %member.worker_id, compute_s = straggler.compute_s, median_compute_s = straggler.median_compute_s, steps = straggler.steps, "a straggler");
+                let _ = self
+                    .events
+                    .send(event(&r.job_id, v1::job_event::Event::Straggler(straggler)));
             }
         }
         // Rank 0 speaks for the job; the other ranks' figures would repeat it.
@@ -131,13 +128,16 @@ impl Control {
         ));
         // A checkpoint boundary: where the generation may change size, at
         // the cost of the steps trained since the checkpoint's step.
-        let reason = at
+        let resize = at
             .view
             .jobs
             .get(&r.job_id)
             .and_then(|j| at.view.resize_reason(j));
-        if let Some(reason) = reason {
-            self.end(&mut at.view, &r.job_id, Ending::Resize(reason))
+        if let Some(resize) = resize {
+            if let Some(worker_id) = &resize.drain {
+                self.mark_drained(&mut at.view, worker_id).await?;
+            }
+            self.end(&mut at.view, &r.job_id, Ending::Resize(resize.reason))
                 .await?;
         }
         Ok(ack(false))

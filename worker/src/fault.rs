@@ -1,23 +1,40 @@
 //! Faults a test injects into a running worker through its environment,
-//! so that recovery is proven on real processes over real sockets:
+//! so that recovery and detection are proven on real processes over real
+//! sockets:
 //!
 //! - `SAMTRAIN_FAULT_HANG_COLLECTIVE=N`: the `N`-th data-parallel
 //!   all-reduce of this process (counted from 1) never returns until its
 //!   group is aborted, as an NCCL kernel whose peer died never does. It
 //!   hangs once per process, so the next generation trains.
+//! - `SAMTRAIN_FAULT_SLOW_STEP_MS=N`: every step of this rank computes
+//!   `N` ms longer, as on a throttled GPU or a slow node.
 //!
-//! Unset (always, outside tests), nothing is wrapped.
+//! Unset (always, outside tests), nothing changes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use samtrain_collective::ProcessGroups;
 use samtrain_comm::{Collective, CollectiveError, Pending, Result};
 use tch::Tensor;
 
-use crate::groups::ProcessGroups;
-
 const HANG: &str = "SAMTRAIN_FAULT_HANG_COLLECTIVE";
+const SLOW_STEP: &str = "SAMTRAIN_FAULT_SLOW_STEP_MS";
+
+/// Sleeps as long as `SAMTRAIN_FAULT_SLOW_STEP_MS` says, inside a step's
+/// compute.
+pub(crate) fn slow_step() {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        let ms = std::env::var(SLOW_STEP).ok()?.parse::<u64>().ok()?;
+        tracing::warn!(ms, "{SLOW_STEP}: every step of this rank is slowed");
+        Some(Duration::from_millis(ms))
+    });
+    if let Some(delay) = delay {
+        std::thread::sleep(*delay);
+    }
+}
 
 /// Data-parallel all-reduces this process made, over every generation.
 static CALLS: AtomicU64 = AtomicU64::new(0);
