@@ -371,6 +371,48 @@ fn a_collective_that_never_returns_is_aborted_by_the_watchdog_and_the_job_recove
     }
 }
 
+#[test]
+fn a_worker_whose_training_thread_is_stuck_exits_to_be_replaced() {
+    let _one = serial();
+    let c = Cluster::new();
+    let spec = std::fs::read_to_string(&c.spec)
+        .unwrap()
+        .replace("collective_timeout_s = 20", "collective_timeout_s = 4");
+    std::fs::write(&c.spec, spec).unwrap();
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let _w0 = c.worker("w0", &addr);
+    // Blocked for good, aborts or not, as in a CUDA call that never returns.
+    let mut w1 = c.worker_with(
+        "w1",
+        &addr,
+        &[("SAMTRAIN_FAULT_HANG_COLLECTIVE", "30:stuck")],
+    );
+    let started = Instant::now();
+    let exited = loop {
+        if let Some(status) = w1.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the stuck worker did not exit: {}",
+            w1.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(exited.code(), Some(128), "{}", w1.log());
+    assert!(
+        w1.log()
+            .contains("did not stop within 10s after the generation ended"),
+        "{}",
+        w1.log()
+    );
+    let _w2 = c.worker("w2", &addr);
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(1), "{s}");
+}
+
 /// The number in `field=N` of the first line of `log` that holds `message`
 /// (colour codes, which the logs carry, stripped).
 fn logged(log: &str, message: &str, field: &str) -> Option<u64> {

@@ -6,6 +6,8 @@
 //!   all-reduce of this process (counted from 1) never returns until its
 //!   group is aborted, as an NCCL kernel whose peer died never does. It
 //!   hangs once per process, so the next generation trains.
+//!   `N:stuck` never returns at all, as a CUDA call that an abort does not
+//!   free: the worker must give up on its training thread.
 //! - `SAMTRAIN_FAULT_SLOW_STEP_MS=N`: every step of this rank computes
 //!   `N` ms longer, as on a throttled GPU or a slow node.
 //!
@@ -42,27 +44,40 @@ static HUNG: AtomicBool = AtomicBool::new(false);
 
 /// `groups` with the faults the environment asks for.
 pub fn inject(groups: ProcessGroups) -> ProcessGroups {
-    let Some(at) = std::env::var(HANG).ok().and_then(|v| v.parse::<u64>().ok()) else {
+    let Some((at, stuck)) = std::env::var(HANG).ok().and_then(|v| {
+        let (n, stuck) = match v.split_once(':') {
+            Some((n, "stuck")) => (n.to_owned(), true),
+            _ => (v, false),
+        };
+        Some((n.parse::<u64>().ok()?, stuck))
+    }) else {
         return groups;
     };
     if HUNG.load(Ordering::SeqCst) {
         return groups;
     }
-    tracing::warn!(call = at, "{HANG}: a data-parallel all-reduce will hang");
+    tracing::warn!(
+        call = at,
+        stuck,
+        "{HANG}: a data-parallel all-reduce will hang"
+    );
     ProcessGroups {
         dp: Arc::new(Hang {
             inner: groups.dp,
             at,
+            stuck,
             aborted: AtomicBool::new(false),
         }),
         ..groups
     }
 }
 
-/// A group whose `at`-th all-reduce blocks until [`Collective::abort`].
+/// A group whose `at`-th all-reduce blocks until [`Collective::abort`]
+/// (for ever when `stuck`).
 struct Hang {
     inner: Arc<dyn Collective>,
     at: u64,
+    stuck: bool,
     aborted: AtomicBool,
 }
 
@@ -73,7 +88,7 @@ impl Hang {
             return Ok(());
         }
         tracing::warn!(call = n, "{HANG}: hanging until aborted");
-        while !self.aborted.load(Ordering::SeqCst) {
+        while self.stuck || !self.aborted.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(CollectiveError::Aborted {
