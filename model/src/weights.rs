@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use tch::Tensor;
 
@@ -80,32 +81,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// time and safetensors header (names, dtypes, shapes, offsets). A worker
 /// keeps a loaded model between generations only while this is unchanged.
 pub fn fingerprint(dir: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    let mut hash = Sha256::new();
-    let config = dir.join(CONFIG_FILE);
-    hash.update(std::fs::read(&config).map_err(io(&config))?);
-    for file in weight_files(dir)? {
-        let meta = std::fs::metadata(&file).map_err(io(&file))?;
-        let modified = meta
+    folder_digest(dir, |file, f, hash| {
+        let modified = f
+            .metadata()
+            .map_err(io_error(file))?
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
-        hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
-        hash.update(meta.len().to_le_bytes());
         hash.update(modified.to_le_bytes());
-        hash.update(TensorFile::open(&file)?.header());
-    }
-    Ok(hash
-        .finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+        Ok(())
+    })
 }
 
 /// Bytes read at each sampled place of a weight file by [`base_digest`].
@@ -122,30 +108,44 @@ const SAMPLES_PER_FILE: u64 = 16;
 /// about 1 MiB per file, not the weights: two checkpoints of the same
 /// shapes (LLaMA and Vicuna, say) differ throughout, so in the samples.
 pub fn base_digest(dir: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    let mut hash = Sha256::new();
-    let config = dir.join(CONFIG_FILE);
-    hash.update(std::fs::read(&config).map_err(io(&config))?);
     let mut sample = vec![0u8; SAMPLE_BYTES as usize];
-    for file in weight_files(dir)? {
-        let mut f = std::fs::File::open(&file).map_err(io(&file))?;
-        let len = f.metadata().map_err(io(&file))?.len();
-        hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
-        hash.update(len.to_le_bytes());
-        hash.update(TensorFile::open(&file)?.header());
+    folder_digest(dir, |file, f, hash| {
+        let len = f.metadata().map_err(io_error(file))?.len();
         let span = len.saturating_sub(SAMPLE_BYTES);
         for i in 0..SAMPLES_PER_FILE {
             let at = span * i / (SAMPLES_PER_FILE - 1);
             let n = SAMPLE_BYTES.min(len - at) as usize;
-            f.seek(SeekFrom::Start(at)).map_err(io(&file))?;
-            f.read_exact(&mut sample[..n]).map_err(io(&file))?;
+            f.seek(SeekFrom::Start(at)).map_err(io_error(file))?;
+            f.read_exact(&mut sample[..n]).map_err(io_error(file))?;
             hash.update(&sample[..n]);
         }
+        Ok(())
+    })
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError {
+    let path = path.to_path_buf();
+    move |source| ModelError::Io { path, source }
+}
+
+/// SHA-256 (its first 16 bytes, in hex) of `config.json` and, per weight
+/// file, its name, length and safetensors header, then what `more` adds
+/// from the open file.
+fn folder_digest(
+    dir: &Path,
+    mut more: impl FnMut(&Path, &mut std::fs::File, &mut Sha256) -> Result<()>,
+) -> Result<String> {
+    let mut hash = Sha256::new();
+    let config = dir.join(CONFIG_FILE);
+    hash.update(std::fs::read(&config).map_err(io_error(&config))?);
+    for file in weight_files(dir)? {
+        let mut f = std::fs::File::open(&file).map_err(io_error(&file))?;
+        let len = f.metadata().map_err(io_error(&file))?.len();
+        hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        hash.update(len.to_le_bytes());
+        hash.update(TensorFile::open(&file)?.header());
+        more(&file, &mut f, &mut hash)?;
     }
     Ok(hash
         .finalize()
