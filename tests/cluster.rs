@@ -497,7 +497,7 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
     // The final checkpoint's ledger: two segments (one rank, then two),
     // every sample once.
     let out = Command::new(BIN)
-        .args(["ledger", "--json", "s3://ckpt/e2e"])
+        .args(["ledger", "--json", "--job", &job, "--coordinator", &addr])
         .envs(c.s3.env())
         .output()
         .unwrap();

@@ -1,11 +1,12 @@
-//! `samtrain ledger LOCATION`: proves from a checkpoint's sample ledger that
-//! training saw every sample of each epoch exactly once, across the kills,
-//! restarts and resizes it went through, or says which samples it repeated
-//! or left out (`samtrain_data::ledger`). LOCATION is a checkpoint location
-//! (its newest committed checkpoint) or one step folder of it. Exits 1 when
-//! the ledger shows a problem.
+//! `samtrain ledger LOCATION` (or `--job JOB`): proves from a checkpoint's
+//! sample ledger that training saw every sample of each epoch exactly once,
+//! across the kills, restarts and resizes it went through, or says which
+//! samples it repeated or left out (`samtrain_data::ledger`). LOCATION is a
+//! checkpoint location (its newest committed checkpoint) or one step folder
+//! of it; with `--job`, the coordinator says the job's `checkpoint.url`.
+//! Exits 1 when the ledger shows a problem.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use samtrain_data::ledger;
 use samtrain_worker::checkpointing::CheckpointMeta;
@@ -16,14 +17,25 @@ use serde_json::json;
 pub struct LedgerArgs {
     /// A checkpoint location (`file://`, `s3://`... or a path), or one of
     /// its step folders.
-    location: String,
+    #[arg(required_unless_present = "job", conflicts_with = "job")]
+    location: Option<String>,
+    /// A job id: its checkpoints, as the coordinator knows the job's spec.
+    #[arg(long)]
+    job: Option<String>,
+    #[command(flatten)]
+    coordinators: super::Coordinators,
     /// Machine-readable JSON output.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: LedgerArgs) -> Result<()> {
-    let (ckpt, info) = checkpoint_at_location(&args.location)?;
+    let location = match (&args.location, &args.job) {
+        (Some(location), _) => location.clone(),
+        (None, Some(job)) => job_checkpoints(&args.coordinators, job)?,
+        (None, None) => bail!("name a checkpoint location or --job"),
+    };
+    let (ckpt, info) = checkpoint_at_location(&location)?;
     let state = ckpt
         .load(&info, 0, 1)
         .with_context(|| format!("reading the checkpoint {}", info.url))?;
@@ -89,4 +101,13 @@ pub fn run(args: LedgerArgs) -> Result<()> {
     } else {
         std::process::exit(1)
     }
+}
+
+/// The `checkpoint.url` of `job`'s spec, as the coordinator holds it.
+fn job_checkpoints(coordinators: &super::Coordinators, job: &str) -> Result<String> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let record = runtime.block_on(coordinators.client().get(job))?;
+    let spec = samtrain_proto::spec::JobSpec::from_toml(&record.spec_toml, Some(job))
+        .with_context(|| format!("the spec of job {job}"))?;
+    Ok(spec.checkpoint.url)
 }
