@@ -5,8 +5,8 @@
 # (docs/PERFORMANCE.md, "Loading a model folder in bf16").
 #
 # The folder is the shipped InstructBLIP-Vicuna-7B config at its real widths
-# with 4 ViT, 4 Q-Former and 2 decoder layers (about 0.5 B parameters, 2 GB
-# in fp32), random weights, made once by `samtrain model init`.
+# with 4 ViT, 4 Q-Former and 2 decoder layers (851 M parameters, 3.2 GB in
+# fp32), random weights, made once by benches/real_width_model.sh.
 #
 # Environment: DTYPE (bf16), REPEATS (3), DIR (target/bench/load).
 set -euo pipefail
@@ -22,17 +22,7 @@ PY=$ROOT/.venv/bin/python
 echo "bench: cargo build --release" >&2
 cargo build --release --bin samtrain
 mkdir -p "$DIR"
-if [ ! -f "$DIR/model/model.safetensors" ]; then
-    "$PY" - "$DIR/config.json" <<'PYEOF'
-import json, sys
-c = json.load(open("examples/sam-vicuna7b/config.json"))
-c["vision_config"]["num_hidden_layers"] = 4
-c["qformer_config"]["num_hidden_layers"] = 4
-c["text_config"]["num_hidden_layers"] = 2
-json.dump(c, open(sys.argv[1], "w"), indent=2)
-PYEOF
-    target/release/samtrain model init --config "$DIR/config.json" --out "$DIR/model"
-fi
+benches/real_width_model.sh "$DIR" target/release/samtrain
 du -sh "$DIR/model" >&2
 for ((i = 0; i < REPEATS; i++)); do
     target/release/samtrain bench load --model "$DIR/model" --dtype "$DTYPE"

@@ -25,17 +25,7 @@ echo "bench: cargo build --release" >&2
 cargo build --release --bin samtrain
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
-if [ ! -f "$DIR/model/model.safetensors" ]; then
-    "$PY" - "$DIR/config.json" <<'PYEOF'
-import json, sys
-c = json.load(open("examples/sam-vicuna7b/config.json"))
-c["vision_config"]["num_hidden_layers"] = 4
-c["qformer_config"]["num_hidden_layers"] = 4
-c["text_config"]["num_hidden_layers"] = 2
-json.dump(c, open(sys.argv[1], "w"), indent=2)
-PYEOF
-    "$ST" model init --config "$DIR/config.json" --out "$DIR/model" >&2
-fi
+benches/real_width_model.sh "$DIR" "$ST"
 [ -d "$DIR/data" ] || "$ST" data synth --task group --samples 64 --images 2 --seed 3 --out "$DIR/data" >&2
 rm -rf "$DIR/checkpoints" "$DIR/runs"
 cat >"$DIR/job.toml" <<TOML

@@ -87,6 +87,13 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
+    /// Changes the job spec: `from` (which must be in it) becomes `to`.
+    fn edit_spec(&self, from: &str, to: &str) {
+        let spec = std::fs::read_to_string(&self.spec).unwrap();
+        assert!(spec.contains(from), "`{from}` is not in the spec");
+        std::fs::write(&self.spec, spec.replace(from, to)).unwrap();
+    }
+
     fn coordinator(&self, name: &str) -> (Proc, String, u16) {
         let port = free_port();
         let health = free_port();
@@ -343,10 +350,7 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_from_its_checkpoint() {
 fn a_collective_that_never_returns_is_aborted_by_the_watchdog_and_the_job_recovers() {
     let _one = serial();
     let c = Cluster::new();
-    let spec = std::fs::read_to_string(&c.spec)
-        .unwrap()
-        .replace("collective_timeout_s = 20", "collective_timeout_s = 4");
-    std::fs::write(&c.spec, spec).unwrap();
+    c.edit_spec("collective_timeout_s = 20", "collective_timeout_s = 4");
     let (_coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
     // Both ranks block in the same data-parallel all-reduce, as NCCL's
@@ -375,10 +379,7 @@ fn a_collective_that_never_returns_is_aborted_by_the_watchdog_and_the_job_recove
 fn a_worker_whose_training_thread_is_stuck_exits_to_be_replaced() {
     let _one = serial();
     let c = Cluster::new();
-    let spec = std::fs::read_to_string(&c.spec)
-        .unwrap()
-        .replace("collective_timeout_s = 20", "collective_timeout_s = 4");
-    std::fs::write(&c.spec, spec).unwrap();
+    c.edit_spec("collective_timeout_s = 20", "collective_timeout_s = 4");
     let (_coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
     let _w0 = c.worker("w0", &addr);
@@ -439,10 +440,7 @@ fn logged(log: &str, message: &str, field: &str) -> Option<u64> {
 fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() {
     let _one = serial();
     let c = Cluster::new();
-    let spec = std::fs::read_to_string(&c.spec)
-        .unwrap()
-        .replace("min_workers = 2", "min_workers = 1");
-    std::fs::write(&c.spec, spec).unwrap();
+    c.edit_spec("min_workers = 2", "min_workers = 1");
     let (_coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
     let w0 = c.worker("w0", &addr);
@@ -518,11 +516,10 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
 fn a_slowed_rank_is_flagged_a_straggler_and_replaced_at_a_checkpoint() {
     let _one = serial();
     let c = Cluster::new();
-    let spec = std::fs::read_to_string(&c.spec).unwrap().replace(
+    c.edit_spec(
         "collective_timeout_s = 20",
         "collective_timeout_s = 20\nstraggler_factor = 1.5\nstraggler_steps = 3\nstraggler_policy = \"replace\"",
     );
-    std::fs::write(&c.spec, spec).unwrap();
     let (coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
     let w0 = c.worker("w0", &addr);

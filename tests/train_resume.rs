@@ -240,11 +240,10 @@ fn killed_job_resumes_bit_for_bit() {
     // The same checkpoint resumed by one process of twice the batch: the
     // rest of the epoch re-sharded, the same global batch, the same count.
     let c = f.path("ckpt-c");
-    std::fs::create_dir_all(c.join("step-00000010")).unwrap();
-    for entry in std::fs::read_dir(f.path("ckpt-a").join("step-00000010")).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, c.join("step-00000010").join(p.file_name().unwrap())).unwrap();
-    }
+    copy_folder(
+        &f.path("ckpt-a").join("step-00000010"),
+        &c.join("step-00000010"),
+    );
     let job_c = f.job("c.toml", "ckpt-c", 4);
     let single = finish(launch(&job_c, 1));
     assert_eq!(single[0]["resumed_from"], 10);
@@ -330,11 +329,7 @@ fn a_checkpoint_that_verifies_but_does_not_decode_falls_back_to_the_one_before()
     // Steps 10 and 20 of the straight run, step 20's parameters replaced.
     let d = f.path("ckpt-d");
     for step in ["step-00000010", "step-00000020"] {
-        std::fs::create_dir_all(d.join(step)).unwrap();
-        for entry in std::fs::read_dir(f.path("ckpt-a").join(step)).unwrap() {
-            let p = entry.unwrap().path();
-            std::fs::copy(&p, d.join(step).join(p.file_name().unwrap())).unwrap();
-        }
+        copy_folder(&f.path("ckpt-a").join(step), &d.join(step));
     }
     damage_consistently(&d.join("step-00000020"), "tp-00-of-01.safetensors");
 
