@@ -15,11 +15,12 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use safetensors::tensor::TensorInfo;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::Kind;
 
 use crate::error::CheckpointError;
+use crate::staging::Staged;
 
 /// Written in every record, so that a later layout can tell old checkpoints.
 pub const FORMAT: &str = "samtrain-checkpoint/1";
@@ -157,13 +158,7 @@ pub fn checksum(chunks: &[Bytes]) -> (u64, u32) {
     (size, hasher.finalize())
 }
 
-/// A tensor copied to CPU memory, owned by the checkpoint.
-pub(crate) struct Staged {
-    pub entry: TensorEntry,
-    pub data: Bytes,
-}
-
-fn dtype_of(kind: Kind) -> Option<Dtype> {
+pub(crate) fn dtype_of(kind: Kind) -> Option<Dtype> {
     Some(match kind {
         Kind::Bool => Dtype::BOOL,
         Kind::Uint8 => Dtype::U8,
@@ -179,7 +174,7 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
     })
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::BOOL => Kind::Bool,
         Dtype::U8 => Kind::Uint8,
@@ -195,49 +190,20 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// Copies `t` into memory of its own: the one copy made while training waits.
-pub(crate) fn stage(
-    name: &str,
-    t: &Tensor,
-    shard_dim: Option<i64>,
-) -> Result<Staged, CheckpointError> {
-    let fail = |message: String| CheckpointError::Tensor {
-        name: name.to_owned(),
-        message,
-    };
-    let kind = t.f_kind().map_err(|e| fail(e.to_string()))?;
-    let dtype = dtype_of(kind).ok_or_else(|| fail(format!("{kind:?} has no safetensors dtype")))?;
-    let t = t.detach();
-    // On CPU, `copy_data_u8` copies straight from the tensor's memory into
-    // ours; from an accelerator it goes through one CPU temporary.
-    let t = if t.device() == Device::Cpu {
-        t
-    } else {
-        t.f_to_device(Device::Cpu)
-            .map_err(|e| fail(e.to_string()))?
-    };
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    if numel > 0 {
-        t.f_copy_data_u8(&mut data, numel)
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    Ok(Staged {
-        entry: TensorEntry {
-            name: name.to_owned(),
-            dtype,
-            shape: t.size(),
-            shard_dim,
-        },
-        data: Bytes::from(data),
-    })
+/// A file as the chunks to upload, in order, with its size and checksum.
+pub(crate) struct Encoded {
+    pub chunks: Vec<Bytes>,
+    pub size: u64,
+    pub crc: u32,
 }
 
 /// The safetensors file of `tensors`, as chunks in file order: the header,
 /// then each tensor's bytes (shared with the staged tensors, not copied).
 /// Tensors are laid out by decreasing element size, so every tensor starts
-/// at a multiple of its element size, as memory-mapping readers want.
-pub(crate) fn encode(tensors: &[Staged]) -> Vec<Bytes> {
+/// at a multiple of its element size, as memory-mapping readers want. Its
+/// checksum is the header's combined with the tensors' own, computed when
+/// they were staged: the bytes are not read again.
+pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     let mut order: Vec<&Staged> = tensors.iter().collect();
     order.sort_by_key(|s| std::cmp::Reverse(s.entry.dtype.size()));
     let mut header = serde_json::Map::new();
@@ -263,52 +229,18 @@ pub(crate) fn encode(tensors: &[Staged]) -> Vec<Bytes> {
     header.resize(header.len().div_ceil(8) * 8, b' ');
     let mut first = (header.len() as u64).to_le_bytes().to_vec();
     first.extend_from_slice(&header);
-    std::iter::once(Bytes::from(first))
-        .chain(order.iter().map(|s| s.data.clone()))
-        .collect()
-}
-
-/// A safetensors file read whole.
-pub(crate) struct Decoded<'a> {
-    file: String,
-    tensors: SafeTensors<'a>,
-}
-
-impl<'a> Decoded<'a> {
-    pub fn new(file: String, bytes: &'a [u8]) -> Result<Self, CheckpointError> {
-        let tensors =
-            SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Safetensors {
-                path: file.clone(),
-                message: format!("{e:?}"),
-            })?;
-        Ok(Self { file, tensors })
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&first);
+    for s in &order {
+        crc.combine(&s.crc);
     }
-
-    /// The tensor `entry` names, checked against the record, bit for bit as
-    /// stored. A file that does not hold what its manifest records is
-    /// damaged, as one whose checksum differs.
-    pub fn tensor(&self, entry: &TensorEntry) -> Result<Tensor, CheckpointError> {
-        let fail = |message: String| CheckpointError::Safetensors {
-            path: self.file.clone(),
-            message: format!("tensor {}: {message}", entry.name),
-        };
-        let view = self
-            .tensors
-            .tensor(&entry.name)
-            .map_err(|e| fail(format!("{e:?}")))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if view.dtype() != entry.dtype || shape != entry.shape {
-            return Err(fail(format!(
-                "stored as {:?} {:?}, recorded as {:?} {:?}",
-                view.dtype(),
-                shape,
-                entry.dtype,
-                entry.shape
-            )));
-        }
-        let kind = kind_of(view.dtype())
-            .ok_or_else(|| fail(format!("dtype {:?} has no libtorch kind", view.dtype())))?;
-        Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| fail(e.to_string()))
+    let chunks: Vec<Bytes> = std::iter::once(Bytes::from(first))
+        .chain(order.iter().map(|s| s.data.clone()))
+        .collect();
+    Encoded {
+        size: chunks.iter().map(|c| c.len() as u64).sum(),
+        crc: crc.finalize(),
+        chunks,
     }
 }
 
@@ -322,15 +254,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encoded_files_read_back_bit_for_bit_with_tch() {
+    fn encoded_files_read_back_bit_for_bit_with_tch_and_the_reader() {
+        use std::sync::Arc;
+        use tch::Tensor;
+
+        use crate::read::ShardReader;
+        use crate::staging::{stage_all, StagingPool};
+
         let a = Tensor::from_slice(&[1.5f32, -0.0, f32::NAN, 3.25]).reshape([2, 2]);
         let b = Tensor::from_slice(&[7i64, -9]);
         let c = Tensor::from_slice(&[1u8, 2, 3]).to_kind(Kind::BFloat16);
-        let staged: Vec<Staged> = [("a", &a), ("b", &b), ("c", &c)]
-            .into_iter()
-            .map(|(n, t)| stage(n, t, None).unwrap())
-            .collect();
-        let bytes: Vec<u8> = encode(&staged).concat();
+        let empty = Tensor::from_slice::<f32>(&[]).reshape([0, 4]);
+        let pool = Arc::new(StagingPool::default());
+        let named = [("a", &a), ("b", &b), ("c", &c), ("empty", &empty)];
+        let list: Vec<_> = named.iter().map(|&(n, t)| (n, t, None)).collect();
+        let staged = stage_all(&pool, &list).unwrap();
+        let encoded = encode(&staged);
+        let bytes: Vec<u8> = encoded.chunks.concat();
+        assert_eq!(encoded.size, bytes.len() as u64);
+        assert_eq!(encoded.crc, crc32fast::hash(&bytes), "combined checksum");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         std::fs::write(&path, &bytes).unwrap();
@@ -338,21 +280,43 @@ mod tests {
             .unwrap()
             .into_iter()
             .collect();
-        for (name, t) in [("a", &a), ("b", &b), ("c", &c)] {
+        // Bitwise: compare the raw bytes, NaN and -0.0 included.
+        let raw = |x: &Tensor| {
+            let mut v = vec![0u8; x.numel() * x.kind().elt_size_in_bytes()];
+            x.copy_data_u8(&mut v, x.numel());
+            v
+        };
+        for (name, t) in named {
             let r = &read[name];
             assert_eq!(r.kind(), t.kind());
             assert_eq!(r.size(), t.size());
-            // Bitwise: compare the raw bytes, NaN and -0.0 included.
-            let raw = |x: &Tensor| {
-                let mut v = vec![0u8; x.numel() * x.kind().elt_size_in_bytes()];
-                x.copy_data_u8(&mut v, x.numel());
-                v
-            };
             assert_eq!(raw(r), raw(t), "{name}");
         }
-        let decoded = Decoded::new("x".into(), &bytes).unwrap();
-        let back = decoded.tensor(&staged[0].entry).unwrap();
-        assert!(back.isnan().sum(Kind::Int64).int64_value(&[]) == 1);
+        // The reader, fed in pieces that straddle the header and tensors.
+        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        for piece in bytes.chunks(7) {
+            reader.push(piece).unwrap();
+        }
+        let shard = reader.finish().unwrap();
+        for (s, (name, t)) in staged.iter().zip(named) {
+            let back = shard.tensor(&s.entry).unwrap();
+            assert_eq!(back.size(), t.size(), "{name}");
+            assert_eq!(raw(&back), raw(t), "{name}");
+        }
+        // One flipped bit fails the checksum; a missing byte the size.
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() - 1] ^= 1;
+        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        reader.push(&flipped).unwrap();
+        assert!(matches!(
+            reader.finish(),
+            Err(CheckpointError::Checksum { .. })
+        ));
+        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        reader.push(&bytes[..bytes.len() - 1]).unwrap();
+        assert!(matches!(reader.finish(), Err(CheckpointError::Size { .. })));
+        let mut reader = ShardReader::new("x".into(), encoded.size - 1, crc_hex(encoded.crc));
+        assert!(reader.push(&bytes).unwrap_err().is_corrupt());
     }
 
     #[test]

@@ -13,9 +13,12 @@
 //! so saving needs no collective between ranks. Then the oldest committed
 //! checkpoints beyond the retention are deleted.
 //!
-//! [`Checkpointer::latest`] is the newest checkpoint whose files match its
-//! manifest; [`Checkpointer::load`] gives one tp rank its tensors, resharded
-//! when the checkpoint was written at another tensor-parallel size. A failed
+//! [`Checkpointer::latest`] is the newest checkpoint whose files are all in
+//! the store at the sizes its manifest records (their metadata, not their
+//! bytes, are read); [`Checkpointer::load`] reads one tp rank's files
+//! straight into its tensors, checking every checksum on the way, and
+//! reshards them when the checkpoint was written at another tensor-parallel
+//! size. [`Checkpointer::verify`] reads a checkpoint's every file. A failed
 //! upload never fails training: it is logged and reported in the save's
 //! [`SaveOutcome`], and the next save starts afresh.
 //!
@@ -25,7 +28,9 @@
 mod error;
 pub mod format;
 mod load;
+mod read;
 mod save;
+mod staging;
 mod store;
 
 use std::future::Future;
@@ -41,6 +46,7 @@ pub use format::{FileEntry, Manifest, PartRecord, TensorEntry};
 pub use store::RetryPolicy;
 
 use save::Job;
+use staging::StagingPool;
 use store::Store;
 
 /// Where checkpoints go and how they are kept.
@@ -260,6 +266,8 @@ pub(crate) struct Inner {
     /// Steps whose files this process has read back and found whole, so
     /// the retention sweep verifies each checkpoint once, not every save.
     verified: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Staging memory kept between saves.
+    staging: Arc<StagingPool>,
 }
 
 impl Inner {
@@ -330,6 +338,7 @@ impl Checkpointer {
             tuning,
             runtime: Some(runtime),
             verified: Default::default(),
+            staging: Default::default(),
         });
         let pending = Arc::new(Pending::default());
         let (jobs, queue) = mpsc::channel::<(Job, Arc<Slot>)>();
@@ -399,7 +408,7 @@ impl Checkpointer {
             });
         }
         self.wait_for_room();
-        let mut job = Job::stage(state)?;
+        let mut job = Job::stage(state, &self.inner.staging)?;
         let staging = start.elapsed();
         let step = job.step;
         job.staging = staging;
@@ -477,9 +486,12 @@ impl Checkpointer {
         self.inner.block_on(load::verify(&self.inner.store, info))
     }
 
-    /// The newest checkpoint whose files match its manifest; damaged ones
-    /// are skipped with a warning. Reads every file of the checkpoint it
-    /// returns (and of those it skips). A store that cannot be reached is an
+    /// The newest checkpoint whose files are all in the store at the sizes
+    /// its manifest records; others are skipped with a warning. Reads the
+    /// files' metadata only: a file of the right size whose bytes changed
+    /// is found by [`Checkpointer::load`] (a checksum error, after which
+    /// [`Checkpointer::latest_before`] gives the one to fall back to) or by
+    /// [`Checkpointer::verify`]. A store that cannot be reached is an
     /// error, not a reason to fall back to an older checkpoint.
     pub fn latest(&self) -> Result<Option<CheckpointInfo>, CheckpointError> {
         self.inner.block_on(load::latest(&self.inner.store, None))

@@ -10,9 +10,9 @@ use tch::Tensor;
 
 use crate::error::CheckpointError;
 use crate::format::{
-    crc_hex, index, parse_step, step_folder, Decoded, FileEntry, Manifest, TensorEntry,
-    MANIFEST_FILE,
+    crc_hex, index, parse_step, step_folder, FileEntry, Manifest, TensorEntry, MANIFEST_FILE,
 };
+use crate::read::ShardTensors;
 use crate::store::Store;
 use crate::{CheckpointInfo, LoadedState};
 
@@ -121,14 +121,45 @@ pub(crate) async fn verify(store: &Store, info: &CheckpointInfo) -> Result<(), C
         .map(drop)
 }
 
-/// The newest verified checkpoint, of a step below `before` when given.
+/// Checks that every file of `info` is in the store at the size its
+/// manifest records, from the files' metadata: nothing is read. The
+/// checksums are checked when the checkpoint is loaded.
+async fn present(store: &Store, info: &CheckpointInfo) -> Result<(), CheckpointError> {
+    let folder = step_folder(info.step);
+    let heads: Vec<_> = info
+        .manifest
+        .files()
+        .map(|entry| {
+            let name = format!("{folder}/{}", entry.name);
+            async move {
+                let size = store.size(&name).await?;
+                if size != entry.size {
+                    return Err(CheckpointError::Size {
+                        path: store.shown(&name),
+                        expected: entry.size,
+                        found: size,
+                    });
+                }
+                Ok(())
+            }
+        })
+        .collect();
+    futures::stream::iter(heads)
+        .buffer_unordered(READS_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await
+        .map(drop)
+}
+
+/// The newest checkpoint, of a step below `before` when given, whose files
+/// are all there at their sizes.
 pub(crate) async fn latest(
     store: &Store,
     before: Option<u64>,
 ) -> Result<Option<CheckpointInfo>, CheckpointError> {
     let candidates = list(store).await?.into_iter().rev();
     for info in candidates.filter(|i| before.is_none_or(|b| i.step < b)) {
-        match verify(store, &info).await {
+        match present(store, &info).await {
             Ok(()) => return Ok(Some(info)),
             Err(e) if e.is_corrupt() => {
                 tracing::warn!(step = info.step, url = %info.url, error = %e, "checkpoint damaged; trying the one before")
@@ -244,10 +275,10 @@ fn shards_used(plan: &[(&str, Source<'_>)]) -> BTreeSet<usize> {
     used
 }
 
-/// Builds the tensors of `plan` from the decoded files of one kind.
+/// Builds the tensors of `plan` from the files of one kind.
 fn assemble(
     plan: Vec<(&str, Source<'_>)>,
-    files: &BTreeMap<usize, Decoded<'_>>,
+    files: &BTreeMap<usize, ShardTensors>,
 ) -> Result<Vec<(String, Tensor)>, CheckpointError> {
     plan.into_iter()
         .map(|(name, source)| {
@@ -287,32 +318,33 @@ pub(crate) async fn load(
             keys.push((kind, shard));
         }
     }
-    wanted.push(&manifest.meta);
     let folder = step_folder(info.step);
     let reads: Vec<_> = wanted
         .iter()
         .map(|&entry| {
             let name = format!("{folder}/{}", entry.name);
-            async move {
-                let bytes = store.get(&name).await?;
-                let crc = crc32fast::hash(&bytes);
-                check(store, info, entry, bytes.len() as u64, crc)?;
-                Ok::<_, CheckpointError>(bytes)
-            }
+            async move { store.read_shard(&name, entry.size, &entry.crc32).await }
         })
         .collect();
-    let bytes: Vec<Bytes> = futures::stream::iter(reads)
+    let shards: Vec<ShardTensors> = futures::stream::iter(reads)
         .buffered(READS_IN_FLIGHT)
         .try_collect()
         .await?;
-    let (meta_bytes, tensor_bytes) = bytes.split_last().expect("meta.json is wanted");
-    let mut decoded: [BTreeMap<usize, Decoded<'_>>; 2] = [BTreeMap::new(), BTreeMap::new()];
-    for (((kind, shard), entry), b) in keys.iter().zip(&wanted).zip(tensor_bytes) {
-        let shown = store.shown(&format!("{folder}/{}", entry.name));
-        decoded[*kind].insert(*shard, Decoded::new(shown, b)?);
+    let mut decoded: [BTreeMap<usize, ShardTensors>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    for ((kind, shard), tensors) in keys.into_iter().zip(shards) {
+        decoded[kind].insert(shard, tensors);
     }
-    let meta = serde_json::from_slice(meta_bytes).map_err(|source| CheckpointError::Json {
-        path: store.shown(&format!("{folder}/{}", manifest.meta.name)),
+    let meta_name = format!("{folder}/{}", manifest.meta.name);
+    let meta_bytes = store.get(&meta_name).await?;
+    check(
+        store,
+        info,
+        &manifest.meta,
+        meta_bytes.len() as u64,
+        crc32fast::hash(&meta_bytes),
+    )?;
+    let meta = serde_json::from_slice(&meta_bytes).map_err(|source| CheckpointError::Json {
+        path: store.shown(&meta_name),
         source,
     })?;
     let [params_files, optimizer_files] = decoded;

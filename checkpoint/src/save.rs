@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -11,9 +12,10 @@ use samtrain_comm::shard_dim;
 
 use crate::error::CheckpointError;
 use crate::format::{
-    self, checksum, crc_hex, encode, optimizer_file, params_file, part_file, stage, step_folder,
-    FileEntry, Manifest, PartRecord, Staged, FORMAT, MANIFEST_FILE, META_FILE,
+    self, checksum, crc_hex, encode, optimizer_file, params_file, part_file, step_folder, Encoded,
+    FileEntry, Manifest, PartRecord, FORMAT, MANIFEST_FILE, META_FILE,
 };
+use crate::staging::{stage_all, Staged, StagingPool};
 use crate::{load, run_blocking, CheckpointInfo, Inner, SaveOutcome, SaveStatus, ShardState};
 
 /// A staged save, waiting for the upload thread.
@@ -28,23 +30,27 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// Copies the tensors of `state` (the part of a save training waits for).
-    pub fn stage(state: ShardState) -> Result<Self, CheckpointError> {
+    /// Copies the tensors of `state` into memory of `pool` (the part of a
+    /// save training waits for).
+    pub fn stage(state: ShardState, pool: &Arc<StagingPool>) -> Result<Self, CheckpointError> {
         let dims: HashMap<&str, Option<i64>> = state
             .tensors
             .iter()
             .map(|(n, _)| (n.as_str(), shard_dim(n)))
             .collect();
-        let params = state
+        let params: Vec<_> = state
             .tensors
             .iter()
-            .map(|(n, t)| stage(n, t, dims[n.as_str()]))
-            .collect::<Result<Vec<_>, _>>()?;
-        let optimizer = state
+            .map(|(n, t)| (n.as_str(), t, dims[n.as_str()]))
+            .collect();
+        let optimizer: Vec<_> = state
             .optimizer
             .iter()
-            .map(|(n, t)| stage(n, t, optimizer_dim(n, &dims)))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(n, t)| (n.as_str(), t, optimizer_dim(n, &dims)))
+            .collect();
+        let mut staged = stage_all(pool, &[params, optimizer].concat())?;
+        let optimizer = staged.split_off(state.tensors.len());
+        let params = staged;
         let meta = serde_json::to_vec_pretty(&state.meta).expect("a JSON value serialises");
         Ok(Self {
             step: state.step,
@@ -165,23 +171,25 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
     }
     let params = encode(&job.params);
     let optimizer = encode(&job.optimizer);
-    let entry = |name: String, chunks: &[Bytes]| {
-        let (size, crc) = checksum(chunks);
-        FileEntry {
-            name,
-            size,
-            crc32: crc_hex(crc),
-        }
+    let entry = |name: String, file: &Encoded| FileEntry {
+        name,
+        size: file.size,
+        crc32: crc_hex(file.crc),
     };
     let files = vec![
         entry(params_file(job.tp_rank, job.tp_size), &params),
         entry(optimizer_file(job.tp_rank, job.tp_size), &optimizer),
     ];
-    let meta = entry(META_FILE.into(), std::slice::from_ref(&job.meta));
+    let (meta_size, meta_crc) = checksum(std::slice::from_ref(&job.meta));
+    let meta = FileEntry {
+        name: META_FILE.into(),
+        size: meta_size,
+        crc32: crc_hex(meta_crc),
+    };
     let (params_at, optimizer_at) = (at(&files[0].name), at(&files[1].name));
     futures::try_join!(
-        store.put(&params_at, &params),
-        store.put(&optimizer_at, &optimizer),
+        store.put(&params_at, &params.chunks),
+        store.put(&optimizer_at, &optimizer.chunks),
         async {
             if job.tp_rank == 0 {
                 store
@@ -202,7 +210,9 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
         params: job.params.iter().map(|s| s.entry.clone()).collect(),
         optimizer: job.optimizer.iter().map(|s| s.entry.clone()).collect(),
     };
-    // The staged tensors are in the store: their memory can go.
+    // The staged tensors are in the store: their memory goes back to the
+    // staging pool.
+    drop((params, optimizer));
     drop(job.params);
     drop(job.optimizer);
     let record = serde_json::to_vec_pretty(&part).expect("a part record serialises");
@@ -297,9 +307,11 @@ async fn gather_parts(inner: &Inner, own: &PartRecord) -> Result<Vec<PartRecord>
 /// Deletes the committed checkpoints beyond the newest `keep` (0: none)
 /// that verify, and the uncommitted step folders older than the one just
 /// written (saves that never completed). Only checkpoints whose files match
-/// their manifest count towards `keep`: a damaged one is neither counted
-/// nor deleted (it is skipped at resume), so damage can never push a good
-/// checkpoint, or the one just written (`newest`), out of the retention.
+/// their manifest count towards `keep`: a damaged one is not counted (it is
+/// skipped at resume), so damage can never push a good checkpoint, or the
+/// one just written (`newest`), out of the retention. Once `keep` are
+/// counted, the older ones go without being read, damaged or not: with
+/// `keep = 1` a save reads nothing back.
 async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
     let store = &inner.store;
     let keep = inner.options.keep;
@@ -308,14 +320,10 @@ async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
     if keep > 0 {
         let mut kept = 0;
         for info in committed.iter().rev() {
-            let good = info.step == newest || verified(inner, info).await?;
-            if !good {
-                continue;
-            }
-            if kept < keep {
-                kept += 1;
-            } else {
+            if kept == keep {
                 doomed.push(info.step);
+            } else if info.step == newest || verified(inner, info).await? {
+                kept += 1;
             }
         }
     }

@@ -20,6 +20,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use url::Url;
 
 use crate::error::CheckpointError;
+use crate::read::{ShardReader, ShardTensors};
 
 /// How a failed request is retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +69,9 @@ const MULTIPART_THRESHOLD: u64 = 64 << 20;
 const PART_SIZE: u64 = 32 << 20;
 /// Parts of one file in flight at once.
 const PARTS_IN_FLIGHT: usize = 8;
+/// Bytes of a local file read at a time: enough to keep the system calls
+/// few, few enough to be checksummed while still in the cache.
+const LOCAL_PIECE: usize = 1 << 20;
 
 /// A checkpoint location: its store, the folder in it, and how requests are
 /// retried.
@@ -77,6 +81,9 @@ pub(crate) struct Store {
     /// numbers: every remote store, and no local one.
     multipart: Option<Arc<dyn MultipartStore>>,
     base: StorePath,
+    /// The folder, when the location is on the local file system: shards
+    /// are read from it straight into tensor memory.
+    local: Option<std::path::PathBuf>,
     /// The location as given, for messages and checkpoint URLs.
     shown: String,
     retry: RetryPolicy,
@@ -110,17 +117,16 @@ impl Store {
             ..RetryConfig::default()
         };
         let shown = location.trim_end_matches('/').to_owned();
+        let mut local_root = None;
         let (store, multipart, base): (Arc<dyn ObjectStore>, Option<Arc<dyn MultipartStore>>, _) =
             if let Some(rest) = location.strip_prefix("file://") {
                 let url = Url::parse(location).map_err(|e| fail(e.to_string()))?;
                 let path = url
                     .to_file_path()
                     .map_err(|()| fail(format!("{rest} is not a local path")))?;
-                (
-                    Arc::new(local(&path).map_err(fail)?),
-                    None,
-                    StorePath::default(),
-                )
+                let store = local(&path).map_err(fail)?;
+                local_root = Some(path);
+                (Arc::new(store), None, StorePath::default())
             } else if location.contains("://") {
                 let url = Url::parse(location).map_err(|e| fail(e.to_string()))?;
                 let base = StorePath::from_url_path(url.path()).map_err(|e| fail(e.to_string()))?;
@@ -170,11 +176,9 @@ impl Store {
                 }
             } else {
                 let path = std::path::Path::new(location);
-                (
-                    Arc::new(local(path).map_err(fail)?),
-                    None,
-                    StorePath::default(),
-                )
+                let store = local(path).map_err(fail)?;
+                local_root = Some(path.to_path_buf());
+                (Arc::new(store), None, StorePath::default())
             };
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -185,6 +189,7 @@ impl Store {
             store,
             multipart,
             base,
+            local: local_root,
             shown,
             retry,
             retries: AtomicU32::new(0),
@@ -328,9 +333,23 @@ impl Store {
     /// whole copy in memory), from a local one in one read (its stream comes
     /// in small chunks, several times slower).
     pub(crate) async fn digest(&self, name: &str) -> Result<(u64, u32), CheckpointError> {
-        if self.multipart.is_none() {
-            let bytes = self.get(name).await?;
-            return Ok((bytes.len() as u64, crc32fast::hash(&bytes)));
+        if let Some(file) = self.local_file(name) {
+            return self
+                .local_io("read", name, move || {
+                    let mut file = std::fs::File::open(file)?;
+                    let mut buf = vec![0u8; LOCAL_PIECE];
+                    let mut hasher = crc32fast::Hasher::new();
+                    let mut size = 0u64;
+                    loop {
+                        let n = std::io::Read::read(&mut file, &mut buf)?;
+                        if n == 0 {
+                            return Ok((size, hasher.finalize()));
+                        }
+                        hasher.update(&buf[..n]);
+                        size += n as u64;
+                    }
+                })
+                .await;
         }
         let path = self.path(name);
         self.retried("read", name, || async {
@@ -345,6 +364,98 @@ impl Store {
             Ok((size, hasher.finalize()))
         })
         .await
+    }
+
+    /// The size of `name`, from its metadata (nothing is read).
+    pub(crate) async fn size(&self, name: &str) -> Result<u64, CheckpointError> {
+        let path = self.path(name);
+        self.retried("head", name, || self.store.head(&path))
+            .await
+            .map(|meta| meta.size)
+    }
+
+    /// `name`, a safetensors file that its manifest says has `size` bytes
+    /// and checksum `crc32`, read straight into tensors of its own: from a
+    /// local folder by reads into the tensors' memory, from a remote store
+    /// as a stream whose chunks are copied into it. A request that fails
+    /// for a transient reason reads the file again from its start.
+    pub(crate) async fn read_shard(
+        &self,
+        name: &str,
+        size: u64,
+        crc32: &str,
+    ) -> Result<ShardTensors, CheckpointError> {
+        let reader = || ShardReader::new(self.shown(name), size, crc32.to_owned());
+        if let Some(file) = self.local_file(name) {
+            let mut reader = reader();
+            return self
+                .local_io("read", name, move || {
+                    let mut file = std::fs::File::open(file)?;
+                    let found = file.metadata()?.len();
+                    if found != size {
+                        return Ok(Err(reader.wrong_size(found)));
+                    }
+                    while let Some(target) = reader.target() {
+                        let piece = target.len().min(LOCAL_PIECE);
+                        let n = std::io::Read::read(&mut file, &mut target[..piece])?;
+                        if n == 0 {
+                            break;
+                        }
+                        if let Err(e) = reader.filled(n) {
+                            return Ok(Err(e));
+                        }
+                    }
+                    Ok(reader.finish())
+                })
+                .await?;
+        }
+        let path = self.path(name);
+        self.retried("read", name, || async {
+            let mut reader = reader();
+            let mut stream = self.store.get(&path).await?.into_stream();
+            while let Some(chunk) = stream.next().await {
+                if let Err(e) = reader.push(&chunk?) {
+                    return Ok(Err(e));
+                }
+            }
+            Ok(reader.finish())
+        })
+        .await?
+    }
+
+    /// The local file of `name`, when the location is a local folder.
+    fn local_file(&self, name: &str) -> Option<std::path::PathBuf> {
+        self.local.as_ref().map(|root| root.join(name))
+    }
+
+    /// Runs `io` (blocking I/O on a local file) off the runtime's threads;
+    /// its errors are reported as the store's would be.
+    async fn local_io<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        name: &str,
+        io: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, CheckpointError> {
+        let shown = self.shown(name);
+        let result = tokio::task::spawn_blocking(io)
+            .await
+            .map_err(|e| CheckpointError::Runtime(format!("{op} {shown}: {e}")))?;
+        result.map_err(|e| CheckpointError::Store {
+            op,
+            path: shown.clone(),
+            attempts: 1,
+            source: if e.kind() == std::io::ErrorKind::NotFound {
+                object_store::Error::NotFound {
+                    path: shown,
+                    source: Box::new(e),
+                }
+            } else {
+                object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                }
+            },
+        })
     }
 
     /// `name` if it exists.

@@ -1,0 +1,221 @@
+//! Staging: the copy of a rank's tensors into CPU memory the checkpoint
+//! owns, the one part of a save training waits for.
+//!
+//! Two things keep it short. The memory is kept between saves
+//! ([`StagingPool`]): a save of the same tensors copies into buffers whose
+//! pages are already mapped, where a fresh allocation of this size is
+//! mapped by the kernel and faulted in page by page on first touch (most
+//! of a save's time before the pool). And each tensor's CRC-32 is computed
+//! piece by piece right after the piece is copied, while it is still in
+//! the cache, so the upload needs no further pass over the bytes: a file's
+//! checksum is its header's combined with its tensors'.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tch::{Device, Tensor};
+
+use crate::error::CheckpointError;
+use crate::format::{dtype_of, TensorEntry};
+
+/// Bytes copied and checksummed at a time: small enough to stay in a
+/// core's cache between the copy and the checksum.
+const PIECE: usize = 1 << 20;
+
+/// A tensor copied to CPU memory, owned by the checkpoint.
+pub(crate) struct Staged {
+    pub entry: TensorEntry,
+    pub data: Bytes,
+    /// CRC-32 of `data`.
+    pub crc: crc32fast::Hasher,
+}
+
+/// Staging buffers of finished saves, by length, for the next save of the
+/// same tensors. It keeps at most as many bytes as the largest save staged
+/// so far: the memory of one save stays mapped between saves, no more.
+#[derive(Default)]
+pub(crate) struct StagingPool {
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<usize, Vec<Vec<u8>>>,
+    kept: usize,
+    limit: usize,
+}
+
+impl StagingPool {
+    /// A buffer of `len` bytes: a kept one if there is one of that length,
+    /// else a new one (zeroed by the allocator, lazily for large ones).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(buf) = state.free.get_mut(&len).and_then(Vec::pop) {
+            state.kept -= len;
+            return buf;
+        }
+        drop(state);
+        vec![0u8; len]
+    }
+
+    /// Takes `buf` back when the pool has room for it.
+    fn give(&self, buf: Vec<u8>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if buf.is_empty() || state.kept + buf.len() > state.limit {
+            return;
+        }
+        state.kept += buf.len();
+        state.free.entry(buf.len()).or_default().push(buf);
+    }
+
+    /// Lets the pool keep a save of `bytes`.
+    fn allow(&self, bytes: usize) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.limit = state.limit.max(bytes);
+    }
+
+    /// Bytes kept for the next save.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.state.lock().unwrap().kept
+    }
+}
+
+/// A staging buffer that goes back to its pool when the last [`Bytes`]
+/// made from it is dropped (once its file is in the store).
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<StagingPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Copies every tensor of `tensors` (name, tensor, split dimension) into
+/// memory of `pool`, checksumming as it goes.
+pub(crate) fn stage_all(
+    pool: &Arc<StagingPool>,
+    tensors: &[(&str, &Tensor, Option<i64>)],
+) -> Result<Vec<Staged>, CheckpointError> {
+    let bytes: usize = tensors
+        .iter()
+        .map(|(_, t, _)| t.numel() * t.kind().elt_size_in_bytes())
+        .sum();
+    pool.allow(bytes);
+    tensors
+        .iter()
+        .map(|&(name, t, dim)| stage(pool, name, t, dim))
+        .collect()
+}
+
+fn stage(
+    pool: &Arc<StagingPool>,
+    name: &str,
+    t: &Tensor,
+    shard_dim: Option<i64>,
+) -> Result<Staged, CheckpointError> {
+    let fail = |message: String| CheckpointError::Tensor {
+        name: name.to_owned(),
+        message,
+    };
+    let kind = t.f_kind().map_err(|e| fail(e.to_string()))?;
+    let dtype = dtype_of(kind).ok_or_else(|| fail(format!("{kind:?} has no safetensors dtype")))?;
+    let t = t.detach();
+    // From an accelerator the bytes go through one CPU temporary.
+    let t = if t.device() == Device::Cpu {
+        t
+    } else {
+        t.f_to_device(Device::Cpu)
+            .map_err(|e| fail(e.to_string()))?
+    };
+    let t = t.f_contiguous().map_err(|e| fail(e.to_string()))?;
+    let len = t.numel() * kind.elt_size_in_bytes();
+    let mut buf = pool.take(len);
+    let mut crc = crc32fast::Hasher::new();
+    if len > 0 {
+        // SAFETY: `t` is a contiguous CPU tensor of `len` bytes that lives,
+        // unchanged, until the end of this function: the caller holds the
+        // original and training waits for the save to return.
+        let src = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) };
+        for (dst, src) in buf.chunks_mut(PIECE).zip(src.chunks(PIECE)) {
+            dst.copy_from_slice(src);
+            crc.update(dst);
+        }
+    }
+    Ok(Staged {
+        entry: TensorEntry {
+            name: name.to_owned(),
+            dtype,
+            shape: t.size(),
+            shard_dim,
+        },
+        data: Bytes::from_owner(Pooled {
+            buf,
+            pool: pool.clone(),
+        }),
+        crc,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn buffers_of_a_finished_save_are_reused_by_the_next() {
+        let pool = Arc::new(StagingPool::default());
+        let a = Tensor::arange(1000, (Kind::Float, Device::Cpu));
+        let b = Tensor::arange(10, (Kind::Int64, Device::Cpu)).reshape([2, 5]);
+        let first = stage_all(&pool, &[("a", &a, None), ("b", &b, Some(1))]).unwrap();
+        let addr = first[0].data.as_ptr();
+        assert_eq!(pool.kept(), 0);
+        drop(first);
+        assert_eq!(pool.kept(), 4080);
+        let second = stage_all(&pool, &[("a", &a, None), ("b", &b, Some(1))]).unwrap();
+        assert_eq!(second[0].data.as_ptr(), addr, "the same memory again");
+        assert_eq!(pool.kept(), 0);
+        assert_eq!(second[1].entry.shape, [2, 5]);
+        assert_eq!(second[1].entry.shard_dim, Some(1));
+        let expected: Vec<u8> = (0..10i64).flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(&second[1].data[..], &expected[..]);
+        assert_eq!(second[1].crc.clone().finalize(), crc32fast::hash(&expected));
+    }
+
+    #[test]
+    fn the_pool_keeps_no_more_than_one_save() {
+        let pool = Arc::new(StagingPool::default());
+        let a = Tensor::zeros([256], (Kind::Float, Device::Cpu));
+        let one = stage_all(&pool, &[("a", &a, None)]).unwrap();
+        let two = stage_all(&pool, &[("a", &a, None)]).unwrap();
+        drop(one);
+        drop(two);
+        assert_eq!(pool.kept(), 1024);
+    }
+
+    #[test]
+    fn strided_tensors_are_staged_in_their_logical_order() {
+        let pool = Arc::new(StagingPool::default());
+        let t = Tensor::arange(6, (Kind::Float, Device::Cpu))
+            .reshape([2, 3])
+            .transpose(0, 1);
+        let staged = stage_all(&pool, &[("t", &t, None)]).unwrap();
+        let values: Vec<f32> = staged[0]
+            .data
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(values, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(staged[0].entry.shape, [3, 2]);
+    }
+}
