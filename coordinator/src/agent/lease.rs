@@ -227,6 +227,7 @@ async fn heartbeat(shared: Arc<Shared>, ttl: Duration) {
     loop {
         tokio::time::sleep(next).await;
         let worker_id = shared.worker_id.clone();
+        let sent = std::time::Instant::now();
         let result = shared
             .call(|mut c| {
                 let worker_id = worker_id.clone();
@@ -235,6 +236,9 @@ async fn heartbeat(shared: Arc<Shared>, ttl: Duration) {
             .await;
         match result {
             Ok(_) => {
+                let rtt = sent.elapsed().as_micros().min(u64::MAX as u128) as u64;
+                shared.last_heartbeat_us.store(rtt, Ordering::Relaxed);
+                shared.heartbeats.fetch_add(1, Ordering::Relaxed);
                 shared.registered.store(true, Ordering::Relaxed);
                 next = period;
             }

@@ -14,7 +14,7 @@ mod generations;
 mod lease;
 mod reports;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +156,10 @@ struct Shared {
     generations: Generations,
     coordinators: Coordinators,
     registered: AtomicBool,
+    /// Heartbeat calls that succeeded, and the round trip of the last one
+    /// in microseconds: what a load test of the control plane reads.
+    heartbeats: AtomicU64,
+    last_heartbeat_us: AtomicU64,
 }
 
 impl Shared {
@@ -241,6 +245,8 @@ impl Agent {
             secret_sha256,
             generations: Generations::default(),
             registered: AtomicBool::new(true),
+            heartbeats: AtomicU64::new(0),
+            last_heartbeat_us: AtomicU64::new(0),
         });
         let (incoming_tx, incoming) = mpsc::channel(16);
         let (reports, reports_rx) = mpsc::channel(64);
@@ -260,6 +266,15 @@ impl Agent {
 
     pub fn worker_id(&self) -> &str {
         &self.shared.worker_id
+    }
+
+    /// How many Heartbeat calls have succeeded and the round trip of the
+    /// last one; `(0, None)` while none has, and always for a lease the
+    /// agent holds in etcd itself.
+    pub fn heartbeats(&self) -> (u64, Option<Duration>) {
+        let count = self.shared.heartbeats.load(Ordering::Relaxed);
+        let last = Duration::from_micros(self.shared.last_heartbeat_us.load(Ordering::Relaxed));
+        (count, (count > 0).then_some(last))
     }
 
     /// `/readyz` of a worker: ready once registered, while its lease lives.
