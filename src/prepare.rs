@@ -54,6 +54,7 @@ fn synthesize(dir: &Path, s: &SynthSpec, samples: usize, seed: u64) -> Result<()
         task,
         samples,
         images: s.images,
+        min_images: s.min_images,
         max_distractors: s.max_distractors,
         seed,
     };

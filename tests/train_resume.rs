@@ -21,7 +21,13 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// 48 samples of 3 images each.
     fn new() -> Self {
+        Self::with_images(3, 0)
+    }
+
+    /// 48 samples of `min_images` to `images` images each (0: all `images`).
+    fn with_images(images: usize, min_images: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let made = synth(
@@ -29,7 +35,8 @@ impl Fixture {
             &SynthOptions {
                 task: Task::Story,
                 samples: 48,
-                images: 3,
+                images,
+                min_images,
                 max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
                 seed: 11,
             },
@@ -94,6 +101,18 @@ keep = 0
         );
         let file = self.path(name);
         std::fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// [`Fixture::job`] with `data.balance_images` on.
+    fn balanced_job(&self, name: &str, ckpt: &str, batch: u32) -> PathBuf {
+        let file = self.job(name, ckpt, batch);
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(
+            &file,
+            text.replacen("[data]\n", "[data]\nbalance_images = true\n", 1),
+        )
+        .unwrap();
         file
     }
 }
@@ -282,6 +301,40 @@ fn killed_job_resumes_bit_for_bit() {
             "{out}"
         );
     }
+}
+
+/// Two ranks that share each global batch by the samples' images (2 to 4
+/// each) train what one process of the whole global batch trains, and
+/// their ledger proves each sample trained once.
+#[test]
+fn balanced_ranks_train_what_one_process_trains() {
+    let f = Fixture::with_images(4, 2);
+    let job = f.balanced_job("two.toml", "ckpt-two", 2);
+    assert!(std::fs::read_to_string(&job)
+        .unwrap()
+        .contains("balance_images = true"));
+    for line in finish(launch(&job, 2)) {
+        assert_eq!(line["samples_consumed"], 80);
+    }
+    let one = f.job("one.toml", "ckpt-one", 4);
+    finish(launch(&one, 1));
+    let (two, one) = (
+        weights_at(&f.path("ckpt-two"), 20),
+        weights_at(&f.path("ckpt-one"), 20),
+    );
+    let d = two
+        .iter()
+        .zip(&one)
+        .map(|((na, x), (nb, y))| {
+            assert_eq!(na, nb);
+            (x - y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max);
+    assert!(d < 1e-5, "balanced dp 2 differs from dp 1 by {d}");
+    let out = ledger(&f.path("ckpt-two"));
+    assert_eq!(out["exactly_once"], true, "{out}");
+    assert_eq!(out["verdict"]["epochs"][0]["distinct"], 48, "{out}");
+    assert_eq!(out["segments"][0]["sampler"]["balance"], true, "{out}");
 }
 
 /// `samtrain ledger --json` of the checkpoint location `ckpt`.

@@ -159,6 +159,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             seed: 0,
             batch_size: args.batch,
             tail: TailPolicy::Drop,
+            balance: false,
         },
         0,
         1,

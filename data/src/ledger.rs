@@ -160,31 +160,18 @@ pub fn verify(chain: &[Segment]) -> Verdict {
                 seg.dp
             ));
         }
+        if seg.sampler.balance {
+            replay_balanced(seg, &name, &mut epochs, &mut problems);
+            expected_from = seg.to;
+            expected_step = seg.last_step + 1;
+            continue;
+        }
         for (rank, recorded) in seg.ranks.iter().enumerate() {
             let Ok(mut sampler) = Sampler::new(seg.sampler, rank as u64, seg.dp, seg.from) else {
                 problems.push(format!("{name}: its sampler settings are not valid"));
                 break;
             };
-            let mut tally = Tally::default();
-            for _ in 0..seg.micro_steps {
-                let step = sampler.next_step();
-                let seen = epoch_seen(&mut epochs, step.epoch, seg.sampler.num_samples);
-                for id in step.indices {
-                    tally.add(step.epoch, id as u64);
-                    if let Some(n) = seen.get_mut(id) {
-                        *n += 1;
-                    }
-                }
-            }
-            if sampler.position() != seg.to {
-                problems.push(format!(
-                    "{name}: {} sampler steps from {:?} end at {:?}, the ledger says {:?}",
-                    seg.micro_steps,
-                    seg.from,
-                    sampler.position(),
-                    seg.to
-                ));
-            }
+            let tally = replay(&mut sampler, seg, &name, &mut epochs, &mut problems);
             if tally != *recorded {
                 problems.push(format!(
                     "{name}: rank {rank} trained {} samples (digest {:016x}); the global order gives it {} (digest {:016x})",
@@ -231,6 +218,78 @@ pub fn verify(chain: &[Segment]) -> Verdict {
         epochs: reports,
         problems,
     }
+}
+
+/// A segment whose ranks shared each global batch by cost: which rank took
+/// which sample depends on the samples' costs, which the ledger does not
+/// hold, so the ranks are checked together. The global batches are replayed
+/// as one rank taking them whole; the ranks' tallies must add up to theirs,
+/// and each rank must have trained its batch size at every step.
+fn replay_balanced(
+    seg: &Segment,
+    name: &str,
+    epochs: &mut Vec<(u64, u64, Vec<u32>)>,
+    problems: &mut Vec<String>,
+) {
+    let whole = SamplerConfig {
+        batch_size: seg.sampler.batch_size * seg.dp,
+        balance: false,
+        ..seg.sampler
+    };
+    let Ok(mut sampler) = Sampler::new(whole, 0, 1, seg.from) else {
+        problems.push(format!("{name}: its sampler settings are not valid"));
+        return;
+    };
+    let expected = replay(&mut sampler, seg, name, epochs, problems);
+    let each = seg.micro_steps * seg.sampler.batch_size;
+    for (rank, t) in seg.ranks.iter().enumerate() {
+        if t.count != each {
+            problems.push(format!(
+                "{name}: rank {rank} trained {} samples; {} steps of {} give {each}",
+                t.count, seg.micro_steps, seg.sampler.batch_size
+            ));
+        }
+    }
+    let together = seg.ranks.iter().fold(Tally::default(), |a, t| a.merged(*t));
+    if together != expected {
+        problems.push(format!(
+            "{name}: the ranks together trained {} samples (digest {:016x}); the global order gives {} (digest {:016x})",
+            together.count, together.digest, expected.count, expected.digest
+        ));
+    }
+}
+
+/// Steps `sampler` through `seg`'s sampler steps: the tally of what it
+/// gives, each sample counted as seen in its epoch; a sampler that does not
+/// end where the segment says is a problem.
+fn replay(
+    sampler: &mut Sampler,
+    seg: &Segment,
+    name: &str,
+    epochs: &mut Vec<(u64, u64, Vec<u32>)>,
+    problems: &mut Vec<String>,
+) -> Tally {
+    let mut tally = Tally::default();
+    for _ in 0..seg.micro_steps {
+        let step = sampler.next_step();
+        let seen = epoch_seen(epochs, step.epoch, seg.sampler.num_samples);
+        for id in step.indices {
+            tally.add(step.epoch, id as u64);
+            if let Some(n) = seen.get_mut(id) {
+                *n += 1;
+            }
+        }
+    }
+    if sampler.position() != seg.to {
+        problems.push(format!(
+            "{name}: {} sampler steps from {:?} end at {:?}, the ledger says {:?}",
+            seg.micro_steps,
+            seg.from,
+            sampler.position(),
+            seg.to
+        ));
+    }
+    tally
 }
 
 fn epoch_seen(epochs: &mut Vec<(u64, u64, Vec<u32>)>, epoch: u64, n: u64) -> &mut Vec<u32> {
@@ -300,7 +359,13 @@ mod tests {
             seed: 5,
             batch_size: batch,
             tail: TailPolicy::Drop,
+            balance: false,
         }
+    }
+
+    /// Images per sample of a mixed set, for balanced segments.
+    fn costs(n: u64) -> std::sync::Arc<[u32]> {
+        (0..n).map(|i| 1 + (i * 5 % 8) as u32).collect()
     }
 
     /// The segment `dp` ranks write training `steps` steps from `from`.
@@ -314,7 +379,8 @@ mod tests {
         let mut to = from;
         let ranks = (0..dp)
             .map(|r| {
-                let mut s = Sampler::new(cfg, r, dp, from).unwrap();
+                let costs = cfg.balance.then(|| costs(cfg.num_samples));
+                let mut s = Sampler::balanced(cfg, r, dp, from, costs).unwrap();
                 let mut t = Tally::default();
                 for _ in 0..steps {
                     let step = s.next_step();
@@ -363,6 +429,36 @@ mod tests {
         assert!(v.epochs[0].complete);
         assert_eq!((v.epochs[1].distinct, v.epochs[1].trained), (24, 24));
         assert!(!v.epochs[1].complete);
+    }
+
+    #[test]
+    fn balanced_segments_verify_by_the_ranks_together() {
+        let balanced = SamplerConfig {
+            balance: true,
+            ..config(100, 4)
+        };
+        let a = trained(Position::default(), 1, 5, 2, balanced);
+        let b = trained(a.to, 6, 10, 3, balanced);
+        let plain = trained(b.to, 16, 2, 3, config(100, 4));
+        let chain = vec![a.clone(), b.clone(), plain];
+        let v = verify(&chain);
+        assert!(v.exactly_once(), "{:?}", v.problems);
+        // 40 at dp 2, then 5 steps of 12 finish epoch 0.
+        assert_eq!(v.epochs[0].trained, 100);
+
+        // Two ranks that swapped samples still add up; one that trained a
+        // sample of another's does not.
+        let mut swapped = b.clone();
+        swapped.ranks.swap(0, 2);
+        assert!(verify(&[a.clone(), swapped]).exactly_once());
+        let mut wrong = b;
+        wrong.ranks[1].digest ^= 1;
+        let v = verify(&[a, wrong]);
+        assert!(
+            v.problems.iter().any(|p| p.contains("the ranks together")),
+            "{:?}",
+            v.problems
+        );
     }
 
     #[test]

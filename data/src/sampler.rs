@@ -15,6 +15,16 @@
 //! The tail of an epoch (fewer than a global batch left) follows
 //! [`TailPolicy`], like the `drop_last` option of torch's
 //! `DistributedSampler`.
+//!
+//! With `balance` on, the global batch is the same set of samples, but the
+//! ranks share it by cost instead of in blocks: MmLINK samples carry 1 to 8
+//! images, and a data-parallel step waits for the rank with the most. The
+//! samples are dealt, costliest first, each to the rank with the least cost
+//! so far that still has room for one (every rank still takes exactly
+//! `batch_size`). Every rank computes the same deal from the same costs, so
+//! the split stays deterministic and the epoch's sample set is unchanged.
+
+use std::sync::Arc;
 
 use crate::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
@@ -52,6 +62,10 @@ pub struct SamplerConfig {
     pub batch_size: u64,
     #[serde(default)]
     pub tail: TailPolicy,
+    /// Share each global batch among the ranks by the samples' costs (see
+    /// the module documentation); needs the costs, [`Sampler::balanced`].
+    #[serde(default)]
+    pub balance: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,6 +86,8 @@ pub enum SamplerError {
     NoFullBatch { num_samples: u64, global_batch: u64 },
     #[error("sampler: position consumed = {consumed} is beyond an epoch of {num_samples} samples")]
     PositionBeyondEpoch { consumed: u64, num_samples: u64 },
+    #[error("sampler: balance needs one cost per sample ({num_samples}), given {given}")]
+    Costs { num_samples: u64, given: usize },
 }
 
 /// One global step as one rank sees it.
@@ -94,6 +110,8 @@ pub struct Sampler {
     position: Position,
     /// The current epoch's order, rebuilt when the epoch changes.
     order: Vec<usize>,
+    /// Each sample's cost (its images), when the config balances.
+    costs: Option<Arc<[u32]>>,
 }
 
 impl Sampler {
@@ -104,6 +122,18 @@ impl Sampler {
         rank: u64,
         world_size: u64,
         position: Position,
+    ) -> Result<Self, SamplerError> {
+        Self::balanced(config, rank, world_size, position, None)
+    }
+
+    /// [`Sampler::new`] with each sample's cost, which a config that
+    /// balances needs (and one that does not ignores).
+    pub fn balanced(
+        config: SamplerConfig,
+        rank: u64,
+        world_size: u64,
+        position: Position,
+        costs: Option<Arc<[u32]>>,
     ) -> Result<Self, SamplerError> {
         if config.num_samples == 0 {
             return Err(SamplerError::EmptyDataset);
@@ -130,12 +160,23 @@ impl Sampler {
                 num_samples: config.num_samples,
             });
         }
+        let costs = match costs {
+            _ if !config.balance => None,
+            Some(c) if c.len() as u64 == config.num_samples => Some(c),
+            other => {
+                return Err(SamplerError::Costs {
+                    num_samples: config.num_samples,
+                    given: other.map_or(0, |c| c.len()),
+                })
+            }
+        };
         let mut sampler = Sampler {
             config,
             rank,
             world_size,
             position,
             order: epoch_order(config.seed, position.epoch, config.num_samples as usize),
+            costs,
         };
         // A position saved at another global batch may now sit in this
         // layout's tail: roll it to the next epoch at once so `position()`
@@ -171,12 +212,20 @@ impl Sampler {
     pub fn next_step(&mut self) -> Step {
         let n = self.config.num_samples;
         let b = self.config.batch_size;
-        let start = self.position.consumed + self.rank * b;
         // Under `Pad` positions past the end wrap to the epoch's start
         // (repeatedly, when the global batch exceeds the dataset).
-        let indices = (start..start + b)
-            .map(|p| self.order[(p % n) as usize])
-            .collect();
+        let at = |p: u64| self.order[(p % n) as usize];
+        let indices = match &self.costs {
+            None => {
+                let start = self.position.consumed + self.rank * b;
+                (start..start + b).map(at).collect()
+            }
+            Some(costs) => {
+                let start = self.position.consumed;
+                let batch: Vec<usize> = (start..start + self.global_batch()).map(at).collect();
+                deal(&batch, costs, self.world_size, b).swap_remove(self.rank as usize)
+            }
+        };
         let epoch = self.position.epoch;
         self.position.consumed = (self.position.consumed + self.global_batch()).min(n);
         self.roll_epoch_if_done();
@@ -205,6 +254,32 @@ impl Sampler {
             );
         }
     }
+}
+
+/// The samples of one global batch dealt to `ranks` ranks of `batch` each:
+/// costliest first (ties in batch order), each to the rank with the least
+/// cost so far among those with room (ties to the lower rank). Each rank's
+/// samples keep their order in the batch.
+pub fn deal(global: &[usize], costs: &[u32], ranks: u64, batch: u64) -> Vec<Vec<usize>> {
+    let mut by_cost: Vec<usize> = (0..global.len()).collect();
+    by_cost.sort_by_key(|&i| (std::cmp::Reverse(costs[global[i]]), i));
+    let mut load = vec![0u64; ranks as usize];
+    let mut taken: Vec<Vec<usize>> = vec![Vec::with_capacity(batch as usize); ranks as usize];
+    for i in by_cost {
+        let rank = (0..ranks as usize)
+            .filter(|&r| (taken[r].len() as u64) < batch)
+            .min_by_key(|&r| (load[r], r))
+            .expect("the global batch is ranks x batch samples");
+        load[rank] += u64::from(costs[global[i]]);
+        taken[rank].push(i);
+    }
+    taken
+        .into_iter()
+        .map(|mut slots| {
+            slots.sort_unstable();
+            slots.into_iter().map(|i| global[i]).collect()
+        })
+        .collect()
 }
 
 /// The global order of an epoch: a permutation of `0..n` fixed by

@@ -13,6 +13,7 @@ fn options(task: Task, seed: u64) -> SynthOptions {
         task,
         samples: 6,
         images: 3,
+        min_images: 0,
         max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
         seed,
     }
@@ -55,6 +56,26 @@ fn synth_validates_clean_for_both_tasks() {
 }
 
 #[test]
+fn a_mixed_set_has_between_min_images_and_images_per_sample() {
+    for task in [Task::Group, Task::Story] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SynthOptions {
+            samples: 40,
+            images: 5,
+            min_images: 2,
+            ..options(task, 3)
+        };
+        let done = synth(dir.path(), &opts).unwrap();
+        let loaded = load_blocking(dir.path().to_str().unwrap(), LoadOptions::default()).unwrap();
+        assert!(loaded.report.problems.is_empty());
+        let counts: Vec<usize> = loaded.records.iter().map(|r| r.img_list.len()).collect();
+        assert!(counts.iter().all(|n| (2..=5).contains(n)), "{counts:?}");
+        assert!(counts.contains(&2) && counts.contains(&5), "{counts:?}");
+        assert_eq!(done.images, counts.iter().sum::<usize>());
+    }
+}
+
+#[test]
 fn synth_is_reproducible_and_seed_dependent() {
     let (a, b, c) = (
         tempfile::tempdir().unwrap(),
@@ -85,6 +106,7 @@ fn tokenizer_loads_and_round_trips_every_text() {
             task,
             samples: 40,
             images: 12,
+            min_images: 0,
             max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
             seed: 9,
         };

@@ -21,6 +21,7 @@ async fn s3_dataset_reads_like_the_local_one() {
         task: Task::Story,
         samples: 6,
         images: 3,
+        min_images: 0,
         max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
         seed: 5,
     };

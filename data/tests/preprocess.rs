@@ -289,6 +289,7 @@ fn sampler(n: u64, batch: u64) -> Sampler {
         seed: 5,
         batch_size: batch,
         tail: TailPolicy::Pad,
+        balance: false,
     };
     Sampler::new(config, 1, 2, Position::default()).unwrap()
 }

@@ -14,6 +14,7 @@ fn config(n: u64, seed: u64, batch: u64, tail: TailPolicy) -> SamplerConfig {
         seed,
         batch_size: batch,
         tail,
+        balance: false,
     }
 }
 
@@ -203,4 +204,64 @@ proptest! {
             }
         }
     }
+}
+
+/// Costs of a mixed-image set: 1 to 8 images per sample.
+fn image_costs(n: usize) -> std::sync::Arc<[u32]> {
+    (0..n).map(|i| 1 + (i * 7 % 8) as u32).collect()
+}
+
+/// With balance on, each global batch is the same set as without, split
+/// so that the busiest rank carries less; every rank agrees on the split.
+#[test]
+fn balance_keeps_each_global_batch_and_evens_the_ranks() {
+    let n = 96;
+    let costs = image_costs(n);
+    let mut plain_cfg = config(n as u64, 5, 4, TailPolicy::Drop);
+    let mut plain = world(plain_cfg, 3, Position::default());
+    plain_cfg.balance = true;
+    let mut balanced: Vec<Sampler> = (0..3)
+        .map(|r| {
+            Sampler::balanced(plain_cfg, r, 3, Position::default(), Some(costs.clone())).unwrap()
+        })
+        .collect();
+    let busiest = |ranks: &[Vec<usize>]| {
+        ranks
+            .iter()
+            .map(|r| r.iter().map(|&i| costs[i]).sum::<u32>())
+            .max()
+            .unwrap()
+    };
+    let (mut before, mut after) = (0, 0);
+    for _ in 0..2 * (n / 12) {
+        let a: Vec<Vec<usize>> = plain.iter_mut().map(|s| s.next_step().indices).collect();
+        let b: Vec<Vec<usize>> = balanced.iter_mut().map(|s| s.next_step().indices).collect();
+        assert!(b.iter().all(|r| r.len() == 4), "{b:?}");
+        let sorted = |x: &[Vec<usize>]| {
+            let mut all: Vec<usize> = x.concat();
+            all.sort_unstable();
+            all
+        };
+        assert_eq!(sorted(&a), sorted(&b), "the global batch's set");
+        assert!(busiest(&b) <= busiest(&a));
+        before += busiest(&a);
+        after += busiest(&b);
+    }
+    assert!(after < before, "balance did not help: {after} vs {before}");
+    assert_eq!(plain[0].position(), balanced[0].position());
+}
+
+#[test]
+fn balance_needs_a_cost_per_sample() {
+    let mut cfg = config(10, 0, 1, TailPolicy::Drop);
+    cfg.balance = true;
+    assert_eq!(
+        Sampler::new(cfg, 0, 2, Position::default()).unwrap_err(),
+        SamplerError::Costs {
+            num_samples: 10,
+            given: 0
+        }
+    );
+    assert!(Sampler::balanced(cfg, 0, 2, Position::default(), Some(image_costs(9))).is_err());
+    assert!(Sampler::balanced(cfg, 0, 2, Position::default(), Some(image_costs(10))).is_ok());
 }

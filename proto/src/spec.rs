@@ -158,6 +158,11 @@ pub struct DataSpec {
     pub bad_records: BadRecords,
     #[serde(default)]
     pub tail: Tail,
+    /// Share each global batch among the data-parallel ranks by their
+    /// samples' images rather than in blocks, so that no rank waits on one
+    /// that drew the most images (same samples per step, same epoch).
+    #[serde(default)]
+    pub balance_images: bool,
     /// Preprocessing threads per worker.
     #[serde(default = "default_loader_threads")]
     pub loader_threads: usize,
@@ -240,6 +245,10 @@ pub struct SynthSpec {
     pub eval_samples: usize,
     /// Images per sample.
     pub images: usize,
+    /// A mixed set: each sample has between this many (2 or more) and
+    /// `images`; 0 (the default): every sample has `images`.
+    #[serde(default)]
+    pub min_images: usize,
     /// Group captioning: at most this many distractors per image (1 to 3).
     #[serde(default = "default_max_distractors")]
     pub max_distractors: usize,
@@ -643,6 +652,9 @@ impl JobSpec {
                 "must be at least 1 when data.eval is given",
             );
             p.within(synth.images, 2, 16, "data.synth.images");
+            if synth.min_images != 0 {
+                p.within(synth.min_images, 2, synth.images, "data.synth.min_images");
+            }
             p.within(synth.max_distractors, 1, 3, "data.synth.max_distractors");
         }
 

@@ -99,6 +99,10 @@ pub struct SynthArgs {
     /// Images per sample, at least 2.
     #[arg(long, default_value_t = 4)]
     images: usize,
+    /// A mixed set: each sample has between this many (at least 2) and
+    /// `--images` images; 0: all have `--images`.
+    #[arg(long, default_value_t = 0)]
+    min_images: usize,
     /// Group captioning: at most this many distractors per image (1 to 3).
     #[arg(long, default_value_t = synth::MAX_DISTRACTORS)]
     max_distractors: usize,
@@ -122,6 +126,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 task,
                 samples: args.samples,
                 images: args.images,
+                min_images: args.min_images,
                 max_distractors: args.max_distractors,
                 seed: args.seed,
             };

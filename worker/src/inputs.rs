@@ -374,6 +374,7 @@ pub fn sampler_config(spec: &JobSpec, num_samples: usize) -> SamplerConfig {
             Tail::Drop => TailPolicy::Drop,
             Tail::Pad => TailPolicy::Pad,
         },
+        balance: spec.data.balance_images,
     }
 }
 
@@ -389,11 +390,17 @@ pub fn start_loader(
 ) -> Result<Loader, DataError> {
     let data_error = |e: &dyn std::fmt::Display| DataError::new(&spec.data.train, e.to_string());
     let pre = preprocessor(spec, &train_set, image_size)?;
-    let sampler = Sampler::new(
+    let images: Arc<[u32]> = train_set
+        .records
+        .iter()
+        .map(|r| r.img_list.len() as u32)
+        .collect();
+    let sampler = Sampler::balanced(
         sampler_config(spec, train_set.records.len()),
         dp_rank,
         dp,
         position,
+        Some(images),
     )
     .map_err(|e| data_error(&e))?;
     Loader::spawn(

@@ -47,6 +47,10 @@ pub struct SynthOptions {
     pub samples: usize,
     /// Images per sample (K), at least 2.
     pub images: usize,
+    /// When between 2 and `images`, each sample has a number of images
+    /// drawn between this and `images` (a mixed set, as MmLINK's are);
+    /// else every sample has `images`.
+    pub min_images: usize,
     /// Group captioning: each image has between 1 and this many
     /// distractors besides the shared object (1 to 3).
     pub max_distractors: usize,
@@ -733,9 +737,14 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
     let mut rng = Rng(SplitMix64::new(options.seed));
     let mut records = Vec::with_capacity(options.samples);
     for index in 0..options.samples {
+        // Drawn only for a mixed set, so that fixed-size sets stay as they were.
+        let images = match options.min_images {
+            min if (2..options.images).contains(&min) => min + rng.below(options.images - min + 1),
+            _ => options.images,
+        };
         let sample = match options.task {
-            Task::Group => group_sample(&mut rng, options.images, options.max_distractors),
-            Task::Story => story_sample(&mut rng, options.images),
+            Task::Group => group_sample(&mut rng, images, options.max_distractors),
+            Task::Story => story_sample(&mut rng, images),
         };
         let mut img_list = Vec::with_capacity(sample.images.len());
         for (k, img) in sample.images.iter().enumerate() {
@@ -779,13 +788,13 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
     tracing::info!(
         out = %out.display(),
         records = records.len(),
-        images = records.len() * options.images,
+        images = records.iter().map(|r| r.img_list.len()).sum::<usize>(),
         vocabulary,
         "synthetic dataset written"
     );
     Ok(Synthesized {
         records: records.len(),
-        images: records.len() * options.images,
+        images: records.iter().map(|r| r.img_list.len()).sum(),
         vocabulary,
     })
 }

@@ -33,6 +33,7 @@ pub fn fixture(samples: usize) -> Fixture {
             task: Task::Group,
             samples,
             images: 2,
+            min_images: 0,
             max_distractors: samtrain_data::mmlink::synth::MAX_DISTRACTORS,
             seed: 5,
         },
