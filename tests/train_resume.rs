@@ -104,15 +104,25 @@ keep = 0
         file
     }
 
-    /// [`Fixture::job`] with `data.balance_images` on.
+    /// [`Fixture::job`] with `data.balance_images` on and the vision
+    /// encoder's outputs kept in `<ckpt>-vision` (no augmentation: the
+    /// same pixels every epoch).
     fn balanced_job(&self, name: &str, ckpt: &str, batch: u32) -> PathBuf {
         let file = self.job(name, ckpt, batch);
-        let text = std::fs::read_to_string(&file).unwrap();
-        std::fs::write(
-            &file,
-            text.replacen("[data]\n", "[data]\nbalance_images = true\n", 1),
-        )
-        .unwrap();
+        let cache = self.path(&format!("{ckpt}-vision"));
+        let text = std::fs::read_to_string(&file)
+            .unwrap()
+            .replacen(
+                "[data]\n",
+                "[data]\nbalance_images = true\naugmentation = \"none\"\n",
+                1,
+            )
+            .replacen(
+                "[model]\n",
+                &format!("[model]\nvision_cache = \"{}\"\n", cache.display()),
+                1,
+            );
+        std::fs::write(&file, text).unwrap();
         file
     }
 }
@@ -304,8 +314,9 @@ fn killed_job_resumes_bit_for_bit() {
 }
 
 /// Two ranks that share each global batch by the samples' images (2 to 4
-/// each) train what one process of the whole global batch trains, and
-/// their ledger proves each sample trained once.
+/// each), and read the frozen encoder's outputs from a vision cache from
+/// the second epoch on, train what one process of the whole global batch
+/// trains without either; their ledger proves each sample trained once.
 #[test]
 fn balanced_ranks_train_what_one_process_trains() {
     let f = Fixture::with_images(4, 2);
@@ -317,6 +328,12 @@ fn balanced_ranks_train_what_one_process_trains() {
         assert_eq!(line["samples_consumed"], 80);
     }
     let one = f.job("one.toml", "ckpt-one", 4);
+    let text = std::fs::read_to_string(&one).unwrap();
+    std::fs::write(
+        &one,
+        text.replacen("[data]\n", "[data]\naugmentation = \"none\"\n", 1),
+    )
+    .unwrap();
     finish(launch(&one, 1));
     let (two, one) = (
         weights_at(&f.path("ckpt-two"), 20),
@@ -335,6 +352,14 @@ fn balanced_ranks_train_what_one_process_trains() {
     assert_eq!(out["exactly_once"], true, "{out}");
     assert_eq!(out["verdict"]["epochs"][0]["distinct"], 48, "{out}");
     assert_eq!(out["segments"][0]["sampler"]["balance"], true, "{out}");
+    // One entry per image of the set: every image was seen in epoch 0.
+    let images = std::fs::read_dir(f.path("data").join("images"))
+        .unwrap()
+        .count();
+    let kept = std::fs::read_dir(f.path("ckpt-two-vision"))
+        .unwrap()
+        .count();
+    assert_eq!(kept, images);
 }
 
 /// `samtrain ledger --json` of the checkpoint location `ckpt`.

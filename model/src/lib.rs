@@ -30,6 +30,7 @@ pub mod tape;
 pub mod tensor_file;
 pub mod trainable;
 pub mod vision;
+pub mod vision_cache;
 pub mod weights;
 
 pub use config::SamConfig;

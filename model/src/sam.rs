@@ -16,6 +16,8 @@
 //! slots get no vision compute, no share of `I_hat`, no attention and no
 //! rotary position.
 
+use std::sync::Arc;
+
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
@@ -28,6 +30,7 @@ use crate::qformer::QFormer;
 use crate::rng;
 use crate::tape::{self, GradTape};
 use crate::vision::VisionModel;
+use crate::vision_cache::VisionCache;
 
 /// One batch of model inputs (see `samtrain model forward`).
 #[derive(Debug)]
@@ -101,6 +104,8 @@ pub struct SamModel {
     guidance: Guidance,
     /// The dtype activations are computed in: that of the frozen weights.
     compute: Kind,
+    /// Where the frozen ViT's outputs are kept between epochs and runs.
+    vision_cache: std::sync::RwLock<Option<Arc<VisionCache>>>,
 }
 
 /// The passes through the Q-Former's layers; each draws its own dropout
@@ -167,12 +172,31 @@ impl SamModel {
             },
             config: config.clone(),
             compute: p.kind(),
+            vision_cache: Default::default(),
         })
     }
 
     /// The dtype activations are computed in.
     pub fn compute_kind(&self) -> Kind {
         self.compute
+    }
+
+    /// Keeps the vision encoder's outputs in `cache` (`None`: encodes every
+    /// image every time). Only a frozen encoder uses it: one that trains
+    /// (`samtrain.trainable.all`) changes its outputs at every step.
+    pub fn set_vision_cache(&self, cache: Option<Arc<VisionCache>>) {
+        *self.vision_cache.write().unwrap_or_else(|e| e.into_inner()) = cache;
+    }
+
+    /// The vision cache, while the encoder is frozen.
+    fn frozen_vision_cache(&self) -> Option<Arc<VisionCache>> {
+        if self.config.samtrain.trainable.all {
+            return None;
+        }
+        self.vision_cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn llm(&self) -> &Llama {
@@ -316,9 +340,12 @@ impl SamModel {
             .pixel_values
             .reshape([b * n, size[2], size[3], size[4]])
             .index_select(0, &real);
-        let e = self
-            .vision
-            .forward(&pixels.to_kind(self.compute), tape.as_deref_mut());
+        let pixels = pixels.to_kind(self.compute);
+        let e = match self.frozen_vision_cache() {
+            // Frozen: nothing of the encoder goes on the tape.
+            Some(cache) => cache.encode(&pixels, |p| self.vision.forward(p, None)),
+            None => self.vision.forward(&pixels, tape.as_deref_mut()),
+        };
         let e = tape::share(&mut tape, e);
         let qn = self.config.num_query_tokens;
         let qf_mask = match &inputs.qformer_attention_mask {

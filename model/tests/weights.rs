@@ -4,48 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+mod common;
+
+use common::{config, inputs, CONFIG};
 use samtrain_model::rng;
 use samtrain_model::weights::{self, MODEL_FILE, SAM_FILE};
 use samtrain_model::{LoadedModel, ModelError, SamConfig, SamInputs};
 use tch::{Device, Kind, Tensor};
-
-const CONFIG: &str = r#"{
-  "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                    "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
-  "qformer_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "encoder_hidden_size": 16, "vocab_size": 30,
-                     "max_position_embeddings": 16},
-  "text_config": {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "vocab_size": 37},
-  "num_query_tokens": 2
-}"#;
-
-fn config() -> SamConfig {
-    serde_json::from_str(CONFIG).unwrap()
-}
-
-/// Fixed inputs made without libtorch's global generator, which tests on
-/// other threads of this binary draw from at the same time.
-fn inputs() -> SamInputs {
-    let opts = (Kind::Int64, Device::Cpu);
-    let ids = |n: i64, low: i64, high: i64, shape: [i64; 2]| {
-        (Tensor::arange(n, opts) * 7 + 3)
-            .remainder(high - low)
-            .view(shape)
-            + low
-    };
-    SamInputs {
-        pixel_values: (Tensor::arange(2 * 2 * 3 * 8 * 8, (Kind::Float, Device::Cpu)) * 0.37)
-            .sin()
-            .view([2, 2, 3, 8, 8]),
-        image_mask: Some(Tensor::from_slice2(&[[1i64, 1], [1, 0]])),
-        qformer_input_ids: ids(6, 1, 30, [2, 3]),
-        qformer_attention_mask: None,
-        input_ids: ids(10, 3, 37, [2, 5]),
-        attention_mask: None,
-        dropout: None,
-    }
-}
 
 fn logits(dir: &Path) -> Tensor {
     let m = LoadedModel::load(dir, Device::Cpu, None).unwrap();

@@ -46,6 +46,12 @@ pub struct ModelSpec {
     /// on CUDA, fp32 on the CPU.
     #[serde(default)]
     pub dtype: Option<Dtype>,
+    /// A folder where the frozen vision encoder's outputs are kept, by the
+    /// image's pixels and the weights' digest: later epochs and restarts
+    /// skip the encoder for images it has seen. Unused when the encoder
+    /// trains (`samtrain.trainable.all`).
+    #[serde(default)]
+    pub vision_cache: Option<String>,
 }
 
 /// A floating-point format for the frozen weights (`[model] dtype`).

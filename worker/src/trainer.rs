@@ -39,8 +39,9 @@ use samtrain_data::ledger::{self, Segment, Tally};
 use samtrain_data::preprocess::Loader;
 use samtrain_data::sampler::{Position, SamplerConfig};
 use samtrain_model::parallel::TensorParallel;
+use samtrain_model::vision_cache::VisionCache;
 use samtrain_model::{rng, trainable, weights, DropoutKeys, LoadedModel};
-use samtrain_proto::spec::JobSpec;
+use samtrain_proto::spec::{Augmentation, JobSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpointing::{
@@ -180,6 +181,21 @@ impl Trainer {
                 TrainError::from_model(&spec.model.path, "reading the base model", e)
             })?,
         };
+        let vision_cache = match &spec.model.vision_cache {
+            Some(dir) => {
+                if spec.data.augmentation != Augmentation::None {
+                    tracing::warn!(%dir, "model.vision_cache with data.augmentation on: augmented images differ every epoch, so the cache keeps new ones instead of reusing them (set data.augmentation = \"none\")");
+                }
+                Some(Arc::new(
+                    VisionCache::open(Path::new(dir), &base.digest)
+                        .map_err(|e| TrainError::from_model(dir, "opening the vision cache", e))?,
+                ))
+            }
+            None => None,
+        };
+        // Set or cleared at every start: the model may be a resident one
+        // that another job's cache was set on.
+        lease.model().model.set_vision_cache(vision_cache);
         let resumed = checkpointing::resume(&ckpt, &groups, &base, &params, &mut optimizer)?;
         let (step, position, samples_consumed) = match &resumed {
             Some(meta) => (meta.step, meta.position, meta.samples_consumed),
