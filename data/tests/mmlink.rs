@@ -73,6 +73,19 @@ fn a_mixed_set_has_between_min_images_and_images_per_sample() {
         assert!(counts.contains(&2) && counts.contains(&5), "{counts:?}");
         assert_eq!(done.images, counts.iter().sum::<usize>());
     }
+    let dir = tempfile::tempdir().unwrap();
+    for min_images in [1, 4] {
+        let opts = SynthOptions {
+            images: 3,
+            min_images,
+            ..options(Task::Group, 3)
+        };
+        let e = synth(dir.path(), &opts).unwrap_err().to_string();
+        assert!(
+            e.contains("--min-images") && e.contains(&format!("got {min_images}")),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -720,6 +720,12 @@ pub fn synth(out: &Path, options: &SynthOptions) -> Result<Synthesized, SynthErr
             options.images
         )));
     }
+    if options.min_images != 0 && !(2..=options.images).contains(&options.min_images) {
+        return Err(SynthError::Options(format!(
+            "--min-images must be 0 (every sample has --images) or from 2 to --images ({}), got {}",
+            options.images, options.min_images
+        )));
+    }
     if options.samples == 0 {
         return Err(SynthError::Options("--samples must be at least 1".into()));
     }
