@@ -24,14 +24,7 @@ echo "bench: cargo build --release" >&2
 cargo build --release --bin samtrain
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
-"$PY" - "$ROOT/examples/demo-model.json" "$DIR/model.json" <<'PYEOF'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config["vision_config"].update(image_size=224, patch_size=14, hidden_size=256,
-                               intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
-config["qformer_config"]["encoder_hidden_size"] = 256
-json.dump(config, open(sys.argv[2], "w"), indent=1)
-PYEOF
+benches/wide_vision_config.sh "$DIR/model.json" 256 1024 4 4 all
 
 job() { # $1: balance_images (true/false); $2: the run's folder
     cat <<EOF

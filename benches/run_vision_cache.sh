@@ -27,15 +27,7 @@ echo "bench: cargo build --release" >&2
 cargo build --release --bin samtrain
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
-"$PY" - "$ROOT/examples/demo-model.json" "$DIR/model.json" "$VIT_LAYERS" <<'PYEOF'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config["vision_config"].update(hidden_size=1408, intermediate_size=6144, num_attention_heads=16,
-                               num_hidden_layers=int(sys.argv[3]), image_size=224, patch_size=14)
-config["qformer_config"]["encoder_hidden_size"] = 1408
-config["samtrain"]["trainable"] = {"qformer": True, "projection": True}
-json.dump(config, open(sys.argv[2], "w"), indent=1)
-PYEOF
+benches/wide_vision_config.sh "$DIR/model.json" 1408 6144 16 "$VIT_LAYERS" qformer
 
 job() { # $1: the run's folder; $2: extra [model] lines
     cat <<EOF
