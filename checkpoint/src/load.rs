@@ -75,13 +75,14 @@ pub(crate) async fn list(store: &Store) -> Result<Vec<CheckpointInfo>, Checkpoin
     Ok(out)
 }
 
-/// Checks that `name` in `info`'s folder is what `entry` says.
+/// Checks that `entry`'s file in `info`'s folder has the size and, when
+/// `crc` is given, the checksum the manifest records.
 fn check(
     store: &Store,
     info: &CheckpointInfo,
     entry: &FileEntry,
     size: u64,
-    crc: u32,
+    crc: Option<u32>,
 ) -> Result<(), CheckpointError> {
     let path = store.shown(&format!("{}/{}", step_folder(info.step), entry.name));
     if size != entry.size {
@@ -91,64 +92,56 @@ fn check(
             found: size,
         });
     }
-    if crc_hex(crc) != entry.crc32 {
-        return Err(CheckpointError::Checksum {
+    match crc.map(crc_hex) {
+        Some(found) if found != entry.crc32 => Err(CheckpointError::Checksum {
             path,
             expected: entry.crc32.clone(),
-            found: crc_hex(crc),
-        });
+            found,
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-pub(crate) async fn verify(store: &Store, info: &CheckpointInfo) -> Result<(), CheckpointError> {
+/// Runs `check_one` on every file of `info` (its name under the location
+/// and its manifest entry), a few at a time; the first failure is the
+/// result.
+async fn each_file<'a, Fut>(
+    info: &'a CheckpointInfo,
+    check_one: impl Fn(String, &'a FileEntry) -> Fut,
+) -> Result<(), CheckpointError>
+where
+    Fut: std::future::Future<Output = Result<(), CheckpointError>>,
+{
     let folder = step_folder(info.step);
-    let reads: Vec<_> = info
+    let checks: Vec<Fut> = info
         .manifest
         .files()
-        .map(|entry| {
-            let name = format!("{folder}/{}", entry.name);
-            async move {
-                let (size, crc) = store.digest(&name).await?;
-                check(store, info, entry, size, crc)
-            }
-        })
+        .map(|entry| check_one(format!("{folder}/{}", entry.name), entry))
         .collect();
-    futures::stream::iter(reads)
+    futures::stream::iter(checks)
         .buffer_unordered(READS_IN_FLIGHT)
         .try_collect::<Vec<()>>()
         .await
         .map(drop)
+}
+
+/// Reads every file of `info` and checks its size and checksum.
+pub(crate) async fn verify(store: &Store, info: &CheckpointInfo) -> Result<(), CheckpointError> {
+    each_file(info, |name, entry| async move {
+        let (size, crc) = store.digest(&name).await?;
+        check(store, info, entry, size, Some(crc))
+    })
+    .await
 }
 
 /// Checks that every file of `info` is in the store at the size its
 /// manifest records, from the files' metadata: nothing is read. The
 /// checksums are checked when the checkpoint is loaded.
 async fn present(store: &Store, info: &CheckpointInfo) -> Result<(), CheckpointError> {
-    let folder = step_folder(info.step);
-    let heads: Vec<_> = info
-        .manifest
-        .files()
-        .map(|entry| {
-            let name = format!("{folder}/{}", entry.name);
-            async move {
-                let size = store.size(&name).await?;
-                if size != entry.size {
-                    return Err(CheckpointError::Size {
-                        path: store.shown(&name),
-                        expected: entry.size,
-                        found: size,
-                    });
-                }
-                Ok(())
-            }
-        })
-        .collect();
-    futures::stream::iter(heads)
-        .buffer_unordered(READS_IN_FLIGHT)
-        .try_collect::<Vec<()>>()
-        .await
-        .map(drop)
+    each_file(info, |name, entry| async move {
+        check(store, info, entry, store.size(&name).await?, None)
+    })
+    .await
 }
 
 /// The newest checkpoint, of a step below `before` when given, whose files
@@ -341,7 +334,7 @@ pub(crate) async fn load(
         info,
         &manifest.meta,
         meta_bytes.len() as u64,
-        crc32fast::hash(&meta_bytes),
+        Some(crc32fast::hash(&meta_bytes)),
     )?;
     let meta = serde_json::from_slice(&meta_bytes).map_err(|source| CheckpointError::Json {
         path: store.shown(&meta_name),
