@@ -27,40 +27,8 @@ DIR=$(cd "$DIR" && pwd)
 benches/wide_vision_config.sh "$DIR/model.json" 256 1024 4 4 all
 
 job() { # $1: balance_images (true/false); $2: the run's folder
-    cat <<EOF
-name = "balance"
-[model]
-path = "$DIR/model"
-init = "$DIR/model.json"
-[data]
-train = "$DIR/data"
-llm_tokenizer = "$DIR/data/tokenizer.json"
-loader_threads = 1
-max_txt_len = 32
-max_output_txt_len = 16
-augmentation = "none"
-balance_images = $1
-[data.synth]
-task = "group"
-train_samples = 512
-images = 8
-min_images = 2
-seed = 3
-[training]
-steps = $STEPS
-batch_size = $BATCH
-lr = 1e-3
-seed = 0
-device = "cpu"
-log_every = 1
-threads = 1
-[parallel]
-min_workers = 2
-max_workers = 2
-[checkpoint]
-url = "$2/checkpoints"
-every_steps = 1000000
-EOF
+    benches/synth_job.sh balance "$DIR" "$2" "$STEPS" "$BATCH" 2 data.balance_images="$1" \
+        data.synth.train_samples=512 data.synth.images=8 data.synth.min_images=2 training.lr=1e-3
 }
 
 for ((i = 0; i < ROUNDS; i++)); do

@@ -29,46 +29,21 @@ mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
 benches/wide_vision_config.sh "$DIR/model.json" 1408 6144 16 "$VIT_LAYERS" qformer
 
-job() { # $1: the run's folder; $2: extra [model] lines
-    cat <<EOF
-name = "vision-cache"
-[model]
-path = "$DIR/model"
-init = "$DIR/model.json"
-$2
-[data]
-train = "$DIR/data"
-llm_tokenizer = "$DIR/data/tokenizer.json"
-loader_threads = 1
-max_txt_len = 32
-max_output_txt_len = 16
-augmentation = "none"
-[data.synth]
-task = "group"
-train_samples = $SAMPLES
-images = 3
-seed = 5
-[training]
-steps = $STEPS
-batch_size = $BATCH
-lr = 1e-4
-seed = 0
-device = "cpu"
-log_every = 1
-threads = $THREADS
-[checkpoint]
-url = "$1/checkpoints"
-every_steps = 1000000
-EOF
+job() { # $1: the run's folder; then overrides (benches/synth_job.sh)
+    local run=$1
+    shift
+    benches/synth_job.sh vision-cache "$DIR" "$run" "$STEPS" "$BATCH" 1 \
+        data.synth.train_samples="$SAMPLES" data.synth.images=3 data.synth.seed=5 \
+        training.threads="$THREADS" "$@"
 }
 
 for side in plain cached; do
     run="$DIR/$side"
     rm -rf "$run"
     mkdir -p "$run"
-    extra=""
-    [[ $side == cached ]] && extra="vision_cache = \"$run/vision\""
-    job "$run" "$extra" >"$run/job.toml"
+    extra=()
+    [[ $side == cached ]] && extra=(model.vision_cache="\"$run/vision\"")
+    job "$run" "${extra[@]}" >"$run/job.toml"
     target/release/samtrain train "$run/job.toml" --json >"$run/out.json" 2>"$run/train.log"
 done
 

@@ -420,6 +420,10 @@ pub struct ParallelSpec {
     /// `training.log_every` steps, say).
     pub straggler_steps: u64,
     pub straggler_policy: StragglerPolicy,
+    /// Sum each gradient bucket over the data-parallel group as soon as
+    /// backward has produced it, while backward goes on (torch DDP's
+    /// overlap); off, the buckets are summed after backward.
+    pub overlap_grad_reduce: bool,
 }
 
 impl Default for ParallelSpec {
@@ -435,6 +439,7 @@ impl Default for ParallelSpec {
             straggler_factor: 1.5,
             straggler_steps: 50,
             straggler_policy: StragglerPolicy::Flag,
+            overlap_grad_reduce: true,
         }
     }
 }

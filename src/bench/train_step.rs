@@ -1,6 +1,6 @@
 //! `samtrain bench train-step`: one training step of a model folder
-//! (forward, backward, AdamW, zero_grad, every parameter trainable) on a
-//! fixed random batch, to compare with the same model in transformers
+//! (forward, backward, the trainer's AdamW, zero_grad, every parameter
+//! trainable) on a fixed random batch, to compare with the same model in transformers
 //! (`benches/train_step.py`, `benches/run_train_step.sh`).
 
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use samtrain_model::tape::GradTape;
 use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
-use tch::nn::OptimizerConfig;
+use samtrain_worker::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::{median, mib, rss_bytes};
@@ -53,7 +53,9 @@ pub struct TrainStepArgs {
 }
 
 // AdamW as on the Python side: `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`
-// (betas 0.9 and 0.999 and eps 1e-8 are the defaults of both).
+// (betas 0.9 and 0.999 and eps 1e-8, torch's defaults). samtrain's decays
+// matrices only, torch's every tensor: one multiply fused into the same
+// pass either way.
 const LEARNING_RATE: f64 = 1e-4;
 const WEIGHT_DECAY: f64 = 0.01;
 
@@ -85,9 +87,15 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     let mut options = config.samtrain.clone();
     options.trainable.all = true;
     let params = trainable::apply(&m.vs, &options);
-    let mut opt = tch::nn::AdamW::default()
-        .wd(WEIGHT_DECAY)
-        .build(&m.vs, LEARNING_RATE)?;
+    let mut opt = AdamW::new(
+        &params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: WEIGHT_DECAY,
+        },
+    );
     let (inputs, labels) = random_batch(config, args);
     let rss_before_steps = rss_bytes("VmRSS")?;
 
@@ -100,7 +108,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         let forward = start.elapsed();
         tape.backward(&losses.total, None)?;
         let backward = start.elapsed();
-        opt.step();
+        opt.step(LEARNING_RATE)?;
         opt.zero_grad();
         let done = start.elapsed();
         // Read after the clock stops: the value is only a cross-check that both

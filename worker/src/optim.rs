@@ -3,17 +3,24 @@
 //! bit, and global-norm gradient clipping that sees every tensor-parallel
 //! shard.
 //!
-//! The update is torch.optim.AdamW's (single-tensor path, `amsgrad=False`),
-//! operation for operation, so the two agree to float rounding: decoupled
-//! weight decay `p *= 1 - lr wd`, moments `m = lerp(m, g, 1 - b1)`,
+//! The update is libtorch's fused AdamW kernel (`samtrain_torchext`), the
+//! one behind `torch.optim.AdamW(fused=True)`, so the two agree bit for bit:
+//! decoupled weight decay `p *= 1 - lr wd`, moments `m = lerp(m, g, 1 - b1)`,
 //! `v = b2 v + (1 - b2) g g`, and `p -= lr / (1 - b1^t) * m / (sqrt(v) /
-//! sqrt(1 - b2^t) + eps)`. As LAVIS (SAM's training code) does, weight decay
-//! applies only to matrices: biases, norms and scalars do not decay.
+//! sqrt(1 - b2^t) + eps)`, one pass over each tensor's memory instead of the
+//! eight of the per-tensor loop. As LAVIS (SAM's training code) does, weight
+//! decay applies only to matrices: biases, norms and scalars do not decay,
+//! so the parameters form two groups (by dtype and device too, as the kernel
+//! takes one of each).
+//!
+//! Clipping takes the gradients' norms in one `_foreach_norm` call and
+//! scales them in one `_foreach_mul_`, as `clip_grad_norm_` does.
 
 use std::collections::HashMap;
 
-use samtrain_comm::{shard_dim, Collective};
-use tch::{Kind, Tensor};
+use samtrain_comm::{shard_dim, Collective, CollectiveError};
+use samtrain_torchext::{fused_adamw_, AdamWHyper, AdamWTensors, TorchExtError};
+use tch::{Device, Kind, Tensor};
 
 /// The checkpoint names of a parameter's optimizer state.
 pub const EXP_AVG: &str = "exp_avg";
@@ -35,12 +42,23 @@ struct ParamState {
     decay: bool,
 }
 
+/// Parameters that one fused kernel call updates: same decay, dtype and
+/// device.
+struct Group {
+    decay: bool,
+    members: Vec<usize>,
+    /// The step being taken, as the kernel reads it (one fp32 element on the
+    /// group's device, listed once per member).
+    step: Tensor,
+}
+
 /// AdamW over a fixed, named list of parameters.
 pub struct AdamW {
     config: AdamWConfig,
     /// Optimizer steps taken.
     step: u64,
     params: Vec<ParamState>,
+    groups: Vec<Group>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +81,7 @@ pub fn decays(param: &Tensor) -> bool {
 impl AdamW {
     /// Fresh state (zero moments, step 0) for `params`.
     pub fn new(params: &[(String, Tensor)], config: AdamWConfig) -> Self {
-        let params = params
+        let params: Vec<ParamState> = params
             .iter()
             .map(|(name, p)| ParamState {
                 name: name.clone(),
@@ -73,10 +91,31 @@ impl AdamW {
                 decay: decays(p),
             })
             .collect();
+        let mut groups: Vec<(bool, Kind, Device, Group)> = Vec::new();
+        for (i, s) in params.iter().enumerate() {
+            let key = (s.decay, s.param.kind(), s.param.device());
+            match groups
+                .iter_mut()
+                .find(|(d, k, dev, _)| (*d, *k, *dev) == key)
+            {
+                Some((.., g)) => g.members.push(i),
+                None => groups.push((
+                    key.0,
+                    key.1,
+                    key.2,
+                    Group {
+                        decay: s.decay,
+                        members: vec![i],
+                        step: Tensor::zeros([1], (Kind::Float, key.2)),
+                    },
+                )),
+            }
+        }
         AdamW {
             config,
             step: 0,
             params,
+            groups: groups.into_iter().map(|(.., g)| g).collect(),
         }
     }
 
@@ -87,31 +126,49 @@ impl AdamW {
 
     /// One update from the parameters' gradients at learning rate `lr`.
     /// Parameters without a gradient are left alone, as torch does.
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, lr: f64) -> Result<(), TorchExtError> {
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = lr / bias_correction1;
-        tch::no_grad(|| {
-            for s in &mut self.params {
-                let grad = s.param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                if s.decay && c.weight_decay != 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = s.exp_avg.lerp_(&grad, 1.0 - c.beta1);
-                let _ = s
-                    .exp_avg_sq
-                    .g_mul_scalar_(c.beta2)
-                    .addcmul_(&(&grad * (1.0 - c.beta2)), &grad);
-                let denom = (s.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
-                let _ = s.param.addcdiv_(&(&s.exp_avg * -step_size), &denom);
+        for group in &mut self.groups {
+            let with_grad: Vec<(&ParamState, Tensor)> = group
+                .members
+                .iter()
+                .map(|&i| (&self.params[i], self.params[i].param.grad()))
+                .filter(|(_, g)| g.defined())
+                .collect();
+            if with_grad.is_empty() {
+                continue;
             }
-        });
+            let _ = group.step.fill_(self.step as f64);
+            let list = |f: &dyn Fn(&ParamState) -> &Tensor| -> Vec<Tensor> {
+                with_grad
+                    .iter()
+                    .map(|(s, _)| f(s).shallow_clone())
+                    .collect()
+            };
+            let grads: Vec<Tensor> = with_grad.iter().map(|(_, g)| g.shallow_clone()).collect();
+            let steps: Vec<Tensor> = with_grad
+                .iter()
+                .map(|_| group.step.shallow_clone())
+                .collect();
+            fused_adamw_(
+                &AdamWTensors {
+                    params: &list(&|s| &s.param),
+                    grads: &grads,
+                    exp_avgs: &list(&|s| &s.exp_avg),
+                    exp_avg_sqs: &list(&|s| &s.exp_avg_sq),
+                    steps: &steps,
+                },
+                &AdamWHyper {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    weight_decay: if group.decay { c.weight_decay } else { 0.0 },
+                    eps: c.eps,
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Zeroes every gradient in place (buffers stay allocated).
@@ -168,6 +225,16 @@ impl AdamW {
     }
 }
 
+/// Why clipping failed: the tensor-parallel group's sum (a peer), or a
+/// libtorch operation on this rank's gradients.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Torch(#[from] TorchExtError),
+}
+
 /// Clips gradients to a global L2 norm of `max_norm` (0: no clipping) and
 /// returns the norm before clipping, as torch's `clip_grad_norm_` does.
 ///
@@ -179,31 +246,36 @@ pub fn clip_grad_norm(
     params: &[(String, Tensor)],
     max_norm: f64,
     tp: Option<&dyn Collective>,
-) -> Result<f64, samtrain_comm::CollectiveError> {
+) -> Result<f64, ClipError> {
     let tp = tp.filter(|c| c.world_size() > 1);
-    let mut replicated = Vec::new();
+    let mut grads = Vec::new();
     let mut sharded = Vec::new();
     for (name, p) in params {
         let g = p.grad();
-        if !g.defined() {
-            continue;
-        }
-        let sq = g.to_kind(Kind::Float).square().sum(Kind::Float);
-        if tp.is_some() && shard_dim(name).is_some() {
-            sharded.push(sq);
-        } else {
-            replicated.push(sq);
+        if g.defined() {
+            sharded.push(tp.is_some() && shard_dim(name).is_some());
+            grads.push(g);
         }
     }
-    let total = |v: &[Tensor]| -> f64 {
-        if v.is_empty() {
+    let norms = samtrain_torchext::foreach_norm(&grads)?;
+    let squares = |want_sharded: bool| -> f64 {
+        let picked: Vec<&Tensor> = norms
+            .iter()
+            .zip(&sharded)
+            .filter(|(_, &s)| s == want_sharded)
+            .map(|(n, _)| n)
+            .collect();
+        if picked.is_empty() {
             0.0
         } else {
-            Tensor::stack(v, 0).sum(Kind::Float).double_value(&[])
+            Tensor::stack(&picked, 0)
+                .square()
+                .sum(Kind::Float)
+                .double_value(&[])
         }
     };
-    let mut sq = total(&replicated);
-    let sharded_sq = total(&sharded);
+    let mut sq = squares(false);
+    let sharded_sq = squares(true);
     sq += match tp {
         Some(comm) => comm
             .all_reduce_sum(&Tensor::from_slice(&[sharded_sq]))?
@@ -214,14 +286,19 @@ pub fn clip_grad_norm(
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            tch::no_grad(|| {
-                for (_, p) in params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(coef);
-                    }
+            // One call per dtype and device, as the foreach kernels take.
+            let mut by_kind: Vec<((Kind, Device), Vec<Tensor>)> = Vec::new();
+            for g in grads {
+                let key = (g.kind(), g.device());
+                match by_kind.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, list)) => list.push(g),
+                    None => by_kind.push((key, vec![g])),
                 }
-            });
+            }
+            for ((_, device), list) in by_kind {
+                let scale = Tensor::scalar_tensor(coef, (Kind::Float, device));
+                samtrain_torchext::foreach_mul_(&list, &scale)?;
+            }
         }
     }
     Ok(norm)

@@ -12,8 +12,9 @@
 //!    inside `catch_unwind`: the model's tensor-parallel all-reduce unwinds
 //!    with a typed payload when a peer fails, which becomes a retriable
 //!    [`TrainError::Collective`];
-//! 3. gradients summed over the dp group in buckets ([`crate::ddp`]) and
-//!    clipped by their global norm ([`crate::optim::clip_grad_norm`]).
+//! 3. gradients summed over the dp group in buckets ([`crate::ddp`]), during
+//!    the last micro-batch's backward or after it, and clipped by their
+//!    global norm ([`crate::optim::clip_grad_norm`]).
 //!
 //! The optimizer update itself is the trainer's.
 
@@ -23,11 +24,11 @@ use std::time::{Duration, Instant};
 use samtrain_comm::Collective;
 use samtrain_model::tape::GradTape;
 use samtrain_model::{SamInputs, SamModel};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::ddp::GradBuckets;
 use crate::error::TrainError;
-use crate::optim::clip_grad_norm;
+use crate::optim::{clip_grad_norm, ClipError};
 
 /// What one optimizer step needs besides its data.
 pub(crate) struct StepContext<'a> {
@@ -38,10 +39,17 @@ pub(crate) struct StepContext<'a> {
     pub tp: Option<&'a dyn Collective>,
     pub buckets: &'a GradBuckets,
     pub max_grad_norm: f64,
-    pub autocast: bool,
+    /// bf16 autocast on this device (`[training] bf16` on CUDA).
+    pub autocast: Option<Device>,
     /// Recompute each layer in backward (see `samtrain_model::tape`).
     pub activation_checkpointing: bool,
+    /// Reduce the dp buckets while the last micro-batch's backward runs
+    /// (`[parallel] overlap_grad_reduce`; not with a tape, see `ddp`).
+    pub overlap: bool,
 }
+
+/// A reduction that overlapped backward: the wait after it, and its result.
+type Reduced = (Duration, Result<(), samtrain_comm::CollectiveError>);
 
 pub(crate) struct StepStats {
     pub loss: f64,
@@ -78,10 +86,20 @@ impl StepContext<'_> {
                 message: "the global batch has no answer tokens to learn from".into(),
             });
         }
-        let loss_sum = catch_unwind(AssertUnwindSafe(|| self.backward(step, micro, tokens)))
-            .map_err(|p| TrainError::from_panic(step, p))??;
+        let (loss_sum, overlapped) =
+            catch_unwind(AssertUnwindSafe(|| self.backward(step, micro, tokens)))
+                .map_err(|p| TrainError::from_panic(step, p))??;
         crate::fault::slow_step();
-        timed(&mut comm, || self.buckets.all_reduce(self.params, dp))
+        let reduced = match overlapped {
+            // Only the wait after backward counts as communication: the rest
+            // of the reduction hid behind backward.
+            Some((tail, reduced)) => {
+                comm += tail;
+                reduced
+            }
+            None => timed(&mut comm, || self.buckets.all_reduce(self.params, dp)),
+        };
+        reduced
             .map_err(|e| TrainError::collective(&format!("step {step}: gradient all-reduce"), e))?;
         let loss_sum = if dp.world_size() > 1 {
             timed(&mut comm, || {
@@ -92,8 +110,16 @@ impl StepContext<'_> {
         } else {
             loss_sum
         };
-        let grad_norm = clip_grad_norm(self.params, self.max_grad_norm, self.tp)
-            .map_err(|e| TrainError::collective(&format!("step {step}: gradient norm"), e))?;
+        let grad_norm =
+            clip_grad_norm(self.params, self.max_grad_norm, self.tp).map_err(|e| match e {
+                ClipError::Collective(e) => {
+                    TrainError::collective(&format!("step {step}: gradient norm"), e)
+                }
+                ClipError::Torch(e) => TrainError::Step {
+                    step,
+                    message: format!("clipping the gradients: {e}"),
+                },
+            })?;
         Ok(StepStats {
             loss: loss_sum / tokens as f64,
             grad_norm,
@@ -104,23 +130,24 @@ impl StepContext<'_> {
 
     /// Accumulates the gradients of every micro-batch, each loss weighted by
     /// its share of the global batch's `tokens`; returns this rank's summed
-    /// token loss.
+    /// token loss, and, when the dp reduction overlapped the last
+    /// micro-batch's backward, its wait after backward and its result.
     fn backward(
         &self,
         step: u64,
         micro: &[(SamInputs, Tensor)],
         tokens: i64,
-    ) -> Result<f64, TrainError> {
+    ) -> Result<(f64, Option<Reduced>), TrainError> {
         let mut loss_sum = 0.0;
-        for (inputs, labels) in micro {
+        let mut overlapped = None;
+        for (at, (inputs, labels)) in micro.iter().enumerate() {
             let mut tape = (self.tp.is_some() || self.activation_checkpointing)
                 .then(|| GradTape::with_checkpointing(self.activation_checkpointing));
-            let losses = tch::autocast(self.autocast, || {
-                self.model.loss(inputs, labels, tape.as_mut())
-            })
-            .map_err(|e| {
-                TrainError::from_model("", &format!("the forward pass of step {step}"), e)
-            })?;
+            let losses = self
+                .mixed(step, || self.model.loss(inputs, labels, tape.as_mut()))?
+                .map_err(|e| {
+                    TrainError::from_model("", &format!("the forward pass of step {step}"), e)
+                })?;
             if losses.tokens == 0 {
                 continue;
             }
@@ -128,15 +155,35 @@ impl StepContext<'_> {
             match tape {
                 // Checkpointed layers run forward again in backward, under
                 // the same autocast as the first time.
-                Some(tape) => tch::autocast(self.autocast, || tape.backward(&scaled, self.tp))
+                Some(tape) => self
+                    .mixed(step, || tape.backward(&scaled, self.tp))?
                     .map_err(|e| {
                         TrainError::collective(&format!("the backward pass of step {step}"), e)
                     })?,
+                None if self.overlap && at + 1 == micro.len() && self.dp.world_size() > 1 => {
+                    let done = self
+                        .buckets
+                        .reduce_during(self.params, self.dp, || scaled.backward());
+                    overlapped = Some((done.tail, done.reduced));
+                }
                 None => scaled.backward(),
             }
             loss_sum += losses.total.double_value(&[]) * losses.tokens as f64;
         }
-        Ok(loss_sum)
+        Ok((loss_sum, overlapped))
+    }
+
+    /// Runs `f` under bf16 autocast when the step asks for it.
+    fn mixed<T>(&self, step: u64, f: impl FnOnce() -> T) -> Result<T, TrainError> {
+        match self.autocast {
+            None => Ok(f()),
+            Some(device) => samtrain_torchext::autocast(device, Kind::BFloat16, f).map_err(|e| {
+                TrainError::Step {
+                    step,
+                    message: format!("bf16 autocast: {e}"),
+                }
+            }),
+        }
     }
 }
 

@@ -316,12 +316,16 @@ impl Trainer {
             tp: (self.groups.layout.tp > 1).then_some(self.groups.tp.as_ref()),
             buckets: &self.buckets,
             max_grad_norm: t.max_grad_norm,
-            autocast: t.bf16 && self.device.is_cuda(),
+            autocast: (t.bf16 && self.device.is_cuda()).then_some(self.device),
             activation_checkpointing: t.activation_checkpointing,
+            overlap: self.spec.parallel.overlap_grad_reduce,
         }
         .run(step, &micro)?;
         let lr = self.schedule.lr(step - 1);
-        self.optimizer.step(lr);
+        self.optimizer.step(lr).map_err(|e| TrainError::Step {
+            step,
+            message: format!("the AdamW update: {e}"),
+        })?;
         self.optimizer.zero_grad();
         let global_batch = t.batch_size * t.grad_accum * self.groups.layout.dp as u64;
         self.samples_consumed += global_batch;
