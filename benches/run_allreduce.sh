@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# All-reduce of f32 tensors between 2 local processes: samtrain's TCP ring
-# (`samtrain bench allreduce`) against PyTorch's Gloo
-# (benches/allreduce_gloo.py), same sizes, same method (in-place
+# All-reduce of f32 tensors between 2 local processes: samtrain's ring
+# (`samtrain bench allreduce`), through shared memory as ranks on one host
+# use it and over TCP as ranks on different hosts do, against PyTorch's
+# Gloo (benches/allreduce_gloo.py), same sizes, same method (in-place
 # all-reduces of a buffer refilled, untimed, before each), printed side by
 # side (docs/PERFORMANCE.md, "All-reduce vs Gloo"). On a shared machine run
 # it as `nice -n -10 env ROUNDS=3 benches/run_allreduce.sh`.
 #
-# Builds samtrain in release mode, then runs the two sides alternately
+# Builds samtrain in release mode, then runs the three sides alternately
 # ROUNDS times so that load from other processes spreads over both, and
 # reports per size the best of the rounds' medians for each side.
 #
@@ -33,8 +34,10 @@ mkdir -p "$OUT"
 
 common=(--ranks "$RANKS" --bytes "$SIZES" --iters "$ITERS" --warmup "$WARMUP" --json)
 for round in $(seq "$ROUNDS"); do
-  echo "bench: round $round/$ROUNDS: samtrain ring" >&2
+  echo "bench: round $round/$ROUNDS: samtrain ring (shared memory)" >&2
   target/release/samtrain bench allreduce --backend ring "${common[@]}" >>"$RESULTS"
+  echo "bench: round $round/$ROUNDS: samtrain ring over TCP" >&2
+  target/release/samtrain bench allreduce --backend ring-tcp "${common[@]}" >>"$RESULTS"
   echo "bench: round $round/$ROUNDS: gloo" >&2
   "$PY" benches/allreduce_gloo.py "${common[@]}" >>"$RESULTS"
 done
@@ -48,10 +51,11 @@ for line in open(sys.argv[1]):
     if key not in best or r["time_us"] < best[key]["time_us"]:
         best[key] = r
 sizes = sorted({b for _, b in best})
-print(f"{'bytes':>10} | {'ring ms':>9} {'ring busbw':>10} | {'gloo ms':>9} {'gloo busbw':>10} | {'gloo/ring':>9}")
+sides = [("ring", "shm"), ("ring-tcp", "tcp"), ("gloo", "gloo")]
+print(f"{'bytes':>10} | " + " | ".join(f"{n + ' ms':>9} {n + ' busbw':>10}" for _, n in sides)
+      + f" | {'gloo/shm':>9} {'gloo/tcp':>9}")
 for b in sizes:
-    ring, gloo = best[("ring", b)], best[("gloo", b)]
-    print(f"{b:>10} | {ring['time_us']/1e3:>9.2f} {ring['busbw_gbps']:>10.3f} | "
-          f"{gloo['time_us']/1e3:>9.2f} {gloo['busbw_gbps']:>10.3f} | "
-          f"{gloo['time_us']/ring['time_us']:>8.2f}x")
+    r = {k: best[(k, b)] for k, _ in sides}
+    print(f"{b:>10} | " + " | ".join(f"{r[k]['time_us']/1e3:>9.2f} {r[k]['busbw_gbps']:>10.3f}" for k, _ in sides)
+          + f" | {r['gloo']['time_us']/r['ring']['time_us']:>8.2f}x {r['gloo']['time_us']/r['ring-tcp']['time_us']:>8.2f}x")
 PYEOF

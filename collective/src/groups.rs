@@ -47,6 +47,9 @@ pub struct GroupOptions {
     pub abort: Abort,
     /// The generation's secret, the same on every rank: only holders join.
     pub secret: Secret,
+    /// Groups whose ranks are all on this host all-reduce through shared
+    /// memory (`/dev/shm`) instead of TCP; same results, bit for bit.
+    pub shared_memory: bool,
 }
 
 /// Where a rank sits in the dp x tp grid.
@@ -503,14 +506,22 @@ impl ProcessGroups {
                     Some((next, prev))
                 }
             };
-            Ok(Arc::new(RingCollective::new(
+            let ring = RingCollective::new(
                 kind.name(),
                 index,
                 members.len() as i64,
                 links,
                 options.timeout,
                 options.abort.clone(),
-            )))
+            );
+            if options.shared_memory {
+                let peers = members
+                    .iter()
+                    .map(|&r| (r, options.peers[r as usize].clone()))
+                    .collect();
+                ring.attach_shared_memory(peers)?;
+            }
+            Ok(Arc::new(ring))
         };
         // `sent` and `accepted` are in KINDS order, as are these calls.
         let world_group = group_of(GroupKind::World)?;

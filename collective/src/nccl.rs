@@ -426,6 +426,10 @@ impl Collective for NcclCollective {
         self.rank
     }
 
+    fn transport(&self) -> &'static str {
+        "nccl"
+    }
+
     fn world_size(&self) -> i64 {
         self.world
     }

@@ -72,6 +72,10 @@ fn route(ring: Arc<dyn Collective>, cuda_index: usize) -> Result<Arc<dyn Collect
         fn pending(&self) -> Option<samtrain_comm::Pending> {
             self.nccl.pending()
         }
+        /// The CPU side's: CUDA tensors always go through NCCL.
+        fn transport(&self) -> &'static str {
+            self.ring.transport()
+        }
         fn abort(&self) {
             self.nccl.abort();
             self.ring.abort();

@@ -61,6 +61,9 @@ impl Collective for Watched {
     fn rank(&self) -> i64 {
         self.inner.rank()
     }
+    fn transport(&self) -> &'static str {
+        self.inner.transport()
+    }
     fn world_size(&self) -> i64 {
         self.inner.world_size()
     }

@@ -67,6 +67,7 @@ fn child_rank_entry() {
             timeout: Duration::from_secs(20),
             abort: Abort::new(),
             secret: Secret::new(b"test generation".to_vec()),
+            shared_memory: true,
         },
         listener,
     )
@@ -112,6 +113,7 @@ fn killed_process_fails_the_survivor_at_once() {
             timeout: Duration::from_secs(30),
             abort: Abort::new(),
             secret: Secret::new(b"test generation".to_vec()),
+            shared_memory: true,
         },
         listener,
     )
@@ -284,6 +286,7 @@ fn strangers_neither_join_nor_stall_the_ranks() {
                         timeout: Duration::from_secs(20),
                         abort: Abort::new(),
                         secret: Secret::new(b"the real generation".to_vec()),
+                        shared_memory: true,
                     },
                     listener,
                 )

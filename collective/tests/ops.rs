@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use samtrain_collective::RingCollective;
+use samtrain_collective::{Abort, RingCollective};
 use samtrain_comm::Collective;
 use tch::{Kind, Tensor};
 
@@ -90,6 +90,42 @@ fn check_all_reduce(world: usize, kind: Kind, tolerance: f64) {
 fn all_reduce_f32_matches_local_sum() {
     for world in 1..=4 {
         check_all_reduce(world, Kind::Float, 1e-6);
+    }
+}
+
+/// Groups on one host all-reduce through shared memory, and get the very
+/// bits the TCP ring gets, for every dtype and size, twice in a row (the
+/// second call grows the slots).
+#[test]
+fn shared_memory_sums_the_bits_tcp_sums() {
+    for world in [2, 3, 4] {
+        let results: Vec<Vec<Vec<Vec<u8>>>> = [true, false]
+            .into_iter()
+            .map(|shared| {
+                let groups =
+                    common::connect_over(world, 1, TIMEOUT, |_| 1, |_| Abort::new(), shared)
+                        .into_iter()
+                        .map(|g| g.expect("connect"))
+                        .collect();
+                common::on_all(groups, move |rank, g| {
+                    let want = if shared { "shared memory" } else { "tcp" };
+                    assert_eq!(g.world.transport(), want);
+                    let mut out = Vec::new();
+                    for kind in [Kind::Float, Kind::BFloat16, Kind::Double, Kind::Int64] {
+                        for numel in SIZES {
+                            let mut t = input(rank, numel, kind);
+                            g.world.all_reduce_sum_(&mut t).unwrap();
+                            out.push(bytes(&t));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        assert_eq!(
+            results[0], results[1],
+            "world {world}: shared memory differs from tcp"
+        );
     }
 }
 

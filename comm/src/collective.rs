@@ -50,6 +50,12 @@ pub trait Collective: Send + Sync {
         None
     }
 
+    /// How this group's CPU tensors travel, for logs and status: "tcp",
+    /// "shared memory", "nccl" (CUDA only), or within one process.
+    fn transport(&self) -> &'static str {
+        "in-process"
+    }
+
     /// Tears the group down, from any thread: an operation blocked in it
     /// (on the host or on the device) ends with an error, and so does
     /// every later one. Calling it again does nothing.

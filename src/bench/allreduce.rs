@@ -26,8 +26,11 @@ use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// TCP ring on CPU tensors.
+    /// The ring on CPU tensors: shared memory between ranks on one host
+    /// (as here), TCP otherwise.
     Ring,
+    /// The ring over TCP even between ranks on one host.
+    RingTcp,
     /// NCCL on CUDA tensors, one GPU per rank (needs `--features nccl`).
     Nccl,
 }
@@ -36,6 +39,7 @@ impl Backend {
     fn name(self) -> &'static str {
         match self {
             Backend::Ring => "ring",
+            Backend::RingTcp => "ring-tcp",
             Backend::Nccl => "nccl",
         }
     }
@@ -244,7 +248,7 @@ fn connect(args: &AllreduceArgs, rank: usize) -> Result<(Arc<dyn Collective>, De
         .map(str::to_string)
         .collect();
     match args.backend {
-        Backend::Ring => {
+        Backend::Ring | Backend::RingTcp => {
             let groups = ProcessGroups::connect(
                 GroupOptions {
                     rank: rank as i64,
@@ -254,6 +258,7 @@ fn connect(args: &AllreduceArgs, rank: usize) -> Result<(Arc<dyn Collective>, De
                     timeout: Duration::from_secs(60),
                     abort: Abort::new(),
                     secret: Secret::new(b"allreduce benchmark".to_vec()),
+                    shared_memory: args.backend == Backend::Ring,
                 },
                 listener,
             )?;

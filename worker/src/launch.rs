@@ -75,6 +75,7 @@ fn connect(
             timeout: Duration::from_secs_f64(spec.parallel.collective_timeout_s),
             abort: Abort::from(member.ended),
             secret: member.secret,
+            shared_memory: true,
         },
         listener,
     )?;

@@ -26,12 +26,14 @@
 //! call returns [`CollectiveError::Broken`].
 
 mod plan;
+mod shm;
 mod transfer;
 mod wire;
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -75,6 +77,8 @@ struct Inner {
     broken: Option<String>,
     /// Receive buffer of reduce steps: one piece, 8-byte aligned.
     scratch: Vec<u64>,
+    /// The group's shared memory, when every rank is on this host.
+    shm: Option<shm::Shm>,
 }
 
 /// A process group over TCP for CPU tensors (see the module docs).
@@ -85,6 +89,8 @@ pub struct RingCollective {
     timeout: Duration,
     abort: Abort,
     inner: Mutex<Inner>,
+    /// Whether all-reduces go through shared memory (set once, at setup).
+    shared: AtomicBool,
 }
 
 impl std::fmt::Debug for RingCollective {
@@ -123,13 +129,55 @@ impl RingCollective {
                 seq: 0,
                 broken: None,
                 scratch: Vec::new(),
+                shm: None,
             }),
+            shared: AtomicBool::new(false),
         }
     }
 
     /// The group's name in error messages ("world", "dp", "tp").
     pub fn group(&self) -> &'static str {
         self.group
+    }
+
+    /// Runs `work` under the group's lock with the operation's sequence
+    /// number, unless the group is broken; a failure breaks the group.
+    fn locked<T>(
+        &self,
+        op: &'static str,
+        work: impl FnOnce(&mut Inner, u64) -> Result<T>,
+    ) -> Result<T> {
+        let mut inner = self.inner.lock().map_err(|_| CollectiveError::Broken {
+            op,
+            group: self.group,
+            first: "a thread panicked inside an operation".into(),
+        })?;
+        if let Some(first) = &inner.broken {
+            return Err(CollectiveError::Broken {
+                op,
+                group: self.group,
+                first: first.clone(),
+            });
+        }
+        inner.seq += 1;
+        let seq = inner.seq;
+        let result = work(&mut inner, seq);
+        if let Err(e) = &result {
+            tracing::warn!(group = self.group, rank = self.rank, op, error = %e, "collective failed; closing the group");
+            if let Some(links) = &inner.links {
+                // Tell the previous rank why (on the direction of its
+                // connection that carries nothing else), then end both
+                // streams so neighbours blocked on us fail at once.
+                let mut notice = NOTICE_MAGIC.to_vec();
+                notice.extend_from_slice(e.to_string().as_bytes());
+                notice.truncate(4096);
+                let _ = (&links.prev.stream).write(&notice);
+                let _ = links.next.stream.shutdown(Shutdown::Write);
+                let _ = links.prev.stream.shutdown(Shutdown::Write);
+            }
+            inner.broken = Some(e.to_string());
+        }
+        result
     }
 
     /// Runs `plan` over the buffer at `buf` (with `src` as this rank's
@@ -142,37 +190,38 @@ impl RingCollective {
         plan: &Plan,
         sum: Option<Sum>,
     ) -> Result<()> {
+        self.locked(call.op.name(), |inner, seq| {
+            self.transfer(inner, seq, call, (src, buf), plan, sum)
+        })
+    }
+
+    /// One operation over the TCP links (see `transfer`).
+    fn transfer(
+        &self,
+        inner: &mut Inner,
+        seq: u64,
+        call: Call,
+        (src, buf): (*const u8, *mut u8),
+        plan: &Plan,
+        sum: Option<Sum>,
+    ) -> Result<()> {
         let Call {
             op,
             kind,
             numel,
             root,
         } = call;
-        let name = op.name();
-        let mut inner = self.inner.lock().map_err(|_| CollectiveError::Broken {
-            op: name,
-            group: self.group,
-            first: "a thread panicked inside an operation".into(),
-        })?;
-        if let Some(first) = &inner.broken {
-            return Err(CollectiveError::Broken {
-                op: name,
-                group: self.group,
-                first: first.clone(),
-            });
-        }
-        inner.seq += 1;
         let header = Header {
             op: op as u8,
             kind: kind_code(kind),
-            seq: inner.seq,
+            seq,
             numel: numel as u64,
             root,
         };
         if inner.scratch.len() < PIECE / 8 {
             inner.scratch.resize(PIECE / 8, 0);
         }
-        let Inner { links, scratch, .. } = &mut *inner;
+        let Inner { links, scratch, .. } = inner;
         let links = links
             .as_ref()
             .expect("groups of more than one rank have links");
@@ -181,7 +230,7 @@ impl RingCollective {
             std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u8, scratch.len() * 8)
         };
         let mut transfer = Transfer {
-            op: name,
+            op: op.name(),
             group: self.group,
             links,
             plan,
@@ -200,21 +249,75 @@ impl RingCollective {
             done: 0,
             next_closed: None,
         };
-        let result = transfer.run(&header, self.timeout, &self.abort);
-        if let Err(e) = &result {
-            tracing::warn!(group = self.group, rank = self.rank, op = name, error = %e, "collective failed; closing the group");
-            // Tell the previous rank why (on the direction of its
-            // connection that carries nothing else), then end both streams so
-            // neighbours blocked on us fail at once.
-            let mut notice = NOTICE_MAGIC.to_vec();
-            notice.extend_from_slice(e.to_string().as_bytes());
-            notice.truncate(4096);
-            let _ = (&links.prev.stream).write(&notice);
-            let _ = links.next.stream.shutdown(Shutdown::Write);
-            let _ = links.prev.stream.shutdown(Shutdown::Write);
-            inner.broken = Some(e.to_string());
+        transfer.run(&header, self.timeout, &self.abort)
+    }
+
+    /// Sets the group up to all-reduce through shared memory when every
+    /// rank is on this host (see `shm`); otherwise it stays on TCP. Every
+    /// rank of the group calls it, right after connecting; `peers` are the
+    /// members' world ranks and addresses, in group order.
+    pub(crate) fn attach_shared_memory(&self, peers: Vec<(i64, String)>) -> Result<()> {
+        if self.world < 2 {
+            return Ok(());
         }
-        result
+        let mut token = [0u8; 8];
+        if self.rank == 0 {
+            getrandom::fill(&mut token).map_err(|e| CollectiveError::Invalid {
+                op: "connect",
+                message: format!("drawing a shared-memory name: {e}"),
+            })?;
+        }
+        let token = self.try_broadcast(&Tensor::from_slice(&token), 0)?;
+        let token: String = Vec::<u8>::try_from(&token)
+            .map_err(|source| CollectiveError::Torch {
+                op: "connect",
+                source,
+            })?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let (rank, world) = (self.rank as usize, self.world as usize);
+        let pending = shm::Pending::create(&token, rank, peers);
+        self.try_barrier()?;
+        let opened = pending
+            .as_ref()
+            .map_err(|e| e.to_string())
+            .and_then(|p| p.open().map_err(|e| e.to_string()));
+        let failed = i64::from(opened.is_err());
+        let failed = self
+            .try_all_reduce_sum(&Tensor::from_slice(&[failed]))?
+            .int64_value(&[0]);
+        if let Ok(p) = &pending {
+            p.unlink();
+        }
+        match opened {
+            Ok(shm) if failed == 0 => {
+                tracing::debug!(
+                    group = self.group,
+                    rank,
+                    world,
+                    "all-reduce through shared memory"
+                );
+                self.shared.store(true, Ordering::Relaxed);
+                self.locked("connect", |inner, _| {
+                    inner.shm = Some(shm);
+                    Ok(())
+                })
+            }
+            Ok(_) => {
+                tracing::debug!(
+                    group = self.group,
+                    rank,
+                    failed,
+                    "ranks on other hosts; all-reduce over TCP"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!(group = self.group, rank, error = %e, "no shared memory with the group; all-reduce over TCP");
+                Ok(())
+            }
+        }
     }
 
     fn cpu_copy(&self, op: Op, tensor: &Tensor, kind: Kind) -> Result<Tensor> {
@@ -282,7 +385,34 @@ impl RingCollective {
             Sum::F64 | Sum::I64 => 8,
         };
         let plan = Plan::all_reduce(self.world as usize, self.rank as usize, call.numel, elem);
-        self.exchange(call, (src, dst), &plan, Some(sum))
+        self.locked(call.op.name(), |inner, seq| {
+            if let (Some(shm), Some(links)) = (inner.shm.as_mut(), inner.links.as_ref()) {
+                let watch = shm::Watch {
+                    op: call.op.name(),
+                    group: self.group,
+                    timeout: self.timeout,
+                    abort: &self.abort,
+                    links,
+                };
+                // SAFETY: the callers pass buffers of `numel` elements of
+                // the sum's type, `dst` either `src` or disjoint from it.
+                let done = unsafe {
+                    shm.all_reduce(
+                        (seq, kind_code(call.kind)),
+                        sum,
+                        elem,
+                        call.numel,
+                        src,
+                        dst,
+                        &watch,
+                    )
+                }?;
+                if done {
+                    return Ok(());
+                }
+            }
+            self.transfer(inner, seq, call, (src, dst), &plan, Some(sum))
+        })
     }
 
     fn call(tensor: &Tensor) -> Call {
@@ -469,6 +599,16 @@ impl Collective for RingCollective {
 
     fn barrier(&self) -> samtrain_comm::Result<()> {
         self.try_barrier()
+    }
+
+    fn transport(&self) -> &'static str {
+        if self.world == 1 {
+            "in-process"
+        } else if self.shared.load(Ordering::Relaxed) {
+            "shared memory"
+        } else {
+            "tcp"
+        }
     }
 
     /// Triggers the ring's abort flag; waiting operations notice it within

@@ -27,6 +27,18 @@ pub fn connect_with(
     generation: impl Fn(usize) -> u64,
     abort: impl Fn(usize) -> Abort,
 ) -> Vec<Result<ProcessGroups>> {
+    connect_over(world, tp, timeout, generation, abort, true)
+}
+
+/// [`connect_with`], choosing whether same-host groups use shared memory.
+pub fn connect_over(
+    world: usize,
+    tp: i64,
+    timeout: Duration,
+    generation: impl Fn(usize) -> u64,
+    abort: impl Fn(usize) -> Abort,
+    shared_memory: bool,
+) -> Vec<Result<ProcessGroups>> {
     let (listeners, peers) = listeners(world);
     let handles: Vec<_> = listeners
         .into_iter()
@@ -40,6 +52,7 @@ pub fn connect_with(
                 timeout,
                 abort: abort(rank),
                 secret: Secret::new(b"test generation".to_vec()),
+                shared_memory,
             };
             std::thread::spawn(move || ProcessGroups::connect(options, listener))
         })
