@@ -197,25 +197,33 @@ impl Pending {
                 .open(path(token, who))
         };
         create(&rank.to_string())?;
-        if rank == 0 {
-            let control = create("ctl")?;
-            control.set_len(((world + 1) * RECORD) as u64)?;
-            let map = Mapping::new(&control, (world + 1) * RECORD)?;
-            // SAFETY: the token fits the last record of a fresh mapping.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    token.as_ptr(),
-                    map.ptr.add(world * RECORD),
-                    token.len().min(RECORD),
-                )
-            };
-        }
-        Ok(Pending {
+        let pending = Pending {
             token: token.to_owned(),
             rank,
             world,
             peers,
-        })
+        };
+        if rank == 0 {
+            let control = || -> io::Result<()> {
+                let control = create("ctl")?;
+                control.set_len(((world + 1) * RECORD) as u64)?;
+                let map = Mapping::new(&control, (world + 1) * RECORD)?;
+                // SAFETY: the token fits the last record of a fresh mapping.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        token.as_ptr(),
+                        map.ptr.add(world * RECORD),
+                        token.len().min(RECORD),
+                    )
+                };
+                Ok(())
+            };
+            if let Err(e) = control() {
+                pending.unlink();
+                return Err(e);
+            }
+        }
+        Ok(pending)
     }
 
     /// Step 2, once every rank has created its files: opens them all.
@@ -255,7 +263,8 @@ impl Pending {
     }
 
     /// Step 3, once every rank has opened them (or failed to): removes this
-    /// rank's names; the open files live on until the group drops them.
+    /// rank's names (the files it created); the open files live on until the
+    /// group drops them.
     pub(super) fn unlink(&self) {
         let _ = std::fs::remove_file(path(&self.token, &self.rank.to_string()));
         if self.rank == 0 {
