@@ -10,6 +10,14 @@ use samtrain_torchext::{
 };
 use tch::{Device, Kind, Tensor};
 
+const HYPER: AdamWHyper = AdamWHyper {
+    lr: 0.01,
+    beta1: 0.9,
+    beta2: 0.999,
+    weight_decay: 0.0,
+    eps: 1e-8,
+};
+
 fn tensors() -> Vec<Tensor> {
     let opts = (Kind::Float, Device::Cpu);
     vec![
@@ -48,13 +56,6 @@ fn fused_adamw_moves_parameters_and_moments() {
     let exp_avg_sqs: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
     let steps: Vec<Tensor> = params.iter().map(|_| Tensor::from_slice(&[1f32])).collect();
     let before: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
-    let h = AdamWHyper {
-        lr: 0.01,
-        beta1: 0.9,
-        beta2: 0.999,
-        weight_decay: 0.0,
-        eps: 1e-8,
-    };
     let t = AdamWTensors {
         params: &params,
         grads: &grads,
@@ -62,7 +63,7 @@ fn fused_adamw_moves_parameters_and_moments() {
         exp_avg_sqs: &exp_avg_sqs,
         steps: &steps,
     };
-    fused_adamw_(&t, &h).unwrap();
+    fused_adamw_(&t, &HYPER).unwrap();
     // The first step moves every element by lr against its gradient's sign
     // (m / sqrt(v) is 1 after bias correction), and the moments hold
     // (1 - beta) of the gradient and of its square.
@@ -89,14 +90,7 @@ fn bad_arguments_are_errors_naming_the_operation() {
         exp_avg_sqs: &params,
         steps: &params,
     };
-    let h = AdamWHyper {
-        lr: 0.01,
-        beta1: 0.9,
-        beta2: 0.999,
-        weight_decay: 0.0,
-        eps: 1e-8,
-    };
-    let err = fused_adamw_(&t, &h).unwrap_err();
+    let err = fused_adamw_(&t, &HYPER).unwrap_err();
     assert!(matches!(err, TorchExtError::Arguments { .. }), "{err}");
     assert!(
         err.to_string().contains("3 parameters but 1 gradients"),
@@ -116,7 +110,7 @@ fn bad_arguments_are_errors_naming_the_operation() {
         exp_avg_sqs: &wrong,
         steps: &steps,
     };
-    let err = fused_adamw_(&t, &h).unwrap_err();
+    let err = fused_adamw_(&t, &HYPER).unwrap_err();
     assert!(
         matches!(
             err,

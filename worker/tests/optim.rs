@@ -12,6 +12,14 @@ use tch::{Device, Kind, Tensor};
 
 const STEPS: usize = 6;
 
+/// The hyperparameters the python side uses too.
+const CONFIG: AdamWConfig = AdamWConfig {
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weight_decay: 0.1,
+};
+
 /// A matrix (decays) and a vector (does not), with gradients that change
 /// every step, written where python reads them.
 fn setup() -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
@@ -100,15 +108,7 @@ fn adamw_and_clipping_equal_torch() {
         .into_iter()
         .collect();
 
-    let mut opt = AdamW::new(
-        &params,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-    );
+    let mut opt = AdamW::new(&params, CONFIG);
     for (s, lr) in lrs.iter().enumerate() {
         for ((_, p), g) in params.iter().zip(&grads[s]) {
             let mut grad = p.grad();
@@ -150,19 +150,13 @@ fn adamw_and_clipping_equal_torch() {
     assert!(diff(&params[1].1, &want["loop_w"]) < 1e-6);
     assert!(diff(&params[0].1, &want["loop_b"]) < 1e-6);
 
-    // A restored optimizer continues exactly as the original.
-    let mut copy = AdamW::new(
-        &params
-            .iter()
-            .map(|(n, p)| (n.clone(), p.detach().copy().set_requires_grad(true)))
-            .collect::<Vec<_>>(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-    );
+    // A restored optimizer continues exactly as the original: one more
+    // step of each, from the same gradients, lands on the same bits.
+    let twin: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.detach().copy().set_requires_grad(true)))
+        .collect();
+    let mut copy = AdamW::new(&twin, CONFIG);
     copy.load_state(
         opt.state()
             .into_iter()
@@ -172,31 +166,6 @@ fn adamw_and_clipping_equal_torch() {
     )
     .unwrap();
     assert_eq!(copy.steps(), STEPS as u64);
-    // One more step of each, from the same gradients, lands on the same bits.
-    let twin: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, p)| (n.clone(), p.detach().copy().set_requires_grad(true)))
-        .collect();
-    let mut copy = {
-        let mut c = AdamW::new(
-            &twin,
-            AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-        );
-        c.load_state(
-            opt.state()
-                .into_iter()
-                .map(|(n, t)| (n, t.copy()))
-                .collect(),
-            opt.steps(),
-        )
-        .unwrap();
-        c
-    };
     for (((_, p), (_, q)), g) in params.iter().zip(&twin).zip(&grads[1]) {
         p.grad().copy_(g);
         (q * g).sum(Kind::Float).backward();
