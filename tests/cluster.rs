@@ -302,17 +302,135 @@ fn assert_succeeded_at(s: &Value, steps: u64) {
     );
 }
 
+/// Two workers train a job to its end; meanwhile their `/metrics` and the
+/// coordinator's move with it (w1's behind a token).
 #[test]
 fn two_workers_train_to_the_end_and_report_their_evaluation() {
     let _one = serial();
     let c = Cluster::new();
-    let (_coord, addr, _) = c.coordinator("c0");
+    let (_coord, addr, coord_health) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
-    let _w0 = c.worker("w0", &addr);
-    let _w1 = c.worker("w1", &addr);
+    let (h0, h1) = (free_port(), free_port());
+    let token = "metrics-token-0123456789";
+    let token_file = c.path("metrics.token");
+    std::fs::write(&token_file, format!("# scrapers present this\n{token}\n")).unwrap();
+    // Slowed steps keep the job running across several scrapes.
+    let _w0 = c.worker_with(
+        "w0",
+        &addr,
+        &[
+            ("SAMTRAIN_HEALTH_LISTEN", &format!("127.0.0.1:{h0}")),
+            ("SAMTRAIN_FAULT_SLOW_STEP_MS", "300"),
+        ],
+    );
+    let _w1 = c.worker_with(
+        "w1",
+        &addr,
+        &[
+            ("SAMTRAIN_HEALTH_LISTEN", &format!("127.0.0.1:{h1}")),
+            ("SAMTRAIN_METRICS_TOKEN_FILE", token_file.to_str().unwrap()),
+        ],
+    );
+    wait_status(&addr, &job, Duration::from_secs(120), "training", |s| {
+        step(s) >= 2
+    });
+    let control = http_get(coord_health, "/metrics", None);
+    assert!(control.starts_with("HTTP/1.1 200"), "{control}");
+    assert_series(
+        &control,
+        &[
+            ("samtrain_coordinator_leader", 1.0),
+            ("samtrain_jobs{state=\"running\"}", 1.0),
+            ("samtrain_workers{state=\"subscribed\"}", 2.0),
+        ],
+    );
+    // The worker's step moves between scrapes, with the rest of its series.
+    let first = http_get(h0, "/metrics", None);
+    let step_of = |text: &str| metric(text, "samtrain_train_step{").unwrap_or(0.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let later = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = http_get(h0, "/metrics", None);
+        if step_of(&now) > step_of(&first) || Instant::now() > deadline {
+            break now;
+        }
+    };
+    assert!(
+        step_of(&later) > step_of(&first),
+        "the step did not move:\n{first}\n{later}"
+    );
+    for series in [
+        "samtrain_train_loss{",
+        "samtrain_train_learning_rate{",
+        "samtrain_train_samples_per_second{",
+        "samtrain_train_step_seconds{",
+        "samtrain_train_generation{",
+    ] {
+        let v = metric(&later, series).unwrap_or_else(|| panic!("no {series} in\n{later}"));
+        assert!(v.is_finite() && v >= 0.0, "{series} {v}");
+    }
+    assert!(
+        metric(&later, "samtrain_train_loss{").unwrap() > 0.0,
+        "{later}"
+    );
+    // A worker with a metrics token answers only to it.
+    let refused = http_get(h1, "/metrics", None);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let wrong = http_get(h1, "/metrics", Some("not-the-token-at-all"));
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let scraped = http_get(h1, "/metrics", Some(token));
+    assert!(
+        scraped.starts_with("HTTP/1.1 200") && scraped.contains("# EOF"),
+        "{scraped}"
+    );
+
     let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
     assert_succeeded(&s);
     assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
+    let control = http_get(coord_health, "/metrics", None);
+    assert_series(
+        &control,
+        &[
+            ("samtrain_jobs{state=\"succeeded\"}", 1.0),
+            ("samtrain_jobs{state=\"running\"}", 0.0),
+        ],
+    );
+}
+
+/// Checks that each named series of OpenMetrics `text` has its value.
+fn assert_series(text: &str, want: &[(&str, f64)]) {
+    for &(series, value) in want {
+        assert_eq!(metric(text, series), Some(value), "{series} in\n{text}");
+    }
+}
+
+/// The reply to one HTTP GET on loopback, with a bearer token if given.
+fn http_get(port: u16, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+/// The value of the first series of OpenMetrics `text` that starts with
+/// `name` (a name, or a name and the start of its labels).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name)
+                && (name.ends_with(['{', '}']) || l[name.len()..].starts_with([' ', '{']))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! A tiny HTTP/1.1 health endpoint for Kubernetes probes: `/healthz`
+//! A tiny HTTP/1.1 endpoint for Kubernetes probes and Prometheus: `/healthz`
 //! answers 200 while the process runs, `/readyz` 200 when the given check
 //! passes (the coordinator: it leads and reaches its store; a worker: it is
-//! registered) and 503 with the reason otherwise. Anything else is 404.
+//! registered) and 503 with the reason otherwise, `/metrics` the process's
+//! metrics in OpenMetrics text to a scraper with the metrics token (see
+//! `metrics::MetricsEndpoint`). Anything else is 404.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::metrics::{MetricsEndpoint, CONTENT_TYPE};
 
 /// The readiness check: `Err(reason)` when not ready.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -32,8 +36,13 @@ impl Drop for HealthServer {
     }
 }
 
-/// Binds `listen` and serves the probes in the background.
-pub async fn serve(listen: SocketAddr, ready: Readiness) -> std::io::Result<HealthServer> {
+/// Binds `listen` and serves the probes (and `metrics`, when given) in the
+/// background.
+pub async fn serve(
+    listen: SocketAddr,
+    ready: Readiness,
+    metrics: Option<MetricsEndpoint>,
+) -> std::io::Result<HealthServer> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -41,16 +50,21 @@ pub async fn serve(listen: SocketAddr, ready: Readiness) -> std::io::Result<Heal
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let ready = ready.clone();
+            let (ready, metrics) = (ready.clone(), metrics.clone());
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, ready)).await;
+                let answered = answer(stream, ready, metrics);
+                let _ = tokio::time::timeout(Duration::from_secs(5), answered).await;
             });
         }
     });
     Ok(HealthServer { addr, task })
 }
 
-async fn answer(mut stream: TcpStream, ready: Readiness) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    ready: Readiness,
+    metrics: Option<MetricsEndpoint>,
+) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
@@ -63,16 +77,33 @@ async fn answer(mut stream: TcpStream, ready: Readiness) -> std::io::Result<()> 
     let text = String::from_utf8_lossy(&request);
     let path = text.split_whitespace().nth(1).unwrap_or("");
     let path = path.split('?').next().unwrap_or("");
-    let (status, body) = match path {
-        "/healthz" => ("200 OK", "ok\n".to_owned()),
-        "/readyz" => match ready() {
-            Ok(()) => ("200 OK", "ready\n".to_owned()),
-            Err(reason) => ("503 Service Unavailable", format!("not ready: {reason}\n")),
+    let plain = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match (path, &metrics) {
+        ("/healthz", _) => ("200 OK", plain, "ok\n".to_owned()),
+        ("/readyz", _) => match ready() {
+            Ok(()) => ("200 OK", plain, "ready\n".to_owned()),
+            Err(reason) => (
+                "503 Service Unavailable",
+                plain,
+                format!("not ready: {reason}\n"),
+            ),
         },
-        _ => ("404 Not Found", "try /healthz or /readyz\n".to_owned()),
+        ("/metrics", Some(m)) if m.admits(&text, stream.local_addr()?) => {
+            ("200 OK", CONTENT_TYPE, (m.render)().await)
+        }
+        ("/metrics", Some(_)) => (
+            "401 Unauthorized",
+            plain,
+            "/metrics needs the metrics token: Authorization: Bearer <token>\n".to_owned(),
+        ),
+        _ => (
+            "404 Not Found",
+            plain,
+            "try /healthz, /readyz or /metrics\n".to_owned(),
+        ),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -16,6 +16,7 @@ pub mod election;
 mod failover;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod process;
 pub mod records;
 pub mod rendezvous;

@@ -18,6 +18,7 @@ use crate::auth::{AuthError, AuthOptions, Guard, Role, ServerAuth};
 use crate::control::{Control, History};
 use crate::election::{Election, LeaderInfo};
 use crate::health::{self, HealthServer};
+use crate::metrics::MetricsEndpoint;
 use crate::records::Keys;
 use crate::server::Service;
 use crate::store::{self, EtcdAccess, StoreError};
@@ -56,6 +57,9 @@ pub struct CoordinatorOptions {
     pub insecure: bool,
     /// How many finished jobs, and for how long, stay listed.
     pub history: History,
+    /// The bearer token `/metrics` asks scrapers for; none serves the
+    /// metrics on a loopback health listener only.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for CoordinatorOptions {
@@ -73,6 +77,7 @@ impl Default for CoordinatorOptions {
             tls: None,
             insecure: false,
             history: History::default(),
+            metrics_token: None,
         }
     }
 }
@@ -189,7 +194,9 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
         options.history,
     ));
     let health = match options.health_listen {
-        Some(listen) => Some(serve_health(listen, control.clone()).await?),
+        Some(listen) => {
+            Some(serve_health(listen, control.clone(), options.metrics_token.clone()).await?)
+        }
         None => None,
     };
     let reconcile = AbortOnDrop(tokio::spawn(control.clone().run_loop()));
@@ -315,9 +322,20 @@ async fn settle(election: &Election) {
 async fn serve_health(
     listen: SocketAddr,
     control: Arc<Control>,
+    metrics_token: Option<String>,
 ) -> Result<HealthServer, CoordinatorError> {
+    let metrics = MetricsEndpoint {
+        render: {
+            let control = control.clone();
+            Arc::new(move || {
+                let control = control.clone();
+                Box::pin(async move { control.render_metrics().await })
+            })
+        },
+        token: metrics_token,
+    };
     let ready: health::Readiness = Arc::new(move || control.readiness());
-    health::serve(listen, ready)
+    health::serve(listen, ready, Some(metrics))
         .await
         .map_err(|source| CoordinatorError::Listen {
             addr: listen,

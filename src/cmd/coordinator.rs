@@ -19,7 +19,7 @@ pub struct CoordinatorArgs {
     /// gRPC listen address.
     #[arg(long, env = "SAMTRAIN_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
-    /// `/healthz` and `/readyz` (200 only on the leader).
+    /// `/healthz`, `/readyz` (200 only on the leader) and `/metrics`.
     #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
     health_listen: SocketAddr,
     /// etcd endpoints, comma-separated; none runs embedded (in memory).
@@ -30,6 +30,8 @@ pub struct CoordinatorArgs {
     etcd_prefix: String,
     #[command(flatten)]
     etcd_flags: super::EtcdFlags,
+    #[command(flatten)]
+    metrics: super::MetricsFlags,
     /// This coordinator's name in the election (default: the host name).
     #[arg(long, env = "SAMTRAIN_NODE_ID")]
     node_id: Option<String>,
@@ -118,6 +120,7 @@ async fn serve(args: CoordinatorArgs) -> Result<()> {
             max_jobs: args.history_jobs as usize,
             max_age: Duration::from_secs(args.history_days * 86_400),
         },
+        metrics_token: args.metrics.token()?,
     })
     .await
     .context("starting the coordinator")?;

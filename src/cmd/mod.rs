@@ -17,6 +17,7 @@ pub mod worker;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 use samtrain_coordinator::auth::{Credentials, TokenSource};
 use samtrain_coordinator::client::{Client, ClientTls};
@@ -117,5 +118,47 @@ impl EtcdFlags {
             identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
             user: self.etcd_user.clone().zip(self.etcd_password_file.clone()),
         }
+    }
+}
+
+/// Who may scrape `/metrics` on the health port: the coordinator and the
+/// worker take the same flag.
+#[derive(Args, Clone, Debug)]
+pub struct MetricsFlags {
+    /// A file whose first line (after `#` comments) is the bearer token
+    /// Prometheus must present to scrape `/metrics`; without it, `/metrics`
+    /// answers only on a loopback health listener.
+    #[arg(long, env = "SAMTRAIN_METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+}
+
+impl MetricsFlags {
+    /// The token, read and checked now.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.metrics_token_file else {
+            return Ok(None);
+        };
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("metrics token file {}", path.display()))?
+            .len();
+        anyhow::ensure!(
+            size <= 4096,
+            "metrics token file {}: {size} bytes, a token file is at most 4 KiB",
+            path.display()
+        );
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("metrics token file {}", path.display()))?;
+        let token = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .with_context(|| format!("metrics token file {}: no token in it", path.display()))?;
+        anyhow::ensure!(
+            token.len() >= 16,
+            "metrics token file {}: the token has {} characters, at least 16 are needed",
+            path.display(),
+            token.len()
+        );
+        Ok(Some(token.to_owned()))
     }
 }

@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
 use samtrain_coordinator::health;
+use samtrain_coordinator::metrics::MetricsEndpoint;
 
 use super::{Coordinators, EtcdFlags};
 use samtrain_collective::Secret;
@@ -38,9 +39,12 @@ pub struct WorkerArgs {
     /// The port this worker's collectives listen on; 0 takes a free one.
     #[arg(long, env = "SAMTRAIN_COLLECTIVE_PORT", default_value_t = 29500)]
     collective_port: u16,
-    /// HTTP health endpoint (`/healthz`, `/readyz`); none when left out.
+    /// HTTP health endpoint (`/healthz`, `/readyz`, `/metrics`); none when
+    /// left out.
     #[arg(long, env = "SAMTRAIN_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    metrics: super::MetricsFlags,
     /// etcd endpoints, comma-separated: the worker then holds its lease in
     /// etcd itself; without them it keeps it through the coordinator.
     #[arg(long, env = "SAMTRAIN_ETCD", value_delimiter = ',')]
@@ -125,6 +129,8 @@ async fn serve(
         Some(name) => name,
         None => host_name()?,
     };
+    // Read before registering, so that a bad token file fails at once.
+    let metrics_token = args.metrics.token()?;
     let mut agent = Agent::register(AgentOptions {
         coordinators: args.coordinators.addresses.clone(),
         name,
@@ -140,9 +146,13 @@ async fn serve(
     .await
     .context("registering with the coordinator")?;
     tracing::info!(worker = agent.worker_id(), advertise = %format!("{host}:{port}"), "registered");
+    let metrics = MetricsEndpoint {
+        render: agent.metrics(),
+        token: metrics_token,
+    };
     let _health = match args.health_listen {
         Some(listen) => Some(
-            health::serve(listen, agent.readiness())
+            health::serve(listen, agent.readiness(), Some(metrics))
                 .await
                 .with_context(|| format!("cannot serve health probes on {listen}"))?,
         ),

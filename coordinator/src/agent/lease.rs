@@ -186,6 +186,7 @@ async fn keep_etcd_lease(
         let id = *lease.lock().expect("agent lock");
         let mut keeper = LeaseKeeper::start(store.clone(), id, ttl);
         let reason = keeper.lost().await;
+        shared.metrics.lease_lost();
         shared.registered.store(false, Ordering::Relaxed);
         tracing::error!(worker = %shared.worker_id, %reason, "worker lease lost; registering again");
         shared
@@ -239,10 +240,13 @@ async fn heartbeat(shared: Arc<Shared>, ttl: Duration) {
                 let rtt = sent.elapsed().as_micros().min(u64::MAX as u128) as u64;
                 shared.last_heartbeat_us.store(rtt, Ordering::Relaxed);
                 shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.heartbeat(true);
                 shared.registered.store(true, Ordering::Relaxed);
                 next = period;
             }
             Err(AgentError::Refused { status, .. }) if status.code() == Code::NotFound => {
+                shared.metrics.heartbeat(false);
+                shared.metrics.lease_lost();
                 shared.registered.store(false, Ordering::Relaxed);
                 tracing::error!(worker = %shared.worker_id, reason = status.message(), "worker lease lost; registering again");
                 shared
@@ -261,6 +265,7 @@ async fn heartbeat(shared: Arc<Shared>, ttl: Duration) {
                 }
             }
             Err(e) => {
+                shared.metrics.heartbeat(false);
                 tracing::warn!(error = %e, "heartbeat failed; retrying within the TTL");
                 next = retry;
             }

@@ -27,6 +27,7 @@ use tonic::Status;
 use crate::auth::Credentials;
 use crate::failover::{AuthChannel, Coordinators, Unanswered};
 use crate::health::Readiness;
+use crate::metrics::{MetricsSource, WorkerMetrics};
 use crate::store::StoreError;
 use crate::tasks::AbortOnDrop;
 use generations::{subscription, Generations, Incoming};
@@ -160,6 +161,7 @@ struct Shared {
     /// in microseconds: what a load test of the control plane reads.
     heartbeats: AtomicU64,
     last_heartbeat_us: AtomicU64,
+    metrics: WorkerMetrics,
 }
 
 impl Shared {
@@ -247,6 +249,7 @@ impl Agent {
             registered: AtomicBool::new(true),
             heartbeats: AtomicU64::new(0),
             last_heartbeat_us: AtomicU64::new(0),
+            metrics: WorkerMetrics::default(),
         });
         let (incoming_tx, incoming) = mpsc::channel(16);
         let (reports, reports_rx) = mpsc::channel(64);
@@ -275,6 +278,15 @@ impl Agent {
         let count = self.shared.heartbeats.load(Ordering::Relaxed);
         let last = Duration::from_micros(self.shared.last_heartbeat_us.load(Ordering::Relaxed));
         (count, (count > 0).then_some(last))
+    }
+
+    /// `/metrics` of a worker: its lease renewals and its rank's training.
+    pub fn metrics(&self) -> MetricsSource {
+        let shared = self.shared.clone();
+        Arc::new(move || {
+            let shared = shared.clone();
+            Box::pin(async move { shared.metrics.render() })
+        })
     }
 
     /// `/readyz` of a worker: ready once registered, while its lease lives.

@@ -66,11 +66,15 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 let Some(current) = shared.generations.current() else {
                     continue;
                 };
+                shared
+                    .metrics
+                    .progress(&current.job_id, current.generation, current.rank, &p);
                 let span = current.span();
                 send_progress(&shared, current, p).instrument(span).await;
             }
             Some(Report::CheckpointFailed(checkpoint, reason)) => {
                 if let Some(current) = shared.generations.current() {
+                    shared.metrics.checkpoint(&current.job_id, false);
                     let span = current.span();
                     send_failed_save(&shared, current, checkpoint, reason)
                         .instrument(span)
@@ -79,6 +83,7 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
             }
             Some(Report::Checkpoint(committed)) => {
                 if let Some(current) = shared.generations.current() {
+                    shared.metrics.checkpoint(&current.job_id, true);
                     if pending
                         .as_ref()
                         .is_none_or(|(_, newest)| committed.step >= newest.step)

@@ -24,6 +24,7 @@ use tonic::Status;
 
 use crate::election::{Election, LeaderState};
 use crate::jobs::{GenerationEnd, JobRecord, JobState, MemberRecord};
+use crate::metrics::{ControlMetrics, ControlSample, JobSample};
 use crate::records::{now_ms, Keys, WorkerRecord};
 use crate::store::{Op, SharedStore, StoreError};
 use samtrain_proto::spec::StragglerPolicy;
@@ -304,6 +305,7 @@ pub(crate) struct Control {
     /// How many finished jobs, and for how long, stay listed.
     history: History,
     last_prune: std::sync::Mutex<Option<Instant>>,
+    metrics: ControlMetrics,
 }
 
 /// Finished jobs are kept until there are more than `max_jobs` of them or
@@ -362,7 +364,32 @@ impl Control {
             loop_beat: AtomicI64::new(now_ms()),
             history,
             last_prune: std::sync::Mutex::new(None),
+            metrics: ControlMetrics::default(),
         }
+    }
+
+    /// `/metrics` of a coordinator: its view of the jobs and workers now
+    /// (empty on a standby).
+    pub(crate) async fn render_metrics(&self) -> String {
+        let view = self.view.lock().await;
+        let sample = ControlSample {
+            leader: self.is_leader(),
+            jobs: view
+                .jobs
+                .values()
+                .map(|j| JobSample {
+                    id: j.id.clone(),
+                    state: j.state,
+                    generation: j.generation,
+                    restarts: j.restarts,
+                    step: j.step,
+                })
+                .collect(),
+            workers_subscribed: view.subscribers.len(),
+            workers_drained: view.drained.len(),
+        };
+        // Under the view's lock, so that concurrent scrapes do not mix.
+        self.metrics.render(&sample)
     }
 
     /// The store, as operators should recognise it in logs and probes.

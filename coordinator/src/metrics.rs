@@ -1,0 +1,507 @@
+//! Prometheus metrics, served as OpenMetrics text at `/metrics` on the
+//! health port: a coordinator's view of the cluster ([`ControlMetrics`]:
+//! jobs by state, each unfinished job's generation, restarts and step,
+//! workers) and a worker's training ([`WorkerMetrics`]: step, loss,
+//! learning rate, gradient norm, throughput, step time split into compute
+//! and communication, checkpoints, lease renewals).
+//!
+//! Series carry the job and the rank, never the generation: a label per
+//! restart would grow without bound, so the generation is a value. A
+//! worker keeps the series of its current job only; a coordinator those of
+//! jobs not yet finished (finished ones count in `samtrain_jobs`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::Progress;
+use crate::jobs::JobState;
+
+/// Renders the metrics at the moment of a scrape.
+pub type MetricsSource =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// `/metrics` of a health server: what it renders, and the bearer token a
+/// scraper must present. Without a token it is served on a loopback
+/// listener only (`samtrain local`, a laptop); elsewhere it answers 401.
+#[derive(Clone)]
+pub struct MetricsEndpoint {
+    pub render: MetricsSource,
+    pub token: Option<String>,
+}
+
+impl MetricsEndpoint {
+    /// Whether a request with these `headers` (one per line) may scrape, on
+    /// a listener at `local`.
+    pub(crate) fn admits(&self, headers: &str, local: std::net::SocketAddr) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.token else {
+            return local.ip().is_loopback();
+        };
+        headers
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .filter(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+            .filter_map(|(_, value)| value.trim().strip_prefix("Bearer "))
+            .any(|presented| bool::from(presented.trim().as_bytes().ct_eq(token.as_bytes())))
+    }
+}
+
+/// What `/metrics` answers with.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RankLabels {
+    job: String,
+    rank: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    job: String,
+    rank: u32,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    job: String,
+    outcome: String,
+}
+
+fn text(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
+}
+
+/// One job as the coordinator's metrics see it.
+#[derive(Debug, Clone)]
+pub(crate) struct JobSample {
+    pub id: String,
+    pub state: JobState,
+    pub generation: u64,
+    pub restarts: u32,
+    pub step: u64,
+}
+
+/// The coordinator's view when scraped.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ControlSample {
+    pub leader: bool,
+    pub jobs: Vec<JobSample>,
+    /// Workers holding a subscription to this leader, and those drained.
+    pub workers_subscribed: usize,
+    pub workers_drained: usize,
+}
+
+/// The coordinator's series.
+pub struct ControlMetrics {
+    registry: Registry,
+    leader: Gauge,
+    jobs: Family<StateLabel, Gauge>,
+    generation: Family<JobLabel, Gauge>,
+    restarts: Family<JobLabel, Gauge>,
+    step: Family<JobLabel, Gauge>,
+    workers: Family<StateLabel, Gauge>,
+}
+
+impl Default for ControlMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("samtrain");
+        let metrics = ControlMetrics {
+            leader: Gauge::default(),
+            jobs: Family::default(),
+            generation: Family::default(),
+            restarts: Family::default(),
+            step: Family::default(),
+            workers: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "coordinator_leader",
+            "1 on the elected coordinator, 0 on a standby",
+            metrics.leader.clone(),
+        );
+        registry.register("jobs", "Jobs by state", metrics.jobs.clone());
+        registry.register(
+            "job_generation",
+            "The running (or next) generation of each unfinished job",
+            metrics.generation.clone(),
+        );
+        registry.register(
+            "job_restarts",
+            "Generations each unfinished job restarted after a failure",
+            metrics.restarts.clone(),
+        );
+        registry.register(
+            "job_step",
+            "The newest step each unfinished job reported",
+            metrics.step.clone(),
+        );
+        registry.register(
+            "workers",
+            "Workers subscribed to the leader, and those drained",
+            metrics.workers.clone(),
+        );
+        ControlMetrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+/// Every state a job can be in, so that each series exists from the start.
+const JOB_STATES: [JobState; 7] = [
+    JobState::Pending,
+    JobState::Rendezvous,
+    JobState::Running,
+    JobState::Restarting,
+    JobState::Succeeded,
+    JobState::Failed,
+    JobState::Cancelled,
+];
+
+impl ControlMetrics {
+    /// The series for `sample`, as OpenMetrics text.
+    pub(crate) fn render(&self, sample: &ControlSample) -> String {
+        self.leader.set(i64::from(sample.leader));
+        for state in JOB_STATES {
+            let count = sample.jobs.iter().filter(|j| j.state == state).count();
+            self.jobs
+                .get_or_create(&StateLabel {
+                    state: state.name().to_owned(),
+                })
+                .set(count as i64);
+        }
+        for family in [&self.generation, &self.restarts, &self.step] {
+            family.clear();
+        }
+        for job in sample.jobs.iter().filter(|j| !j.state.is_terminal()) {
+            let label = JobLabel {
+                job: job.id.clone(),
+            };
+            self.generation
+                .get_or_create(&label)
+                .set(job.generation as i64);
+            self.restarts
+                .get_or_create(&label)
+                .set(i64::from(job.restarts));
+            self.step.get_or_create(&label).set(job.step as i64);
+        }
+        for (state, count) in [
+            ("subscribed", sample.workers_subscribed),
+            ("drained", sample.workers_drained),
+        ] {
+            self.workers
+                .get_or_create(&StateLabel {
+                    state: state.to_owned(),
+                })
+                .set(count as i64);
+        }
+        text(&self.registry)
+    }
+}
+
+/// A worker's series.
+pub struct WorkerMetrics {
+    registry: Registry,
+    heartbeats: Counter,
+    heartbeat_failures: Counter,
+    leases_lost: Counter,
+    generation: Family<JobLabel, Gauge>,
+    step: Family<RankLabels, Gauge>,
+    loss: Family<RankLabels, FloatGauge>,
+    lr: Family<RankLabels, FloatGauge>,
+    grad_norm: Family<RankLabels, FloatGauge>,
+    samples_per_s: Family<RankLabels, FloatGauge>,
+    tokens_per_s: Family<RankLabels, FloatGauge>,
+    step_seconds: Family<PhaseLabels, FloatGauge>,
+    checkpoints: Family<OutcomeLabels, Counter>,
+    /// The job the series are about; another job's first report clears them.
+    job: Mutex<String>,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("samtrain");
+        let m = WorkerMetrics {
+            registry: Registry::default(),
+            heartbeats: Counter::default(),
+            heartbeat_failures: Counter::default(),
+            leases_lost: Counter::default(),
+            generation: Family::default(),
+            step: Family::default(),
+            loss: Family::default(),
+            lr: Family::default(),
+            grad_norm: Family::default(),
+            samples_per_s: Family::default(),
+            tokens_per_s: Family::default(),
+            step_seconds: Family::default(),
+            checkpoints: Family::default(),
+            job: Mutex::new(String::new()),
+        };
+        let r = &mut registry;
+        r.register(
+            "worker_heartbeats",
+            "Heartbeat calls that renewed this worker's lease",
+            m.heartbeats.clone(),
+        );
+        r.register(
+            "worker_heartbeat_failures",
+            "Heartbeat calls that failed",
+            m.heartbeat_failures.clone(),
+        );
+        r.register(
+            "worker_leases_lost",
+            "Times this worker's lease expired and it registered again",
+            m.leases_lost.clone(),
+        );
+        r.register(
+            "train_generation",
+            "The generation this worker trains in",
+            m.generation.clone(),
+        );
+        r.register("train_step", "The newest step reported", m.step.clone());
+        r.register(
+            "train_loss",
+            "Mean LM loss over the global batch's answer tokens",
+            m.loss.clone(),
+        );
+        r.register("train_learning_rate", "The learning rate", m.lr.clone());
+        r.register(
+            "train_grad_norm",
+            "Global gradient norm before clipping",
+            m.grad_norm.clone(),
+        );
+        r.register(
+            "train_samples_per_second",
+            "Samples per second, all ranks together",
+            m.samples_per_s.clone(),
+        );
+        r.register(
+            "train_tokens_per_second",
+            "Answer tokens per second, all ranks together",
+            m.tokens_per_s.clone(),
+        );
+        r.register(
+            "train_step_seconds",
+            "Seconds per step of this rank, by phase: compute (data, forward, backward, update) and communication (data-parallel collectives, waiting for slower ranks included)",
+            m.step_seconds.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Checkpoint saves of this rank, committed or failed",
+            m.checkpoints.clone(),
+        );
+        WorkerMetrics { registry, ..m }
+    }
+}
+
+impl WorkerMetrics {
+    /// Forgets the series of another job than `job`.
+    fn about(&self, job: &str) {
+        let mut current = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != job {
+            self.generation.clear();
+            for family in [
+                &self.loss,
+                &self.lr,
+                &self.grad_norm,
+                &self.samples_per_s,
+                &self.tokens_per_s,
+            ] {
+                family.clear();
+            }
+            self.step.clear();
+            self.step_seconds.clear();
+            self.checkpoints.clear();
+            job.clone_into(&mut current);
+        }
+    }
+
+    /// A progress report of rank `rank` of `job`'s `generation`.
+    pub fn progress(&self, job: &str, generation: u64, rank: u32, p: &Progress) {
+        self.about(job);
+        let labels = RankLabels {
+            job: job.to_owned(),
+            rank,
+        };
+        self.generation
+            .get_or_create(&JobLabel {
+                job: job.to_owned(),
+            })
+            .set(generation as i64);
+        self.step.get_or_create(&labels).set(p.step as i64);
+        for (family, value) in [
+            (&self.loss, p.loss),
+            (&self.lr, p.lr),
+            (&self.grad_norm, p.grad_norm),
+            (&self.samples_per_s, p.samples_per_s),
+            (&self.tokens_per_s, p.tokens_per_s),
+        ] {
+            family.get_or_create(&labels).set(value);
+        }
+        for (phase, seconds) in [("compute", p.compute_s), ("communication", p.comm_s)] {
+            self.step_seconds
+                .get_or_create(&PhaseLabels {
+                    job: job.to_owned(),
+                    rank,
+                    phase: phase.to_owned(),
+                })
+                .set(seconds);
+        }
+    }
+
+    /// A save of this rank for `job`: committed, or failed.
+    pub fn checkpoint(&self, job: &str, committed: bool) {
+        self.about(job);
+        self.checkpoints
+            .get_or_create(&OutcomeLabels {
+                job: job.to_owned(),
+                outcome: if committed { "committed" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn heartbeat(&self, ok: bool) {
+        if ok {
+            self.heartbeats.inc();
+        } else {
+            self.heartbeat_failures.inc();
+        }
+    }
+
+    pub(crate) fn lease_lost(&self) {
+        self.leases_lost.inc();
+    }
+
+    /// The series as OpenMetrics text.
+    pub fn render(&self) -> String {
+        text(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(token: Option<&str>) -> MetricsEndpoint {
+        MetricsEndpoint {
+            render: Arc::new(|| Box::pin(async { String::new() })),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_token_is_required_off_loopback_and_checked_when_set() {
+        let (lo, any) = (
+            "127.0.0.1:7072".parse().unwrap(),
+            "10.0.0.5:7072".parse().unwrap(),
+        );
+        assert!(endpoint(None).admits("", lo));
+        assert!(!endpoint(None).admits("Authorization: Bearer x", any));
+        let m = endpoint(Some("s3cret-token-0123"));
+        assert!(m.admits(
+            "Host: x\r\nauthorization:  Bearer s3cret-token-0123\r\n",
+            any
+        ));
+        assert!(!m.admits("Authorization: Bearer s3cret-token-0124", lo));
+        assert!(!m.admits("Authorization: Basic s3cret-token-0123", any));
+        assert!(!m.admits("", lo));
+    }
+
+    #[test]
+    fn control_series_follow_the_view() {
+        let m = ControlMetrics::default();
+        let job = |id: &str, state| JobSample {
+            id: id.to_owned(),
+            state,
+            generation: 3,
+            restarts: 2,
+            step: 40,
+        };
+        let text = m.render(&ControlSample {
+            leader: true,
+            jobs: vec![job("a", JobState::Running), job("b", JobState::Succeeded)],
+            workers_subscribed: 2,
+            workers_drained: 1,
+        });
+        for line in [
+            "samtrain_coordinator_leader 1",
+            "samtrain_jobs{state=\"running\"} 1",
+            "samtrain_jobs{state=\"succeeded\"} 1",
+            "samtrain_jobs{state=\"pending\"} 0",
+            "samtrain_job_restarts{job=\"a\"} 2",
+            "samtrain_job_generation{job=\"a\"} 3",
+            "samtrain_workers{state=\"drained\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        assert!(
+            !text.contains("job=\"b\""),
+            "a finished job keeps series:\n{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+        // The next scrape forgets a job that finished since.
+        let text = m.render(&ControlSample {
+            jobs: vec![job("a", JobState::Failed)],
+            ..ControlSample::default()
+        });
+        assert!(!text.contains("job=\"a\""), "{text}");
+        assert!(text.contains("samtrain_coordinator_leader 0"), "{text}");
+    }
+
+    #[test]
+    fn worker_series_keep_the_current_job_only() {
+        let m = WorkerMetrics::default();
+        let p = Progress {
+            step: 7,
+            loss: 2.5,
+            compute_s: 0.25,
+            ..Progress::default()
+        };
+        m.progress("j1", 1, 0, &p);
+        m.checkpoint("j1", true);
+        m.heartbeat(true);
+        let text = m.render();
+        for line in [
+            "samtrain_train_step{job=\"j1\",rank=\"0\"} 7",
+            "samtrain_train_loss{job=\"j1\",rank=\"0\"} 2.5",
+            "samtrain_train_step_seconds{job=\"j1\",rank=\"0\",phase=\"compute\"} 0.25",
+            "samtrain_checkpoints_total{job=\"j1\",outcome=\"committed\"} 1",
+            "samtrain_worker_heartbeats_total 1",
+            "samtrain_train_generation{job=\"j1\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        m.progress("j2", 1, 3, &p);
+        let text = m.render();
+        assert!(!text.contains("j1"), "{text}");
+        assert!(
+            text.contains("samtrain_train_step{job=\"j2\",rank=\"3\"} 7"),
+            "{text}"
+        );
+    }
+}
