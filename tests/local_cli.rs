@@ -17,6 +17,21 @@ fn samtrain(dir: &Path, args: &[&str]) -> Output {
         .expect("run samtrain")
 }
 
+/// The demo's spec, shrunk to `steps` steps on a small data set.
+fn small_demo(steps: u64) -> String {
+    let root = samtrain_testkit::workspace_root();
+    std::fs::read_to_string(root.join("examples/demo.toml"))
+        .unwrap()
+        .replace(
+            "examples/demo-model.json",
+            root.join("examples/demo-model.json").to_str().unwrap(),
+        )
+        .replace("train_samples = 2048", "train_samples = 128")
+        .replace("eval_samples = 64", "eval_samples = 8")
+        .replace("steps = 1400", &format!("steps = {steps}"))
+        .replace("warmup_steps = 200", "warmup_steps = 2")
+}
+
 /// The last line of stdout, as JSON.
 fn last_json(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -99,18 +114,7 @@ fn demo_learns_what_its_images_show() {
 #[test]
 fn local_runs_a_spec_a_rerun_resumes_it_and_a_failed_save_is_told() {
     let dir = tempfile::tempdir().unwrap();
-    let root = samtrain_testkit::workspace_root();
-    let spec = std::fs::read_to_string(root.join("examples/demo.toml"))
-        .unwrap()
-        .replace(
-            "examples/demo-model.json",
-            root.join("examples/demo-model.json").to_str().unwrap(),
-        )
-        .replace("train_samples = 2048", "train_samples = 128")
-        .replace("eval_samples = 64", "eval_samples = 8")
-        .replace("steps = 1400", "steps = 20")
-        .replace("every_steps = 50", "every_steps = 10")
-        .replace("warmup_steps = 200", "warmup_steps = 2");
+    let spec = small_demo(20).replace("every_steps = 50", "every_steps = 10");
     std::fs::write(dir.path().join("job.toml"), spec).unwrap();
 
     let first = samtrain(dir.path(), &["local", "job.toml", "--json"]);
@@ -162,4 +166,95 @@ fn local_runs_a_spec_a_rerun_resumes_it_and_a_failed_save_is_told() {
         "{stderr}"
     );
     assert!(blocked.join("step-00000020/manifest.json").is_file());
+}
+
+/// `samtrain local --metrics-listen`: the coordinator's `/metrics` is
+/// served while the job runs, at the address it prints, and its series move
+/// with the job.
+#[test]
+fn a_local_job_serves_metrics_that_move_with_it() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_demo(30).replace("log_every = ", "log_every = 1 #");
+    std::fs::write(dir.path().join("job.toml"), spec).unwrap();
+    let mut local = Command::new(BIN)
+        .current_dir(dir.path())
+        .args([
+            "local",
+            "job.toml",
+            "--json",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        // Slowed steps keep the job running across several scrapes.
+        .env("SAMTRAIN_FAULT_SLOW_STEP_MS", "300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start samtrain local");
+    // The address comes on stderr; the rest of it is drained meanwhile.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(local.stderr.take().unwrap());
+    let drain = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("metrics: http://") {
+                let _ = tx.send(addr.trim_end_matches("/metrics").to_owned());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("samtrain local printed its metrics address");
+    let scrape = || -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    let value = |text: &str, prefix: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    // Two scrapes while the job runs, the second at a later step.
+    let mut steps = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while steps.len() < 2 && Instant::now() < deadline {
+        let text = scrape();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        if value(&text, "samtrain_jobs{state=\"running\"}") == Some(1.0) {
+            if let Some(step) = value(&text, "samtrain_job_step{") {
+                let loss = value(&text, "samtrain_job_loss{");
+                if step > 0.0 && steps.last().is_none_or(|&last| step > last) {
+                    assert!(loss.is_some_and(|l| l > 0.0), "{text}");
+                    steps.push(step);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = local.wait_with_output().unwrap();
+    let stderr = drain.join().unwrap();
+    assert_eq!(
+        steps.len(),
+        2,
+        "the step did not move in /metrics: {steps:?}\n{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}\n{stdout}\n{stderr}"));
+    assert!(out.status.success(), "{v}\n{stderr}");
+    assert_eq!(v["state"], "succeeded", "{v}");
 }

@@ -104,6 +104,8 @@ pub(crate) struct JobSample {
     pub generation: u64,
     pub restarts: u32,
     pub step: u64,
+    /// The newest loss reported.
+    pub loss: Option<f64>,
 }
 
 /// The coordinator's view when scraped.
@@ -124,6 +126,7 @@ pub struct ControlMetrics {
     generation: Family<JobLabel, Gauge>,
     restarts: Family<JobLabel, Gauge>,
     step: Family<JobLabel, Gauge>,
+    loss: Family<JobLabel, FloatGauge>,
     workers: Family<StateLabel, Gauge>,
 }
 
@@ -136,6 +139,7 @@ impl Default for ControlMetrics {
             generation: Family::default(),
             restarts: Family::default(),
             step: Family::default(),
+            loss: Family::default(),
             workers: Family::default(),
             registry: Registry::default(),
         };
@@ -159,6 +163,11 @@ impl Default for ControlMetrics {
             "job_step",
             "The newest step each unfinished job reported",
             metrics.step.clone(),
+        );
+        registry.register(
+            "job_loss",
+            "The newest loss each unfinished job reported",
+            metrics.loss.clone(),
         );
         registry.register(
             "workers",
@@ -198,6 +207,7 @@ impl ControlMetrics {
         for family in [&self.generation, &self.restarts, &self.step] {
             family.clear();
         }
+        self.loss.clear();
         for job in sample.jobs.iter().filter(|j| !j.state.is_terminal()) {
             let label = JobLabel {
                 job: job.id.clone(),
@@ -209,6 +219,9 @@ impl ControlMetrics {
                 .get_or_create(&label)
                 .set(i64::from(job.restarts));
             self.step.get_or_create(&label).set(job.step as i64);
+            if let Some(loss) = job.loss {
+                self.loss.get_or_create(&label).set(loss);
+            }
         }
         for (state, count) in [
             ("subscribed", sample.workers_subscribed),
@@ -441,6 +454,7 @@ mod tests {
             generation: 3,
             restarts: 2,
             step: 40,
+            loss: Some(1.5),
         };
         let text = m.render(&ControlSample {
             leader: true,
@@ -455,6 +469,7 @@ mod tests {
             "samtrain_jobs{state=\"pending\"} 0",
             "samtrain_job_restarts{job=\"a\"} 2",
             "samtrain_job_generation{job=\"a\"} 3",
+            "samtrain_job_loss{job=\"a\"} 1.5",
             "samtrain_workers{state=\"drained\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");

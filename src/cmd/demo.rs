@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// the last line.
     #[arg(long)]
     json: bool,
+    /// Serve the coordinator's `/metrics` on this loopback address while
+    /// the demo trains (as `samtrain local --metrics-listen`).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -83,6 +87,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             etcd: Vec::new(),
             run_dir: Some(args.out.join("run")),
             json: args.json,
+            metrics_listen: args.metrics_listen,
         },
     )?;
     let trained_predictions = match &spec.evaluation.output {

@@ -49,6 +49,11 @@ pub struct LocalOptions {
     /// Print one JSON object, the job's final state, as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Serve the coordinator's `/metrics` (and health probes) on this
+    /// loopback address while the job runs (port 0 picks one; the address
+    /// is printed).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How a local job ended.
@@ -145,8 +150,16 @@ async fn drive(
     // machine cannot reach in. Workers get theirs in the environment (not
     // on their command line, which `ps` shows).
     let (auth, operator_token, worker_token) = AuthOptions::generated();
+    if let Some(listen) = options.metrics_listen {
+        // The metrics of a local run carry no token: loopback only.
+        anyhow::ensure!(
+            listen.ip().is_loopback(),
+            "--metrics-listen {listen}: samtrain local serves metrics on a loopback address only"
+        );
+    }
     let coordinator = samtrain_coordinator::run(CoordinatorOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        health_listen: options.metrics_listen,
         etcd: options.etcd.clone(),
         node_id: format!("local-{}", std::process::id()),
         auth,
@@ -155,6 +168,9 @@ async fn drive(
     .await
     .context("starting the coordinator")?;
     coordinator.until_leader().await;
+    if let Some(addr) = coordinator.health_addr() {
+        eprintln!("metrics: http://{addr}/metrics");
+    }
     let address = format!("http://{}", coordinator.addr());
     let mut client = Client::new(
         vec![address.clone()],

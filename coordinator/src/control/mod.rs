@@ -383,6 +383,7 @@ impl Control {
                     generation: j.generation,
                     restarts: j.restarts,
                     step: j.step,
+                    loss: j.loss,
                 })
                 .collect(),
             workers_subscribed: view.subscribers.len(),
