@@ -656,7 +656,7 @@ fn the_api_takes_tokens_from_a_secret_each_role_its_own() {
         "gpu-bundled-etcd (auth)",
     );
     let secret = find(&docs, "Secret", "samtrain-auth");
-    for key in ["operator-tokens", "worker-tokens"] {
+    for key in ["operator-tokens", "worker-tokens", "metrics-token"] {
         let token = secret["data"][key].as_str().unwrap();
         assert!(token.len() >= 48, "{key} is a long random token");
     }
@@ -671,14 +671,17 @@ fn the_api_takes_tokens_from_a_secret_each_role_its_own() {
         Some("/etc/samtrain/auth/worker-tokens")
     );
     assert_eq!(env(coord, "SAMTRAIN_INSECURE"), None);
-    assert_eq!(mounted_keys(deploy), ["operator-tokens", "worker-tokens"]);
+    assert_eq!(
+        mounted_keys(deploy),
+        ["operator-tokens", "worker-tokens", "metrics-token"]
+    );
     // Workers hold only the worker token; the submit hook only the operator's.
     let workers = find(&docs, "StatefulSet", "samtrain-workers");
     assert_eq!(
         env(container(workers, "worker"), "SAMTRAIN_TOKEN_FILE"),
         Some("/etc/samtrain/auth/worker-tokens")
     );
-    assert_eq!(mounted_keys(workers), ["worker-tokens"]);
+    assert_eq!(mounted_keys(workers), ["worker-tokens", "metrics-token"]);
     let hook = find(&docs, "Job", "samtrain-submit");
     assert_eq!(mounted_keys(hook), ["operator-tokens"]);
 
@@ -708,6 +711,97 @@ fn the_api_takes_tokens_from_a_secret_each_role_its_own() {
     );
     assert_eq!(env(coord, "SAMTRAIN_INSECURE"), Some("true"));
     assert_eq!(env(coord, "SAMTRAIN_OPERATOR_TOKENS_FILE"), None);
+}
+
+/// Prometheus: scrape annotations on the pods, `/metrics` behind the
+/// metrics token of the auth Secret, and an optional ServiceMonitor per
+/// component that presents it.
+#[test]
+fn metrics_are_scraped_with_the_token_of_the_auth_secret() {
+    let docs = manifests(&[], "default (metrics)");
+    for (kind, name, container_name, port) in [
+        ("Deployment", "samtrain-coordinator", "coordinator", "7071"),
+        ("StatefulSet", "samtrain-workers", "worker", "7072"),
+    ] {
+        let workload = find(&docs, kind, name);
+        let annotations = &workload["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{name}");
+        assert_eq!(annotations["prometheus.io/port"], port, "{name}");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{name}");
+        assert_eq!(
+            env(
+                container(workload, container_name),
+                "SAMTRAIN_METRICS_TOKEN_FILE"
+            ),
+            Some("/etc/samtrain/auth/metrics-token"),
+            "{name}"
+        );
+        assert!(mounted_keys(workload).contains(&"metrics-token".to_owned()));
+    }
+    let service = find(&docs, "Service", "samtrain-coordinator");
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "health" && p["port"] == 7071),
+        "{service}"
+    );
+    assert!(kinds(&docs, "ServiceMonitor").is_empty());
+
+    // ServiceMonitors are opt-in (their CRD is not Kubernetes', so they are
+    // checked here rather than by the schema validation).
+    let docs = parse(
+        &render(
+            &[],
+            &[
+                "metrics.serviceMonitor.enabled=true",
+                "metrics.serviceMonitor.labels.release=kube-prometheus",
+            ],
+        )
+        .unwrap(),
+    );
+    for (name, component) in [
+        ("samtrain-coordinator", "coordinator"),
+        ("samtrain-worker", "worker"),
+    ] {
+        let monitor = find(&docs, "ServiceMonitor", name);
+        assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus");
+        assert_eq!(
+            monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            component
+        );
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"], "health");
+        assert_eq!(endpoint["path"], "/metrics");
+        assert_eq!(
+            endpoint["authorization"]["credentials"]["name"],
+            "samtrain-auth"
+        );
+        assert_eq!(
+            endpoint["authorization"]["credentials"]["key"],
+            "metrics-token"
+        );
+    }
+    let refused = render(
+        &[],
+        &["metrics.serviceMonitor.enabled=true", "auth.enabled=false"],
+    )
+    .unwrap_err();
+    assert!(refused.contains("needs auth.enabled"), "{refused}");
+    let open =
+        parse(&render(&[], &["auth.enabled=false", "metrics.podAnnotations=false"]).unwrap());
+    let deploy = find(&open, "Deployment", "samtrain-coordinator");
+    assert_eq!(
+        env(
+            container(deploy, "coordinator"),
+            "SAMTRAIN_METRICS_TOKEN_FILE"
+        ),
+        None
+    );
+    assert!(
+        deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"].is_null()
+    );
 }
 
 #[test]

@@ -387,3 +387,20 @@ checks each value on its own.
   value: /etc/samtrain/auth/{{ .key }}
 {{- end }}
 {{- end }}
+
+{{/* `/metrics` asks scrapers for the token in the auth Secret. */}}
+{{- define "samtrain.metricsEnv" -}}
+{{- if .Values.auth.enabled }}
+- name: SAMTRAIN_METRICS_TOKEN_FILE
+  value: /etc/samtrain/auth/metrics-token
+{{- end }}
+{{- end }}
+
+{{/* Annotations for annotation-based scraping: call with (dict "ctx" $ "port" N). */}}
+{{- define "samtrain.scrapeAnnotations" -}}
+{{- if .ctx.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
