@@ -344,6 +344,17 @@ fn two_workers_train_to_the_end_and_report_their_evaluation() {
             ("samtrain_workers{state=\"subscribed\"}", 2.0),
         ],
     );
+    // Calls are timed by method: the submit, and the workers' reports.
+    for method in [
+        "/samtrain.v1.Jobs/Submit",
+        "/samtrain.v1.Workers/ReportProgress",
+    ] {
+        let series = format!("samtrain_grpc_request_duration_seconds_count{{method=\"{method}\"}}");
+        assert!(
+            metric(&control, &series).is_some_and(|n| n >= 1.0),
+            "{series} in\n{control}"
+        );
+    }
     // The worker's step moves between scrapes, with the rest of its series.
     let first = http_get(h0, "/metrics", None);
     let step_of = |text: &str| metric(text, "samtrain_train_step{").unwrap_or(0.0);

@@ -14,6 +14,7 @@ pub mod client;
 mod control;
 pub mod election;
 mod failover;
+mod grpc_timing;
 pub mod health;
 pub mod jobs;
 pub mod metrics;

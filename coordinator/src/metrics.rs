@@ -10,6 +10,7 @@
 //! worker keeps the series of its current job only; a coordinator those of
 //! jobs not yet finished (finished ones count in `samtrain_jobs`).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
@@ -20,6 +21,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::agent::Progress;
@@ -63,6 +65,20 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+/// Distinct gRPC methods timed before the rest count as "other": a caller
+/// may send any path, and each label is a series kept forever.
+const MAX_METHODS: usize = 64;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to 8 s.
+    Histogram::new(exponential_buckets(0.0005, 4.0, 8))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,6 +144,8 @@ pub struct ControlMetrics {
     step: Family<JobLabel, Gauge>,
     loss: Family<JobLabel, FloatGauge>,
     workers: Family<StateLabel, Gauge>,
+    grpc: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    methods: Mutex<HashSet<String>>,
 }
 
 impl Default for ControlMetrics {
@@ -141,6 +159,8 @@ impl Default for ControlMetrics {
             step: Family::default(),
             loss: Family::default(),
             workers: Family::default(),
+            grpc: Family::new_with_constructor(latency_histogram),
+            methods: Mutex::new(HashSet::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -174,6 +194,11 @@ impl Default for ControlMetrics {
             "Workers subscribed to the leader, and those drained",
             metrics.workers.clone(),
         );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its response (a stream's first message), by method",
+            metrics.grpc.clone(),
+        );
         ControlMetrics {
             registry,
             ..metrics
@@ -193,6 +218,21 @@ const JOB_STATES: [JobState; 7] = [
 ];
 
 impl ControlMetrics {
+    /// One gRPC call to `path` (`/package.Service/Method`) took `seconds`.
+    pub(crate) fn observe_grpc(&self, path: &str, seconds: f64) {
+        let method = {
+            let mut seen = self.methods.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(path) || (seen.len() < MAX_METHODS && seen.insert(path.to_owned())) {
+                path.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.grpc
+            .get_or_create(&MethodLabel { method })
+            .observe(seconds);
+    }
+
     /// The series for `sample`, as OpenMetrics text.
     pub(crate) fn render(&self, sample: &ControlSample) -> String {
         self.leader.set(i64::from(sample.leader));

@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::auth::{AuthError, AuthOptions, Guard, Role, ServerAuth};
 use crate::control::{Control, History};
 use crate::election::{Election, LeaderInfo};
+use crate::grpc_timing::GrpcTiming;
 use crate::health::{self, HealthServer};
 use crate::metrics::MetricsEndpoint;
 use crate::records::Keys;
@@ -353,6 +354,9 @@ fn serve_grpc(
     tls: Option<Arc<ReloadingServerTls>>,
     stopped: oneshot::Receiver<()>,
 ) -> JoinHandle<Result<(), CoordinatorError>> {
+    let timing = GrpcTiming {
+        control: control.clone(),
+    };
     let service = Service::new(control);
     let operators = Guard {
         auth: auth.clone(),
@@ -363,6 +367,7 @@ fn serve_grpc(
         role: Role::Worker,
     };
     let router = tonic::transport::Server::builder()
+        .layer(timing)
         .add_service(JobsServer::with_interceptor(service.clone(), operators))
         .add_service(WorkersServer::with_interceptor(service, workers));
     let stopped = async {

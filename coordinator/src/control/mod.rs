@@ -368,6 +368,11 @@ impl Control {
         }
     }
 
+    /// Records one gRPC call's latency (see `grpc_timing`).
+    pub(crate) fn observe_grpc(&self, path: &str, seconds: f64) {
+        self.metrics.observe_grpc(path, seconds);
+    }
+
     /// `/metrics` of a coordinator: its view of the jobs and workers now
     /// (empty on a standby).
     pub(crate) async fn render_metrics(&self) -> String {
