@@ -91,10 +91,15 @@ async fn answer(
         ("/metrics", Some(m)) if m.admits(&text, stream.local_addr()?) => {
             ("200 OK", CONTENT_TYPE, (m.render)().await)
         }
-        ("/metrics", Some(_)) => (
+        ("/metrics", Some(m)) => (
             "401 Unauthorized",
             plain,
-            "/metrics needs the metrics token: Authorization: Bearer <token>\n".to_owned(),
+            if m.token.is_some() {
+                "/metrics needs the metrics token: Authorization: Bearer <token>\n"
+            } else {
+                "/metrics answers off loopback only with a token: start this process with --metrics-token-file\n"
+            }
+            .to_owned(),
         ),
         _ => (
             "404 Not Found",
