@@ -206,17 +206,6 @@ impl Default for ControlMetrics {
     }
 }
 
-/// Every state a job can be in, so that each series exists from the start.
-const JOB_STATES: [JobState; 7] = [
-    JobState::Pending,
-    JobState::Rendezvous,
-    JobState::Running,
-    JobState::Restarting,
-    JobState::Succeeded,
-    JobState::Failed,
-    JobState::Cancelled,
-];
-
 impl ControlMetrics {
     /// One gRPC call to `path` (`/package.Service/Method`) took `seconds`.
     pub(crate) fn observe_grpc(&self, path: &str, seconds: f64) {
@@ -236,7 +225,8 @@ impl ControlMetrics {
     /// The series for `sample`, as OpenMetrics text.
     pub(crate) fn render(&self, sample: &ControlSample) -> String {
         self.leader.set(i64::from(sample.leader));
-        for state in JOB_STATES {
+        // Every state, so that each series exists from the start.
+        for state in JobState::ALL {
             let count = sample.jobs.iter().filter(|j| j.state == state).count();
             self.jobs
                 .get_or_create(&StateLabel {
