@@ -587,10 +587,12 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
         (Some(1), Some(1)),
         "{s}"
     );
-    // The joining worker's steps are slowed (300 ms each) so that the
-    // grown generation lasts seconds, not a few of the status polls
-    // below: they look at it while it runs.
-    let _w1 = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "300")]);
+    // The joining worker's steps are slowed (1 s each) so that the grown
+    // generation lasts at least 10 s (it starts at a checkpoint, at most
+    // 10 steps before the end), not a few of the status polls below: they
+    // look at it while it runs. 300 ms proved too short once steps got
+    // faster on a loaded machine.
+    let _w1 = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "1000")]);
     let s = wait_status(&addr, &job, Duration::from_secs(300), "two ranks", |s| {
         s["world_size"].as_u64() == Some(2) || finished(s)
     });
