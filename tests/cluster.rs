@@ -53,6 +53,19 @@ impl Proc {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until this process has logged `message`.
+    fn wait_logged(&self, message: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(message) {
+            assert!(
+                Instant::now() < deadline,
+                "no {message:?} within {timeout:?} in:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -574,7 +587,12 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
     c.edit_spec("min_workers = 2", "min_workers = 1");
     let (_coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
-    let w0 = c.worker("w0", &addr);
+    // The lone rank holds at step 3 until the joining worker waits at the
+    // coordinator, so the job grows at its step-10 checkpoint however long
+    // that worker takes to start: the polls below never race the training.
+    let gate = c.dir.path().join("joined");
+    let hold = format!("3:{}", gate.display());
+    let w0 = c.worker_with("w0", &addr, &[("SAMTRAIN_FAULT_HOLD_AT_STEP", &hold)]);
     let s = wait_status(
         &addr,
         &job,
@@ -588,11 +606,10 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
         "{s}"
     );
     // The joining worker's steps are slowed (1 s each) so that the grown
-    // generation lasts at least 10 s (it starts at a checkpoint, at most
-    // 10 steps before the end), not a few of the status polls below: they
-    // look at it while it runs. 300 ms proved too short once steps got
-    // faster on a loaded machine.
-    let _w1 = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "1000")]);
+    // generation (30 steps) outlasts the status polls that look at it.
+    let w1 = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "1000")]);
+    w1.wait_logged("subscribed to the leader", Duration::from_secs(300));
+    std::fs::write(&gate, b"").unwrap();
     let s = wait_status(&addr, &job, Duration::from_secs(300), "two ranks", |s| {
         s["world_size"].as_u64() == Some(2) || finished(s)
     });
@@ -654,17 +671,32 @@ fn a_slowed_rank_is_flagged_a_straggler_and_replaced_at_a_checkpoint() {
     let c = Cluster::new();
     c.edit_spec(
         "collective_timeout_s = 20",
-        "collective_timeout_s = 20\nstraggler_factor = 1.5\nstraggler_steps = 3\nstraggler_policy = \"replace\"",
+        "collective_timeout_s = 60\nstraggler_factor = 1.5\nstraggler_steps = 3\nstraggler_policy = \"replace\"",
     );
     let (coord, addr, _) = c.coordinator("c0");
     let job = submit(&addr, &c.spec);
     let w0 = c.worker("w0", &addr);
-    let slow = c.worker_with("w1", &addr, &[("SAMTRAIN_FAULT_SLOW_STEP_MS", "400")]);
+    // The slowed rank also holds at step 4 until the spare waits at the
+    // coordinator, so a replacement is there at the step-10 checkpoint
+    // however long the spare takes to start (within the 60 s collective
+    // timeout its peer waits under).
+    let gate = c.dir.path().join("spare-waits");
+    let hold = format!("4:{}", gate.display());
+    let slow = c.worker_with(
+        "w1",
+        &addr,
+        &[
+            ("SAMTRAIN_FAULT_SLOW_STEP_MS", "400"),
+            ("SAMTRAIN_FAULT_HOLD_AT_STEP", &hold),
+        ],
+    );
     let s = wait_status(&addr, &job, Duration::from_secs(300), "two ranks", |s| {
         s["world_size"].as_u64() == Some(2)
     });
     let slow_id = worker_id(&slow, &s);
-    let _spare = c.worker("w2", &addr);
+    let spare = c.worker("w2", &addr);
+    spare.wait_logged("subscribed to the leader", Duration::from_secs(50));
+    std::fs::write(&gate, b"").unwrap();
     succeeded_after_one_resize(&addr, &job);
     let log = coord.log();
     let flagged = log

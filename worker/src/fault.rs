@@ -10,6 +10,10 @@
 //!   free: the worker must give up on its training thread.
 //! - `SAMTRAIN_FAULT_SLOW_STEP_MS=N`: every step of this rank computes
 //!   `N` ms longer, as on a throttled GPU or a slow node.
+//! - `SAMTRAIN_FAULT_HOLD_AT_STEP=N:PATH`: step `N` of this rank waits
+//!   until the file `PATH` exists, so that a test decides when a job
+//!   moves on (a worker joining before a checkpoint, say) instead of
+//!   racing the training against its polls.
 //!
 //! Unset (always, outside tests), nothing changes.
 
@@ -23,10 +27,16 @@ use tch::Tensor;
 
 const HANG: &str = "SAMTRAIN_FAULT_HANG_COLLECTIVE";
 const SLOW_STEP: &str = "SAMTRAIN_FAULT_SLOW_STEP_MS";
+const HOLD: &str = "SAMTRAIN_FAULT_HOLD_AT_STEP";
 
-/// Sleeps as long as `SAMTRAIN_FAULT_SLOW_STEP_MS` says, inside a step's
-/// compute.
-pub(crate) fn slow_step() {
+/// The faults a step's compute carries: slowed, and held at one step.
+pub(crate) fn in_step(step: u64) {
+    slow_step();
+    hold_at(step);
+}
+
+/// Sleeps as long as `SAMTRAIN_FAULT_SLOW_STEP_MS` says.
+fn slow_step() {
     static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
     let delay = DELAY.get_or_init(|| {
         let ms = std::env::var(SLOW_STEP).ok()?.parse::<u64>().ok()?;
@@ -36,6 +46,28 @@ pub(crate) fn slow_step() {
     if let Some(delay) = delay {
         std::thread::sleep(*delay);
     }
+}
+
+/// Waits, at the step `SAMTRAIN_FAULT_HOLD_AT_STEP` names, for its file.
+fn hold_at(step: u64) {
+    static HOLD_AT: std::sync::OnceLock<Option<(u64, std::path::PathBuf)>> =
+        std::sync::OnceLock::new();
+    let hold = HOLD_AT.get_or_init(|| {
+        let value = std::env::var(HOLD).ok()?;
+        let (at, path) = value.split_once(':')?;
+        let at = at.parse::<u64>().ok()?;
+        tracing::warn!(step = at, path, "{HOLD}: this rank will wait for a file");
+        Some((at, path.into()))
+    });
+    let Some((at, path)) = hold else { return };
+    if *at != step {
+        return;
+    }
+    tracing::warn!(step, path = %path.display(), "{HOLD}: holding until the file exists");
+    while !path.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(step, "{HOLD}: released");
 }
 
 /// Data-parallel all-reduces this process made, over every generation.

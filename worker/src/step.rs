@@ -89,7 +89,7 @@ impl StepContext<'_> {
         let (loss_sum, overlapped) =
             catch_unwind(AssertUnwindSafe(|| self.backward(step, micro, tokens)))
                 .map_err(|p| TrainError::from_panic(step, p))??;
-        crate::fault::slow_step();
+        crate::fault::in_step(step);
         let reduced = match overlapped {
             // Only the wait after backward counts as communication: the rest
             // of the reduction hid behind backward.
