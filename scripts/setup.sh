@@ -2,7 +2,8 @@
 # Prepares this machine to build and test samtrain, and is quick to rerun:
 #   - Debian packages: etcd (server + client), protoc and its well-known
 #     .proto files, a Java runtime (for the
-#     PTB tokenizer pycocoevalcap uses), a C++ compiler, python3-venv;
+#     PTB tokenizer pycocoevalcap uses), a C++ compiler, python3-venv,
+#     chromium (the dashboard's test opens the page in it, headless);
 #   - a Python venv holding the PyPI torch wheel (which carries libtorch for
 #     tch) and the Python reference packages the tests compare against, kept
 #     in a per-user cache directory keyed by the torch version so that fresh
@@ -63,6 +64,7 @@ need libprotobuf-dev      test -f /usr/include/google/protobuf/descriptor.proto
 need default-jre-headless command -v java
 need g++                  command -v c++
 need python3-venv         "$BASE_PYTHON" -c 'import ensurepip, venv'
+need chromium             command -v chromium
 
 if ((${#missing[@]})); then
     say "installing Debian packages: ${missing[*]}"

@@ -168,60 +168,122 @@ fn local_runs_a_spec_a_rerun_resumes_it_and_a_failed_save_is_told() {
     assert!(blocked.join("step-00000020/manifest.json").is_file());
 }
 
-/// `samtrain local --metrics-listen`: the coordinator's `/metrics` is
-/// served while the job runs, at the address it prints, and its series move
-/// with the job.
-#[test]
-fn a_local_job_serves_metrics_that_move_with_it() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
+/// A `samtrain local` job started in the background, its steps slowed so
+/// that it runs across several requests, with the addresses it printed.
+struct LocalRun {
+    child: std::process::Child,
+    /// `host:port` of the coordinator's health port.
+    addr: String,
+    /// The run's operator token, from the dashboard's address.
+    token: String,
+    /// The dashboard's address as printed.
+    dashboard: String,
+    /// Joins with the whole of stderr once the process ends.
+    stderr: std::thread::JoinHandle<String>,
+    _dir: tempfile::TempDir,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let spec = small_demo(30).replace("log_every = ", "log_every = 1 #");
-    std::fs::write(dir.path().join("job.toml"), spec).unwrap();
-    let mut local = Command::new(BIN)
-        .current_dir(dir.path())
-        .args([
-            "local",
-            "job.toml",
-            "--json",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        // Slowed steps keep the job running across several scrapes.
-        .env("SAMTRAIN_FAULT_SLOW_STEP_MS", "300")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start samtrain local");
-    // The address comes on stderr; the rest of it is drained meanwhile.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(local.stderr.take().unwrap());
-    let drain = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in stderr.lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("metrics: http://") {
-                let _ = tx.send(addr.trim_end_matches("/metrics").to_owned());
+impl LocalRun {
+    fn start(steps: u64, slow_step_ms: u64) -> LocalRun {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        use std::time::Duration;
+
+        let dir = tempfile::tempdir().unwrap();
+        let spec = small_demo(steps).replace("log_every = ", "log_every = 1 #");
+        std::fs::write(dir.path().join("job.toml"), spec).unwrap();
+        let mut child = Command::new(BIN)
+            .current_dir(dir.path())
+            .args(["local", "job.toml", "--json"])
+            .env("SAMTRAIN_FAULT_SLOW_STEP_MS", slow_step_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start samtrain local");
+        // The addresses come on stderr; the rest of it is drained meanwhile.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let stderr = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("dashboard: ") {
+                    let _ = tx.send(url.to_owned());
+                }
+                all.push_str(&line);
+                all.push('\n');
             }
-            all.push_str(&line);
-            all.push('\n');
+            all
+        });
+        let dashboard = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("samtrain local printed its dashboard's address");
+        let (addr, token) = dashboard
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once("/ui?token="))
+            .unwrap_or_else(|| panic!("not a dashboard address: {dashboard}"));
+        LocalRun {
+            addr: addr.to_owned(),
+            token: token.to_owned(),
+            dashboard: dashboard.clone(),
+            child,
+            stderr,
+            _dir: dir,
         }
-        all
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("samtrain local printed its metrics address");
-    let scrape = || -> String {
+    }
+
+    /// `(status code, body)` of one request to the health port.
+    fn http(&self, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect to /metrics");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        let mut s = std::net::TcpStream::connect(&self.addr).expect("connect to the health port");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        for h in headers {
+            request.push_str(h);
+            request.push_str("\r\n");
+        }
+        request.push_str("Connection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
-        reply
-    };
+        let code = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP reply: {reply}"));
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        (code, body)
+    }
+
+    /// The dashboard's JSON at `path` (under `/ui/api/`), as the operator.
+    fn api(&self, path: &str) -> Value {
+        let bearer = format!("Authorization: Bearer {}", self.token);
+        let (code, body) = self.http("GET", &format!("/ui/api/{path}"), &[&bearer]);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    /// Waits for the end; the final JSON line and the whole stderr.
+    fn finish(self) -> (std::process::ExitStatus, Value, String) {
+        let out = self.child.wait_with_output().unwrap();
+        let stderr = self.stderr.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}\n{stdout}\n{stderr}"));
+        (out.status, v, stderr)
+    }
+}
+
+/// `samtrain local`: the coordinator's `/metrics` is served while the job
+/// runs, at the address it prints, and its series move with the job.
+#[test]
+fn a_local_job_serves_metrics_that_move_with_it() {
+    use std::time::{Duration, Instant};
+
+    let run = LocalRun::start(30, 300);
     let value = |text: &str, prefix: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.starts_with(prefix))
@@ -232,8 +294,8 @@ fn a_local_job_serves_metrics_that_move_with_it() {
     let mut steps = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while steps.len() < 2 && Instant::now() < deadline {
-        let text = scrape();
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let (code, text) = run.http("GET", "/metrics", &[]);
+        assert_eq!(code, 200, "{text}");
         if value(&text, "samtrain_jobs{state=\"running\"}") == Some(1.0) {
             if let Some(step) = value(&text, "samtrain_job_step{") {
                 let loss = value(&text, "samtrain_job_loss{");
@@ -245,16 +307,121 @@ fn a_local_job_serves_metrics_that_move_with_it() {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let out = local.wait_with_output().unwrap();
-    let stderr = drain.join().unwrap();
+    let (status, v, stderr) = run.finish();
     assert_eq!(
         steps.len(),
         2,
         "the step did not move in /metrics: {steps:?}\n{stderr}"
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("{e}\n{stdout}\n{stderr}"));
-    assert!(out.status.success(), "{v}\n{stderr}");
+    assert!(status.success(), "{v}\n{stderr}");
     assert_eq!(v["state"], "succeeded", "{v}");
+}
+
+/// The dashboard as a user opens it: headless Chromium loads the address
+/// `samtrain local` printed while the job runs, runs the page's script,
+/// and the page shows the job, a row for each of its two ranks and a loss
+/// curve with points. The API refuses callers without the token, and a
+/// cancel without the dashboard's header; with it, the job ends cancelled.
+#[test]
+fn the_dashboard_shows_a_running_job_in_a_real_browser_and_cancels_it() {
+    use std::time::{Duration, Instant};
+
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| {
+            Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("no chromium on PATH: scripts/setup.sh installs Debian's chromium package");
+    let run = LocalRun::start(400, 200);
+    // Who may look: the token, not anyone on the port.
+    let (code, body) = run.http("GET", "/ui/api/jobs", &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("/ui?token="), "{body}");
+    let (code, _) = run.http("GET", "/ui?token=not-the-token-0123456789", &[]);
+    assert_eq!(code, 401);
+    let (code, _) = run.http(
+        "GET",
+        "/ui/api/jobs",
+        &["Authorization: Bearer not-the-token-0123456789"],
+    );
+    assert_eq!(code, 401);
+
+    // Wait for a few logged steps, so the curve has points.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let id = loop {
+        let jobs = run.api("jobs");
+        let job = &jobs["jobs"][0];
+        if job["step"].as_u64() >= Some(5) {
+            assert_eq!(job["state"], "running", "{job}");
+            break job["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job did not reach step 5: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    let profile = tempfile::tempdir().unwrap();
+    let browse = |extra: &str| {
+        let out = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--window-size=1280,1100",
+                "--virtual-time-budget=3000",
+                &format!("--user-data-dir={}", profile.path().display()),
+                extra,
+                &format!("{}#/job/{id}", run.dashboard),
+            ])
+            .output()
+            .expect("run chromium");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = browse("--dump-dom");
+    assert!(dom.contains(&format!("data-job=\"{id}\"")), "{dom}");
+    assert!(dom.contains("data-state=\"running\""), "{dom}");
+    for rank in 0..2 {
+        assert!(
+            dom.contains(&format!("<tr data-rank=\"{rank}\">")),
+            "rank {rank}: {dom}"
+        );
+    }
+    let points: usize = dom
+        .split("id=\"loss\"")
+        .nth(1)
+        .and_then(|rest| rest.split("data-points=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no loss chart: {dom}"));
+    assert!(points >= 2, "{points} points: {dom}");
+    assert!(dom.contains("<polyline class=\"curve\""), "{dom}");
+    // A picture of it for people, beside the build's outputs.
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    browse(&format!("--screenshot={}", shot.display()));
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "{}",
+        shot.display()
+    );
+
+    // Cancel: refused without the dashboard's header, done with it.
+    let bearer = format!("Authorization: Bearer {}", run.token);
+    let cancel = format!("/ui/api/jobs/{id}/cancel");
+    let (code, body) = run.http("POST", &cancel, &[&bearer]);
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = run.http("POST", &cancel, &[&bearer, "x-samtrain-ui: 1"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"state\":\"cancelled\""), "{body}");
+    let (_, v, stderr) = run.finish();
+    assert_eq!(v["state"], "cancelled", "{v}\n{stderr}");
 }

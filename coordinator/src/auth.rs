@@ -258,6 +258,21 @@ impl ServerAuth {
                 role.article()
             )));
         };
+        if self.holds(role, token) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "the token is not {} token of this coordinator",
+                role.article()
+            )))
+        }
+    }
+}
+
+impl ServerAuth {
+    /// Whether `token` is one of `role`'s tokens (files re-read when they
+    /// changed).
+    pub fn holds(&self, role: Role, token: &str) -> bool {
         let presented = digest(token.as_bytes());
         let sources = match role {
             Role::Operator => &self.operator,
@@ -269,14 +284,7 @@ impl ServerAuth {
             source.refresh();
             admitted |= source.admits(&presented);
         }
-        if admitted {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "the token is not {} token of this coordinator",
-                role.article()
-            )))
-        }
+        admitted
     }
 }
 

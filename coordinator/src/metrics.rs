@@ -41,19 +41,15 @@ pub struct MetricsEndpoint {
 }
 
 impl MetricsEndpoint {
-    /// Whether a request with these `headers` (one per line) may scrape, on
-    /// a listener at `local`.
-    pub(crate) fn admits(&self, headers: &str, local: std::net::SocketAddr) -> bool {
+    /// Whether `request` may scrape.
+    pub(crate) fn admits(&self, request: &crate::health::Request) -> bool {
         use subtle::ConstantTimeEq;
         let Some(token) = &self.token else {
-            return local.ip().is_loopback();
+            return request.local.ip().is_loopback();
         };
-        headers
-            .lines()
-            .filter_map(|line| line.split_once(':'))
-            .filter(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
-            .filter_map(|(_, value)| value.trim().strip_prefix("Bearer "))
-            .any(|presented| bool::from(presented.trim().as_bytes().ct_eq(token.as_bytes())))
+        request
+            .bearers()
+            .any(|presented| bool::from(presented.as_bytes().ct_eq(token.as_bytes())))
     }
 }
 
@@ -463,16 +459,20 @@ mod tests {
             "127.0.0.1:7072".parse().unwrap(),
             "10.0.0.5:7072".parse().unwrap(),
         );
-        assert!(endpoint(None).admits("", lo));
-        assert!(!endpoint(None).admits("Authorization: Bearer x", any));
+        let request = |head: &str, local| {
+            crate::health::Request::parse(&format!("GET /metrics HTTP/1.1\r\n{head}\r\n"), local)
+                .unwrap()
+        };
+        assert!(endpoint(None).admits(&request("", lo)));
+        assert!(!endpoint(None).admits(&request("Authorization: Bearer x\r\n", any)));
         let m = endpoint(Some("s3cret-token-0123"));
-        assert!(m.admits(
+        assert!(m.admits(&request(
             "Host: x\r\nauthorization:  Bearer s3cret-token-0123\r\n",
             any
-        ));
-        assert!(!m.admits("Authorization: Bearer s3cret-token-0124", lo));
-        assert!(!m.admits("Authorization: Basic s3cret-token-0123", any));
-        assert!(!m.admits("", lo));
+        )));
+        assert!(!m.admits(&request("Authorization: Bearer s3cret-token-0124\r\n", lo)));
+        assert!(!m.admits(&request("Authorization: Basic s3cret-token-0123\r\n", any)));
+        assert!(!m.admits(&request("", lo)));
     }
 
     #[test]

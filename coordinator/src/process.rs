@@ -16,6 +16,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{AuthError, AuthOptions, Guard, Role, ServerAuth};
 use crate::control::{Control, History};
+use crate::dashboard::Dashboard;
 use crate::election::{Election, LeaderInfo};
 use crate::grpc_timing::GrpcTiming;
 use crate::health::{self, HealthServer};
@@ -196,7 +197,16 @@ pub async fn run(options: CoordinatorOptions) -> Result<RunningCoordinator, Coor
     ));
     let health = match options.health_listen {
         Some(listen) => {
-            Some(serve_health(listen, control.clone(), options.metrics_token.clone()).await?)
+            let dashboard = Dashboard::start(control.clone(), auth.clone());
+            Some(
+                serve_health(
+                    listen,
+                    control.clone(),
+                    options.metrics_token.clone(),
+                    dashboard,
+                )
+                .await?,
+            )
         }
         None => None,
     };
@@ -319,11 +329,13 @@ async fn settle(election: &Election) {
     .await;
 }
 
-/// `/healthz` and `/readyz`, ready while this node leads.
+/// `/healthz` and `/readyz` (ready while this node leads), `/metrics` and
+/// the dashboard.
 async fn serve_health(
     listen: SocketAddr,
     control: Arc<Control>,
     metrics_token: Option<String>,
+    dashboard: Arc<Dashboard>,
 ) -> Result<HealthServer, CoordinatorError> {
     let metrics = MetricsEndpoint {
         render: {
@@ -336,7 +348,11 @@ async fn serve_health(
         token: metrics_token,
     };
     let ready: health::Readiness = Arc::new(move || control.readiness());
-    health::serve(listen, ready, Some(metrics))
+    let routes = health::Routes {
+        metrics: Some(metrics),
+        ui: Some(dashboard.handler()),
+    };
+    health::serve(listen, ready, routes)
         .await
         .map_err(|source| CoordinatorError::Listen {
             addr: listen,

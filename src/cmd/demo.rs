@@ -48,10 +48,11 @@ pub struct DemoArgs {
     /// the last line.
     #[arg(long)]
     json: bool,
-    /// Serve the coordinator's `/metrics` on this loopback address while
-    /// the demo trains (as `samtrain local --metrics-listen`).
-    #[arg(long)]
-    metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the coordinator's dashboard (`/ui`) and `/metrics` on this
+    /// loopback address while the demo trains (as `samtrain local
+    /// --http-listen`; default: a free port, printed).
+    #[arg(long, alias = "metrics-listen", default_value = "127.0.0.1:0")]
+    http_listen: std::net::SocketAddr,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -87,7 +88,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             etcd: Vec::new(),
             run_dir: Some(args.out.join("run")),
             json: args.json,
-            metrics_listen: args.metrics_listen,
+            http_listen: args.http_listen,
         },
     )?;
     let trained_predictions = match &spec.evaluation.output {

@@ -23,8 +23,8 @@ use samtrain_proto::v1::{self, job_event::Event, JobState};
 use samtrain_proto::Scores;
 use serde_json::json;
 
-use super::jobs::state_name;
 use crate::{loss_plot, prepare};
+use samtrain_coordinator::json::state_name;
 
 #[derive(Args)]
 pub struct LocalArgs {
@@ -49,11 +49,11 @@ pub struct LocalOptions {
     /// Print one JSON object, the job's final state, as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Serve the coordinator's `/metrics` (and health probes) on this
-    /// loopback address while the job runs (port 0 picks one; the address
-    /// is printed).
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
+    /// Serve the coordinator's dashboard (`/ui`), `/metrics` and health
+    /// probes on this loopback address while the job runs (default: a free
+    /// port; the addresses are printed).
+    #[arg(long, alias = "metrics-listen", default_value = "127.0.0.1:0")]
+    pub http_listen: SocketAddr,
 }
 
 /// How a local job ended.
@@ -150,16 +150,15 @@ async fn drive(
     // machine cannot reach in. Workers get theirs in the environment (not
     // on their command line, which `ps` shows).
     let (auth, operator_token, worker_token) = AuthOptions::generated();
-    if let Some(listen) = options.metrics_listen {
-        // The metrics of a local run carry no token: loopback only.
-        anyhow::ensure!(
-            listen.ip().is_loopback(),
-            "--metrics-listen {listen}: samtrain local serves metrics on a loopback address only"
-        );
-    }
+    // The metrics of a local run carry no token: loopback only.
+    anyhow::ensure!(
+        options.http_listen.ip().is_loopback(),
+        "--http-listen {}: samtrain local serves its dashboard and metrics on a loopback address only",
+        options.http_listen
+    );
     let coordinator = samtrain_coordinator::run(CoordinatorOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        health_listen: options.metrics_listen,
+        health_listen: Some(options.http_listen),
         etcd: options.etcd.clone(),
         node_id: format!("local-{}", std::process::id()),
         auth,
@@ -169,6 +168,9 @@ async fn drive(
     .context("starting the coordinator")?;
     coordinator.until_leader().await;
     if let Some(addr) = coordinator.health_addr() {
+        // The run's operator token logs the browser in (then leaves the
+        // address bar): the page is this user's, as the job is.
+        eprintln!("dashboard: http://{addr}/ui?token={operator_token}");
         eprintln!("metrics: http://{addr}/metrics");
     }
     let address = format!("http://{}", coordinator.addr());

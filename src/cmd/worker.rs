@@ -152,9 +152,16 @@ async fn serve(
     };
     let _health = match args.health_listen {
         Some(listen) => Some(
-            health::serve(listen, agent.readiness(), Some(metrics))
-                .await
-                .with_context(|| format!("cannot serve health probes on {listen}"))?,
+            health::serve(
+                listen,
+                agent.readiness(),
+                health::Routes {
+                    metrics: Some(metrics),
+                    ui: None,
+                },
+            )
+            .await
+            .with_context(|| format!("cannot serve health probes on {listen}"))?,
         ),
         None => None,
     };

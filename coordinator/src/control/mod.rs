@@ -368,6 +368,11 @@ impl Control {
         }
     }
 
+    /// Every job's events from now on, as the leader announces them.
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<v1::JobEvent> {
+        self.events.subscribe()
+    }
+
     /// Records one gRPC call's latency (see `grpc_timing`).
     pub(crate) fn observe_grpc(&self, path: &str, seconds: f64) {
         self.metrics.observe_grpc(path, seconds);
