@@ -10,9 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "samtrain.v1.Checkpoint",
             "#[derive(serde::Serialize, serde::Deserialize)]",
         )
-        // Likewise the scores of a job's evaluation.
+        // Likewise the scores of a job's evaluation, and its examples.
         .type_attribute(
             "samtrain.v1.Scores",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        )
+        .type_attribute(
+            "samtrain.v1.EvalExample",
             "#[derive(serde::Serialize, serde::Deserialize)]",
         )
         .compile_protos(&["proto/samtrain.proto"], &["proto"])?;

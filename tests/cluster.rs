@@ -308,6 +308,15 @@ fn assert_succeeded_at(s: &Value, steps: u64) {
     assert_eq!(step(s), steps, "{s}");
     let cider = s["eval"]["cider"].as_f64().unwrap_or(-1.0);
     assert!(cider >= 0.0, "no CIDEr in {s}");
+    // The first held-out predictions, beside their references.
+    let examples = s["eval_examples"].as_array().map_or(0, Vec::len);
+    assert!((1..=5).contains(&examples), "{s}");
+    assert!(
+        s["eval_examples"][0]["reference"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{s}"
+    );
     let ckpt = s["latest_checkpoint"]["url"].as_str().unwrap_or("");
     assert!(
         ckpt.starts_with("s3://ckpt/e2e/") && ckpt.ends_with(&format!("step-{steps:08}")),

@@ -156,6 +156,9 @@ pub struct JobRecord {
     pub message: String,
     /// The final evaluation's scores, once succeeded with one.
     pub eval: Option<Scores>,
+    /// A few of its predictions beside their references.
+    #[serde(default)]
+    pub eval_examples: Vec<v1::EvalExample>,
     pub created_unix_ms: i64,
     pub updated_unix_ms: i64,
     pub finished_unix_ms: Option<i64>,
@@ -208,6 +211,7 @@ impl JobRecord {
             ring_secret: String::new(),
             message: "waiting for workers".to_owned(),
             eval: None,
+            eval_examples: Vec::new(),
             created_unix_ms: now,
             updated_unix_ms: now,
             finished_unix_ms: None,
@@ -378,6 +382,7 @@ impl JobRecord {
             },
             resizes: self.resizes,
             max_workers: self.policy.max_workers,
+            eval_examples: self.eval_examples.clone(),
         }
     }
 }

@@ -45,6 +45,9 @@ pub fn job_json(job: &v1::Job) -> Value {
         })).collect::<Vec<_>>(),
         "message": job.message,
         "eval": job.eval,
+        "eval_examples": job.eval_examples.iter().map(|e| json!({
+            "sample_id": e.sample_id, "prediction": e.prediction, "reference": e.reference,
+        })).collect::<Vec<_>>(),
         "created_unix_ms": job.created_unix_ms,
         "updated_unix_ms": job.updated_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,

@@ -140,6 +140,7 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         &a1,
         Outcome::Completed {
             eval: None,
+            examples: Vec::new(),
             step: 50,
             checkpoint: None,
         },
@@ -155,6 +156,14 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         &a0,
         Outcome::Completed {
             eval: Some(eval),
+            // A few examples are kept, each bounded; the rest are dropped.
+            examples: (0..9)
+                .map(|i| v1::EvalExample {
+                    sample_id: i.to_string(),
+                    prediction: "é".repeat(150 * (i + 1)),
+                    reference: "a red circle".into(),
+                })
+                .collect(),
             step: 50,
             checkpoint: None,
         },
@@ -164,6 +173,16 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
     let job = state(&mut client, &id).await;
     assert_eq!(job.state(), v1::JobState::Succeeded);
     assert_eq!(job.eval.map(|e| e.cider), Some(0.75));
+    assert_eq!(job.eval_examples.len(), 5);
+    assert_eq!(job.eval_examples[0].prediction, "é".repeat(150));
+    assert!(job.eval_examples[4]
+        .prediction
+        .ends_with("[cut at 512 bytes]"));
+    assert!(job
+        .eval_examples
+        .iter()
+        .all(|e| e.prediction.len() <= 512 + 64));
+    assert_eq!(job.eval_examples[4].reference, "a red circle");
     assert!(job.finished_unix_ms.is_some());
 
     // The watch saw the whole story, in order, and closed after the end.
@@ -266,6 +285,7 @@ async fn lost_lease_restarts_with_a_replacement_then_max_restarts_fails() {
         &b0,
         Outcome::Completed {
             eval: None,
+            examples: Vec::new(),
             step: 3,
             checkpoint: None,
         },

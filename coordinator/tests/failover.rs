@@ -146,6 +146,7 @@ async fn standby_takes_over_without_ending_the_generation() {
         &a1,
         Outcome::Completed {
             eval: None,
+            examples: Vec::new(),
             step: 50,
             checkpoint: None,
         },
@@ -156,6 +157,7 @@ async fn standby_takes_over_without_ending_the_generation() {
         &a0,
         Outcome::Completed {
             eval: None,
+            examples: Vec::new(),
             step: 50,
             checkpoint: None,
         },

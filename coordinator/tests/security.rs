@@ -185,6 +185,7 @@ async fn a_worker_cannot_act_for_another_or_misreport_its_job() {
                 cider: 999.0,
                 ..Default::default()
             }),
+            examples: Vec::new(),
             checkpoint: None,
         })),
     };

@@ -161,6 +161,12 @@ fn print_job(job: &v1::Job) {
     if let Some(scores) = &job.eval {
         println!("eval       {}", scores.describe(4));
     }
+    for e in &job.eval_examples {
+        println!(
+            "example    {} -> {:?} (reference {:?})",
+            e.sample_id, e.prediction, e.reference
+        );
+    }
     if !job.message.is_empty() {
         println!("message    {}", job.message);
     }

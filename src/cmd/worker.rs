@@ -20,7 +20,7 @@ use samtrain_coordinator::metrics::MetricsEndpoint;
 use super::{Coordinators, EtcdFlags};
 use samtrain_collective::Secret;
 use samtrain_proto::spec::DeviceKind;
-use samtrain_proto::Scores;
+use samtrain_proto::{v1, Scores};
 use samtrain_worker::device::resolve_device;
 use samtrain_worker::error::panic_message;
 use samtrain_worker::launch::{join_groups, Membership};
@@ -356,6 +356,15 @@ fn run_generation(
                 cider: s.cider,
                 bleu4: s.bleu4,
             }),
+            examples: outcome
+                .examples
+                .into_iter()
+                .map(|e| v1::EvalExample {
+                    sample_id: e.sample_id,
+                    prediction: e.prediction,
+                    reference: e.reference,
+                })
+                .collect(),
             step: outcome.final_step,
             checkpoint: outcome.checkpoint,
         },

@@ -58,7 +58,21 @@ pub struct TrainOutcome {
     pub skipped_records: usize,
     /// Scores on `data.eval` (world rank 0 only).
     pub eval: Option<Summary>,
+    /// The first few of its predictions (world rank 0 only).
+    pub examples: Vec<EvalExample>,
 }
+
+/// One held-out sample's predicted answer beside its reference.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalExample {
+    /// As `pred.json` writes it.
+    pub sample_id: String,
+    pub prediction: String,
+    pub reference: String,
+}
+
+/// Examples a generation's outcome carries.
+pub(crate) const EXAMPLES: usize = 5;
 
 /// Where progress and committed checkpoints go, as they happen.
 pub type EventSink = Box<dyn FnMut(TrainEvent) + Send>;

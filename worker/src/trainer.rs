@@ -53,7 +53,7 @@ use crate::error::{DataError, TrainError};
 use crate::inputs::{self, to_device};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::predict;
-use crate::report::{EventSink, StepMetrics, TrainEvent, TrainOutcome};
+use crate::report::{self, EvalExample, EventSink, StepMetrics, TrainEvent, TrainOutcome};
 use crate::resident::{ModelKey, ModelLease, ResidentModels};
 use crate::schedule::Schedule;
 use crate::step::StepContext;
@@ -475,10 +475,17 @@ impl Trainer {
                 )?;
                 let out = self.spec.evaluation.output.as_deref().map(Path::new);
                 (layout.rank == 0)
-                    .then(|| predict::score_into(&predictions, out))
+                    .then(|| -> Result<_, TrainError> {
+                        let scores = predict::score_into(&predictions, out)?;
+                        Ok((scores, examples(&predictions)))
+                    })
                     .transpose()?
             }
             _ => None,
+        };
+        let (eval, examples) = match eval {
+            Some((scores, examples)) => (Some(scores), examples),
+            None => (None, Vec::new()),
         };
         tracing::info!(
             step = self.step,
@@ -494,6 +501,7 @@ impl Trainer {
             resumed_from: self.resumed_from,
             skipped_records: self.skipped_records,
             eval,
+            examples,
         })
     }
 }
@@ -635,4 +643,17 @@ fn allocate_grads(params: &[(String, Tensor)]) {
             (p.sum(Kind::Float) * 0.0).backward();
         }
     }
+}
+
+/// The first predictions, for people to read beside the scores.
+fn examples(predictions: &[samtrain_data::eval::Prediction]) -> Vec<EvalExample> {
+    predictions
+        .iter()
+        .take(report::EXAMPLES)
+        .map(|p| EvalExample {
+            sample_id: p.sample_id.to_string(),
+            prediction: p.pred_response.clone(),
+            reference: p.gt_response.clone(),
+        })
+        .collect()
 }

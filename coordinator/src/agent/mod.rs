@@ -125,6 +125,8 @@ pub enum Outcome {
     Completed {
         /// The scores, when rank 0 evaluated.
         eval: Option<v1::Scores>,
+        /// A few of its predictions beside their references.
+        examples: Vec<v1::EvalExample>,
         step: u64,
         /// The newest committed checkpoint.
         checkpoint: Option<v1::Checkpoint>,
@@ -378,11 +380,13 @@ impl Agent {
             outcome: Some(match outcome {
                 Outcome::Completed {
                     eval,
+                    examples,
                     step,
                     checkpoint,
                 } => v1::outcome_report::Outcome::Completed(v1::Completed {
                     step,
                     eval,
+                    examples,
                     checkpoint,
                 }),
                 Outcome::Failed { retriable, message } => {

@@ -195,6 +195,7 @@ impl Control {
                 job.checkpoint = Some(ck);
             }
         }
+        job.eval_examples = bounded_examples(done.examples);
         let members = job.succeed(done.step, done.eval, now_ms());
         self.save(&job).await?;
         tracing::info!(job = %job.id, step = job.step, eval = ?job.eval, "job succeeded");
@@ -209,6 +210,24 @@ impl Control {
 /// The longest reason a worker's report may put in a job's record (which
 /// etcd keeps as one value, and every `Get` returns).
 const MAX_REASON_BYTES: usize = 4096;
+
+/// Examples a job's record keeps, and the longest text of each.
+const MAX_EXAMPLES: usize = 5;
+const MAX_EXAMPLE_BYTES: usize = 512;
+
+/// The first few examples of a report, each text bounded: the record is
+/// one etcd value that every `Get` returns.
+fn bounded_examples(examples: Vec<v1::EvalExample>) -> Vec<v1::EvalExample> {
+    examples
+        .into_iter()
+        .take(MAX_EXAMPLES)
+        .map(|e| v1::EvalExample {
+            sample_id: bounded_text(&e.sample_id, MAX_EXAMPLE_BYTES),
+            prediction: bounded_text(&e.prediction, MAX_EXAMPLE_BYTES),
+            reference: bounded_text(&e.reference, MAX_EXAMPLE_BYTES),
+        })
+        .collect()
+}
 
 /// `text` cut to at most `max` bytes, at a character boundary, marked.
 fn bounded_text(text: &str, max: usize) -> String {

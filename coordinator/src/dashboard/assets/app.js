@@ -146,7 +146,7 @@ function ranksTable(job) {
 function evalPanel(job) {
   const e = job.eval;
   if (!e) return h("p", { class: "muted" }, TERMINAL.has(job.state) ? "No evaluation." : "After training.");
-  const examples = e.examples || [];
+  const examples = job.eval_examples || [];
   return h("div", { id: "eval" },
     h("div", { class: "grid" },
       [["CIDEr", e.cider], ["BLEU-4", e.bleu4], ["ROUGE-L", e.rouge]].map(([k, v]) =>
@@ -154,7 +154,7 @@ function evalPanel(job) {
     examples.length ? h("h2", {}, "Example predictions") : null,
     examples.map((x) => h("div", { class: "pred" },
       h("div", {}, x.prediction),
-      h("div", { class: "ref" }, "reference: " + x.reference))));
+      h("div", { class: "ref" }, "reference: " + x.reference + " (sample " + x.sample_id + ")"))));
 }
 
 function checkpointsPanel(job, events) {
