@@ -426,8 +426,24 @@ fn two_workers_train_to_the_end_and_report_their_evaluation() {
         &[
             ("samtrain_jobs{state=\"succeeded\"}", 1.0),
             ("samtrain_jobs{state=\"running\"}", 0.0),
+            ("samtrain_rendezvous_seconds_count", 1.0),
         ],
     );
+    // The rank that saves timed each of its four commits (steps 10 to 40).
+    let saves: f64 = [
+        http_get(h0, "/metrics", None),
+        http_get(h1, "/metrics", Some(token)),
+    ]
+    .iter()
+    .map(|text| {
+        assert!(
+            text.contains("phase=\"data\"} "),
+            "no data phase in\n{text}"
+        );
+        metric(text, "samtrain_checkpoint_save_seconds_count").unwrap_or(0.0)
+    })
+    .sum();
+    assert_eq!(saves, 4.0);
 }
 
 /// Checks that each named series of OpenMetrics `text` has its value.

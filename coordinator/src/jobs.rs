@@ -398,6 +398,7 @@ impl MemberRecord {
             last_report_unix_ms: None,
             compute_s: 0.0,
             comm_s: 0.0,
+            data_s: 0.0,
             straggler: false,
         }
     }

@@ -24,7 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::agent::Progress;
+use crate::agent::{ObjectFetches, Progress, SaveTiming};
 use crate::jobs::JobState;
 
 /// Renders the metrics at the moment of a scrape.
@@ -142,6 +142,7 @@ pub struct ControlMetrics {
     workers: Family<StateLabel, Gauge>,
     grpc: Family<MethodLabel, Histogram, fn() -> Histogram>,
     methods: Mutex<HashSet<String>>,
+    rendezvous: Histogram,
 }
 
 impl Default for ControlMetrics {
@@ -157,6 +158,7 @@ impl Default for ControlMetrics {
             workers: Family::default(),
             grpc: Family::new_with_constructor(latency_histogram),
             methods: Mutex::new(HashSet::new()),
+            rendezvous: io_histogram(),
             registry: Registry::default(),
         };
         registry.register(
@@ -195,6 +197,11 @@ impl Default for ControlMetrics {
             "Time from a gRPC call's arrival to its response (a stream's first message), by method",
             metrics.grpc.clone(),
         );
+        registry.register(
+            "rendezvous_seconds",
+            "Time from a job waiting for a generation (submitted, restarting or resizing) to the generation formed",
+            metrics.rendezvous.clone(),
+        );
         ControlMetrics {
             registry,
             ..metrics
@@ -216,6 +223,11 @@ impl ControlMetrics {
         self.grpc
             .get_or_create(&MethodLabel { method })
             .observe(seconds);
+    }
+
+    /// A generation formed `seconds` after its job began to wait for it.
+    pub(crate) fn observe_rendezvous(&self, seconds: f64) {
+        self.rendezvous.observe(seconds);
     }
 
     /// The series for `sample`, as OpenMetrics text.
@@ -278,8 +290,23 @@ pub struct WorkerMetrics {
     tokens_per_s: Family<RankLabels, FloatGauge>,
     step_seconds: Family<PhaseLabels, FloatGauge>,
     checkpoints: Family<OutcomeLabels, Counter>,
+    save_seconds: Histogram,
+    save_blocked_seconds: Histogram,
+    save_bytes: Counter,
+    load_seconds: Histogram,
+    object_fetches: Counter,
+    object_bytes: Counter,
+    object_hits: Counter,
+    /// The generation the object-store counts were last heard of, and
+    /// those counts (they start again at zero in each generation).
+    objects_seen: Mutex<(String, u64, ObjectFetches)>,
     /// The job the series are about; another job's first report clears them.
     job: Mutex<String>,
+}
+
+/// Saves and loads: 10 ms to about 3 minutes.
+fn io_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 4.0, 8))
 }
 
 impl Default for WorkerMetrics {
@@ -299,6 +326,14 @@ impl Default for WorkerMetrics {
             tokens_per_s: Family::default(),
             step_seconds: Family::default(),
             checkpoints: Family::default(),
+            save_seconds: io_histogram(),
+            save_blocked_seconds: latency_histogram(),
+            save_bytes: Counter::default(),
+            load_seconds: io_histogram(),
+            object_fetches: Counter::default(),
+            object_bytes: Counter::default(),
+            object_hits: Counter::default(),
+            objects_seen: Mutex::new((String::new(), 0, ObjectFetches::default())),
             job: Mutex::new(String::new()),
         };
         let r = &mut registry;
@@ -346,13 +381,48 @@ impl Default for WorkerMetrics {
         );
         r.register(
             "train_step_seconds",
-            "Seconds per step of this rank, by phase: compute (data, forward, backward, update) and communication (data-parallel collectives, waiting for slower ranks included)",
+            "Seconds per step of this rank, by phase: data (waiting for the batch), compute (forward, backward, update) and communication (data-parallel collectives, waiting for slower ranks included)",
             m.step_seconds.clone(),
         );
         r.register(
             "checkpoints",
             "Checkpoint saves of this rank, committed or failed",
             m.checkpoints.clone(),
+        );
+        r.register(
+            "checkpoint_save_seconds",
+            "Committed saves of this rank, staging to commit",
+            m.save_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_save_blocked_seconds",
+            "Time a committed save blocked training (staging the tensors)",
+            m.save_blocked_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_saved_bytes",
+            "Bytes of this rank's committed saves",
+            m.save_bytes.clone(),
+        );
+        r.register(
+            "checkpoint_load_seconds",
+            "Resumes of this rank from a checkpoint: reading and checking it",
+            m.load_seconds.clone(),
+        );
+        r.register(
+            "object_store_fetches",
+            "Objects (images, model files) read from object storage",
+            m.object_fetches.clone(),
+        );
+        r.register(
+            "object_store_fetched_bytes",
+            "Bytes read from object storage",
+            m.object_bytes.clone(),
+        );
+        r.register(
+            "object_cache_hits",
+            "Objects found in the local cache instead of fetched; the hit ratio is hits / (hits + fetches)",
+            m.object_hits.clone(),
         );
         WorkerMetrics { registry, ..m }
     }
@@ -402,7 +472,13 @@ impl WorkerMetrics {
         ] {
             family.get_or_create(&labels).set(value);
         }
-        for (phase, seconds) in [("compute", p.compute_s), ("communication", p.comm_s)] {
+        // The data wait is part of the compute time as reported (it is
+        // the rank's own time, which the straggler check compares).
+        for (phase, seconds) in [
+            ("data", p.data_s),
+            ("compute", (p.compute_s - p.data_s).max(0.0)),
+            ("communication", p.comm_s),
+        ] {
             self.step_seconds
                 .get_or_create(&PhaseLabels {
                     job: job.to_owned(),
@@ -411,6 +487,37 @@ impl WorkerMetrics {
                 })
                 .set(seconds);
         }
+        if let Some(objects) = p.objects {
+            self.objects(job, generation, objects);
+        }
+    }
+
+    /// Counts what the generation fetched since its last report.
+    fn objects(&self, job: &str, generation: u64, now: ObjectFetches) {
+        let mut seen = self.objects_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.0 != job || seen.1 != generation {
+            *seen = (job.to_owned(), generation, ObjectFetches::default());
+        }
+        let last = seen.2;
+        let delta = |now: u64, last: u64| now.saturating_sub(last);
+        self.object_fetches.inc_by(delta(now.fetched, last.fetched));
+        self.object_bytes.inc_by(delta(now.bytes, last.bytes));
+        self.object_hits.inc_by(delta(now.hits, last.hits));
+        seen.2 = now;
+    }
+
+    /// A committed save of this rank for `job`, and its timing.
+    pub fn checkpoint_saved(&self, job: &str, save: &SaveTiming) {
+        self.about(job);
+        self.save_seconds.observe(save.blocked_s + save.upload_s);
+        self.save_blocked_seconds.observe(save.blocked_s);
+        self.save_bytes.inc_by(save.bytes);
+    }
+
+    /// A resume of `job` from a checkpoint that took `load_s`.
+    pub fn checkpoint_loaded(&self, job: &str, load_s: f64) {
+        self.about(job);
+        self.load_seconds.observe(load_s);
     }
 
     /// A save of this rank for `job`: committed, or failed.
@@ -509,6 +616,13 @@ mod tests {
             "a finished job keeps series:\n{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+        m.observe_rendezvous(1.5);
+        let text = m.render(&ControlSample::default());
+        assert!(
+            text.lines()
+                .any(|l| l == "samtrain_rendezvous_seconds_sum 1.5"),
+            "{text}"
+        );
         // The next scrape forgets a job that finished since.
         let text = m.render(&ControlSample {
             jobs: vec![job("a", JobState::Failed)],
@@ -521,23 +635,62 @@ mod tests {
     #[test]
     fn worker_series_keep_the_current_job_only() {
         let m = WorkerMetrics::default();
+        let fetched = |fetched, hits| ObjectFetches {
+            fetched,
+            bytes: fetched * 1000,
+            hits,
+        };
         let p = Progress {
             step: 7,
             loss: 2.5,
-            compute_s: 0.25,
+            compute_s: 0.375,
+            data_s: 0.125,
+            objects: Some(fetched(4, 0)),
             ..Progress::default()
         };
         m.progress("j1", 1, 0, &p);
+        // The generation's counts grow; the next generation's start again.
+        let p = Progress {
+            objects: Some(fetched(5, 3)),
+            ..p
+        };
+        m.progress("j1", 1, 0, &p);
+        m.progress(
+            "j1",
+            2,
+            0,
+            &Progress {
+                objects: Some(fetched(2, 1)),
+                ..p
+            },
+        );
         m.checkpoint("j1", true);
+        m.checkpoint_saved(
+            "j1",
+            &SaveTiming {
+                bytes: 4096,
+                blocked_s: 0.002,
+                upload_s: 0.5,
+            },
+        );
+        m.checkpoint_loaded("j1", 0.25);
         m.heartbeat(true);
         let text = m.render();
         for line in [
             "samtrain_train_step{job=\"j1\",rank=\"0\"} 7",
             "samtrain_train_loss{job=\"j1\",rank=\"0\"} 2.5",
             "samtrain_train_step_seconds{job=\"j1\",rank=\"0\",phase=\"compute\"} 0.25",
+            "samtrain_train_step_seconds{job=\"j1\",rank=\"0\",phase=\"data\"} 0.125",
             "samtrain_checkpoints_total{job=\"j1\",outcome=\"committed\"} 1",
+            "samtrain_checkpoint_saved_bytes_total 4096",
+            "samtrain_checkpoint_save_seconds_count 1",
+            "samtrain_checkpoint_save_seconds_sum 0.502",
+            "samtrain_checkpoint_load_seconds_sum 0.25",
+            "samtrain_object_store_fetches_total 7",
+            "samtrain_object_store_fetched_bytes_total 7000",
+            "samtrain_object_cache_hits_total 4",
             "samtrain_worker_heartbeats_total 1",
-            "samtrain_train_generation{job=\"j1\"} 1",
+            "samtrain_train_generation{job=\"j1\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{agent, eventually, spec, Node};
-use samtrain_coordinator::agent::{Assignment, Outcome, Progress};
+use samtrain_coordinator::agent::{Assignment, Outcome, Progress, SaveTiming};
 use samtrain_coordinator::client::{Client, Credentials};
 use samtrain_coordinator::jobs::{JobRecord, JobState};
 use samtrain_coordinator::store;
@@ -117,10 +117,13 @@ async fn two_workers_form_a_generation_and_complete_with_state_in_etcd() {
         lr: 1e-4,
         ..Progress::default()
     });
-    r.checkpoint(v1::Checkpoint {
-        step: 10,
-        url: "file:///tmp/ckpt/pair/step-00000010".into(),
-    });
+    r.checkpoint(
+        v1::Checkpoint {
+            step: 10,
+            url: "file:///tmp/ckpt/pair/step-00000010".into(),
+        },
+        SaveTiming::default(),
+    );
     eventually(Duration::from_secs(5), "progress and checkpoint", || {
         let mut c = client.clone();
         let id = id.clone();
@@ -404,7 +407,8 @@ async fn scale_and_drain_resize_at_a_checkpoint_without_a_restart() {
     // Nothing changes until a checkpoint commits.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!a0.ended.load(Ordering::SeqCst));
-    w0.reporter().checkpoint(committed("resize", 10));
+    w0.reporter()
+        .checkpoint(committed("resize", 10), SaveTiming::default());
     eventually(Duration::from_secs(5), "the resize", || async {
         a0.ended.load(Ordering::SeqCst) && a1.ended.load(Ordering::SeqCst)
     })
@@ -426,7 +430,8 @@ async fn scale_and_drain_resize_at_a_checkpoint_without_a_restart() {
     assert_eq!(err.code(), Some(Code::NotFound), "{err}");
     let drained = client.drain(w0.worker_id()).await.unwrap();
     assert_eq!(drained.job_id.as_deref(), Some(id.as_str()));
-    w0.reporter().checkpoint(committed("resize", 20));
+    w0.reporter()
+        .checkpoint(committed("resize", 20), SaveTiming::default());
     eventually(Duration::from_secs(5), "the drain's resize", || async {
         b0.ended.load(Ordering::SeqCst)
     })

@@ -52,7 +52,7 @@ pub fn local_path(location: &str) -> PathBuf {
 }
 
 /// What fetching has done so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CacheStats {
     /// Objects read from the store.
     pub fetched: u64,

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use samtrain_coordinator::agent::{Agent, AgentOptions, Assignment, Outcome, Progress, Reporter};
+use samtrain_coordinator::agent::{
+    Agent, AgentOptions, Assignment, ObjectFetches, Outcome, Progress, Reporter, SaveTiming,
+};
 use samtrain_coordinator::health;
 use samtrain_coordinator::metrics::MetricsEndpoint;
 
@@ -327,11 +329,28 @@ fn run_generation(
                 tokens_per_s: m.tokens_per_s,
                 compute_s: m.compute_s,
                 comm_s: m.comm_s,
+                data_s: m.data_s,
+                objects: m.objects.map(|o| ObjectFetches {
+                    fetched: o.fetched,
+                    bytes: o.bytes_fetched,
+                    hits: o.hits,
+                }),
             }),
-            TrainEvent::Checkpoint(c) => reporter.checkpoint(c),
+            TrainEvent::Checkpoint { checkpoint, save } => reporter.checkpoint(
+                checkpoint,
+                SaveTiming {
+                    bytes: save.bytes,
+                    blocked_s: save.blocked_s,
+                    upload_s: save.upload_s,
+                },
+            ),
             TrainEvent::CheckpointFailed { checkpoint, reason } => {
                 reporter.checkpoint_failed(checkpoint, reason)
             }
+            TrainEvent::Started {
+                load_s: Some(load_s),
+                ..
+            } => reporter.resumed(load_s),
             TrainEvent::Started { .. } => {}
         };
         train(TrainJob {

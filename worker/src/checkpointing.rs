@@ -23,7 +23,7 @@ use tch::Tensor;
 
 use crate::error::TrainError;
 use crate::optim::AdamW;
-use crate::report::{EventSink, TrainEvent};
+use crate::report::{EventSink, SaveTiming, TrainEvent};
 
 /// The training state a checkpoint carries besides tensors (its `meta.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -338,7 +338,14 @@ impl Saves {
                     let committed = checkpoint_at(ckpt, outcome.step);
                     tracing::info!(step = outcome.step, url = %committed.url, bytes = outcome.bytes, "checkpoint committed");
                     *last = Some(committed.clone());
-                    events(TrainEvent::Checkpoint(committed));
+                    events(TrainEvent::Checkpoint {
+                        checkpoint: committed,
+                        save: SaveTiming {
+                            bytes: outcome.bytes,
+                            blocked_s: outcome.staging.as_secs_f64(),
+                            upload_s: outcome.upload.as_secs_f64(),
+                        },
+                    });
                 }
                 SaveStatus::Failed(reason) | SaveStatus::OutOfSpace(reason) => {
                     tracing::warn!(step = outcome.step, %reason, out_of_space, "checkpoint not saved; training goes on");

@@ -92,6 +92,11 @@ impl Remote {
         Ok(self.cache.get_or_init(|| opened))
     }
 
+    /// What the cache fetched so far; none when nothing was remote.
+    pub fn stats(&self) -> Option<samtrain_data::remote::CacheStats> {
+        self.cache.get().map(|c| c.stats())
+    }
+
     /// A local file for `location`: itself when local, else fetched.
     pub fn file(&self, location: &str) -> Result<PathBuf, DataError> {
         if !remote::is_remote(location) {

@@ -37,6 +37,6 @@ pub mod trainer;
 pub mod write_roots;
 
 pub use error::{DataError, PredictError, TrainError};
-pub use report::{EvalExample, EventSink, StepMetrics, TrainEvent, TrainOutcome};
+pub use report::{EvalExample, EventSink, SaveTiming, StepMetrics, TrainEvent, TrainOutcome};
 pub use resident::ResidentModels;
 pub use trainer::{train, TrainJob, Trainer};

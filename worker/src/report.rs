@@ -3,6 +3,7 @@
 //! launcher forwards them (to the coordinator, a progress bar, a test).
 
 use samtrain_data::eval::Summary;
+use samtrain_data::remote::CacheStats;
 use samtrain_proto::Checkpoint;
 use serde::Serialize;
 
@@ -13,11 +14,16 @@ pub enum TrainEvent {
         step: u64,
         samples_consumed: u64,
         resumed_from: Option<Checkpoint>,
+        /// Seconds the resume from it took (reading and checking it).
+        load_s: Option<f64>,
     },
     /// Every `training.log_every` steps and at the last step.
     Progress(StepMetrics),
     /// A checkpoint this rank committed (tp rank 0 of dp rank 0 commits).
-    Checkpoint(Checkpoint),
+    Checkpoint {
+        checkpoint: Checkpoint,
+        save: SaveTiming,
+    },
     /// A save of this rank that failed: the checkpoint was not committed.
     /// Training goes on; the last step's save failing fails the run.
     CheckpointFailed {
@@ -44,6 +50,22 @@ pub struct StepMetrics {
     /// slower ranks included); means since the last report.
     pub compute_s: f64,
     pub comm_s: f64,
+    /// Of `compute_s`, the seconds spent waiting for the step's batches
+    /// (the loader's queue and the copy to the device).
+    pub data_s: f64,
+    /// What this generation fetched from object storage so far (none
+    /// while its data is local).
+    pub objects: Option<CacheStats>,
+}
+
+/// How long a committed save took, and how much it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SaveTiming {
+    pub bytes: u64,
+    /// Training was blocked while the tensors were staged.
+    pub blocked_s: f64,
+    /// From staging to the commit, in the background.
+    pub upload_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -196,7 +196,9 @@ impl Trainer {
         // Set or cleared at every start: the model may be a resident one
         // that another job's cache was set on.
         lease.model().model.set_vision_cache(vision_cache);
+        let loading = Instant::now();
         let resumed = checkpointing::resume(&ckpt, &groups, &base, &params, &mut optimizer)?;
+        let load_s = resumed.as_ref().map(|_| loading.elapsed().as_secs_f64());
         let (step, position, samples_consumed) = match &resumed {
             Some(meta) => (meta.step, meta.position, meta.samples_consumed),
             None => (0, Position::default(), 0),
@@ -210,6 +212,7 @@ impl Trainer {
             step,
             samples_consumed,
             resumed_from: resumed_at.clone(),
+            load_s,
         });
         let attempt = from_world_rank0(
             &groups,
@@ -308,6 +311,7 @@ impl Trainer {
         let _entered = span.enter();
         let started = Instant::now();
         let (micro, epoch) = self.next_micro_batches()?;
+        let data_s = started.elapsed().as_secs_f64();
         let t = &self.spec.training;
         let stats = StepContext {
             model: &self.lease.model().model,
@@ -332,12 +336,12 @@ impl Trainer {
 
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         let comm_s = stats.comm.as_secs_f64();
-        self.timing.add(seconds - comm_s, comm_s);
+        self.timing.add(seconds - comm_s, comm_s, data_s);
         let reporting = step % t.log_every == 0 || step == t.steps;
-        let (compute_s, comm_s) = if reporting {
+        let (compute_s, comm_s, data_s) = if reporting {
             self.timing.take()
         } else {
-            (seconds - comm_s, comm_s)
+            (seconds - comm_s, comm_s, data_s)
         };
         let metrics = StepMetrics {
             step,
@@ -350,6 +354,8 @@ impl Trainer {
             samples_consumed: self.samples_consumed,
             compute_s,
             comm_s,
+            data_s,
+            objects: self.remote.stats(),
         };
         if reporting {
             tracing::info!(
@@ -363,6 +369,7 @@ impl Trainer {
                 samples_consumed = self.samples_consumed,
                 compute_s,
                 comm_s,
+                data_s,
                 "train step"
             );
             (self.events)(TrainEvent::Progress(metrics.clone()));
@@ -568,25 +575,29 @@ impl Trainer {
 }
 
 /// Sums of the steps' seconds outside and inside the data-parallel
-/// collectives since the last report.
+/// collectives, and of the first the part spent waiting for data, since
+/// the last report.
 #[derive(Debug, Default)]
 struct StepTiming {
     compute_s: f64,
     comm_s: f64,
+    data_s: f64,
     steps: u32,
 }
 
 impl StepTiming {
-    fn add(&mut self, compute_s: f64, comm_s: f64) {
+    fn add(&mut self, compute_s: f64, comm_s: f64, data_s: f64) {
         self.compute_s += compute_s;
         self.comm_s += comm_s;
+        self.data_s += data_s;
         self.steps += 1;
     }
 
-    /// The means per step, and a fresh start.
-    fn take(&mut self) -> (f64, f64) {
+    /// The means per step (compute, communication, data), and a fresh
+    /// start.
+    fn take(&mut self) -> (f64, f64, f64) {
         let n = f64::from(self.steps.max(1));
-        let means = (self.compute_s / n, self.comm_s / n);
+        let means = (self.compute_s / n, self.comm_s / n, self.data_s / n);
         *self = StepTiming::default();
         means
     }

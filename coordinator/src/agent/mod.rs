@@ -146,9 +146,34 @@ pub struct Progress {
     pub grad_norm: f64,
     pub samples_per_s: f64,
     pub tokens_per_s: f64,
-    /// Seconds per step outside and inside the data-parallel collectives.
+    /// Seconds per step outside and inside the data-parallel collectives,
+    /// and of the first the part spent waiting for data.
     pub compute_s: f64,
     pub comm_s: f64,
+    pub data_s: f64,
+    /// What the generation fetched from object storage so far.
+    pub objects: Option<ObjectFetches>,
+}
+
+/// A generation's fetches from object storage so far (its image cache's
+/// counts since the generation began).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ObjectFetches {
+    /// Objects read from the store, and their bytes.
+    pub fetched: u64,
+    pub bytes: u64,
+    /// Objects found in the local cache instead.
+    pub hits: u64,
+}
+
+/// How long a committed save took, and how much it wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SaveTiming {
+    pub bytes: u64,
+    /// Training was blocked while the tensors were staged.
+    pub blocked_s: f64,
+    /// From staging to the commit, in the background.
+    pub upload_s: f64,
 }
 
 /// What the agent's background tasks share.

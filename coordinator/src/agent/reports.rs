@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::generations::Current;
-use super::{AgentError, Progress, Shared};
+use super::{AgentError, Progress, SaveTiming, Shared};
 
 pub(super) enum Report {
     Progress(Progress),
-    Checkpoint(v1::Checkpoint),
+    Resumed { load_s: f64 },
+    Checkpoint(v1::Checkpoint, SaveTiming),
     CheckpointFailed(v1::Checkpoint, String),
 }
 
@@ -35,9 +36,15 @@ impl Reporter {
         let _ = self.reports.try_send(Report::Progress(progress));
     }
 
-    /// A committed checkpoint (its manifest is written).
-    pub fn checkpoint(&self, committed: v1::Checkpoint) {
-        let _ = self.reports.try_send(Report::Checkpoint(committed));
+    /// The generation resumed from a checkpoint, which took `load_s`.
+    pub fn resumed(&self, load_s: f64) {
+        let _ = self.reports.try_send(Report::Resumed { load_s });
+    }
+
+    /// A committed checkpoint (its manifest is written), and its save's
+    /// timing.
+    pub fn checkpoint(&self, committed: v1::Checkpoint, save: SaveTiming) {
+        let _ = self.reports.try_send(Report::Checkpoint(committed, save));
     }
 
     /// A save that failed: `checkpoint` was not committed, for `reason`.
@@ -72,6 +79,11 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 let span = current.span();
                 send_progress(&shared, current, p).instrument(span).await;
             }
+            Some(Report::Resumed { load_s }) => {
+                if let Some(current) = shared.generations.current() {
+                    shared.metrics.checkpoint_loaded(&current.job_id, load_s);
+                }
+            }
             Some(Report::CheckpointFailed(checkpoint, reason)) => {
                 if let Some(current) = shared.generations.current() {
                     shared.metrics.checkpoint(&current.job_id, false);
@@ -81,9 +93,10 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                         .await;
                 }
             }
-            Some(Report::Checkpoint(committed)) => {
+            Some(Report::Checkpoint(committed, save)) => {
                 if let Some(current) = shared.generations.current() {
                     shared.metrics.checkpoint(&current.job_id, true);
+                    shared.metrics.checkpoint_saved(&current.job_id, &save);
                     if pending
                         .as_ref()
                         .is_none_or(|(_, newest)| committed.step >= newest.step)
@@ -122,6 +135,7 @@ async fn send_progress(shared: &Shared, current: Current, p: Progress) {
             tokens_per_s: p.tokens_per_s,
             compute_s: p.compute_s,
             comm_s: p.comm_s,
+            data_s: p.data_s,
         }),
     };
     let sent = shared

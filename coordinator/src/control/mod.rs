@@ -47,6 +47,9 @@ struct View {
     jobs: BTreeMap<String, JobRecord>,
     subscribers: HashMap<String, Subscriber>,
     last_call: HashMap<String, Instant>,
+    /// When the reconcile loop first saw each job waiting for a generation
+    /// (its rendezvous time runs from there to the generation's forming).
+    waiting_since: HashMap<String, Instant>,
     /// Workers taken out of service (also in the store).
     drained: HashSet<String>,
     /// Each member's last report on the training path: not stored (it
@@ -64,6 +67,7 @@ struct Heard {
     unix_ms: i64,
     compute_s: f64,
     comm_s: f64,
+    data_s: f64,
     /// Steps in a row its compute time has been over the limit.
     slow_steps: u64,
     straggler: bool,
@@ -80,6 +84,7 @@ impl View {
                 m.last_report_unix_ms = Some(h.unix_ms);
                 m.compute_s = h.compute_s;
                 m.comm_s = h.comm_s;
+                m.data_s = h.data_s;
                 m.straggler = h.straggler;
             }
         }
@@ -140,6 +145,7 @@ impl View {
                 unix_ms: now_ms(),
                 compute_s,
                 comm_s: seconds(p.comm_s),
+                data_s: seconds(p.data_s),
                 slow_steps,
                 straggler,
             },

@@ -191,6 +191,11 @@ impl Control {
             .collect();
         order.sort();
         let now = Instant::now();
+        view.waiting_since
+            .retain(|id, _| order.iter().any(|(_, waiting)| waiting == id));
+        for (_, id) in &order {
+            view.waiting_since.entry(id.clone()).or_insert(now);
+        }
         for (_, job_id) in order {
             let job = &view.jobs[&job_id];
             let take = pool.len().min(job.policy.max_workers as usize);
@@ -248,6 +253,10 @@ impl Control {
         job.form(members.clone(), auth::new_secret(), now_ms());
         self.save(&job).await?;
         view.last_call.remove(job_id);
+        if let Some(since) = view.waiting_since.remove(job_id) {
+            self.metrics
+                .observe_rendezvous(since.elapsed().as_secs_f64());
+        }
         tracing::info!(job = %job_id, generation = job.generation, workers = members.len(), "generation formed");
         let peers: Vec<String> = members.iter().map(|m| m.advertise.clone()).collect();
         let mut gone = HashSet::new();

@@ -130,7 +130,7 @@ function describeEvent(e) {
 function ranksTable(job) {
   if (!job.members.length) return h("p", { class: "muted" }, "No generation is running.");
   return h("table", { id: "ranks" },
-    h("thead", {}, h("tr", {}, ["rank", "worker", "host", "step", "step time", "compute", "comm", "last report"].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ["rank", "worker", "host", "step", "step time", "data", "compute", "comm", "last report"].map((t) => h("th", {}, t)))),
     h("tbody", {}, job.members.map((m) =>
       h("tr", { "data-rank": m.rank },
         h("td", {}, m.rank),
@@ -138,7 +138,8 @@ function ranksTable(job) {
         h("td", { class: "mono" }, m.host),
         h("td", {}, m.step),
         h("td", {}, m.last_report_unix_ms ? num(m.compute_s + m.comm_s, 3) + " s" : "–"),
-        h("td", {}, m.last_report_unix_ms ? num(m.compute_s, 3) + " s" : "–"),
+        h("td", {}, m.last_report_unix_ms ? num(m.data_s, 3) + " s" : "–"),
+        h("td", {}, m.last_report_unix_ms ? num(m.compute_s - m.data_s, 3) + " s" : "–"),
         h("td", {}, m.last_report_unix_ms ? num(m.comm_s, 3) + " s" : "–"),
         h("td", {}, ago(m.last_report_unix_ms))))));
 }
