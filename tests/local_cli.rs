@@ -109,6 +109,82 @@ fn demo_learns_what_its_images_show() {
     assert_eq!(examples[0]["answer"], pred[0]["gt_response"]);
 }
 
+/// `[logging] tensorboard`: rank 0's event files, read back by
+/// TensorBoard's own reader, hold the loss at every progress report, the
+/// save's timing and the final scores (those the run printed) with a table
+/// of example predictions.
+#[test]
+fn a_local_job_writes_what_tensorboard_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_demo(20).replace("log_every = ", "log_every = 5 #")
+        + "\n[logging]\ntensorboard = \"tb/demo\"\n";
+    std::fs::write(dir.path().join("job.toml"), spec).unwrap();
+    let out = samtrain(dir.path(), &["local", "job.toml", "--json"]);
+    let v = last_json(&out);
+    assert_eq!(v["state"], "succeeded", "{v}");
+
+    const READ: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "tensors": 0})
+acc.Reload()
+tags = acc.Tags()
+print(json.dumps({
+    "scalars": {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags["scalars"]},
+    "texts": {t: [[e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()]
+                  for e in acc.Tensors(t)] for t in tags["tensors"]},
+}))
+"#;
+    let read = Command::new(samtrain_testkit::python())
+        .args(["-c", READ])
+        .arg(dir.path().join("tb/demo"))
+        .output()
+        .expect("run the venv python");
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let tb: Value = serde_json::from_slice(&read.stdout).unwrap();
+    let steps = |tag: &str| -> Vec<u64> {
+        tb["scalars"][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {tb}"))
+            .iter()
+            .map(|p| p[0].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps("train/loss"), [5, 10, 15, 20], "{tb}");
+    assert!(tb["scalars"]["train/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p[1].as_f64().is_some_and(|l| l > 0.0 && l.is_finite())));
+    assert_eq!(steps("step_time/data_seconds"), [5, 10, 15, 20], "{tb}");
+    assert_eq!(steps("checkpoint/save_seconds"), [20], "{tb}");
+    for (tag, key) in [
+        ("eval/cider", "cider"),
+        ("eval/bleu4", "bleu4"),
+        ("eval/rouge_l", "rouge"),
+    ] {
+        let logged = tb["scalars"][tag][0][1].as_f64().unwrap();
+        let printed = v["eval"][key].as_f64().unwrap();
+        assert!(
+            (logged - printed).abs() <= 1e-4 * printed.abs().max(1.0),
+            "{tag}: {logged} vs {printed}"
+        );
+    }
+    let examples = &tb["texts"]["eval/examples"][0];
+    assert_eq!(examples[0], 20, "{tb}");
+    let table = examples[1].as_str().unwrap();
+    assert!(
+        table.starts_with("| sample | prediction | reference |"),
+        "{table}"
+    );
+    assert!(table.lines().count() >= 3, "{table}");
+}
+
 /// A spec run twice: the second run finds the first's checkpoints and
 /// resumes from the newest instead of starting over.
 #[test]

@@ -27,6 +27,19 @@ pub struct JobSpec {
     pub restart: RestartSpec,
     #[serde(default)]
     pub evaluation: EvaluationSpec,
+    #[serde(default)]
+    pub logging: LoggingSpec,
+}
+
+/// Where a job's training is recorded besides the coordinator.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSpec {
+    /// A folder or an object-store URL (`s3://`, `gs://`, `az://`,
+    /// `file://`) where world rank 0 writes TensorBoard event files: the
+    /// training scalars every `training.log_every` steps, checkpoint
+    /// timings, and the final evaluation's scores and example predictions.
+    pub tensorboard: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -788,16 +801,7 @@ impl JobSpec {
 
         let c = &self.checkpoint;
         p.check(!c.url.is_empty(), "checkpoint.url", "must not be empty");
-        if let Some((scheme, _)) = c.url.split_once("://") {
-            p.check(
-                matches!(
-                    scheme,
-                    "file" | "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure"
-                ),
-                "checkpoint.url",
-                format!("scheme `{scheme}` is not one of file, s3, gs, az"),
-            );
-        }
+        p.store_scheme(&c.url, "checkpoint.url");
         p.within(c.every_steps, 1, MAX_STEPS, "checkpoint.every_steps");
         p.within(c.keep, 0, 10_000, "checkpoint.keep");
         p.within(self.restart.max_restarts, 0, 10_000, "restart.max_restarts");
@@ -834,6 +838,14 @@ impl JobSpec {
                 "must not be empty when given",
             );
         }
+        if let Some(tb) = &self.logging.tensorboard {
+            p.check(
+                !tb.is_empty(),
+                "logging.tensorboard",
+                "must not be empty when given",
+            );
+            p.store_scheme(tb, "logging.tensorboard");
+        }
         p.0
     }
 
@@ -869,6 +881,20 @@ impl Problems {
     fn within<T: PartialOrd + std::fmt::Display>(&mut self, value: T, lo: T, hi: T, field: &str) {
         let message = format!("must be from {lo} to {hi}, got {value}");
         self.check(lo <= value && value <= hi, field, message);
+    }
+
+    /// A URL's scheme, when it has one, must be an object store's.
+    fn store_scheme(&mut self, location: &str, field: &str) {
+        if let Some((scheme, _)) = location.split_once("://") {
+            self.check(
+                matches!(
+                    scheme,
+                    "file" | "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure"
+                ),
+                field,
+                format!("scheme `{scheme}` is not one of file, s3, gs, az"),
+            );
+        }
     }
 
     fn check(&mut self, ok: bool, field: &str, message: impl Into<String>) {

@@ -83,6 +83,9 @@ pub enum TrainError {
     /// Prediction or scoring of the evaluation set failed.
     #[error(transparent)]
     Predict(#[from] PredictError),
+
+    #[error("logging.tensorboard: {0}")]
+    TensorBoard(#[from] samtrain_tensorboard::TensorBoardError),
 }
 
 impl TrainError {
@@ -96,6 +99,11 @@ impl TrainError {
             // Training again from the last checkpoint will not find space.
             TrainError::FinalSave { out_of_space, .. } => !out_of_space,
             TrainError::Predict(e) => e.retriable(),
+            // A store that did not answer may the next time; a malformed
+            // location will not.
+            TrainError::TensorBoard(e) => {
+                !matches!(e, samtrain_tensorboard::TensorBoardError::Location { .. })
+            }
             _ => false,
         }
     }

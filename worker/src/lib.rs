@@ -15,6 +15,7 @@
 //! - [`predict`]: beam search over a dataset to SAM's `pred.json`, and scores;
 //! - [`report`]: the events and outcome a rank reports;
 //! - [`resident`]: the model a worker keeps loaded between generations;
+//! - `tensorboard`: what world rank 0 writes to TensorBoard;
 //! - [`error`]: [`TrainError`], [`PredictError`], [`DataError`];
 //! - [`write_roots`]: the places a worker may write to (`--allow-write`);
 //! - [`fault`]: faults tests inject through the environment (a hung
@@ -33,6 +34,7 @@ pub mod report;
 pub mod resident;
 pub mod schedule;
 pub mod step;
+mod tensorboard;
 pub mod trainer;
 pub mod write_roots;
 

@@ -57,6 +57,7 @@ use crate::report::{self, EvalExample, EventSink, StepMetrics, TrainEvent, Train
 use crate::resident::{ModelKey, ModelLease, ResidentModels};
 use crate::schedule::Schedule;
 use crate::step::StepContext;
+use crate::tensorboard::Board;
 
 /// Everything one rank needs to train.
 pub struct TrainJob {
@@ -124,6 +125,8 @@ pub struct Trainer {
     samples_consumed: u64,
     resumed_from: Option<u64>,
     skipped_records: usize,
+    /// Where world rank 0 records the job for TensorBoard, if anywhere.
+    board: Option<Board>,
 }
 
 impl Trainer {
@@ -152,6 +155,18 @@ impl Trainer {
         let t = &spec.training;
         if t.threads > 0 {
             tch::set_num_threads(t.threads as i32);
+        }
+        // World rank 0 records the job's scalars, from its own events.
+        let board = match &spec.logging.tensorboard {
+            Some(location) if layout.rank == 0 => Some(Board::start(location)?),
+            _ => None,
+        };
+        if let Some(board) = board.clone() {
+            let mut forward = events;
+            events = Box::new(move |event| {
+                board.event(&event);
+                forward(event)
+            });
         }
         let device = resolve_device(t.device, layout.rank as u32)?;
         // Model folder and tokenizers as local files (fetched when URLs);
@@ -284,6 +299,7 @@ impl Trainer {
             position,
             samples_consumed,
             skipped_records,
+            board,
         })
     }
 
@@ -494,6 +510,12 @@ impl Trainer {
             Some((scores, examples)) => (Some(scores), examples),
             None => (None, Vec::new()),
         };
+        if let Some(board) = &self.board {
+            if let Some(scores) = &eval {
+                board.evaluation(self.step, scores, &examples);
+            }
+            board.flush();
+        }
         tracing::info!(
             step = self.step,
             samples_consumed = self.samples_consumed,

@@ -1,5 +1,6 @@
 //! Where a worker may write. A job spec names the places its workers write
-//! to (`checkpoint.url`, `evaluation.output`, `data.cache_dir`); whoever
+//! to (`checkpoint.url`, `evaluation.output`, `data.cache_dir`,
+//! `logging.tensorboard`); whoever
 //! runs a worker can confine them with `--allow-write`, so that a spec
 //! submitted to a shared cluster cannot overwrite the worker's own files or
 //! write into another team's bucket. An assignment that names a place
@@ -73,6 +74,7 @@ impl WriteRoots {
             ("checkpoint.url", Some(spec.checkpoint.url.as_str())),
             ("evaluation.output", spec.evaluation.output.as_deref()),
             ("data.cache_dir", spec.data.cache_dir.as_deref()),
+            ("logging.tensorboard", spec.logging.tensorboard.as_deref()),
         ];
         for (field, place) in places {
             if let Some(place) = place {
