@@ -26,6 +26,12 @@ struct Cli {
     /// Logs as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Sends this process's tracing spans (rendezvous, generation, load,
+    /// steps, saves, evaluation) to an OpenTelemetry collector over
+    /// OTLP/HTTP, as `http://collector:4318`. Processes that `local` and
+    /// `demo` start inherit it.
+    #[arg(long, global = true, env = "SAMTRAIN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,15 +89,7 @@ fn main() -> anyhow::Result<()> {
     ) {
         end_quietly_on_closed_pipe();
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cli.log_json {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    let _exporter = init_tracing(&cli)?;
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Demo(args) => demo::run(args),
@@ -107,6 +105,62 @@ fn main() -> anyhow::Result<()> {
         Command::Certs(args) => certs::run(args),
         Command::Etcd(cmd) => etcd::run(cmd),
         Command::Jobs(cmd) => jobs::run(cmd),
+    }
+}
+
+/// Logs to stderr (text or JSON, filtered by `RUST_LOG`, `info` by
+/// default) and, with `--otlp-endpoint`, spans of level info and above to
+/// the collector; the exporter sends what is left when dropped.
+fn init_tracing(cli: &Cli) -> anyhow::Result<Option<samtrain_telemetry::Exporter>> {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if cli.log_json {
+        logs.json().boxed()
+    } else {
+        logs.boxed()
+    };
+    let (spans, exporter) = match &cli.otlp_endpoint {
+        Some(endpoint) => {
+            let service = format!("samtrain-{}", cli.command.name());
+            let (layer, exporter) = samtrain_telemetry::start(endpoint, &service)?;
+            // Children (`local`'s workers) inherit the endpoint. Set before
+            // any thread starts, so no other thread reads the environment.
+            std::env::set_var("SAMTRAIN_OTLP_ENDPOINT", endpoint);
+            (Some(layer.with_filter(LevelFilter::INFO)), Some(exporter))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
+    Ok(exporter)
+}
+
+impl Command {
+    /// The subcommand's name, which names the process's service in traces.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Model(_) => "model",
+            Command::Demo(_) => "demo",
+            Command::Local(_) => "local",
+            Command::Worker(_) => "worker",
+            Command::Bench(_) => "bench",
+            Command::Eval(_) => "eval",
+            Command::Ledger(_) => "ledger",
+            Command::Data(_) => "data",
+            Command::Train(_) => "train",
+            Command::Predict(_) => "predict",
+            Command::Coordinator(_) => "coordinator",
+            Command::Certs(_) => "certs",
+            Command::Etcd(_) => "etcd",
+            Command::Jobs(_) => "jobs",
+        }
     }
 }
 

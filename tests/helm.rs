@@ -805,6 +805,37 @@ fn metrics_are_scraped_with_the_token_of_the_auth_secret() {
 }
 
 #[test]
+fn traces_go_to_the_collector_the_values_name() {
+    let docs = manifests(&[], "default (no traces)");
+    let coordinator = find(&docs, "Deployment", "samtrain-coordinator");
+    assert_eq!(
+        env(
+            container(coordinator, "coordinator"),
+            "SAMTRAIN_OTLP_ENDPOINT"
+        ),
+        None
+    );
+    let docs = parse(&render(&[], &["log.otlpEndpoint=http://otel-collector:4318"]).unwrap());
+    for (kind, name, container_name) in [
+        ("Deployment", "samtrain-coordinator", "coordinator"),
+        ("StatefulSet", "samtrain-workers", "worker"),
+    ] {
+        assert_eq!(
+            env(
+                container(find(&docs, kind, name), container_name),
+                "SAMTRAIN_OTLP_ENDPOINT"
+            ),
+            Some("http://otel-collector:4318"),
+            "{name}"
+        );
+    }
+    // The binary posts over plain HTTP only: the schema says so first.
+    let err = render(&[], &["log.otlpEndpoint=https://otel-collector:4318"])
+        .expect_err("an https endpoint rendered");
+    assert!(err.contains("at '/log/otlpEndpoint'"), "{err}");
+}
+
+#[test]
 fn gpu_example_requests_gpus_and_submits_its_job() {
     let docs = manifests(&[&example("gpu-bundled-etcd.yaml")], "gpu-bundled-etcd");
     let workers = find(&docs, "StatefulSet", "samtrain-workers");

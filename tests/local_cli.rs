@@ -185,6 +185,76 @@ print(json.dumps({
     assert!(table.lines().count() >= 3, "{table}");
 }
 
+/// `--otlp-endpoint`: the coordinator's rendezvous and both ranks' spans
+/// of generation 0 reach the collector in one trace, the steps, the save
+/// and the evaluation under each rank's training.
+#[test]
+fn a_local_job_sends_one_trace_per_generation_to_the_collector() {
+    let collector = samtrain_testkit::OtlpCollector::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("job.toml"), small_demo(6)).unwrap();
+    let out = samtrain(
+        dir.path(),
+        &[
+            "local",
+            "job.toml",
+            "--json",
+            "--otlp-endpoint",
+            collector.endpoint(),
+        ],
+    );
+    let v = last_json(&out);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    // (service, span) of every span posted.
+    let mut spans: Vec<(String, Value)> = Vec::new();
+    for body in collector.bodies() {
+        let body: Value = serde_json::from_str(&body).unwrap();
+        for r in body["resourceSpans"].as_array().unwrap() {
+            let service = r["resource"]["attributes"][0]["value"]["stringValue"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            for s in r["scopeSpans"][0]["spans"].as_array().unwrap() {
+                spans.push((service.clone(), s.clone()));
+            }
+        }
+    }
+    let named = |service: &str, name: &str| -> Vec<&Value> {
+        spans
+            .iter()
+            .filter(|(svc, s)| svc == service && s["name"] == name)
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let rendezvous = named("samtrain-local", "rendezvous");
+    assert_eq!(rendezvous.len(), 1, "{spans:?}");
+    let trace = &rendezvous[0]["traceId"];
+    let generations = named("samtrain-worker", "generation");
+    assert_eq!(generations.len(), 2, "{spans:?}");
+    assert!(generations.iter().all(|g| &g["traceId"] == trace));
+    let trains = named("samtrain-worker", "train");
+    assert_eq!(trains.len(), 2);
+    for train in &trains {
+        assert_eq!(&train["traceId"], trace);
+        let children = |name: &str| {
+            spans
+                .iter()
+                .filter(|(_, s)| s["name"] == name && s["parentSpanId"] == train["spanId"])
+                .count()
+        };
+        assert_eq!(children("step"), 6, "{train}");
+        assert_eq!(children("load"), 1, "{train}");
+    }
+    // One rank saves (step 6, the last) and one evaluates.
+    let saves = named("samtrain-worker", "checkpoint");
+    assert_eq!(saves.len(), 1, "{spans:?}");
+    assert_eq!(&saves[0]["traceId"], trace);
+    let uploads = named("samtrain-worker", "upload");
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0]["parentSpanId"], saves[0]["spanId"]);
+    assert_eq!(named("samtrain-worker", "evaluate").len(), 1);
+}
+
 /// A spec run twice: the second run finds the first's checkpoints and
 /// resumes from the newest instead of starting over.
 #[test]

@@ -407,8 +407,12 @@ impl Checkpointer {
                 slot,
             });
         }
+        let span = tracing::info_span!("checkpoint", step = state.step, tp_rank = state.tp_rank);
         self.wait_for_room();
-        let mut job = Job::stage(state, &self.inner.staging)?;
+        let staged = tracing::info_span!(parent: &span, "stage")
+            .in_scope(|| Job::stage(state, &self.inner.staging));
+        let mut job = staged?;
+        job.span = span;
         let staging = start.elapsed();
         let step = job.step;
         job.staging = staging;

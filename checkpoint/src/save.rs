@@ -27,6 +27,9 @@ pub(crate) struct Job {
     optimizer: Vec<Staged>,
     meta: Bytes,
     pub staging: Duration,
+    /// The save's span, from the call to the commit (a trace shows the
+    /// upload under the step that asked for it).
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -60,6 +63,7 @@ impl Job {
             optimizer,
             meta: Bytes::from(meta),
             staging: Duration::ZERO,
+            span: tracing::Span::none(),
         })
     }
 
@@ -87,6 +91,7 @@ pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
     let retries_before = inner.store.retries();
     let (step, tp_rank, staging) = (job.step, job.tp_rank, job.staging);
     let bytes = job.bytes();
+    let _upload = tracing::info_span!(parent: &job.span, "upload", bytes).entered();
     let written = files_of(&job);
     let result =
         std::panic::catch_unwind(AssertUnwindSafe(|| run_blocking(inner, upload(inner, job))))

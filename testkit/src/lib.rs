@@ -1,9 +1,14 @@
 //! What samtrain's tests share, so each test starts real parts the same
 //! way: an etcd server and an S3-compatible server (moto's) on loopback
-//! ports, each started for one test and killed by its PID when dropped; the
-//! venv python that holds the reference implementations; free ports.
+//! ports, each started for one test and killed by its PID when dropped; a
+//! stand-in OpenTelemetry collector ([`OtlpCollector`]); the venv python
+//! that holds the reference implementations; free ports.
 //!
 //! A dev-dependency only: nothing here is part of samtrain itself.
+
+mod otlp;
+
+pub use otlp::OtlpCollector;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -142,6 +142,8 @@ impl Trainer {
         if let Some(p) = spec.problems().first() {
             return Err(TrainError::config(&p.field, p.message.clone()));
         }
+        // Model, optimizer, checkpoint and data loader: a trace's "load".
+        let load_span = tracing::info_span!("load").entered();
         let layout = groups.layout;
         if layout.tp != i64::from(spec.parallel.tp) {
             return Err(TrainError::config(
@@ -223,6 +225,7 @@ impl Trainer {
             .map(|m| m.ledger.clone())
             .unwrap_or_default();
         let resumed_at = resumed.as_ref().map(|m| checkpoint_at(&ckpt, m.step));
+        drop(load_span);
         events(TrainEvent::Started {
             step,
             samples_consumed,
@@ -323,7 +326,7 @@ impl Trainer {
         }
         self.step += 1;
         let step = self.step;
-        let span = tracing::debug_span!("step", step);
+        let span = tracing::info_span!("step", step);
         let _entered = span.enter();
         let started = Instant::now();
         let (micro, epoch) = self.next_micro_batches()?;
@@ -489,6 +492,7 @@ impl Trainer {
         // The ranks of dp rank 0 generate together; world rank 0 scores.
         let eval = match &self.spec.data.eval {
             Some(location) if layout.dp_rank == 0 => {
+                let _evaluating = tracing::info_span!("evaluate").entered();
                 let predictions = predict::predict_set(
                     &self.local,
                     &self.remote,

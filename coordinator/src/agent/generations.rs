@@ -38,9 +38,11 @@ pub(super) struct Current {
 }
 
 impl Current {
-    /// The span of this worker's part in the generation.
-    pub(super) fn span(&self) -> tracing::Span {
-        super::generation_span(&self.job_id, self.generation, self.rank)
+    /// The span of one report about the generation: its log lines name
+    /// the job, generation and rank, and a trace shows it in the
+    /// generation's.
+    pub(super) fn report_span(&self) -> tracing::Span {
+        tracing::info_span!("report", job = %self.job_id, generation = self.generation, rank = self.rank)
     }
 }
 

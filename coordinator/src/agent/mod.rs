@@ -225,16 +225,17 @@ where
         })
 }
 
-/// The span every log line of one generation of this worker carries.
-fn generation_span(job_id: &str, generation: u64, rank: u32) -> tracing::Span {
-    tracing::info_span!("generation", job = %job_id, generation, rank)
-}
-
 impl Assignment {
     /// The span to run this generation in: enter it (in every thread the
-    /// generation uses) so its log lines name the job, generation and rank.
+    /// generation uses) so its log lines name the job, generation and rank,
+    /// and a trace shows the generation as one span of this rank.
     pub fn span(&self) -> tracing::Span {
-        generation_span(&self.job_id, self.generation, self.rank)
+        tracing::info_span!(
+            "generation",
+            job = %self.job_id,
+            generation = self.generation,
+            rank = self.rank
+        )
     }
 }
 

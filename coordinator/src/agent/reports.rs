@@ -76,7 +76,7 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
                 shared
                     .metrics
                     .progress(&current.job_id, current.generation, current.rank, &p);
-                let span = current.span();
+                let span = current.report_span();
                 send_progress(&shared, current, p).instrument(span).await;
             }
             Some(Report::Resumed { load_s }) => {
@@ -87,7 +87,7 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
             Some(Report::CheckpointFailed(checkpoint, reason)) => {
                 if let Some(current) = shared.generations.current() {
                     shared.metrics.checkpoint(&current.job_id, false);
-                    let span = current.span();
+                    let span = current.report_span();
                     send_failed_save(&shared, current, checkpoint, reason)
                         .instrument(span)
                         .await;
@@ -108,7 +108,7 @@ pub(super) async fn send_reports(shared: Arc<Shared>, mut reports: mpsc::Receive
             None => {}
         }
         if let Some((current, committed)) = pending.clone() {
-            let span = current.span();
+            let span = current.report_span();
             if send_checkpoint(&shared, current, committed)
                 .instrument(span)
                 .await

@@ -48,8 +48,9 @@ struct View {
     subscribers: HashMap<String, Subscriber>,
     last_call: HashMap<String, Instant>,
     /// When the reconcile loop first saw each job waiting for a generation
-    /// (its rendezvous time runs from there to the generation's forming).
-    waiting_since: HashMap<String, Instant>,
+    /// (its rendezvous time runs from there to the generation's forming),
+    /// and the rendezvous span open meanwhile (in the generation's trace).
+    waiting_since: HashMap<String, (Instant, tracing::Span)>,
     /// Workers taken out of service (also in the store).
     drained: HashSet<String>,
     /// Each member's last report on the training path: not stored (it

@@ -194,7 +194,17 @@ impl Control {
         view.waiting_since
             .retain(|id, _| order.iter().any(|(_, waiting)| waiting == id));
         for (_, id) in &order {
-            view.waiting_since.entry(id.clone()).or_insert(now);
+            let generation = view.jobs[id].generation;
+            view.waiting_since.entry(id.clone()).or_insert_with(|| {
+                let span = tracing::info_span!(
+                    parent: None,
+                    "rendezvous",
+                    job = %id,
+                    generation,
+                    workers = tracing::field::Empty
+                );
+                (now, span)
+            });
         }
         for (_, job_id) in order {
             let job = &view.jobs[&job_id];
@@ -253,7 +263,8 @@ impl Control {
         job.form(members.clone(), auth::new_secret(), now_ms());
         self.save(&job).await?;
         view.last_call.remove(job_id);
-        if let Some(since) = view.waiting_since.remove(job_id) {
+        if let Some((since, span)) = view.waiting_since.remove(job_id) {
+            span.record("workers", members.len());
             self.metrics
                 .observe_rendezvous(since.elapsed().as_secs_f64());
         }

@@ -117,6 +117,10 @@ or the external endpoints; empty with etcd.mode "none".
       fieldPath: metadata.namespace
 - name: RUST_LOG
   value: {{ .Values.log.level | quote }}
+{{- with .Values.log.otlpEndpoint }}
+- name: SAMTRAIN_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* The store settings coordinators and workers share. */}}
