@@ -690,6 +690,62 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
     assert_eq!(ledger["segments"][0]["last_step"], grown_at, "{ledger}");
 }
 
+/// Four workers on two nodes (`--node`), registering a, b, a, b, and a
+/// tp = 2 job: each tensor-parallel group sits on one node, ranks go node
+/// by node, and `status --json` lists where each rank runs.
+#[test]
+fn tensor_parallel_groups_are_placed_inside_nodes() {
+    let _one = serial();
+    let c = Cluster::new();
+    c.edit_spec(
+        "min_workers = 2\nmax_workers = 2",
+        "tp = 2\nmin_workers = 4\nmax_workers = 4",
+    );
+    let (_coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    let mut workers = Vec::new();
+    for (i, node) in ["node-a", "node-b", "node-a", "node-b"].iter().enumerate() {
+        let w = c.worker_with(&format!("w{i}"), &addr, &[("SAMTRAIN_NODE", node)]);
+        // One at a time, so that registration interleaves the nodes.
+        w.wait_logged("subscribed to the leader", Duration::from_secs(300));
+        workers.push(w);
+    }
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "four ranks", |s| {
+        s["world_size"].as_u64() == Some(4) || finished(s)
+    });
+    assert_eq!(
+        (s["dp"].as_u64(), s["tp"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
+    let ranks = s["ranks"].as_array().unwrap_or_else(|| panic!("{s}"));
+    let placed: Vec<(u64, &str, u64, u64, u64)> = ranks
+        .iter()
+        .map(|r| {
+            (
+                r["rank"].as_u64().unwrap(),
+                r["node"].as_str().unwrap(),
+                r["local_rank"].as_u64().unwrap(),
+                r["dp_rank"].as_u64().unwrap(),
+                r["tp_rank"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            (0, "node-a", 0, 0, 0),
+            (1, "node-a", 1, 0, 1),
+            (2, "node-b", 0, 1, 0),
+            (3, "node-b", 1, 1, 1),
+        ],
+        "{s}"
+    );
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
+}
+
 #[test]
 fn a_slowed_rank_is_flagged_a_straggler_and_replaced_at_a_checkpoint() {
     let _one = serial();

@@ -804,6 +804,21 @@ fn metrics_are_scraped_with_the_token_of_the_auth_secret() {
     );
 }
 
+/// Workers name the Kubernetes node they run on, so the rendezvous keeps
+/// each tensor-parallel group inside one node.
+#[test]
+fn workers_name_their_kubernetes_node() {
+    let docs = manifests(&[], "default (nodes)");
+    let workers = container(find(&docs, "StatefulSet", "samtrain-workers"), "worker");
+    let node = workers["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SAMTRAIN_NODE")
+        .unwrap_or_else(|| panic!("{workers}"));
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+}
+
 #[test]
 fn traces_go_to_the_collector_the_values_name() {
     let docs = manifests(&[], "default (no traces)");

@@ -6,6 +6,8 @@
 //! The transitions here are plain functions of a record, so the policy is
 //! testable without a store or a network.
 
+use std::collections::HashMap;
+
 use samtrain_proto::spec::{JobSpec, ParallelSpec, StragglerPolicy};
 use samtrain_proto::{v1, Checkpoint, Scores};
 use serde::{Deserialize, Serialize};
@@ -83,6 +85,9 @@ pub struct MemberRecord {
     pub name: String,
     pub advertise: String,
     pub rank: u32,
+    /// The node it runs on (empty in records from before nodes).
+    #[serde(default)]
+    pub node: String,
 }
 
 /// The rendezvous, restart and straggler settings of a job, copied from
@@ -100,6 +105,8 @@ pub struct Policy {
     pub straggler_steps: u64,
     #[serde(default)]
     pub straggler_policy: StragglerPolicy,
+    #[serde(default)]
+    pub tp_across_nodes: bool,
 }
 
 fn default_straggler_factor() -> f64 {
@@ -121,6 +128,7 @@ impl Policy {
             straggler_factor: spec.parallel.straggler_factor,
             straggler_steps: spec.parallel.straggler_steps,
             straggler_policy: spec.parallel.straggler_policy,
+            tp_across_nodes: spec.parallel.tp_across_nodes,
         }
     }
 }
@@ -383,7 +391,36 @@ impl JobRecord {
             resizes: self.resizes,
             max_workers: self.policy.max_workers,
             eval_examples: self.eval_examples.clone(),
+            ranks: self.placements(),
         }
+    }
+
+    /// Where each rank of the running generation runs, and its place in
+    /// the grid (`tp_rank = rank % tp`, as the process groups number it).
+    fn placements(&self) -> Vec<v1::RankPlacement> {
+        let tp = self.policy.tp.max(1);
+        let mut on_node: HashMap<&str, u32> = HashMap::new();
+        self.members
+            .iter()
+            .map(|m| {
+                let node = if m.node.is_empty() {
+                    crate::records::host_of(&m.advertise)
+                } else {
+                    &m.node
+                };
+                let local = on_node.entry(node).or_default();
+                let local_rank = *local;
+                *local += 1;
+                v1::RankPlacement {
+                    rank: m.rank,
+                    worker_id: m.worker_id.clone(),
+                    node: node.to_owned(),
+                    local_rank,
+                    dp_rank: m.rank / tp,
+                    tp_rank: m.rank % tp,
+                }
+            })
+            .collect()
     }
 }
 
@@ -422,6 +459,7 @@ mod tests {
             name: id.into(),
             advertise: format!("127.0.0.1:{}", 5000 + rank),
             rank,
+            node: String::new(),
         }
     }
 

@@ -3,6 +3,8 @@
 //! that a script written against one reads the others.
 
 use samtrain_proto::v1;
+
+use crate::records::host_of;
 use serde_json::{json, Value};
 
 /// The lower-case name of a `v1::JobState` (as `JobState::name` spells it).
@@ -46,6 +48,10 @@ pub fn job_json(job: &v1::Job) -> Value {
         })).collect::<Vec<_>>(),
         "message": job.message,
         "eval": job.eval,
+        "ranks": job.ranks.iter().map(|r| json!({
+            "rank": r.rank, "worker_id": r.worker_id, "node": r.node,
+            "local_rank": r.local_rank, "dp_rank": r.dp_rank, "tp_rank": r.tp_rank,
+        })).collect::<Vec<_>>(),
         "eval_examples": job.eval_examples.iter().map(|e| json!({
             "sample_id": e.sample_id, "prediction": e.prediction, "reference": e.reference,
         })).collect::<Vec<_>>(),
@@ -53,13 +59,6 @@ pub fn job_json(job: &v1::Job) -> Value {
         "updated_unix_ms": job.updated_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
     })
-}
-
-/// The host part of `host:port` (an IPv6 address keeps its brackets).
-fn host_of(advertise: &str) -> &str {
-    advertise
-        .rsplit_once(':')
-        .map_or(advertise, |(host, _)| host)
 }
 
 fn failure_json(f: &v1::CheckpointFailed) -> Value {

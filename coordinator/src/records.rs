@@ -18,6 +18,11 @@ pub struct WorkerRecord {
     pub advertise: String,
     pub device: String,
     pub registered_unix_ms: i64,
+    /// The machine it runs on: workers with the same node share fast links
+    /// (NVLink, shared memory), and a tensor-parallel group stays inside
+    /// one. Empty in records from before nodes (see [`WorkerRecord::node`]).
+    #[serde(default)]
+    pub node: String,
     /// The worker keeps its lease alive in etcd itself (else Heartbeat).
     pub own_lease: bool,
     /// SHA-256 (hex) of the secret the worker presents on every call; a
@@ -27,6 +32,16 @@ pub struct WorkerRecord {
 }
 
 impl WorkerRecord {
+    /// The node: as registered, else the host of the advertised address
+    /// (workers on one host are one machine).
+    pub fn node(&self) -> &str {
+        if self.node.is_empty() {
+            host_of(&self.advertise)
+        } else {
+            &self.node
+        }
+    }
+
     /// The stored form.
     pub(crate) fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("worker record serialises")
@@ -133,6 +148,14 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The host of `host:port` (an IPv6 address keeps its brackets): the node
+/// of a worker that names none.
+pub fn host_of(advertise: &str) -> &str {
+    advertise
+        .rsplit_once(':')
+        .map_or(advertise, |(host, _)| host)
 }
 
 #[cfg(test)]

@@ -437,6 +437,11 @@ pub struct ParallelSpec {
     /// backward has produced it, while backward goes on (torch DDP's
     /// overlap); off, the buckets are summed after backward.
     pub overlap_grad_reduce: bool,
+    /// Let a tensor-parallel group span nodes. Off (the default), each
+    /// group of `tp` ranks is placed inside one node (workers with the same
+    /// `--node`), where its per-layer all-reduces stay on fast links; on,
+    /// ranks follow registration order across nodes.
+    pub tp_across_nodes: bool,
 }
 
 impl Default for ParallelSpec {
@@ -453,6 +458,7 @@ impl Default for ParallelSpec {
             straggler_steps: 50,
             straggler_policy: StragglerPolicy::Flag,
             overlap_grad_reduce: true,
+            tp_across_nodes: false,
         }
     }
 }

@@ -58,6 +58,12 @@ pub struct WorkerArgs {
     /// A readable name; the worker's id starts with it (default: host name).
     #[arg(long, env = "SAMTRAIN_NAME")]
     name: Option<String>,
+    /// The machine this worker runs on (in Kubernetes, the node's name):
+    /// workers with the same node share fast links, and each
+    /// tensor-parallel group is placed inside one node. Default: the host
+    /// of --advertise.
+    #[arg(long, env = "SAMTRAIN_NODE")]
+    node: Option<String>,
     /// Where to train: `auto`, `cpu` or `cuda`; overrides the job's
     /// `training.device` unless `auto`.
     #[arg(long, env = "SAMTRAIN_DEVICE", default_value = "auto")]
@@ -138,6 +144,7 @@ async fn serve(
         name,
         advertise: format!("{host}:{port}"),
         device: args.device.clone(),
+        node: args.node.clone().unwrap_or_default(),
         etcd: args.etcd.clone(),
         etcd_access: args.etcd_flags.access(),
         etcd_prefix: args.etcd_prefix.clone(),

@@ -130,6 +130,7 @@ async fn register_rpc(
         worker_id,
         lease_id: 0,
         lease_ttl_s,
+        node: options.node.clone(),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut attempt = 0;
@@ -166,6 +167,7 @@ async fn put_own_key(
         advertise: options.advertise.clone(),
         device: options.device.clone(),
         registered_unix_ms: now_ms(),
+        node: options.node.clone(),
         own_lease: true,
         secret_sha256: secret_sha256.to_owned(),
     };

@@ -46,6 +46,8 @@ pub struct AgentOptions {
     pub advertise: String,
     /// What the worker computes on (`cpu`, `cuda:0`).
     pub device: String,
+    /// The machine it runs on; empty: the host of `advertise`.
+    pub node: String,
     /// etcd endpoints; empty: the lease is kept by Heartbeat calls.
     pub etcd: Vec<String>,
     /// etcd's TLS and user, when it requires them.
@@ -69,6 +71,7 @@ impl Default for AgentOptions {
             name: "worker".to_owned(),
             advertise: String::new(),
             device: "cpu".to_owned(),
+            node: String::new(),
             etcd: Vec::new(),
             etcd_access: crate::store::EtcdAccess::default(),
             etcd_prefix: "/samtrain".to_owned(),

@@ -40,6 +40,19 @@ struct Subscriber {
     idle_sent: bool,
 }
 
+impl Subscriber {
+    /// The worker as the rendezvous sees it.
+    fn candidate(&self) -> crate::rendezvous::Candidate {
+        crate::rendezvous::Candidate {
+            worker_id: self.record.worker_id.clone(),
+            name: self.record.name.clone(),
+            advertise: self.record.advertise.clone(),
+            node: self.record.node().to_owned(),
+            registered_unix_ms: self.record.registered_unix_ms,
+        }
+    }
+}
+
 /// What the leader holds in memory; empty (not `loaded`) on a standby.
 #[derive(Default)]
 struct View {
@@ -204,12 +217,19 @@ impl View {
         if self.jobs.values().any(|j| j.state.needs_workers()) {
             return None;
         }
-        let free = self
+        // The members and the free workers, placed as a new generation
+        // would place them (a node's odd worker does not make it grow).
+        let generation = Some((job.id.clone(), job.generation));
+        let offered: Vec<_> = self
             .subscribers
             .values()
-            .filter(|s| s.busy.is_none() && !self.drained.contains(&s.record.worker_id))
-            .count();
-        let grown = crate::rendezvous::size(&job.policy, size as usize + free)?;
+            .filter(|s| {
+                s.busy == generation
+                    || (s.busy.is_none() && !self.drained.contains(&s.record.worker_id))
+            })
+            .map(Subscriber::candidate)
+            .collect();
+        let grown = crate::rendezvous::size(&job.policy, &offered)?;
         (grown > size).then(|| {
             Resize::because(format!(
                 "{} more workers wait; growing to {grown}",

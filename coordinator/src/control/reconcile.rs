@@ -175,12 +175,7 @@ impl Control {
             .subscribers
             .values()
             .filter(|s| s.busy.is_none() && !view.drained.contains(&s.record.worker_id))
-            .map(|s| Candidate {
-                worker_id: s.record.worker_id.clone(),
-                name: s.record.name.clone(),
-                advertise: s.record.advertise.clone(),
-                registered_unix_ms: s.record.registered_unix_ms,
-            })
+            .map(|s| s.candidate())
             .collect();
         rendezvous::rank_order(&mut pool);
         let mut order: Vec<(i64, String)> = view
@@ -208,16 +203,38 @@ impl Control {
         }
         for (_, job_id) in order {
             let job = &view.jobs[&job_id];
-            let take = pool.len().min(job.policy.max_workers as usize);
-            let offered: Vec<Candidate> = pool.drain(..take).collect();
-            match rendezvous::decide(
+            let decision = rendezvous::decide(
                 &job.policy,
-                &offered,
+                &pool,
                 view.last_call.get(&job_id).copied(),
                 now,
-            ) {
-                Decision::Wait => {
+            );
+            // An older job keeps from younger ones the workers it would
+            // take, or while too few wait, the first `max_workers`; a job
+            // whose workers cannot be placed keeps none.
+            let kept: Vec<Candidate> = match &decision {
+                Decision::Form(chosen) => chosen.clone(),
+                Decision::LastCall(_) => rendezvous::placed(&job.policy, &pool),
+                Decision::Wait(None) => pool
+                    .iter()
+                    .take(job.policy.max_workers as usize)
+                    .cloned()
+                    .collect(),
+                Decision::Wait(Some(_)) => Vec::new(),
+            };
+            pool.retain(|c| !kept.iter().any(|k| k.worker_id == c.worker_id));
+            match decision {
+                Decision::Wait(why) => {
                     view.last_call.remove(&job_id);
+                    if let Some(why) = why.filter(|w| *w != job.message) {
+                        tracing::warn!(job = %job_id, "{why}");
+                        let mut job = job.clone();
+                        job.message = why;
+                        job.updated_unix_ms = now_ms();
+                        self.save(&job).await?;
+                        self.announce_state(&job);
+                        view.jobs.insert(job_id.clone(), job);
+                    }
                 }
                 Decision::LastCall(since) => {
                     view.last_call.insert(job_id.clone(), since);
@@ -226,7 +243,7 @@ impl Control {
                         job.state = JobState::Rendezvous;
                         job.message = format!(
                             "{} workers wait; last call for up to {}",
-                            offered.len(),
+                            kept.len(),
                             job.policy.max_workers
                         );
                         job.updated_unix_ms = now_ms();
@@ -258,6 +275,7 @@ impl Control {
                 name: c.name.clone(),
                 advertise: c.advertise.clone(),
                 rank: rank as u32,
+                node: c.node.clone(),
             })
             .collect();
         job.form(members.clone(), auth::new_secret(), now_ms());

@@ -35,6 +35,9 @@ fn is_host_port(address: &str) -> bool {
 /// it by at most this long.
 pub(crate) const MAX_WORKER_LEASE_TTL: Duration = Duration::from_secs(60);
 
+/// The longest node name a worker may give (a DNS name's length).
+const MAX_NODE_LEN: usize = 253;
+
 impl Control {
     /// Registers a worker under a lease this coordinator keeps alive on its
     /// Heartbeat calls. A new worker gets its id and secret from the
@@ -50,6 +53,14 @@ impl Control {
             return Err(Status::invalid_argument(format!(
                 "advertise address `{}` must be host:port (where peers reach this worker's collectives)",
                 r.advertise
+            )));
+        }
+        if r.node.len() > MAX_NODE_LEN
+            || r.node.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(Status::invalid_argument(format!(
+                "node name `{}` must be at most {MAX_NODE_LEN} characters, without spaces or control characters",
+                r.node.escape_debug()
             )));
         }
         if r.lease_id != 0 {
@@ -73,6 +84,7 @@ impl Control {
             advertise: r.advertise.clone(),
             device: r.device.clone(),
             registered_unix_ms: now_ms(),
+            node: r.node.clone(),
             own_lease: false,
             secret_sha256: secret_digest(&secret),
         };

@@ -130,18 +130,21 @@ function describeEvent(e) {
 function ranksTable(job) {
   if (!job.members.length) return h("p", { class: "muted" }, "No generation is running.");
   return h("table", { id: "ranks" },
-    h("thead", {}, h("tr", {}, ["rank", "worker", "host", "step", "step time", "data", "compute", "comm", "last report"].map((t) => h("th", {}, t)))),
-    h("tbody", {}, job.members.map((m) =>
-      h("tr", { "data-rank": m.rank },
+    h("thead", {}, h("tr", {}, ["rank", "dp × tp", "worker", "node", "step", "step time", "data", "compute", "comm", "last report"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, job.members.map((m) => {
+      const at = (job.ranks || []).find((r) => r.rank === m.rank) || {};
+      return h("tr", { "data-rank": m.rank },
         h("td", {}, m.rank),
+        h("td", {}, at.dp_rank !== undefined ? at.dp_rank + " × " + at.tp_rank : "–"),
         h("td", {}, m.name || m.worker_id, m.straggler ? h("span", { class: "flag" }, " straggler") : null),
-        h("td", { class: "mono" }, m.host),
+        h("td", { class: "mono" }, (at.node || m.host) + (at.local_rank !== undefined ? " #" + at.local_rank : "")),
         h("td", {}, m.step),
         h("td", {}, m.last_report_unix_ms ? num(m.compute_s + m.comm_s, 3) + " s" : "–"),
         h("td", {}, m.last_report_unix_ms ? num(m.data_s, 3) + " s" : "–"),
         h("td", {}, m.last_report_unix_ms ? num(m.compute_s - m.data_s, 3) + " s" : "–"),
         h("td", {}, m.last_report_unix_ms ? num(m.comm_s, 3) + " s" : "–"),
-        h("td", {}, ago(m.last_report_unix_ms))))));
+        h("td", {}, ago(m.last_report_unix_ms)));
+    })));
 }
 
 function evalPanel(job) {
