@@ -690,19 +690,55 @@ fn a_job_grows_at_a_checkpoint_when_a_worker_joins_and_keeps_its_sample_count() 
     assert_eq!(ledger["segments"][0]["last_step"], grown_at, "{ledger}");
 }
 
+/// A cluster whose job (submitted) wants tp = 2 on four ranks.
+fn tp2_job() -> (Cluster, Proc, String, String) {
+    let c = Cluster::new();
+    c.edit_spec(
+        "min_workers = 2\nmax_workers = 2",
+        "tp = 2\nmin_workers = 4\nmax_workers = 4",
+    );
+    let (coord, addr, _) = c.coordinator("c0");
+    let job = submit(&addr, &c.spec);
+    (c, coord, addr, job)
+}
+
+/// Two tensor-parallel groups, one per node, ranks node by node:
+/// `(rank, node, local_rank, dp_rank, tp_rank)`.
+const NODE_MAJOR: [(u64, &str, u64, u64, u64); 4] = [
+    (0, "node-a", 0, 0, 0),
+    (1, "node-a", 1, 0, 1),
+    (2, "node-b", 0, 1, 0),
+    (3, "node-b", 1, 1, 1),
+];
+
+/// Each rank's place in a status, as [`NODE_MAJOR`] lists them.
+fn placement(s: &Value) -> Vec<(u64, &str, u64, u64, u64)> {
+    s["ranks"]
+        .as_array()
+        .map(|ranks| {
+            ranks
+                .iter()
+                .map(|r| {
+                    (
+                        r["rank"].as_u64().unwrap(),
+                        r["node"].as_str().unwrap(),
+                        r["local_rank"].as_u64().unwrap(),
+                        r["dp_rank"].as_u64().unwrap(),
+                        r["tp_rank"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Four workers on two nodes (`--node`), registering a, b, a, b, and a
 /// tp = 2 job: each tensor-parallel group sits on one node, ranks go node
 /// by node, and `status --json` lists where each rank runs.
 #[test]
 fn tensor_parallel_groups_are_placed_inside_nodes() {
     let _one = serial();
-    let c = Cluster::new();
-    c.edit_spec(
-        "min_workers = 2\nmax_workers = 2",
-        "tp = 2\nmin_workers = 4\nmax_workers = 4",
-    );
-    let (_coord, addr, _) = c.coordinator("c0");
-    let job = submit(&addr, &c.spec);
+    let (c, _coord, addr, job) = tp2_job();
     let mut workers = Vec::new();
     for (i, node) in ["node-a", "node-b", "node-a", "node-b"].iter().enumerate() {
         let w = c.worker_with(&format!("w{i}"), &addr, &[("SAMTRAIN_NODE", node)]);
@@ -718,32 +754,66 @@ fn tensor_parallel_groups_are_placed_inside_nodes() {
         (Some(2), Some(2)),
         "{s}"
     );
-    let ranks = s["ranks"].as_array().unwrap_or_else(|| panic!("{s}"));
-    let placed: Vec<(u64, &str, u64, u64, u64)> = ranks
-        .iter()
-        .map(|r| {
-            (
-                r["rank"].as_u64().unwrap(),
-                r["node"].as_str().unwrap(),
-                r["local_rank"].as_u64().unwrap(),
-                r["dp_rank"].as_u64().unwrap(),
-                r["tp_rank"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        placed,
-        [
-            (0, "node-a", 0, 0, 0),
-            (1, "node-a", 1, 0, 1),
-            (2, "node-b", 0, 1, 0),
-            (3, "node-b", 1, 1, 1),
-        ],
-        "{s}"
-    );
+    assert_eq!(placement(&s), NODE_MAJOR, "{s}");
     let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
     assert_succeeded(&s);
     assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
+}
+
+/// Two nodes of two slots each (`samtrain worker --slots 2`) and a tp = 2,
+/// dp = 2 job: each node's rank processes hold one tensor-parallel group.
+/// One rank process killed ends the generation; its node starts it again
+/// and the job resumes from its checkpoint on the same placement.
+#[test]
+fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
+    let _one = serial();
+    let (c, _coord, addr, job) = tp2_job();
+    let slowed = ("SAMTRAIN_FAULT_SLOW_STEP_MS", "300");
+    let node_a = c.worker_with(
+        "node-a",
+        &addr,
+        &[("SAMTRAIN_SLOTS", "2"), ("SAMTRAIN_NODE", "node-a"), slowed],
+    );
+    node_a.wait_logged("subscribed to the leader", Duration::from_secs(300));
+    let node_b = c.worker_with(
+        "node-b",
+        &addr,
+        &[("SAMTRAIN_SLOTS", "2"), ("SAMTRAIN_NODE", "node-b"), slowed],
+    );
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "a checkpoint", |s| {
+        s["latest_checkpoint"]["step"].as_u64() >= Some(10) || finished(s)
+    });
+    assert_eq!(placement(&s), NODE_MAJOR, "{s}");
+    assert_eq!(s["generation"].as_u64(), Some(0), "{s}");
+    let log = node_b.log();
+    let pid = logged(&log, "rank process started", "pid")
+        .unwrap_or_else(|| panic!("no rank process in the log of node-b:\n{log}"));
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let s = wait_status(
+        &addr,
+        &job,
+        Duration::from_secs(300),
+        "the next generation",
+        |s| {
+            (s["generation"].as_u64() >= Some(1) && s["world_size"].as_u64() == Some(4))
+                || finished(s)
+        },
+    );
+    assert_eq!(placement(&s), NODE_MAJOR, "{s}");
+    let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
+    assert_succeeded(&s);
+    assert_eq!(s["restarts"].as_u64(), Some(1), "{s}");
+    assert!(
+        node_b
+            .log()
+            .contains("rank process died; starting it again"),
+        "{}",
+        node_b.log()
+    );
 }
 
 #[test]

@@ -804,6 +804,57 @@ fn metrics_are_scraped_with_the_token_of_the_auth_secret() {
     );
 }
 
+/// Eight GPUs per pod: a pod is a node, running a rank process per GPU
+/// (`--slots` through SAMTRAIN_SLOTS) on eight collective ports the network
+/// policy opens, one pod per Kubernetes node, NCCL settings passed through,
+/// and the node's network when asked.
+#[test]
+fn a_pod_with_eight_gpus_is_a_node_of_eight_slots() {
+    let yaml = render(
+        &[],
+        &[
+            "workers.gpus=8",
+            "workers.ncclEnv.NCCL_SOCKET_IFNAME=eth0",
+            "workers.hostNetwork=true",
+        ],
+    )
+    .unwrap();
+    validate(&yaml, "eight GPUs per pod");
+    let docs = parse(&yaml);
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    let c = container(workers, "worker");
+    assert_eq!(env(c, "SAMTRAIN_SLOTS"), Some("8"));
+    assert_eq!(env(c, "NCCL_SOCKET_IFNAME"), Some("eth0"));
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], 8);
+    let pod = &workers["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    assert!(selects(&anti["labelSelector"], workers), "{anti}");
+    let policy = find(&docs, "NetworkPolicy", "samtrain-workers");
+    let ring = &policy["spec"]["ingress"][0]["ports"][0];
+    assert_eq!(
+        (ring["port"].as_u64(), ring["endPort"].as_u64()),
+        (Some(29500), Some(29507))
+    );
+    // One GPU per pod (the default): one slot, no anti-affinity.
+    let docs = manifests(&[], "default (one slot)");
+    let workers = find(&docs, "StatefulSet", "samtrain-workers");
+    assert_eq!(
+        env(container(workers, "worker"), "SAMTRAIN_SLOTS"),
+        Some("1")
+    );
+    assert!(workers["spec"]["template"]["spec"]["affinity"].is_null());
+    // NCCL settings only, by name.
+    let err = render(&[], &["workers.ncclEnv.LD_PRELOAD=/x.so"]).expect_err("rendered");
+    assert!(
+        err.contains("'LD_PRELOAD' does not match pattern '^NCCL_"),
+        "{err}"
+    );
+}
+
 /// Workers name the Kubernetes node they run on, so the rendezvous keeps
 /// each tensor-parallel group inside one node.
 #[test]

@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod local;
 pub mod model;
 pub mod predict;
+mod slots;
 pub mod train;
 pub mod worker;
 

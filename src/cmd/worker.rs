@@ -68,6 +68,13 @@ pub struct WorkerArgs {
     /// `training.device` unless `auto`.
     #[arg(long, env = "SAMTRAIN_DEVICE", default_value = "auto")]
     device: String,
+    /// Ranks this node runs: `gpus` (the default) is one per visible GPU
+    /// (one on a machine without), or a number (CPU ranks, for tests).
+    /// Above one, this process supervises one rank process per slot, each
+    /// a worker of this node pinned to its GPU, and starts again any that
+    /// dies.
+    #[arg(long, env = "SAMTRAIN_SLOTS", default_value = "gpus")]
+    slots: String,
     /// Exit once no job needs this worker (what `samtrain local` uses).
     #[arg(long)]
     exit_when_idle: bool,
@@ -90,6 +97,25 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         Some(host) => host,
         None => host_name()?,
     };
+    let slots = slot_count(&args.slots, device)?;
+    if slots > 1 {
+        let gpus = if device == DeviceKind::Cpu {
+            Vec::new()
+        } else {
+            super::slots::visible_gpus(tch::Cuda::device_count().max(0) as usize)
+        };
+        return super::slots::supervise(&super::slots::SlotPlan {
+            slots,
+            name: match args.name.clone() {
+                Some(name) => name,
+                None => host_name()?,
+            },
+            node: args.node.clone().unwrap_or_else(|| host.clone()),
+            collective_port: args.collective_port,
+            health_listen: args.health_listen,
+            gpus,
+        });
+    }
     // Bound once, before registering, so the advertised port is the real one
     // and stays the same for every generation this worker joins.
     let listener = bind_collective(&host, args.collective_port)?;
@@ -105,6 +131,24 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         }
         other => other,
     }
+}
+
+/// The most slots a node may run: far above any machine's GPUs.
+const MAX_SLOTS: u32 = 64;
+
+/// How many ranks `--slots` asks for on this machine.
+fn slot_count(slots: &str, device: DeviceKind) -> Result<u32> {
+    let n = match slots {
+        "gpus" if device == DeviceKind::Cpu => 1,
+        "gpus" => tch::Cuda::device_count().max(1) as u32,
+        n => n.parse::<u32>().map_err(|_| {
+            anyhow::anyhow!("--slots must be `gpus` or a number of ranks, not `{n}`")
+        })?,
+    };
+    if !(1..=MAX_SLOTS).contains(&n) {
+        anyhow::bail!("--slots must be from 1 to {MAX_SLOTS}, got {n}");
+    }
+    Ok(n)
 }
 
 /// The training thread did not stop after its generation ended.
