@@ -129,7 +129,8 @@ fn init_tracing(cli: &Cli) -> anyhow::Result<Option<samtrain_telemetry::Exporter
             let service = format!("samtrain-{}", cli.command.name());
             let (layer, exporter) = samtrain_telemetry::start(endpoint, &service)?;
             // Children (`local`'s workers) inherit the endpoint. Set before
-            // any thread starts, so no other thread reads the environment.
+            // the command's threads start (the exporter's reads nothing of
+            // the environment).
             std::env::set_var("SAMTRAIN_OTLP_ENDPOINT", endpoint);
             (Some(layer.with_filter(LevelFilter::INFO)), Some(exporter))
         }

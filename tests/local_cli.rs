@@ -192,7 +192,8 @@ print(json.dumps({
 fn a_local_job_sends_one_trace_per_generation_to_the_collector() {
     let collector = samtrain_testkit::OtlpCollector::start();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("job.toml"), small_demo(6)).unwrap();
+    let spec = small_demo(6).replace("log_every = ", "log_every = 2 #");
+    std::fs::write(dir.path().join("job.toml"), spec).unwrap();
     let out = samtrain(
         dir.path(),
         &[
@@ -236,14 +237,28 @@ fn a_local_job_sends_one_trace_per_generation_to_the_collector() {
     assert_eq!(trains.len(), 2);
     for train in &trains {
         assert_eq!(&train["traceId"], trace);
-        let children = |name: &str| {
+        // (name, its `step` attribute) of the train span's children.
+        let children = |name: &str| -> Vec<Option<&str>> {
             spans
                 .iter()
                 .filter(|(_, s)| s["name"] == name && s["parentSpanId"] == train["spanId"])
-                .count()
+                .map(|(_, s)| {
+                    s["attributes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|a| a["key"] == "step")
+                        .and_then(|a| a["value"]["intValue"].as_str())
+                })
+                .collect()
         };
-        assert_eq!(children("step"), 6, "{train}");
-        assert_eq!(children("load"), 1, "{train}");
+        // The steps that report (log_every = 2), not every step.
+        assert_eq!(
+            children("step"),
+            [Some("2"), Some("4"), Some("6")],
+            "{train}"
+        );
+        assert_eq!(children("load"), [None], "{train}");
     }
     // One rank saves (step 6, the last) and one evaluates.
     let saves = named("samtrain-worker", "checkpoint");

@@ -273,7 +273,12 @@ impl ServerAuth {
     /// Whether `token` is one of `role`'s tokens (files re-read when they
     /// changed).
     pub fn holds(&self, role: Role, token: &str) -> bool {
-        let presented = digest(token.as_bytes());
+        self.holds_digest(role, &digest(token.as_bytes()))
+    }
+
+    /// Whether `presented` is the SHA-256 of one of `role`'s tokens (what
+    /// the dashboard's cookie carries instead of the token itself).
+    pub fn holds_digest(&self, role: Role, presented: &[u8; 32]) -> bool {
         let sources = match role {
             Role::Operator => &self.operator,
             Role::Worker => &self.worker,
@@ -282,7 +287,7 @@ impl ServerAuth {
         let mut admitted = false;
         for source in sources.iter_mut() {
             source.refresh();
-            admitted |= source.admits(&presented);
+            admitted |= source.admits(presented);
         }
         admitted
     }
@@ -403,6 +408,11 @@ pub fn new_secret() -> String {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a token, in hex: the dashboard's cookie.
+pub(crate) fn token_digest(token: &str) -> String {
+    hex(&digest(token.as_bytes()))
 }
 
 /// The SHA-256 of a worker secret, as stored in the worker's record.

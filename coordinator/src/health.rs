@@ -28,7 +28,7 @@ pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub type Handler =
     Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
-/// Requests whose headers are larger than this are refused.
+/// The most of a request's head that is read (the rest is ignored).
 const MAX_HEAD: usize = 16 * 1024;
 
 /// One request's head.
@@ -109,7 +109,7 @@ impl Request {
 }
 
 /// `%XX` and `+` decoded; a malformed escape is kept as it is.
-pub(crate) fn percent_decode(s: &str) -> String {
+fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -403,11 +403,7 @@ impl JobRecord {
         self.members
             .iter()
             .map(|m| {
-                let node = if m.node.is_empty() {
-                    crate::records::host_of(&m.advertise)
-                } else {
-                    &m.node
-                };
+                let node = m.node();
                 let local = on_node.entry(node).or_default();
                 let local_rank = *local;
                 *local += 1;
@@ -425,6 +421,11 @@ impl JobRecord {
 }
 
 impl MemberRecord {
+    /// Its node: as the worker registered it, else its advertised host.
+    pub fn node(&self) -> &str {
+        crate::records::node_or_host(&self.node, &self.advertise)
+    }
+
     pub fn to_proto(&self) -> v1::Member {
         v1::Member {
             worker_id: self.worker_id.clone(),

@@ -158,7 +158,8 @@ impl Default for ControlMetrics {
             workers: Family::default(),
             grpc: Family::new_with_constructor(latency_histogram),
             methods: Mutex::new(HashSet::new()),
-            rendezvous: io_histogram(),
+            // 10 ms to about 12 hours: a job may wait long for workers.
+            rendezvous: Histogram::new(exponential_buckets(0.01, 4.0, 12)),
             registry: Registry::default(),
         };
         registry.register(

@@ -35,11 +35,7 @@ impl WorkerRecord {
     /// The node: as registered, else the host of the advertised address
     /// (workers on one host are one machine).
     pub fn node(&self) -> &str {
-        if self.node.is_empty() {
-            host_of(&self.advertise)
-        } else {
-            &self.node
-        }
+        node_or_host(&self.node, &self.advertise)
     }
 
     /// The stored form.
@@ -148,6 +144,16 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// `node`, or when empty (a worker that named none, a record from before
+/// nodes) the host of `advertise`.
+pub(crate) fn node_or_host<'a>(node: &'a str, advertise: &'a str) -> &'a str {
+    if node.is_empty() {
+        host_of(advertise)
+    } else {
+        node
+    }
 }
 
 /// The host of `host:port` (an IPv6 address keeps its brackets): the node

@@ -119,6 +119,12 @@ pub fn placed(policy: &Policy, offered: &[Candidate]) -> Vec<Candidate> {
     }
 }
 
+/// Every worker of `offered` that sits in a whole tensor-parallel group of
+/// its node (all of them when groups may cross nodes), node-major.
+pub fn usable(policy: &Policy, offered: &[Candidate]) -> Vec<Candidate> {
+    placeable(policy, offered).into_iter().flatten().collect()
+}
+
 /// The first `n` workers node-major: whole nodes first, the last one cut
 /// (`n` and every node's count are multiples of `tp`, unless groups may
 /// cross nodes).

@@ -358,6 +358,8 @@ impl WorkerPool {
             .env_remove("SAMTRAIN_ETCD")
             .env_remove("SAMTRAIN_TOKEN_FILE")
             .env("SAMTRAIN_TOKEN", &self.token)
+            // One rank per worker process: the pool is the supervisor.
+            .env("SAMTRAIN_SLOTS", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

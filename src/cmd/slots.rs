@@ -1,13 +1,17 @@
 //! A node's worker with several slots (`samtrain worker --slots N`): one
-//! rank process per slot, each a `samtrain worker` of its own pinned to its
-//! GPU, supervised here as torchrun supervises `--nproc-per-node` ranks.
+//! rank process per slot, each a `samtrain worker` of its own on its GPU
+//! (`LOCAL_RANK`, as torchrun sets it: every GPU stays visible, so NCCL
+//! reaches the others over NVLink), supervised here as torchrun supervises
+//! `--nproc-per-node` ranks.
 //!
 //! Every slot registers as a worker of this node (`--node`), so the
 //! rendezvous places tensor-parallel groups across the node's slots and
 //! `min_workers` / `max_workers` count ranks. A rank process that dies ends
 //! its generation (its subscription and lease end with it); this
-//! supervisor starts it again, and the fresh process joins the next
-//! generation, which resumes from the newest checkpoint. A node that dies
+//! supervisor starts it again (after 1 s, doubling to 30 s while it keeps
+//! dying), and the fresh process joins the next generation, which resumes
+//! from the newest checkpoint. A rank process that exits cleanly (no job
+//! needs it, with `--exit-when-idle`) is not started again. A node that dies
 //! takes every slot with it, and so does this supervisor: its rank
 //! processes get SIGTERM when it ends, however it ends. A slot that keeps dying (more than
 //! `MAX_RESTARTS` times in `RESTART_WINDOW`) stops the supervisor with an
@@ -24,6 +28,9 @@ const MAX_RESTARTS: usize = 10;
 const RESTART_WINDOW: Duration = Duration::from_secs(300);
 /// How long stopping waits for the rank processes before killing them.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// The wait before starting a dead slot again, doubling up to the most.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The flags each rank process gets from its slot instead of from the
 /// command line (they are given to it through the environment).
@@ -43,27 +50,58 @@ pub struct SlotPlan {
     pub node: String,
     /// 0: each slot binds an ephemeral port; else slot `s` uses `port + s`.
     pub collective_port: u16,
-    /// Slot `s` serves its probes and metrics on this port + `s`.
+    /// Slot `s` serves its probes and metrics on this port + `s` (port 0:
+    /// each an ephemeral one).
     pub health_listen: Option<std::net::SocketAddr>,
-    /// The GPUs to pin the slots to, one each, in order (empty on the CPU).
-    pub gpus: Vec<String>,
+    /// Whether rank processes leave once no job needs them (and are then
+    /// not started again).
+    pub exit_when_idle: bool,
+}
+
+impl SlotPlan {
+    /// Slot `index`'s port from `base`: `base + index`, or 0 for 0.
+    fn port(base: u16, index: u32) -> Result<u16> {
+        if base == 0 {
+            return Ok(0);
+        }
+        u16::try_from(index)
+            .ok()
+            .and_then(|i| base.checked_add(i))
+            .with_context(|| format!("port {base} + slot {index} is past 65535"))
+    }
+
+    /// Checks every slot's ports before any process starts.
+    fn check(&self) -> Result<()> {
+        let last = self.slots.saturating_sub(1);
+        SlotPlan::port(self.collective_port, last).context("--collective-port")?;
+        if let Some(health) = self.health_listen {
+            SlotPlan::port(health.port(), last).context("--health-listen")?;
+        }
+        Ok(())
+    }
 }
 
 struct Slot {
     index: u32,
     child: Option<Child>,
     deaths: VecDeque<Instant>,
+    /// When a dead slot starts again.
+    restart_at: Option<Instant>,
+    backoff: Duration,
 }
 
 /// Runs the node's rank processes until they all leave (they exit 0 once
 /// idle with `--exit-when-idle`) or a stop signal comes.
 pub fn supervise(plan: &SlotPlan) -> Result<()> {
+    plan.check()?;
     let args = rank_args(std::env::args().skip(1));
     let mut slots: Vec<Slot> = (0..plan.slots)
         .map(|index| Slot {
             index,
             child: None,
             deaths: VecDeque::new(),
+            restart_at: None,
+            backoff: FIRST_BACKOFF,
         })
         .collect();
     for slot in &mut slots {
@@ -78,19 +116,38 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
         }
         let mut running = 0;
         let mut given_up = None;
+        let now = Instant::now();
         for slot in &mut slots {
+            if slot.restart_at.is_some_and(|t| now >= t) {
+                slot.restart_at = None;
+                slot.child = Some(start(plan, slot.index, &args)?);
+            }
+            if slot.restart_at.is_some() {
+                running += 1;
+                continue;
+            }
             let Some(child) = slot.child.as_mut() else {
                 continue;
             };
             match child.try_wait().context("watching a rank process")? {
-                None => running += 1,
-                Some(status) if status.success() => {
+                None => {
+                    running += 1;
+                    // Alive for a while: the next death waits briefly again.
+                    if slot
+                        .deaths
+                        .back()
+                        .is_some_and(|t| now.duration_since(*t) > MAX_BACKOFF)
+                    {
+                        slot.backoff = FIRST_BACKOFF;
+                    }
+                }
+                Some(status) if status.success() && plan.exit_when_idle => {
                     tracing::info!(slot = slot.index, "rank process left (no job needs it)");
                     slot.child = None;
                 }
                 Some(status) => {
-                    tracing::warn!(slot = slot.index, pid = child.id(), %status, "rank process died; starting it again");
-                    let now = Instant::now();
+                    tracing::warn!(slot = slot.index, pid = child.id(), %status, backoff = ?slot.backoff, "rank process died; starting it again");
+                    slot.child = None;
                     slot.deaths.push_back(now);
                     while slot
                         .deaths
@@ -100,11 +157,11 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
                         slot.deaths.pop_front();
                     }
                     if slot.deaths.len() > MAX_RESTARTS {
-                        slot.child = None;
                         given_up = Some(slot.index);
                         break;
                     }
-                    slot.child = Some(start(plan, slot.index, &args)?);
+                    slot.restart_at = Some(now + slot.backoff);
+                    slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
                     running += 1;
                 }
             }
@@ -134,23 +191,19 @@ fn start(plan: &SlotPlan, index: u32, args: &[String]) -> Result<Child> {
         .env("SAMTRAIN_NODE", &plan.node)
         .env(
             "SAMTRAIN_COLLECTIVE_PORT",
-            match plan.collective_port {
-                0 => 0,
-                base => base + index as u16,
-            }
-            .to_string(),
-        );
+            SlotPlan::port(plan.collective_port, index)?.to_string(),
+        )
+        // Its GPU, as torchrun tells a rank (every GPU stays visible).
+        .env("LOCAL_RANK", index.to_string());
     match plan.health_listen {
         Some(addr) => {
-            let addr = std::net::SocketAddr::new(addr.ip(), addr.port() + index as u16);
+            let port = SlotPlan::port(addr.port(), index)?;
+            let addr = std::net::SocketAddr::new(addr.ip(), port);
             command.env("SAMTRAIN_HEALTH_LISTEN", addr.to_string());
         }
         None => {
             command.env_remove("SAMTRAIN_HEALTH_LISTEN");
         }
-    }
-    if let Some(gpu) = plan.gpus.get(index as usize) {
-        command.env("CUDA_VISIBLE_DEVICES", gpu);
     }
     // A rank process never outlives its node's supervisor, however that
     // ends (even SIGKILL): the kernel sends it SIGTERM, and it leaves.
@@ -165,7 +218,7 @@ fn start(plan: &SlotPlan, index: u32, args: &[String]) -> Result<Child> {
             }
             // The supervisor died before the request took hold.
             if libc::getppid() != supervisor {
-                return Err(std::io::Error::other("the supervisor is gone"));
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
@@ -196,19 +249,6 @@ fn rank_args(args: impl Iterator<Item = String>) -> Vec<String> {
         kept.push(arg);
     }
     kept
-}
-
-/// The GPUs slots are pinned to: those `CUDA_VISIBLE_DEVICES` lists, else
-/// `0..count`.
-pub fn visible_gpus(count: usize) -> Vec<String> {
-    match std::env::var("CUDA_VISIBLE_DEVICES") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .map(|d| d.trim().to_owned())
-            .take(count)
-            .collect(),
-        _ => (0..count).map(|i| i.to_string()).collect(),
-    }
 }
 
 /// Tells every rank process to stop (SIGTERM), then kills those still

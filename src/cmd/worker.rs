@@ -99,11 +99,6 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     let slots = slot_count(&args.slots, device)?;
     if slots > 1 {
-        let gpus = if device == DeviceKind::Cpu {
-            Vec::new()
-        } else {
-            super::slots::visible_gpus(tch::Cuda::device_count().max(0) as usize)
-        };
         return super::slots::supervise(&super::slots::SlotPlan {
             slots,
             name: match args.name.clone() {
@@ -113,7 +108,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             node: args.node.clone().unwrap_or_else(|| host.clone()),
             collective_port: args.collective_port,
             health_listen: args.health_listen,
-            gpus,
+            exit_when_idle: args.exit_when_idle,
         });
     }
     // Bound once, before registering, so the advertised port is the real one
@@ -147,6 +142,13 @@ fn slot_count(slots: &str, device: DeviceKind) -> Result<u32> {
     };
     if !(1..=MAX_SLOTS).contains(&n) {
         anyhow::bail!("--slots must be from 1 to {MAX_SLOTS}, got {n}");
+    }
+    // On a GPU, one rank per GPU: NCCL cannot put two ranks on one.
+    let gpus = tch::Cuda::device_count().max(0) as u32;
+    if n > 1 && device != DeviceKind::Cpu && gpus > 0 && n > gpus {
+        anyhow::bail!(
+            "--slots {n} but this machine has {gpus} GPUs: one rank per GPU (or --device cpu)"
+        );
     }
     Ok(n)
 }

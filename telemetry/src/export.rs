@@ -5,7 +5,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,9 +64,11 @@ impl Endpoint {
         } else {
             format!("{authority}:80")
         };
+        // As OpenTelemetry's OTLP endpoint variables: a base to which
+        // `/v1/traces` is added, unless it names that path itself.
         let path = match path.trim_end_matches('/') {
-            "" => "/v1/traces".to_owned(),
-            p => p.to_owned(),
+            p if p.ends_with("/v1/traces") => p.to_owned(),
+            p => format!("{p}/v1/traces"),
         };
         Ok(Endpoint { authority, path })
     }
@@ -73,7 +77,9 @@ impl Endpoint {
 /// Sends the spans an [`crate::OtlpLayer`] records; dropping it sends the
 /// rest and stops the thread.
 pub struct Exporter {
-    spans: Option<SyncSender<Value>>,
+    spans: SyncSender<Value>,
+    /// Set when dropped: the thread sends what is queued and ends.
+    finish: Arc<AtomicBool>,
     flushed: Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
@@ -84,10 +90,12 @@ impl Exporter {
         let (spans, queue) = mpsc::sync_channel(QUEUE);
         let (done, flushed) = mpsc::channel();
         let resource = resource(service);
+        let finish = Arc::new(AtomicBool::new(false));
+        let finishing = finish.clone();
         let thread = std::thread::Builder::new()
             .name("otlp-export".into())
             .spawn(move || {
-                post_batches(&target, &resource, &queue);
+                post_batches(&target, &resource, &queue, &finishing);
                 let _ = done.send(());
             })
             .map_err(|e| TelemetryError::Endpoint {
@@ -95,25 +103,25 @@ impl Exporter {
                 message: format!("cannot start the export thread: {e}"),
             })?;
         Ok(Exporter {
-            spans: Some(spans),
+            spans,
+            finish,
             flushed,
             thread: Some(thread),
         })
     }
 
     pub(crate) fn sender(&self) -> SyncSender<Value> {
-        self.spans.clone().expect("the exporter is running")
+        self.spans.clone()
     }
 }
 
 impl Drop for Exporter {
     fn drop(&mut self) {
         // The layer holds a sender too (for the process's life), so the
-        // thread is told to finish by a marker rather than a closed channel.
-        if let Some(spans) = self.spans.take() {
-            let _ = spans.try_send(Value::Null);
-        }
-        if self.flushed.recv_timeout(FINAL_WAIT).is_ok() {
+        // thread is told to finish by a flag rather than a closed channel;
+        // it sees the flag within a period and sends what is queued.
+        self.finish.store(true, Ordering::SeqCst);
+        if self.flushed.recv_timeout(FINAL_WAIT + PERIOD).is_ok() {
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
@@ -133,19 +141,28 @@ fn resource(service: &str) -> Value {
     ]})
 }
 
-/// Posts batches until the end marker (or every sender is gone).
-fn post_batches(target: &Endpoint, resource: &Value, queue: &Receiver<Value>) {
+/// Posts batches until `finish` is set (then what is queued) or every
+/// sender is gone.
+fn post_batches(target: &Endpoint, resource: &Value, queue: &Receiver<Value>, finish: &AtomicBool) {
     let mut batch = Vec::new();
     let mut since = Instant::now();
     let mut failing = false;
     loop {
-        let (finished, due) = match queue.recv_timeout(PERIOD) {
-            Ok(Value::Null) | Err(RecvTimeoutError::Disconnected) => (true, true),
-            Ok(span) => {
-                batch.push(span);
-                (false, batch.len() >= MAX_BATCH || since.elapsed() >= PERIOD)
+        let finished = finish.load(Ordering::SeqCst);
+        let (finished, due) = if finished {
+            // Everything queued, then the last request(s).
+            batch.extend(queue.try_iter().take(MAX_BATCH.saturating_sub(batch.len())));
+            let more = batch.len() >= MAX_BATCH;
+            (!more, true)
+        } else {
+            match queue.recv_timeout(PERIOD) {
+                Err(RecvTimeoutError::Disconnected) => (true, true),
+                Ok(span) => {
+                    batch.push(span);
+                    (false, batch.len() >= MAX_BATCH || since.elapsed() >= PERIOD)
+                }
+                Err(RecvTimeoutError::Timeout) => (false, true),
             }
-            Err(RecvTimeoutError::Timeout) => (false, true),
         };
         if due && !batch.is_empty() {
             let body = json!({"resourceSpans": [{
@@ -220,6 +237,10 @@ mod tests {
         assert_eq!(
             parsed("http://10.0.0.1:4318/otlp/v1/traces").unwrap(),
             ("10.0.0.1:4318".into(), "/otlp/v1/traces".into())
+        );
+        assert_eq!(
+            parsed("http://gateway:4318/otlp/").unwrap(),
+            ("gateway:4318".into(), "/otlp/v1/traces".into())
         );
         for bad in [
             "https://c:4318",

@@ -142,7 +142,12 @@ impl Visit for Fields {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.push(field, json!({"doubleValue": value}));
+        // JSON has no NaN or infinity: those go as text.
+        if value.is_finite() {
+            self.push(field, json!({"doubleValue": value}));
+        } else {
+            self.push(field, json!({"stringValue": value.to_string()}));
+        }
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {

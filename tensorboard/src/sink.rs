@@ -129,7 +129,12 @@ impl Sink {
                 let shown = format!("{}/{file_name}", location.trim_end_matches('/'));
                 let mut object = ObjectFile::new(runtime, Arc::from(store), key, OBJECT_LIMIT);
                 object.append(&header);
-                object.put().map_err(|e| fail(e.to_string()))?;
+                // A store that does not answer now may later: retriable,
+                // unlike a malformed location.
+                object.put().map_err(|source| TensorBoardError::Store {
+                    location: location.to_owned(),
+                    source,
+                })?;
                 (Dest::Object(object), shown, OBJECT_PERIOD)
             }
         };

@@ -326,7 +326,16 @@ impl Trainer {
         }
         self.step += 1;
         let step = self.step;
-        let span = tracing::info_span!("step", step);
+        let log_every = self.spec.training.log_every;
+        let reporting = step % log_every == 0 || step == self.spec.training.steps;
+        // Steps that report are info spans (what a trace shows, one per
+        // `log_every`: a long run's every step would swamp it); the others
+        // debug spans, for logs at debug.
+        let span = if reporting {
+            tracing::info_span!("step", step)
+        } else {
+            tracing::debug_span!("step", step)
+        };
         let _entered = span.enter();
         let started = Instant::now();
         let (micro, epoch) = self.next_micro_batches()?;
@@ -356,7 +365,6 @@ impl Trainer {
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         let comm_s = stats.comm.as_secs_f64();
         self.timing.add(seconds - comm_s, comm_s, data_s);
-        let reporting = step % t.log_every == 0 || step == t.steps;
         let (compute_s, comm_s, data_s) = if reporting {
             self.timing.take()
         } else {

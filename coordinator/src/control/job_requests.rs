@@ -134,6 +134,19 @@ impl Control {
         ))
     }
 
+    /// The newest `n` jobs, newest first, under one look at the view (the
+    /// dashboard's list, polled every second).
+    pub(crate) async fn newest_jobs(&self, n: usize) -> Result<Vec<v1::Job>, Status> {
+        let view = self.lead().await?;
+        let mut jobs: Vec<&JobRecord> = view.jobs.values().collect();
+        jobs.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
+        Ok(jobs
+            .into_iter()
+            .take(n)
+            .map(|j| view.job_proto(j))
+            .collect())
+    }
+
     /// Cancels a job that has not ended; the job as cancelled.
     pub(crate) async fn cancel(&self, job_id: &str) -> Result<JobRecord, Status> {
         let mut at = self.lead_job(job_id).await?;

@@ -211,7 +211,7 @@ impl Control {
             );
             // An older job keeps from younger ones the workers it would
             // take, or while too few wait, the first `max_workers`; a job
-            // whose workers cannot be placed keeps none.
+            // whose workers cannot all be placed keeps those that can.
             let kept: Vec<Candidate> = match &decision {
                 Decision::Form(chosen) => chosen.clone(),
                 Decision::LastCall(_) => rendezvous::placed(&job.policy, &pool),
@@ -220,7 +220,7 @@ impl Control {
                     .take(job.policy.max_workers as usize)
                     .cloned()
                     .collect(),
-                Decision::Wait(Some(_)) => Vec::new(),
+                Decision::Wait(Some(_)) => rendezvous::usable(&job.policy, &pool),
             };
             pool.retain(|c| !kept.iter().any(|k| k.worker_id == c.worker_id));
             match decision {

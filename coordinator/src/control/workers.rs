@@ -59,7 +59,7 @@ impl Control {
             || r.node.chars().any(|c| c.is_control() || c.is_whitespace())
         {
             return Err(Status::invalid_argument(format!(
-                "node name `{}` must be at most {MAX_NODE_LEN} characters, without spaces or control characters",
+                "node name `{}` must be at most {MAX_NODE_LEN} bytes, without spaces or control characters",
                 r.node.escape_debug()
             )));
         }

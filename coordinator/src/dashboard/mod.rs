@@ -8,8 +8,10 @@
 //! `/ui/api/` once a second. The JSON is `samtrain status --json`'s.
 //!
 //! Who gets in is who may call the `Jobs` API: a coordinator with operator
-//! tokens admits a request that carries one (`Authorization: Bearer`, or
-//! the cookie that `/ui?token=<token>` sets once); an open coordinator
+//! tokens admits a request that carries one (`Authorization: Bearer`), or
+//! the cookie that `/ui?token=<token>` sets once, which holds the token's
+//! SHA-256, not the token (a cookie leaks to every port of its host, and
+//! the digest opens the dashboard only, not the API); an open coordinator
 //! (no tokens, loopback only) admits requests to a loopback listener under
 //! a loopback host name, so a web page elsewhere cannot reach it through
 //! DNS rebinding. A cancel must carry the `x-samtrain-ui` header, which a
@@ -24,9 +26,9 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tonic::{Code, Status};
 
-use crate::auth::{Role, ServerAuth};
+use crate::auth::{token_digest, Role, ServerAuth};
 use crate::control::Control;
-use crate::health::{percent_decode, Handler, Request, Response};
+use crate::health::{Handler, Request, Response};
 use crate::json::job_json;
 pub(crate) use history::JobHistory;
 
@@ -133,7 +135,7 @@ impl Dashboard {
                 "set-cookie",
                 format!(
                     "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict",
-                    cookie_value(token)
+                    token_digest(token)
                 ),
             )
     }
@@ -141,8 +143,10 @@ impl Dashboard {
     fn admits(&self, r: &Request) -> bool {
         match &self.auth {
             Some(auth) => {
-                let cookie = r.cookie(COOKIE).map(percent_decode);
-                let by_cookie = cookie.is_some_and(|t| auth.holds(Role::Operator, &t));
+                let by_cookie = r
+                    .cookie(COOKIE)
+                    .and_then(digest_of_hex)
+                    .is_some_and(|d| auth.holds_digest(Role::Operator, &d));
                 by_cookie || r.bearers().any(|t| auth.holds(Role::Operator, t))
             }
             None => r.local.ip().is_loopback() && r.header("host").is_some_and(loopback_host),
@@ -164,22 +168,13 @@ impl Dashboard {
     }
 
     async fn jobs(&self) -> Response {
-        let mut all = Vec::new();
-        let mut token = String::new();
-        loop {
-            match self.control.jobs(0, &token).await {
-                Ok((page, next)) => {
-                    all.extend(page);
-                    if next.is_empty() {
-                        break;
-                    }
-                    token = next;
-                }
-                Err(status) => return failed(&status),
+        match self.control.newest_jobs(LIST_JOBS).await {
+            Ok(jobs) => {
+                let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
+                Response::json("200 OK", &json!({ "jobs": jobs }))
             }
+            Err(status) => failed(&status),
         }
-        let jobs: Vec<Value> = all.iter().rev().take(LIST_JOBS).map(job_json).collect();
-        Response::json("200 OK", &json!({ "jobs": jobs }))
     }
 
     async fn job(&self, id: &str) -> Response {
@@ -251,19 +246,16 @@ fn failed(status: &Status) -> Response {
     Response::json(http, &json!({ "error": status.message() }))
 }
 
-/// `token` made safe for a cookie's value: every byte but ASCII letters
-/// and digits as `%XX` (a token file may hold `;` or spaces).
-fn cookie_value(token: &str) -> String {
-    token
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+/// The 32 bytes a cookie's 64 hex digits stand for.
+fn digest_of_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -292,12 +284,12 @@ mod tests {
     }
 
     #[test]
-    fn a_cookie_carries_any_token_and_gives_it_back() {
-        let token = "a b;c=d%e-0123456789";
-        let value = cookie_value(token);
-        assert!(value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'%'));
-        assert_eq!(percent_decode(&value), token);
+    fn the_cookie_is_the_tokens_digest_in_hex() {
+        let cookie = token_digest("a b;c=d%e-0123456789");
+        assert!(cookie.bytes().all(|b| b.is_ascii_hexdigit()), "{cookie}");
+        let digest = digest_of_hex(&cookie).unwrap();
+        assert_eq!(crate::auth::hex(&digest), cookie);
+        assert_eq!(digest_of_hex("zz"), None);
+        assert_eq!(digest_of_hex(&"é".repeat(32)), None);
     }
 }

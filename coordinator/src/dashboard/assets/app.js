@@ -6,6 +6,9 @@
 const POLL_MS = 1000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 let timer = null;
+// Each refresh's number: an answer to an older one (the page moved on
+// meanwhile) is dropped, and only the newest schedules the next poll.
+let latest = 0;
 
 // An element with attributes and children (strings become text nodes).
 function h(tag, attrs, ...children) {
@@ -63,8 +66,9 @@ function show(...nodes) {
 
 // ---------------------------------------------------------------- jobs ---
 
-async function listView() {
+async function listView(seq) {
   const { jobs } = await api("jobs");
+  if (seq !== latest) return;
   const rows = jobs.map((j) =>
     h("tr", { class: "link", "data-job": j.id, onclick: () => { location.hash = "#/job/" + j.id; } },
       h("td", {}, h("a", { href: "#/job/" + j.id }, j.id)),
@@ -183,8 +187,9 @@ async function cancel(id) {
   refresh();
 }
 
-async function jobView(id) {
+async function jobView(id, seq) {
   const { job, loss, events } = await api("jobs/" + encodeURIComponent(id));
+  if (seq !== latest) return;
   document.title = "samtrain: " + job.name + " (" + job.state + ")";
   const pct = job.total_steps ? (100 * job.step) / job.total_steps : 0;
   const facts = [
@@ -229,15 +234,17 @@ async function jobView(id) {
 
 async function refresh() {
   clearTimeout(timer);
+  const seq = ++latest;
   const m = location.hash.match(/^#\/job\/([A-Za-z0-9_-]+)$/);
   try {
-    if (m) await jobView(m[1]); else await listView();
-    setStatus("updated " + new Date().toLocaleTimeString(), false);
+    if (m) await jobView(m[1], seq); else await listView(seq);
+    if (seq === latest) setStatus("updated " + new Date().toLocaleTimeString(), false);
   } catch (err) {
+    if (seq !== latest) return;
     setStatus(err.message, true);
     if (document.querySelector("#main > .muted")) show(h("p", { class: "error" }, err.message));
   }
-  timer = setTimeout(refresh, POLL_MS);
+  if (seq === latest) timer = setTimeout(refresh, POLL_MS);
 }
 
 window.addEventListener("hashchange", refresh);
