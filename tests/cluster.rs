@@ -775,16 +775,35 @@ fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
         &[("SAMTRAIN_SLOTS", "2"), ("SAMTRAIN_NODE", "node-a"), slowed],
     );
     node_a.wait_logged("subscribed to the leader", Duration::from_secs(300));
+    let health = free_port();
     let node_b = c.worker_with(
         "node-b",
         &addr,
-        &[("SAMTRAIN_SLOTS", "2"), ("SAMTRAIN_NODE", "node-b"), slowed],
+        &[
+            ("SAMTRAIN_SLOTS", "2"),
+            ("SAMTRAIN_NODE", "node-b"),
+            ("SAMTRAIN_HEALTH_LISTEN", &format!("127.0.0.1:{health}")),
+            slowed,
+        ],
     );
     let s = wait_status(&addr, &job, Duration::from_secs(300), "a checkpoint", |s| {
         s["latest_checkpoint"]["step"].as_u64() >= Some(10) || finished(s)
     });
     assert_eq!(placement(&s), NODE_MAJOR, "{s}");
     assert_eq!(s["generation"].as_u64(), Some(0), "{s}");
+    // The supervisor answers the probes (ready: both slots run); each
+    // slot serves its own next to it.
+    for (port, path) in [
+        (health, "/healthz"),
+        (health, "/readyz"),
+        (health + 2, "/readyz"),
+    ] {
+        let reply = http_get(port, path, None);
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "{path} on {port}: {reply}"
+        );
+    }
     let log = node_b.log();
     let pid = logged(&log, "rank process started", "pid")
         .unwrap_or_else(|| panic!("no rank process in the log of node-b:\n{log}"));

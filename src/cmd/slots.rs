@@ -19,9 +19,11 @@
 
 use std::collections::VecDeque;
 use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use samtrain_coordinator::health;
 
 /// Restarts of one slot within `RESTART_WINDOW` before giving up.
 const MAX_RESTARTS: usize = 10;
@@ -50,8 +52,9 @@ pub struct SlotPlan {
     pub node: String,
     /// 0: each slot binds an ephemeral port; else slot `s` uses `port + s`.
     pub collective_port: u16,
-    /// Slot `s` serves its probes and metrics on this port + `s` (port 0:
-    /// each an ephemeral one).
+    /// The supervisor's probes (`/healthz` while it runs, `/readyz` while
+    /// every slot's process runs); slot `s` serves its own probes and
+    /// metrics on this port + 1 + `s` (port 0: each an ephemeral one).
     pub health_listen: Option<std::net::SocketAddr>,
     /// Whether rank processes leave once no job needs them (and are then
     /// not started again).
@@ -75,7 +78,7 @@ impl SlotPlan {
         let last = self.slots.saturating_sub(1);
         SlotPlan::port(self.collective_port, last).context("--collective-port")?;
         if let Some(health) = self.health_listen {
-            SlotPlan::port(health.port(), last).context("--health-listen")?;
+            SlotPlan::port(health.port(), last + 1).context("--health-listen")?;
         }
         Ok(())
     }
@@ -108,6 +111,12 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
         slot.child = Some(start(plan, slot.index, &args)?);
     }
     let stop = stop_flag()?;
+    // Which slots have a live rank process, for `/readyz`.
+    let live = Arc::new(Mutex::new(vec![true; plan.slots as usize]));
+    let _health = match plan.health_listen {
+        Some(listen) => Some(serve_health(listen, live.clone())?),
+        None => None,
+    };
     loop {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             tracing::info!("stopping the rank processes");
@@ -166,6 +175,12 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
                 }
             }
         }
+        {
+            let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+            for slot in &slots {
+                live[slot.index as usize] = slot.child.is_some();
+            }
+        }
         if let Some(index) = given_up {
             stop_all(&mut slots);
             bail!(
@@ -197,7 +212,7 @@ fn start(plan: &SlotPlan, index: u32, args: &[String]) -> Result<Child> {
         .env("LOCAL_RANK", index.to_string());
     match plan.health_listen {
         Some(addr) => {
-            let port = SlotPlan::port(addr.port(), index)?;
+            let port = SlotPlan::port(addr.port(), index + 1)?;
             let addr = std::net::SocketAddr::new(addr.ip(), port);
             command.env("SAMTRAIN_HEALTH_LISTEN", addr.to_string());
         }
@@ -280,6 +295,33 @@ fn stop_all(slots: &mut [Slot]) {
         let _ = child.wait();
         slot.child = None;
     }
+}
+
+/// The supervisor's probes on `listen`, served by a runtime of their own
+/// (kept while the returned guard lives): alive while it runs, ready while
+/// every slot has a rank process.
+fn serve_health(
+    listen: std::net::SocketAddr,
+    live: Arc<Mutex<Vec<bool>>>,
+) -> Result<(health::HealthServer, tokio::runtime::Runtime)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the health server's runtime")?;
+    let ready: health::Readiness = Arc::new(move || {
+        let live = live.lock().unwrap_or_else(|e| e.into_inner());
+        match live.iter().position(|up| !up) {
+            Some(slot) => Err(format!("the rank process of slot {slot} is not running")),
+            None => Ok(()),
+        }
+    });
+    let server = runtime
+        .block_on(health::serve(listen, ready, health::Routes::default()))
+        .with_context(|| format!("cannot serve health probes on {listen}"))?;
+    tracing::info!(addr = %server.addr(), "supervisor's health probes served");
+    // The server before its runtime, when dropped.
+    Ok((server, runtime))
 }
 
 /// Set when SIGTERM or SIGINT arrives.
