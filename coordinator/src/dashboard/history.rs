@@ -25,9 +25,14 @@ const MAX_JOBS: usize = 256;
 /// The loss curves and recent events of the jobs, by job id.
 #[derive(Default)]
 pub(crate) struct JobHistory {
-    jobs: Mutex<HashMap<String, Track>>,
+    tracks: Mutex<Tracks>,
+}
+
+#[derive(Default)]
+struct Tracks {
+    jobs: HashMap<String, Track>,
     /// Counts records, to find the job heard from longest ago.
-    clock: Mutex<u64>,
+    clock: u64,
 }
 
 #[derive(Default)]
@@ -77,12 +82,10 @@ impl JobHistory {
     /// Takes one event of the stream: progress adds to the loss curve,
     /// anything else to the events.
     pub(crate) fn record(&self, e: &v1::JobEvent) {
-        let heard = {
-            let mut clock = self.clock.lock().expect("history clock");
-            *clock += 1;
-            *clock
-        };
-        let mut jobs = self.jobs.lock().expect("history lock");
+        let mut tracks = self.tracks.lock().expect("history lock");
+        tracks.clock += 1;
+        let heard = tracks.clock;
+        let jobs = &mut tracks.jobs;
         if !jobs.contains_key(&e.job_id) && jobs.len() >= MAX_JOBS {
             if let Some(oldest) = jobs
                 .iter()
@@ -107,16 +110,20 @@ impl JobHistory {
 
     /// The job's loss curve, `(step, loss)` by step.
     pub(crate) fn loss(&self, job_id: &str) -> Vec<(u64, f64)> {
-        let jobs = self.jobs.lock().expect("history lock");
-        jobs.get(job_id)
+        let tracks = self.tracks.lock().expect("history lock");
+        tracks
+            .jobs
+            .get(job_id)
             .map(|t| t.points.clone())
             .unwrap_or_default()
     }
 
     /// The job's newest events, oldest first.
     pub(crate) fn events(&self, job_id: &str) -> Vec<Value> {
-        let jobs = self.jobs.lock().expect("history lock");
-        jobs.get(job_id)
+        let tracks = self.tracks.lock().expect("history lock");
+        tracks
+            .jobs
+            .get(job_id)
             .map(|t| t.events.iter().cloned().collect())
             .unwrap_or_default()
     }
