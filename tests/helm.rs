@@ -813,7 +813,7 @@ fn a_pod_with_eight_gpus_is_a_node_of_eight_slots() {
     let yaml = render(
         &[],
         &[
-            "workers.gpus=8",
+            "workers.gpusPerPod=8",
             "workers.ncclEnv.NCCL_SOCKET_IFNAME=eth0",
             "workers.hostNetwork=true",
         ],
@@ -1063,7 +1063,7 @@ fn bad_values_are_refused_with_the_field_named() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
-        "workers:\n  device: tpu\n  gpus: -1\ncoordinator:\n  replicas: 2\n  leaseTtl: 5\n",
+        "workers:\n  device: tpu\n  gpusPerPod: -1\ncoordinator:\n  replicas: 2\n  leaseTtl: 5\n",
     )
     .unwrap();
     let err = render(&[bad.to_str().unwrap()], &[]).expect_err("bad values rendered");
@@ -1075,7 +1075,7 @@ fn bad_values_are_refused_with_the_field_named() {
         err.contains("at '/workers/device': value must be one of 'auto', 'cuda', 'cpu'"),
         "{err}"
     );
-    assert!(err.contains("at '/workers/gpus'"), "{err}");
+    assert!(err.contains("at '/workers/gpusPerPod'"), "{err}");
     assert!(
         err.contains("at '/coordinator': additional properties 'leaseTtl' not allowed"),
         "{err}"
@@ -1118,12 +1118,16 @@ fn bad_values_are_refused_with_the_field_named() {
         ),
         (&["etcd.mode=external"], "etcd.external.endpoints is empty"),
         (
-            &["workers.device=cuda", "workers.gpus=0"],
-            "workers.gpus is 0",
+            &["workers.device=cuda", "workers.gpusPerPod=0"],
+            "workers.gpusPerPod is 0",
         ),
         (
             &["workers.device=cpu"],
-            "workers.device is \"cpu\" but workers.gpus is 1",
+            "workers.device is \"cpu\" but workers.gpusPerPod is 1",
+        ),
+        (
+            &["workers.gpus=8"],
+            "workers.gpus was renamed workers.gpusPerPod",
         ),
         (
             &[

@@ -349,11 +349,14 @@ checks each value on its own.
 {{- if and .Values.objectStore.existingSecret .Values.objectStore.credentials }}
 {{- fail "objectStore.existingSecret and objectStore.credentials are both set: give the credentials one way only" }}
 {{- end }}
-{{- if and (eq .Values.workers.device "cuda") (eq (int .Values.workers.gpus) 0) }}
-{{- fail "workers.device is \"cuda\" but workers.gpus is 0: request at least one nvidia.com/gpu per worker, or use device \"auto\" or \"cpu\"" }}
+{{- if hasKey .Values.workers "gpus" }}
+{{- fail "workers.gpus was renamed workers.gpusPerPod (nvidia.com/gpu per worker pod)" }}
 {{- end }}
-{{- if and (eq .Values.workers.device "cpu") (gt (int .Values.workers.gpus) 0) }}
-{{- fail (printf "workers.device is \"cpu\" but workers.gpus is %d: the GPUs would sit idle; set workers.gpus to 0, or device to \"auto\" or \"cuda\"" (int .Values.workers.gpus)) }}
+{{- if and (eq .Values.workers.device "cuda") (eq (int .Values.workers.gpusPerPod) 0) }}
+{{- fail "workers.device is \"cuda\" but workers.gpusPerPod is 0: request at least one nvidia.com/gpu per worker, or use device \"auto\" or \"cpu\"" }}
+{{- end }}
+{{- if and (eq .Values.workers.device "cpu") (gt (int .Values.workers.gpusPerPod) 0) }}
+{{- fail (printf "workers.device is \"cpu\" but workers.gpusPerPod is %d: the GPUs would sit idle; set workers.gpusPerPod to 0, or device to \"auto\" or \"cuda\"" (int .Values.workers.gpusPerPod)) }}
 {{- end }}
 {{- end }}
 
