@@ -760,10 +760,56 @@ fn tensor_parallel_groups_are_placed_inside_nodes() {
     assert_eq!(s["restarts"].as_u64(), Some(0), "{s}");
 }
 
+/// A client of the cluster's etcd, and the runtime that drives it.
+fn etcd_client(
+    etcd: &Etcd,
+) -> (
+    tokio::runtime::Runtime,
+    samtrain_coordinator::store::SharedStore,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let endpoints = std::slice::from_ref(&etcd.endpoint);
+    let store = runtime
+        .block_on(samtrain_coordinator::store::open(
+            endpoints,
+            &Default::default(),
+        ))
+        .unwrap();
+    (runtime, store)
+}
+
+/// The live worker records in the cluster's etcd and the lease of each.
+fn worker_records(etcd: &Etcd) -> Vec<(samtrain_coordinator::WorkerRecord, i64)> {
+    let (runtime, store) = etcd_client(etcd);
+    runtime
+        .block_on(store.range("/samtrain/workers/"))
+        .unwrap()
+        .into_iter()
+        .map(|kv| {
+            (
+                serde_json::from_slice(&kv.value).unwrap(),
+                kv.lease.unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Ends an etcd lease, as its expiry would.
+fn revoke(etcd: &Etcd, lease: i64) {
+    let (runtime, store) = etcd_client(etcd);
+    runtime.block_on(store.revoke(lease)).unwrap();
+}
+
 /// Two nodes of two slots each (`samtrain worker --slots 2`) and a tp = 2,
-/// dp = 2 job: each node's rank processes hold one tensor-parallel group.
-/// One rank process killed ends the generation; its node starts it again
-/// and the job resumes from its checkpoint on the same placement.
+/// dp = 2 job: each node's rank processes hold one tensor-parallel group,
+/// and their records live under their node's one lease. One rank process
+/// killed ends the generation; its node starts it again and the job
+/// resumes from its checkpoint on the same placement. A node's lease lost
+/// ends the next one; the node registers again, starts its rank processes
+/// under the new lease, and the job resumes again.
 #[test]
 fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
     let _one = serial();
@@ -791,6 +837,26 @@ fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
     });
     assert_eq!(placement(&s), NODE_MAJOR, "{s}");
     assert_eq!(s["generation"].as_u64(), Some(0), "{s}");
+    // One lease per node: its agent's record and its two ranks' share it.
+    let records = worker_records(&c.etcd);
+    let agents: Vec<_> = records.iter().filter(|(r, _)| r.slots == 2).collect();
+    assert_eq!(agents.len(), 2, "{records:?}");
+    for (agent, lease) in &agents {
+        let ranks: Vec<_> = records
+            .iter()
+            .filter(|(r, _)| r.node_agent == agent.worker_id)
+            .collect();
+        assert_eq!(ranks.len(), 2, "{records:?}");
+        assert!(ranks
+            .iter()
+            .all(|(r, l)| l == lease && r.node == agent.node));
+    }
+    assert_ne!(agents[0].1, agents[1].1);
+    let node_a_lease = agents
+        .iter()
+        .find(|(r, _)| r.node == "node-a")
+        .map(|(_, lease)| *lease)
+        .unwrap();
     // The supervisor answers the probes (ready: both slots run); each
     // slot serves its own next to it.
     for (port, path) in [
@@ -804,6 +870,17 @@ fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
             "{path} on {port}: {reply}"
         );
     }
+    // One scrape of the node shows each slot's training, labelled.
+    let metrics = http_get(health, "/metrics", None);
+    for slot in ["0", "1"] {
+        for series in [
+            format!("samtrain_slot_up{{slot=\"{slot}\"}} 1"),
+            format!("samtrain_train_step{{slot=\"{slot}\",job=\"{job}\""),
+        ] {
+            assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+        }
+    }
+    assert_eq!(metrics.matches("# TYPE samtrain_train_step ").count(), 1);
     let log = node_b.log();
     let pid = logged(&log, "rank process started", "pid")
         .unwrap_or_else(|| panic!("no rank process in the log of node-b:\n{log}"));
@@ -823,15 +900,51 @@ fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
         },
     );
     assert_eq!(placement(&s), NODE_MAJOR, "{s}");
+    assert!(
+        node_b.log().contains("dead rank process removed"),
+        "{}",
+        node_b.log()
+    );
+    // Node a's lease goes (as when its keep-alives stop): every one of its
+    // ranks leaves the generation with it.
+    revoke(&c.etcd, node_a_lease);
+    let s = wait_status(
+        &addr,
+        &job,
+        Duration::from_secs(300),
+        "the generation after the lost lease",
+        |s| {
+            (s["generation"].as_u64() >= Some(2) && s["world_size"].as_u64() == Some(4))
+                || finished(s)
+        },
+    );
+    assert_eq!(s["generation"].as_u64(), Some(2), "{s}");
+    // Node a registered again after node b, so it comes second now; each
+    // group is still inside one node.
+    let node_b_first: Vec<_> = NODE_MAJOR
+        .iter()
+        .map(|&(rank, node, local, dp, tp)| {
+            let other = if node == "node-a" { "node-b" } else { "node-a" };
+            (rank, other, local, dp, tp)
+        })
+        .collect();
+    assert_eq!(placement(&s), node_b_first, "{s}");
     let s = wait_status(&addr, &job, Duration::from_secs(300), "job end", finished);
     assert_succeeded(&s);
-    assert_eq!(s["restarts"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["restarts"].as_u64(), Some(2), "{s}");
     assert!(
         node_b
             .log()
             .contains("rank process died; starting it again"),
         "{}",
         node_b.log()
+    );
+    assert!(
+        node_a
+            .log()
+            .contains("the node registered again; starting its rank processes again"),
+        "{}",
+        node_a.log()
     );
     // Killed, resumed and spread over four processes, the job trained what
     // one process does on the same global batch (2 x 4 samples a step).

@@ -366,6 +366,16 @@ impl Credentials {
         }
     }
 
+    /// The same token and TLS with a worker secret of its own: calls as
+    /// another worker (a node's agent removing its dead rank).
+    pub(crate) fn for_another_worker(&self) -> Credentials {
+        Credentials {
+            token: self.token.clone(),
+            worker_secret: Arc::default(),
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Presents `secret` as this worker's on every later call.
     pub(crate) fn set_worker_secret(&self, secret: &str) {
         let value = AsciiMetadataValue::try_from(secret).ok();

@@ -28,6 +28,6 @@ pub mod store;
 mod tasks;
 pub mod tls;
 
-pub use control::History;
+pub use control::{History, MAX_SLOTS};
 pub use process::{run, CoordinatorError, CoordinatorOptions, RunningCoordinator};
 pub use records::WorkerRecord;

@@ -550,6 +550,71 @@ impl WorkerMetrics {
     }
 }
 
+/// One exposition of several processes' metrics (a node's rank
+/// processes): each part's samples get the label `label="<value>"`, each
+/// metric family is written once with the samples of every part together
+/// (the text format wants a family's samples in one run), and one `# EOF`
+/// ends it.
+pub fn merge_labelled(parts: &[(String, String)], label: &str) -> String {
+    // Families in order of first appearance: header lines, then samples.
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for (value, text) in parts {
+        let value = value.replace('\\', "\\\\").replace('"', "\\\"");
+        let mut current: Option<usize> = None;
+        for line in text.lines() {
+            if line.is_empty() || line == "# EOF" {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let mut words = rest.splitn(3, ' ');
+                let (_, Some(name)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let index = match families.iter().position(|(n, _, _)| n == name) {
+                    Some(index) => index,
+                    None => {
+                        families.push((name.to_owned(), Vec::new(), Vec::new()));
+                        families.len() - 1
+                    }
+                };
+                let headers = &mut families[index].1;
+                if !headers.iter().any(|h| h == line) {
+                    headers.push(line.to_owned());
+                }
+                current = Some(index);
+                continue;
+            }
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            let (name, rest) = line.split_at(end);
+            let labelled = match rest.strip_prefix('{') {
+                Some(labels) if labels.starts_with('}') => {
+                    format!("{name}{{{label}=\"{value}\"{labels}")
+                }
+                Some(labels) => format!("{name}{{{label}=\"{value}\",{labels}"),
+                None => format!("{name}{{{label}=\"{value}\"}}{rest}"),
+            };
+            let index = match current {
+                Some(index) => index,
+                None => {
+                    families.push((name.to_owned(), Vec::new(), Vec::new()));
+                    families.len() - 1
+                }
+            };
+            current = Some(index);
+            families[index].2.push(labelled);
+        }
+    }
+    let mut out = String::new();
+    for (_, headers, samples) in &families {
+        for line in headers.iter().chain(samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,6 +766,26 @@ mod tests {
         assert!(
             text.contains("samtrain_train_step{job=\"j2\",rank=\"3\"} 7"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn merged_expositions_label_each_part_and_keep_each_family_together() {
+        let slot = |loss: &str| {
+            format!(
+                "# HELP samtrain_loss Loss.\n# TYPE samtrain_loss gauge\nsamtrain_loss{{job=\"j\"}} {loss}\n# HELP samtrain_steps Steps.\n# TYPE samtrain_steps counter\nsamtrain_steps_total 3\n# EOF\n"
+            )
+        };
+        let merged = merge_labelled(
+            &[("0".into(), slot("1.5")), ("1".into(), slot("2.5"))],
+            "slot",
+        );
+        assert_eq!(
+            merged,
+            "# HELP samtrain_loss Loss.\n# TYPE samtrain_loss gauge\n\
+             samtrain_loss{slot=\"0\",job=\"j\"} 1.5\nsamtrain_loss{slot=\"1\",job=\"j\"} 2.5\n\
+             # HELP samtrain_steps Steps.\n# TYPE samtrain_steps counter\n\
+             samtrain_steps_total{slot=\"0\"} 3\nsamtrain_steps_total{slot=\"1\"} 3\n# EOF\n"
         );
     }
 }

@@ -29,6 +29,16 @@ pub struct WorkerRecord {
     /// record without one (written by an older samtrain) admits no call.
     #[serde(default)]
     pub secret_sha256: String,
+    /// A node's agent (`samtrain worker --slots N`): the rank processes it
+    /// runs, whose records live under this record's lease. Never trains
+    /// itself. 0 for a worker that trains.
+    #[serde(default)]
+    pub slots: u32,
+    /// A rank process of a node: the id of the node's agent, whose lease
+    /// its record lives under (the node's ranks go together when the node
+    /// does). Empty for a worker with a lease of its own.
+    #[serde(default)]
+    pub node_agent: String,
 }
 
 impl WorkerRecord {
@@ -36,6 +46,11 @@ impl WorkerRecord {
     /// (workers on one host are one machine).
     pub fn node(&self) -> &str {
         node_or_host(&self.node, &self.advertise)
+    }
+
+    /// Whether this is a node's agent rather than a worker that trains.
+    pub fn is_node_agent(&self) -> bool {
+        self.slots > 0
     }
 
     /// The stored form.
@@ -97,7 +112,7 @@ const ID_DIGEST_DIGITS: usize = 16;
 /// letters, digits and `-`), and the first 64 bits of the secret's SHA-256,
 /// so a worker that lost its lease, and with it its record, can still prove
 /// the id is its own when it registers again.
-pub(crate) fn new_worker_identity(name: &str) -> (String, String) {
+pub fn new_worker_identity(name: &str) -> (String, String) {
     let secret = auth::new_secret();
     (worker_id_for(name, &secret), secret)
 }

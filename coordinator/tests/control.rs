@@ -605,3 +605,99 @@ async fn permanent_failure_cancel_invalid_spec_and_idle_workers() {
     local.shutdown().await;
     w.shutdown().await;
 }
+
+/// A node's agent and its two rank processes, with the lease in etcd (the
+/// agents write their records) and held by the coordinator (Heartbeat
+/// calls): the three records share one lease; the coordinator admits no
+/// third rank and none without the agent's secret; a dead rank's record
+/// goes alone; the node's lease ending takes every rank with it.
+#[tokio::test]
+async fn a_nodes_ranks_share_its_one_lease_and_go_with_it() {
+    use samtrain_coordinator::agent::{Agent, AgentError, AgentOptions, NodeAgent, NodeLease};
+
+    let etcd = Etcd::start();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let node = Node::start(endpoints.clone(), "c1", Duration::from_secs(2));
+    let coords = vec![node.address()];
+    let store = store::open(&endpoints, &Default::default()).await.unwrap();
+    let records = || {
+        let store = store.clone();
+        async move { store.range("/samtrain-test/workers/").await.unwrap() }
+    };
+    for worker_etcd in [Vec::new(), endpoints.clone()] {
+        let held_by_coordinator = worker_etcd.is_empty();
+        let options = |name: &str, port: u16| AgentOptions {
+            coordinators: coords.clone(),
+            name: name.to_owned(),
+            advertise: format!("127.0.0.1:{port}"),
+            node: "node-a".to_owned(),
+            etcd: worker_etcd.clone(),
+            etcd_prefix: "/samtrain-test".to_owned(),
+            lease_ttl: Some(Duration::from_secs(2)),
+            ..AgentOptions::default()
+        };
+        let node_agent = NodeAgent::register(options("node-a", 0), 2).await.unwrap();
+        let mut ranks = Vec::new();
+        for slot in 0..2 {
+            let rank = Agent::register(AgentOptions {
+                node_membership: Some(node_agent.membership(slot)),
+                ..options(&format!("node-a-slot{slot}"), 6200 + slot as u16)
+            })
+            .await
+            .unwrap();
+            ranks.push(rank);
+        }
+        let kvs = records().await;
+        assert_eq!(kvs.len(), 3, "the agent's and two ranks' records");
+        let leases: std::collections::HashSet<_> = kvs.iter().map(|kv| kv.lease).collect();
+        assert_eq!(leases.len(), 1, "one lease: {kvs:?}");
+        assert!(leases.iter().all(Option::is_some));
+
+        if held_by_coordinator {
+            let refused = |result: Result<Agent, AgentError>| match result {
+                Err(AgentError::Refused { status, .. }) => status.code(),
+                Err(e) => panic!("not refused but {e}"),
+                Ok(_) => panic!("registered"),
+            };
+            // A third rank, though it holds the agent's secret.
+            let (worker_id, worker_secret) =
+                samtrain_coordinator::records::new_worker_identity("extra");
+            let third = Agent::register(AgentOptions {
+                node_membership: Some(samtrain_coordinator::agent::NodeMembership {
+                    worker_id: worker_id.clone(),
+                    worker_secret: worker_secret.clone(),
+                    ..node_agent.membership(0)
+                }),
+                ..options("extra", 6202)
+            })
+            .await;
+            assert_eq!(refused(third), Code::ResourceExhausted);
+            // A rank that does not hold the agent's secret.
+            let impostor = Agent::register(AgentOptions {
+                node_membership: Some(samtrain_coordinator::agent::NodeMembership {
+                    worker_id,
+                    worker_secret,
+                    lease: NodeLease::Coordinator {
+                        agent_secret: "not-the-agents".to_owned(),
+                    },
+                    ..node_agent.membership(0)
+                }),
+                ..options("impostor", 6203)
+            })
+            .await;
+            assert_eq!(refused(impostor), Code::PermissionDenied);
+        }
+
+        // A dead rank's record goes alone: the lease is the node's.
+        node_agent.remove_rank(0).await.unwrap();
+        let left: Vec<String> = records().await.into_iter().map(|kv| kv.key).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(!left.iter().any(|k| k.ends_with(ranks[0].worker_id())));
+        assert!(left.iter().any(|k| k.ends_with(ranks[1].worker_id())));
+
+        // The node's lease ends: every record goes at once.
+        node_agent.release().await;
+        assert!(records().await.is_empty(), "{:?}", records().await);
+        drop(ranks);
+    }
+}

@@ -4,32 +4,44 @@
 //! reaches the others over NVLink), supervised here as torchrun supervises
 //! `--nproc-per-node` ranks.
 //!
-//! Every slot registers as a worker of this node (`--node`), so the
-//! rendezvous places tensor-parallel groups across the node's slots and
-//! `min_workers` / `max_workers` count ranks. A rank process that dies ends
-//! its generation (its subscription and lease end with it); this
-//! supervisor starts it again (after 1 s, doubling to 30 s while it keeps
-//! dying), and the fresh process joins the next generation, which resumes
-//! from the newest checkpoint. A rank process that exits cleanly (no job
-//! needs it, with `--exit-when-idle`) is not started again. A node that dies
-//! takes every slot with it, and so does this supervisor: its rank
-//! processes get SIGTERM when it ends, however it ends. A slot that keeps dying (more than
-//! `MAX_RESTARTS` times in `RESTART_WINDOW`) stops the supervisor with an
-//! error, so that Kubernetes replaces the pod.
+//! The supervisor is the node's agent (`samtrain_coordinator::agent::
+//! NodeAgent`): it registers the node and holds the one lease every rank
+//! process's record lives under, and gives each slot its identity. Every
+//! slot registers as a worker of this node (`--node`), so the rendezvous
+//! places tensor-parallel groups across the node's slots and `min_workers`
+//! / `max_workers` count ranks. A rank process that dies ends its
+//! generation at once (the supervisor removes its record); the supervisor
+//! starts it again (after 1 s, doubling to 30 s while it keeps dying), and
+//! the fresh process joins the next generation, which resumes from the
+//! newest checkpoint. A lost node lease ends the generation too (every
+//! rank's record goes with it): the node registers again and every rank
+//! process starts again under the new lease. A rank process that exits
+//! cleanly (no job needs it, with `--exit-when-idle`) is not started
+//! again. A node that dies takes every slot with it (its lease expires),
+//! and so does this supervisor: its rank processes get SIGTERM when it
+//! ends, however it ends. A slot that keeps dying (more than `MAX_RESTARTS`
+//! times in `RESTART_WINDOW`) stops the supervisor with an error, so that
+//! Kubernetes replaces the pod.
 
 use std::collections::VecDeque;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use anyhow::{bail, Context, Result};
+use samtrain_coordinator::agent::{AgentOptions, NodeAgent};
 use samtrain_coordinator::health;
+use samtrain_coordinator::metrics::{merge_labelled, MetricsEndpoint, MetricsSource};
 
 /// Restarts of one slot within `RESTART_WINDOW` before giving up.
 const MAX_RESTARTS: usize = 10;
 const RESTART_WINDOW: Duration = Duration::from_secs(300);
 /// How long stopping waits for the rank processes before killing them.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long removing a dead rank's record may hold up the supervision.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The wait before starting a dead slot again, doubling up to the most.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -59,6 +71,12 @@ pub struct SlotPlan {
     /// Whether rank processes leave once no job needs them (and are then
     /// not started again).
     pub exit_when_idle: bool,
+    /// How the node's agent reaches the control plane (its name, node and
+    /// coordinators; it advertises no collectives).
+    pub agent: AgentOptions,
+    /// The token scrapers present to `/metrics` (the slots', and so the
+    /// node's); `None`: loopback scrapes only.
+    pub metrics_token: Option<String>,
 }
 
 impl SlotPlan {
@@ -97,6 +115,32 @@ struct Slot {
 /// idle with `--exit-when-idle`) or a stop signal comes.
 pub fn supervise(plan: &SlotPlan) -> Result<()> {
     plan.check()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the node agent's runtime")?;
+    let agent = Arc::new(
+        runtime
+            .block_on(NodeAgent::register(plan.agent.clone(), plan.slots))
+            .context("registering the node with the coordinator")?,
+    );
+    let keeper = runtime.spawn({
+        let agent = agent.clone();
+        async move { agent.keep().await }
+    });
+    let result = supervise_slots(plan, &runtime, &agent);
+    keeper.abort();
+    runtime.block_on(agent.release());
+    result
+}
+
+/// Runs the rank processes for [`supervise`], the node registered.
+fn supervise_slots(
+    plan: &SlotPlan,
+    runtime: &tokio::runtime::Runtime,
+    agent: &NodeAgent,
+) -> Result<()> {
     let args = rank_args(std::env::args().skip(1));
     let mut slots: Vec<Slot> = (0..plan.slots)
         .map(|index| Slot {
@@ -107,14 +151,15 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
             backoff: FIRST_BACKOFF,
         })
         .collect();
+    let mut epoch = agent.epoch();
     for slot in &mut slots {
-        slot.child = Some(start(plan, slot.index, &args)?);
+        slot.child = Some(start(plan, agent, slot.index, &args)?);
     }
-    let stop = stop_flag()?;
+    let stop = stop_flag(runtime)?;
     // Which slots have a live rank process, for `/readyz`.
     let live = Arc::new(Mutex::new(vec![true; plan.slots as usize]));
     let _health = match plan.health_listen {
-        Some(listen) => Some(serve_health(listen, live.clone())?),
+        Some(listen) => Some(serve_health(runtime, plan, listen, live.clone())?),
         None => None,
     };
     loop {
@@ -123,13 +168,28 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
             stop_all(&mut slots);
             return Ok(());
         }
+        if agent.epoch() != epoch {
+            // The node's lease was lost, and every rank's record with it:
+            // each running rank process starts again under the new one.
+            epoch = agent.epoch();
+            tracing::warn!("the node registered again; starting its rank processes again");
+            let running: Vec<u32> = slots
+                .iter()
+                .filter(|s| s.child.is_some())
+                .map(|s| s.index)
+                .collect();
+            stop_all(&mut slots);
+            for index in running {
+                slots[index as usize].child = Some(start(plan, agent, index, &args)?);
+            }
+        }
         let mut running = 0;
         let mut given_up = None;
         let now = Instant::now();
         for slot in &mut slots {
             if slot.restart_at.is_some_and(|t| now >= t) {
                 slot.restart_at = None;
-                slot.child = Some(start(plan, slot.index, &args)?);
+                slot.child = Some(start(plan, agent, slot.index, &args)?);
             }
             if slot.restart_at.is_some() {
                 running += 1;
@@ -157,6 +217,22 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
                 Some(status) => {
                     tracing::warn!(slot = slot.index, pid = child.id(), %status, backoff = ?slot.backoff, "rank process died; starting it again");
                     slot.child = None;
+                    // Its generation ends now, not when its peers notice.
+                    let removed = runtime.block_on(async {
+                        tokio::time::timeout(REMOVE_TIMEOUT, agent.remove_rank(slot.index)).await
+                    });
+                    match removed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(slot = slot.index, error = %e, "could not remove the dead rank's record")
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                slot = slot.index,
+                                "removing the dead rank's record timed out"
+                            )
+                        }
+                    }
                     slot.deaths.push_back(now);
                     while slot
                         .deaths
@@ -195,12 +271,13 @@ pub fn supervise(plan: &SlotPlan) -> Result<()> {
     }
 }
 
-/// Starts slot `index`'s rank process.
-fn start(plan: &SlotPlan, index: u32, args: &[String]) -> Result<Child> {
+/// Starts slot `index`'s rank process under the node's lease.
+fn start(plan: &SlotPlan, agent: &NodeAgent, index: u32, args: &[String]) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the samtrain binary")?;
     let mut command = Command::new(exe);
     command
         .args(args)
+        .envs(agent.membership(index).env())
         .env("SAMTRAIN_SLOTS", "1")
         .env("SAMTRAIN_NAME", format!("{}-slot{index}", plan.name))
         .env("SAMTRAIN_NODE", &plan.node)
@@ -297,18 +374,20 @@ fn stop_all(slots: &mut [Slot]) {
     }
 }
 
-/// The supervisor's probes on `listen`, served by a runtime of their own
-/// (kept while the returned guard lives): alive while it runs, ready while
-/// every slot has a rank process.
+/// The supervisor's probes on `listen` (served while the returned server
+/// lives): alive while it runs, ready while every slot has a rank process;
+/// and the node's `/metrics` (every slot's, when they serve on known
+/// ports), so that one scrape target per pod sees all its ranks.
 fn serve_health(
+    runtime: &tokio::runtime::Runtime,
+    plan: &SlotPlan,
     listen: std::net::SocketAddr,
     live: Arc<Mutex<Vec<bool>>>,
-) -> Result<(health::HealthServer, tokio::runtime::Runtime)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("starting the health server's runtime")?;
+) -> Result<health::HealthServer> {
+    let metrics = (listen.port() != 0).then(|| MetricsEndpoint {
+        render: node_metrics(listen, plan.slots, plan.metrics_token.clone()),
+        token: plan.metrics_token.clone(),
+    });
     let ready: health::Readiness = Arc::new(move || {
         let live = live.lock().unwrap_or_else(|e| e.into_inner());
         match live.iter().position(|up| !up) {
@@ -317,45 +396,124 @@ fn serve_health(
         }
     });
     let server = runtime
-        .block_on(health::serve(listen, ready, health::Routes::default()))
+        .block_on(health::serve(
+            listen,
+            ready,
+            health::Routes { metrics, ui: None },
+        ))
         .with_context(|| format!("cannot serve health probes on {listen}"))?;
     tracing::info!(addr = %server.addr(), "supervisor's health probes served");
-    // The server before its runtime, when dropped.
-    Ok((server, runtime))
+    Ok(server)
+}
+
+/// The node's `/metrics`: each slot's, fetched from its health port at the
+/// scrape and labelled `slot`, with `samtrain_slot_up` saying which slots
+/// answered (one that did not is left out).
+fn node_metrics(listen: SocketAddr, slots: u32, token: Option<String>) -> MetricsSource {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Arc::new(move || {
+        let token = token.clone();
+        Box::pin(async move {
+            let mut fetches = tokio::task::JoinSet::new();
+            for slot in 0..slots {
+                let token = token.clone();
+                fetches.spawn(async move {
+                    let addr = SlotPlan::port(listen.port(), slot + 1)
+                        .map_err(|e| e.to_string())
+                        .map(|port| SocketAddr::new(ip, port));
+                    let text = match addr {
+                        Ok(addr) => {
+                            tokio::time::timeout(SCRAPE_TIMEOUT, scrape(addr, token.as_deref()))
+                                .await
+                                .unwrap_or_else(|_| Err("timed out".to_owned()))
+                        }
+                        Err(e) => Err(e),
+                    };
+                    (slot, text)
+                });
+            }
+            let mut answers: Vec<(u32, Result<String, String>)> =
+                fetches.join_all().await.into_iter().collect();
+            answers.sort_by_key(|(slot, _)| *slot);
+            let mut parts = Vec::new();
+            for (slot, text) in answers {
+                let up = match text {
+                    Ok(text) => {
+                        parts.push((slot.to_string(), text));
+                        1
+                    }
+                    Err(e) => {
+                        tracing::debug!(slot, error = %e, "slot's metrics not scraped");
+                        0
+                    }
+                };
+                parts.push((
+                    slot.to_string(),
+                    format!("# HELP samtrain_slot_up Whether the slot's rank process answered this scrape.\n# TYPE samtrain_slot_up gauge\nsamtrain_slot_up {up}\n"),
+                ));
+            }
+            merge_labelled(&parts, "slot")
+        })
+    })
+}
+
+/// The most a node's scrape waits for one slot, and the most it reads.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+const SCRAPE_LIMIT: u64 = 16 << 20;
+
+/// GET `/metrics` from a slot's health port: the body of a 200 answer.
+async fn scrape(addr: SocketAddr, token: Option<&str>) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut reply = Vec::new();
+    stream
+        .take(SCRAPE_LIMIT)
+        .read_to_end(&mut reply)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let reply = String::from_utf8(reply).map_err(|_| format!("{addr}: not UTF-8"))?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{addr}: no HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{addr}: {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
 }
 
 /// Set when SIGTERM or SIGINT arrives.
-fn stop_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+fn stop_flag(
+    runtime: &tokio::runtime::Runtime,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        signal_hook_register(signal, flag.clone())?;
+        let mut listener = {
+            let _guard = runtime.enter();
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(signal))
+                .context("listening for stop signals")?
+        };
+        let flag = flag.clone();
+        runtime.spawn(async move {
+            listener.recv().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
     }
     Ok(flag)
-}
-
-/// Sets `flag` when `signal` arrives (a tokio signal listener on a small
-/// runtime of its own, so this loop stays plain).
-fn signal_hook_register(
-    signal: libc::c_int,
-    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal listener")?;
-    let mut listener = {
-        let _guard = runtime.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(signal))
-            .context("listening for stop signals")?
-    };
-    std::thread::Builder::new()
-        .name("slot-signals".into())
-        .spawn(move || {
-            runtime.block_on(listener.recv());
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
-        .context("starting the signal listener")?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -14,10 +14,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_coordinator::agent::{
-    Agent, AgentOptions, Assignment, ObjectFetches, Outcome, Progress, Reporter, SaveTiming,
+    Agent, AgentOptions, Assignment, NodeMembership, ObjectFetches, Outcome, Progress, Reporter,
+    SaveTiming,
 };
 use samtrain_coordinator::health;
 use samtrain_coordinator::metrics::MetricsEndpoint;
+use samtrain_coordinator::MAX_SLOTS;
 
 use super::{Coordinators, EtcdFlags};
 use samtrain_collective::Secret;
@@ -99,16 +101,23 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     let slots = slot_count(&args.slots, device)?;
     if slots > 1 {
+        let name = match args.name.clone() {
+            Some(name) => name,
+            None => host_name()?,
+        };
+        let node = args.node.clone().unwrap_or_else(|| host.clone());
+        // The node's agent has no collectives: port 0 says so.
+        let mut agent = agent_options(&args, name.clone(), format!("{host}:0"));
+        agent.node = node.clone();
         return super::slots::supervise(&super::slots::SlotPlan {
             slots,
-            name: match args.name.clone() {
-                Some(name) => name,
-                None => host_name()?,
-            },
-            node: args.node.clone().unwrap_or_else(|| host.clone()),
+            name,
+            node,
             collective_port: args.collective_port,
             health_listen: args.health_listen,
             exit_when_idle: args.exit_when_idle,
+            agent,
+            metrics_token: args.metrics.token()?,
         });
     }
     // Bound once, before registering, so the advertised port is the real one
@@ -127,9 +136,6 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         other => other,
     }
 }
-
-/// The most slots a node may run: far above any machine's GPUs.
-const MAX_SLOTS: u32 = 64;
 
 /// How many ranks `--slots` asks for on this machine.
 fn slot_count(slots: &str, device: DeviceKind) -> Result<u32> {
@@ -185,21 +191,11 @@ async fn serve(
     };
     // Read before registering, so that a bad token file fails at once.
     let metrics_token = args.metrics.token()?;
-    let mut agent = Agent::register(AgentOptions {
-        coordinators: args.coordinators.addresses.clone(),
-        name,
-        advertise: format!("{host}:{port}"),
-        device: args.device.clone(),
-        node: args.node.clone().unwrap_or_default(),
-        etcd: args.etcd.clone(),
-        etcd_access: args.etcd_flags.access(),
-        etcd_prefix: args.etcd_prefix.clone(),
-        exit_when_idle: args.exit_when_idle,
-        lease_ttl: None,
-        credentials: args.coordinators.credentials(),
-    })
-    .await
-    .context("registering with the coordinator")?;
+    let mut options = agent_options(&args, name, format!("{host}:{port}"));
+    options.node_membership = NodeMembership::from_env().map_err(anyhow::Error::msg)?;
+    let mut agent = Agent::register(options)
+        .await
+        .context("registering with the coordinator")?;
     tracing::info!(worker = agent.worker_id(), advertise = %format!("{host}:{port}"), "registered");
     let metrics = MetricsEndpoint {
         render: agent.metrics(),
@@ -231,6 +227,24 @@ async fn serve(
     };
     agent.shutdown().await;
     result
+}
+
+/// How this worker (or its node's agent) reaches the control plane.
+fn agent_options(args: &WorkerArgs, name: String, advertise: String) -> AgentOptions {
+    AgentOptions {
+        coordinators: args.coordinators.addresses.clone(),
+        name,
+        advertise,
+        device: args.device.clone(),
+        node: args.node.clone().unwrap_or_default(),
+        etcd: args.etcd.clone(),
+        etcd_access: args.etcd_flags.access(),
+        etcd_prefix: args.etcd_prefix.clone(),
+        exit_when_idle: args.exit_when_idle,
+        lease_ttl: None,
+        credentials: args.coordinators.credentials(),
+        node_membership: None,
+    }
 }
 
 /// Generation after generation until no job needs this worker.

@@ -6,12 +6,13 @@
 //! off the training path: progress and checkpoints are best effort and never
 //! block; only the final outcome is retried until a leader acknowledges it.
 //!
-//! The lease lives in `lease`, the subscription and the generations it
+//! The lease lives in `lease` (a node's shared one in `node`), the subscription and the generations it
 //! brings in `generations`, the reports in `reports`; this module ties
 //! them to the [`Agent`] the worker holds.
 
 mod generations;
 mod lease;
+mod node;
 mod reports;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +33,7 @@ use crate::store::StoreError;
 use crate::tasks::AbortOnDrop;
 use generations::{subscription, Generations, Incoming};
 use lease::{LeaseHold, Registration};
+pub use node::{NodeAgent, NodeLease, NodeMembership};
 pub use reports::Reporter;
 use reports::{send_reports, Report};
 
@@ -62,6 +64,9 @@ pub struct AgentOptions {
     pub lease_ttl: Option<Duration>,
     /// The worker token every call presents.
     pub credentials: Credentials,
+    /// A rank process of a node: its identity and its node's lease, from
+    /// the node's agent; `None` for a worker on its own.
+    pub node_membership: Option<NodeMembership>,
 }
 
 impl Default for AgentOptions {
@@ -78,6 +83,7 @@ impl Default for AgentOptions {
             exit_when_idle: false,
             lease_ttl: None,
             credentials: Credentials::none(),
+            node_membership: None,
         }
     }
 }
@@ -284,11 +290,11 @@ impl Agent {
         });
         let (incoming_tx, incoming) = mpsc::channel(16);
         let (reports, reports_rx) = mpsc::channel(64);
-        let tasks = vec![
+        let mut tasks = vec![
             AbortOnDrop(tokio::spawn(subscription(shared.clone(), incoming_tx))),
             AbortOnDrop(tokio::spawn(send_reports(shared.clone(), reports_rx))),
-            lease.keep(shared.clone(), ttl),
         ];
+        tasks.extend(lease.keep(shared.clone(), ttl));
         Ok(Agent {
             shared,
             incoming,

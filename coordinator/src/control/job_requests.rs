@@ -185,19 +185,32 @@ impl Control {
         Ok(at.view.job_proto(&job))
     }
 
-    /// Takes a live worker out of service; the job it trains in, if any.
+    /// Takes a live worker out of service (a node's agent: every rank
+    /// process of its node); the job it trains in, if any.
     pub(crate) async fn drain(&self, worker_id: &str) -> Result<Option<String>, Status> {
         let live = self.live_workers().await.map_err(store_status)?;
-        if !live.contains_key(worker_id) {
+        let Some(record) = live.get(worker_id) else {
             return Err(Status::not_found(format!("no live worker {worker_id}")));
-        }
+        };
+        let drained: Vec<&str> = if record.is_node_agent() {
+            live.values()
+                .filter(|w| w.node_agent == worker_id)
+                .map(|w| w.worker_id.as_str())
+                .collect()
+        } else {
+            vec![worker_id]
+        };
         let mut view = self.lead().await?;
-        self.mark_drained(&mut view, worker_id).await?;
-        tracing::info!(worker = %worker_id, "worker drained");
+        for id in &drained {
+            self.mark_drained(&mut view, id).await?;
+            tracing::info!(worker = %id, "worker drained");
+        }
         let job = view
             .jobs
             .values()
-            .find(|j| j.state == JobState::Running && j.member(worker_id).is_some())
+            .find(|j| {
+                j.state == JobState::Running && drained.iter().any(|id| j.member(id).is_some())
+            })
             .map(|j| j.id.clone());
         Ok(job)
     }

@@ -13,6 +13,8 @@ mod reconcile;
 mod reports;
 mod workers;
 
+pub use workers::MAX_SLOTS;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;

@@ -35,6 +35,10 @@ fn is_host_port(address: &str) -> bool {
 /// it by at most this long.
 pub(crate) const MAX_WORKER_LEASE_TTL: Duration = Duration::from_secs(60);
 
+/// The most rank processes one node's agent may run: far above any
+/// machine's GPUs.
+pub const MAX_SLOTS: u32 = 64;
+
 /// The longest node name a worker may give (a DNS name's length).
 const MAX_NODE_LEN: usize = 253;
 
@@ -63,6 +67,17 @@ impl Control {
                 r.node.escape_debug()
             )));
         }
+        if r.slots > MAX_SLOTS {
+            return Err(Status::invalid_argument(format!(
+                "a node runs at most {MAX_SLOTS} slots, not {}",
+                r.slots
+            )));
+        }
+        if r.slots > 0 && !r.node_agent.is_empty() {
+            return Err(Status::invalid_argument(
+                "a node's agent holds a lease of its own; only its rank processes name a node agent",
+            ));
+        }
         if r.lease_id != 0 {
             return Err(Status::invalid_argument(
                 "a worker that holds its own lease writes its record in etcd; through the coordinator the lease is the coordinator's",
@@ -76,23 +91,30 @@ impl Control {
                 self.reclaim(&r.worker_id, presented).await?,
             )
         };
-        let ttl = self.worker_lease_ttl(r.lease_ttl_s);
-        let lease = self.store.grant(ttl).await.map_err(store_status)?;
+        let (lease, ttl, node) = if r.node_agent.is_empty() {
+            let ttl = self.worker_lease_ttl(r.lease_ttl_s);
+            let lease = self.store.grant(ttl).await.map_err(store_status)?;
+            (lease, ttl, r.node.clone())
+        } else {
+            self.node_lease(&r, &worker_id).await?
+        };
         let record = WorkerRecord {
             worker_id: worker_id.clone(),
             name: r.name.clone(),
             advertise: r.advertise.clone(),
             device: r.device.clone(),
             registered_unix_ms: now_ms(),
-            node: r.node.clone(),
+            node,
             own_lease: false,
             secret_sha256: secret_digest(&secret),
+            slots: r.slots,
+            node_agent: r.node_agent.clone(),
         };
         self.store
             .put(&self.keys.worker(&worker_id), record.to_json(), Some(lease))
             .await
             .map_err(store_status)?;
-        tracing::info!(worker = %worker_id, advertise = %r.advertise, device = %r.device, ttl_s = ttl.as_secs(), "worker registered");
+        tracing::info!(worker = %worker_id, advertise = %r.advertise, device = %r.device, ttl_s = ttl.as_secs(), slots = r.slots, node_agent = %r.node_agent, "worker registered");
         self.wake.notify_one();
         Ok(v1::RegisterResponse {
             worker_id,
@@ -100,6 +122,59 @@ impl Control {
             lease_ttl_s: ttl.as_secs() as u32,
             worker_secret: secret,
         })
+    }
+
+    /// The lease, its TTL and the node of the node agent a rank process
+    /// registers under, once the rank proved it is one of the agent's: it
+    /// holds the agent's secret, names the agent's node (or none) and the
+    /// agent has a slot left for it.
+    async fn node_lease(
+        &self,
+        r: &v1::RegisterRequest,
+        worker_id: &str,
+    ) -> Result<(LeaseId, Duration, String), Status> {
+        let agent_id = &r.node_agent;
+        let (agent, lease) = self.worker(agent_id).await?;
+        if !agent.is_node_agent() {
+            return Err(Status::invalid_argument(format!(
+                "worker {agent_id} is not a node's agent"
+            )));
+        }
+        if !secret_matches(&r.node_agent_secret, &agent.secret_sha256) {
+            return Err(Status::permission_denied(format!(
+                "the secret presented is not node agent {agent_id}'s"
+            )));
+        }
+        if !r.node.is_empty() && r.node != agent.node {
+            return Err(Status::invalid_argument(format!(
+                "a rank process of node agent {agent_id} runs on its node `{}`, not `{}`",
+                agent.node, r.node
+            )));
+        }
+        let lease = lease.ok_or_else(|| {
+            Status::failed_precondition(format!("node agent {agent_id} has no lease"))
+        })?;
+        let ranks = self
+            .live_workers()
+            .await
+            .map_err(store_status)?
+            .into_values()
+            .filter(|w| w.node_agent == *agent_id && w.worker_id != worker_id)
+            .count();
+        if ranks >= agent.slots as usize {
+            return Err(Status::resource_exhausted(format!(
+                "node agent {agent_id} runs {} slots, and each has a registered rank process",
+                agent.slots
+            )));
+        }
+        // Renewing it here also says the lease is alive, and for how long.
+        let ttl = self.store.keep_alive(lease).await.map_err(|e| match e {
+            StoreError::LeaseNotFound { .. } => Status::not_found(format!(
+                "the lease of node agent {agent_id} expired; its rank processes start again"
+            )),
+            e => store_status(e),
+        })?;
+        Ok((lease, ttl, agent.node))
     }
 
     /// The TTL of a heartbeat worker's lease: the coordinator's, or what
@@ -180,14 +255,16 @@ impl Control {
         worker_id: &str,
         presented: Option<&str>,
     ) -> Result<bool, Status> {
-        let lease = match self.authenticated_worker(worker_id, presented).await {
-            Ok((_, lease)) => lease,
+        let (record, lease) = match self.authenticated_worker(worker_id, presented).await {
+            Ok(found) => found,
             Err(status) if status.code() == tonic::Code::NotFound => return Ok(false),
             Err(status) => return Err(status),
         };
+        // A node's rank shares its agent's lease: only its key goes. An
+        // agent's lease going takes its ranks with it.
         let result = match lease {
-            Some(lease) => self.store.revoke(lease).await,
-            None => self
+            Some(lease) if record.node_agent.is_empty() => self.store.revoke(lease).await,
+            _ => self
                 .store
                 .delete(&self.keys.worker(worker_id))
                 .await
@@ -228,6 +305,11 @@ impl Control {
         // A standby says so before the store is asked about the worker.
         self.ensure_leader()?;
         let (record, _) = self.authenticated_worker(worker_id, presented).await?;
+        if record.is_node_agent() {
+            return Err(Status::failed_precondition(format!(
+                "worker {worker_id} is a node's agent: its rank processes subscribe, not it"
+            )));
+        }
         let mut view = self.lead().await?;
         let (feed, rx) = mpsc::channel(64);
         let busy = current.and_then(|cur| rejoin(&view, &record.worker_id, cur, &feed));
