@@ -29,6 +29,7 @@ mod error;
 pub mod format;
 mod load;
 mod read;
+mod recycle;
 mod save;
 mod staging;
 mod store;

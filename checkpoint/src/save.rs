@@ -339,18 +339,19 @@ async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
             }
         }
     }
+    let mut folders = Vec::new();
     for step in doomed {
         let folder = step_folder(step);
-        // The manifest goes first: from then on the checkpoint does not
-        // exist, whatever happens to the deletion of its other files.
+        // The manifests go first: from then on the checkpoint does not
+        // exist, whatever happens to the removal of its other files.
         store.delete(&format!("{folder}/{MANIFEST_FILE}")).await?;
-        for file in store.files_under(&folder).await? {
-            store.delete(&file).await?;
-        }
         inner.verified.lock().expect("verified lock").remove(&step);
         tracing::info!(step, url = %store.shown(&folder), "old checkpoint deleted");
+        folders.push(folder);
     }
-    Ok(())
+    // Their files are deleted, or in a local folder kept for the next
+    // saves to write into.
+    store.remove_folders(&folders).await
 }
 
 /// Whether `info`'s files match its manifest (read once per process); a

@@ -21,6 +21,7 @@ use url::Url;
 
 use crate::error::CheckpointError;
 use crate::read::{ShardReader, ShardTensors};
+use crate::recycle::{Recycler, RECYCLED_DIR};
 
 /// How a failed request is retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +85,9 @@ pub(crate) struct Store {
     /// The folder, when the location is on the local file system: shards
     /// are read from it straight into tensor memory.
     local: Option<std::path::PathBuf>,
+    /// A local location's bin of old shard files that new saves write
+    /// into (see `recycle`).
+    recycler: Option<Arc<Recycler>>,
     /// The location as given, for messages and checkpoint URLs.
     shown: String,
     retry: RetryPolicy,
@@ -189,6 +193,9 @@ impl Store {
             store,
             multipart,
             base,
+            recycler: local_root
+                .as_deref()
+                .map(|root| Arc::new(Recycler::new(root))),
             local: local_root,
             shown,
             retry,
@@ -261,6 +268,14 @@ impl Store {
     /// Writes `chunks` (one file, in order) to `name`; the store makes it
     /// visible whole or not at all.
     pub(crate) async fn put(&self, name: &str, chunks: &[Bytes]) -> Result<(), CheckpointError> {
+        if let (Some(recycler), Some(file)) = (&self.recycler, self.local_file(name)) {
+            let (recycler, chunks) = (recycler.clone(), chunks.to_vec());
+            let reused = self
+                .local_io("put", name, move || recycler.write(&file, &chunks))
+                .await?;
+            tracing::debug!(file = %self.shown(name), reused, "written");
+            return Ok(());
+        }
         let path = self.path(name);
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         if let (Some(mp), true) = (&self.multipart, size > MULTIPART_THRESHOLD) {
@@ -483,6 +498,40 @@ impl Store {
             }) => Ok(()),
             other => other,
         }
+    }
+
+    /// Removes the step folders `folders` (their manifests already gone):
+    /// in a local location their shard files go to the recycle bin for the
+    /// next saves to write into, from a remote store they are deleted.
+    pub(crate) async fn remove_folders(&self, folders: &[String]) -> Result<(), CheckpointError> {
+        let Some(recycler) = &self.recycler else {
+            for folder in folders {
+                for file in self.files_under(folder).await? {
+                    self.delete(&file).await?;
+                }
+            }
+            return Ok(());
+        };
+        let mut files = Vec::new();
+        for folder in folders {
+            for file in self.files_under(folder).await? {
+                files.extend(self.local_file(&file));
+            }
+        }
+        let dirs: Vec<_> = folders.iter().filter_map(|f| self.local_file(f)).collect();
+        let recycler = recycler.clone();
+        self.local_io("recycle", RECYCLED_DIR, move || {
+            recycler.keep(&files)?;
+            for dir in dirs {
+                // Whatever is left (a crashed write's staging file) goes too.
+                match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// The names of the folders directly under the location.

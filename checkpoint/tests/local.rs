@@ -346,3 +346,56 @@ fn a_permanent_local_error_is_not_retried() {
     assert_eq!(save_all(&ck, state(6, 0, 1, 0)), SaveStatus::Committed);
     assert_eq!(ck.latest().unwrap().unwrap().step, 6);
 }
+
+/// A local location keeps the shard files retention removes and writes the
+/// next save into them: the third save of three (`keep = 1`) lands in the
+/// first's files (the same inodes), trimmed to its own sizes, and loads
+/// back bit for bit; what no save took goes at the next retention.
+#[test]
+fn local_saves_write_into_the_files_retention_removed() {
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ckpt");
+    let ck = open(root.to_str().unwrap(), 1);
+    // Big enough to be worth recycling: 2 MiB of parameters.
+    let big = |step: u64, seed: i64, rows: i64| ShardState {
+        tensors: vec![(
+            "w".to_owned(),
+            Tensor::full(
+                [rows, 1024],
+                seed as f64,
+                (tch::Kind::Float, tch::Device::Cpu),
+            ),
+        )],
+        optimizer: Vec::new(),
+        ..state(step, 0, 1, seed)
+    };
+    let params = |step: u64| root.join(format!("step-{step:08}/tp-00-of-01.safetensors"));
+    assert_eq!(save_all(&ck, big(1, 1, 512)), SaveStatus::Committed);
+    let first = std::fs::metadata(params(1)).unwrap().ino();
+    assert_eq!(save_all(&ck, big(2, 2, 512)), SaveStatus::Committed);
+    assert!(!root.join("step-00000001").exists());
+    let bin: Vec<u64> = std::fs::read_dir(root.join(".recycled"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().ino())
+        .collect();
+    assert_eq!(bin, [first], "step 1's parameters wait in the bin");
+
+    // A smaller save: step 1's file, trimmed.
+    let third = big(3, 3, 256);
+    let expected = copy(&third.tensors);
+    assert_eq!(save_all(&ck, third), SaveStatus::Committed);
+    let written = std::fs::metadata(params(3)).unwrap();
+    assert_eq!(written.ino(), first);
+    let info = ck.latest().unwrap().unwrap();
+    assert_eq!(info.step, 3);
+    assert_same(&ck.load(&info, 0, 1).unwrap().tensors, &expected);
+    ck.verify(&info).unwrap();
+    // Step 2's file went to the bin; the next retention empties what is
+    // still there before keeping the newly removed.
+    let bin = std::fs::read_dir(root.join(".recycled")).unwrap().count();
+    assert_eq!(bin, 1);
+    let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [3]);
+}
