@@ -610,7 +610,8 @@ async fn permanent_failure_cancel_invalid_spec_and_idle_workers() {
 /// agents write their records) and held by the coordinator (Heartbeat
 /// calls): the three records share one lease; the coordinator admits no
 /// third rank and none without the agent's secret; a dead rank's record
-/// goes alone; the node's lease ending takes every rank with it.
+/// goes alone; draining the agent drains its ranks; the node's lease
+/// ending takes every rank with it.
 #[tokio::test]
 async fn a_nodes_ranks_share_its_one_lease_and_go_with_it() {
     use samtrain_coordinator::agent::{Agent, AgentError, AgentOptions, NodeAgent, NodeLease};
@@ -687,6 +688,25 @@ async fn a_nodes_ranks_share_its_one_lease_and_go_with_it() {
             .await;
             assert_eq!(refused(impostor), Code::PermissionDenied);
         }
+
+        // Draining the node's agent drains each of its ranks.
+        let mut client = Client::new(coords.clone(), Credentials::none());
+        client.drain(node_agent.agent_id()).await.unwrap();
+        let drained: Vec<String> = store
+            .range("/samtrain-test/drained/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|kv| kv.key.rsplit('/').next().unwrap().to_owned())
+            .collect();
+        for rank in &ranks {
+            assert!(
+                drained.iter().any(|id| id == rank.worker_id()),
+                "{} not drained: {drained:?}",
+                rank.worker_id()
+            );
+        }
+        assert!(!drained.iter().any(|id| id == node_agent.agent_id()));
 
         // A dead rank's record goes alone: the lease is the node's.
         node_agent.remove_rank(0).await.unwrap();
