@@ -942,7 +942,10 @@ fn a_node_runs_a_rank_process_per_slot_and_starts_a_killed_one_again() {
     assert!(
         node_a
             .log()
-            .contains("the node registered again; starting its rank processes again"),
+            .contains("the node's lease was lost; registering the node again")
+            && node_a
+                .log()
+                .contains("the node registered again; starting its rank processes again"),
         "{}",
         node_a.log()
     );

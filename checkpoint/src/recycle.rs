@@ -10,11 +10,19 @@
 //! manifest is still written last. What the next retention finds still in
 //! `.recycled/` was not needed, and is deleted.
 //!
+//! Every file is on disk (`fdatasync`) before it is renamed into place, so
+//! a committed checkpoint never names a file whose new bytes a power loss
+//! could lose. A file with another name (a hard link of a backup) is
+//! deleted, never reused; a process still reading a checkpoint that
+//! retention removed may see it change under it (until the next save
+//! takes its files, it is still there in `.recycled/`).
+//!
 //! Object stores have no such cost to save (an upload is a new object), so
 //! this is for local folders (a node's disk, a mounted volume) only.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,6 +82,10 @@ impl Recycler {
             }
             // A bigger recycled file keeps no tail of its old bytes.
             file.set_len(size)?;
+            // On disk before its name appears (and so before any manifest
+            // naming it): after a power loss a committed checkpoint never
+            // holds a recycled file's old bytes.
+            file.sync_data()?;
             drop(file);
             fs::rename(&staged, dest)
         })();
@@ -116,12 +128,13 @@ impl Recycler {
             }
         }
         for file in files {
-            let len = match fs::metadata(file) {
-                Ok(m) => m.len(),
+            let meta = match fs::metadata(file) {
+                Ok(m) => m,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if len < WORTH_RECYCLING {
+            // A file with another name (a hard-linked backup) is left to it.
+            if meta.len() < WORTH_RECYCLING || meta.nlink() > 1 {
                 remove_if_there(file)?;
                 continue;
             }

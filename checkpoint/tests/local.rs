@@ -398,4 +398,13 @@ fn local_saves_write_into_the_files_retention_removed() {
     assert_eq!(bin, 1);
     let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
     assert_eq!(steps, [3]);
+
+    // A hard-linked backup of step 3's file is never written into.
+    let backup = dir.path().join("backup.safetensors");
+    std::fs::hard_link(params(3), &backup).unwrap();
+    let before = std::fs::read(&backup).unwrap();
+    assert_eq!(save_all(&ck, big(4, 4, 256)), SaveStatus::Committed);
+    assert_eq!(save_all(&ck, big(5, 5, 256)), SaveStatus::Committed);
+    assert_eq!(std::fs::read(&backup).unwrap(), before);
+    assert_ne!(std::fs::metadata(params(5)).unwrap().ino(), first);
 }

@@ -14,8 +14,8 @@
 //! starts it again (after 1 s, doubling to 30 s while it keeps dying), and
 //! the fresh process joins the next generation, which resumes from the
 //! newest checkpoint. A lost node lease ends the generation too (every
-//! rank's record goes with it): the node registers again and every rank
-//! process starts again under the new lease. A rank process that exits
+//! rank's record goes with it): the rank processes stop at once, and once
+//! the node is registered again they start again under the new lease. A rank process that exits
 //! cleanly (no job needs it, with `--exit-when-idle`) is not started
 //! again. A node that dies takes every slot with it (its lease expires),
 //! and so does this supervisor: its rank processes get SIGTERM when it
@@ -109,6 +109,9 @@ struct Slot {
     /// When a dead slot starts again.
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// Whether the record of its last process is gone (false after a
+    /// death until the removal succeeds).
+    removed: bool,
 }
 
 /// Runs the node's rank processes until they all leave (they exit 0 once
@@ -149,9 +152,12 @@ fn supervise_slots(
             deaths: VecDeque::new(),
             restart_at: None,
             backoff: FIRST_BACKOFF,
+            removed: true,
         })
         .collect();
     let mut epoch = agent.epoch();
+    // Slots stopped because the node's lease was lost, to start again.
+    let mut held: Vec<u32> = Vec::new();
     for slot in &mut slots {
         slot.child = Some(start(plan, agent, slot.index, &args)?);
     }
@@ -168,18 +174,27 @@ fn supervise_slots(
             stop_all(&mut slots);
             return Ok(());
         }
-        if agent.epoch() != epoch {
+        let lost = agent.lease_lost();
+        if lost || agent.epoch() != epoch {
             // The node's lease was lost, and every rank's record with it:
-            // each running rank process starts again under the new one.
+            // the leader hands their work to others, so they stop now and
+            // start again under the new lease.
+            if slots.iter().any(|s| s.child.is_some()) {
+                tracing::warn!("the node's lease was lost; stopping its rank processes");
+                held.extend(slots.iter().filter(|s| s.child.is_some()).map(|s| s.index));
+                stop_all(&mut slots);
+            }
+            // Whatever they registered went with the lease.
+            slots.iter_mut().for_each(|s| s.removed = true);
+        }
+        if lost {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if agent.epoch() != epoch {
             epoch = agent.epoch();
             tracing::warn!("the node registered again; starting its rank processes again");
-            let running: Vec<u32> = slots
-                .iter()
-                .filter(|s| s.child.is_some())
-                .map(|s| s.index)
-                .collect();
-            stop_all(&mut slots);
-            for index in running {
+            for index in held.drain(..) {
                 slots[index as usize].child = Some(start(plan, agent, index, &args)?);
             }
         }
@@ -188,8 +203,17 @@ fn supervise_slots(
         let now = Instant::now();
         for slot in &mut slots {
             if slot.restart_at.is_some_and(|t| now >= t) {
-                slot.restart_at = None;
-                slot.child = Some(start(plan, agent, slot.index, &args)?);
+                // Not before the dead process's record is gone: a removal
+                // landing late would take the new one's.
+                if !slot.removed {
+                    slot.removed = remove_rank(runtime, agent, slot.index);
+                }
+                if slot.removed {
+                    slot.restart_at = None;
+                    slot.child = Some(start(plan, agent, slot.index, &args)?);
+                } else {
+                    slot.restart_at = Some(now + FIRST_BACKOFF);
+                }
             }
             if slot.restart_at.is_some() {
                 running += 1;
@@ -218,21 +242,7 @@ fn supervise_slots(
                     tracing::warn!(slot = slot.index, pid = child.id(), %status, backoff = ?slot.backoff, "rank process died; starting it again");
                     slot.child = None;
                     // Its generation ends now, not when its peers notice.
-                    let removed = runtime.block_on(async {
-                        tokio::time::timeout(REMOVE_TIMEOUT, agent.remove_rank(slot.index)).await
-                    });
-                    match removed {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(slot = slot.index, error = %e, "could not remove the dead rank's record")
-                        }
-                        Err(_) => {
-                            tracing::warn!(
-                                slot = slot.index,
-                                "removing the dead rank's record timed out"
-                            )
-                        }
-                    }
+                    slot.removed = remove_rank(runtime, agent, slot.index);
                     slot.deaths.push_back(now);
                     while slot
                         .deaths
@@ -268,6 +278,27 @@ fn supervise_slots(
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Removes the record of slot `index`'s dead rank process, waiting at most
+/// `REMOVE_TIMEOUT`; whether it is gone.
+fn remove_rank(runtime: &tokio::runtime::Runtime, agent: &NodeAgent, index: u32) -> bool {
+    let removed = runtime
+        .block_on(async { tokio::time::timeout(REMOVE_TIMEOUT, agent.remove_rank(index)).await });
+    match removed {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(slot = index, error = %e, "could not remove the dead rank's record; trying again before it starts");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                slot = index,
+                "removing the dead rank's record timed out; trying again before it starts"
+            );
+            false
+        }
     }
 }
 

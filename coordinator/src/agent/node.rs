@@ -10,10 +10,12 @@
 //! - a rank process that dies is removed at once by the agent (its key is
 //!   deleted, so its generation ends on the leader's next tick), and the
 //!   process started again registers under the same identity;
-//! - a lost node lease is registered again, and the agent's caller starts
-//!   every rank process again under the new one ([`NodeAgent::epoch`]).
+//! - a lost node lease stops the node's rank processes at once (the
+//!   leader gives their work to others, so they must not train on), and
+//!   once the node is registered again they start under the new lease
+//!   ([`NodeAgent::lease_lost`], [`NodeAgent::epoch`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +136,8 @@ pub struct NodeAgent {
     ranks: Vec<(String, String)>,
     /// How many times the lease was lost and registered again.
     epoch: AtomicU64,
+    /// Set from the lease's loss until the node is registered again.
+    lost: AtomicBool,
 }
 
 impl NodeAgent {
@@ -178,6 +182,7 @@ impl NodeAgent {
             hold,
             ranks,
             epoch: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
         })
     }
 
@@ -205,9 +210,15 @@ impl NodeAgent {
     }
 
     /// Rises each time the node's lease was lost and registered again:
-    /// every rank process then starts again under the new one.
+    /// the rank processes stopped then start again under the new one.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether the node's lease is lost and not yet registered again: the
+    /// node is out of the cluster, and its rank processes must not run.
+    pub fn lease_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// Keeps the node's lease alive for as long as the future runs; a lease
@@ -224,6 +235,7 @@ impl NodeAgent {
                     heartbeat_until_lost(coordinators, &self.agent_id, self.ttl, |_| {}).await
                 }
             };
+            self.lost.store(true, Ordering::SeqCst);
             tracing::error!(agent = %self.agent_id, %reason, "the node's lease was lost; registering the node again");
             let mut attempt = 0;
             while let Err(e) = self.register_again().await {
@@ -232,6 +244,7 @@ impl NodeAgent {
                 attempt += 1;
             }
             self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.lost.store(false, Ordering::SeqCst);
         }
     }
 

@@ -186,20 +186,21 @@ impl Control {
     }
 
     /// Takes a live worker out of service (a node's agent: every rank
-    /// process of its node); the job it trains in, if any.
+    /// process of its node, now and started again later, for as long as
+    /// the agent's lease lives); the job it trains in, if any.
     pub(crate) async fn drain(&self, worker_id: &str) -> Result<Option<String>, Status> {
         let live = self.live_workers().await.map_err(store_status)?;
         let Some(record) = live.get(worker_id) else {
             return Err(Status::not_found(format!("no live worker {worker_id}")));
         };
-        let drained: Vec<&str> = if record.is_node_agent() {
-            live.values()
-                .filter(|w| w.node_agent == worker_id)
-                .map(|w| w.worker_id.as_str())
-                .collect()
-        } else {
-            vec![worker_id]
-        };
+        let mut drained = vec![worker_id];
+        if record.is_node_agent() {
+            drained.extend(
+                live.values()
+                    .filter(|w| w.node_agent == worker_id)
+                    .map(|w| w.worker_id.as_str()),
+            );
+        }
         let mut view = self.lead().await?;
         for id in &drained {
             self.mark_drained(&mut view, id).await?;

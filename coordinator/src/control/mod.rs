@@ -180,6 +180,14 @@ impl View {
     /// checkpoint to change size, if it should: one of its members is
     /// drained, it is above its (scaled) `max_workers`, or free workers
     /// would make it larger while no other job waits for workers.
+    /// Whether `record`'s worker is drained, or belongs to a drained
+    /// node (its agent's id is marked, so a rank process started again
+    /// under the node stays out too).
+    fn is_drained(&self, record: &WorkerRecord) -> bool {
+        self.drained.contains(&record.worker_id)
+            || (!record.node_agent.is_empty() && self.drained.contains(&record.node_agent))
+    }
+
     fn resize_reason(&self, job: &JobRecord) -> Option<Resize> {
         if job.state != JobState::Running {
             return None;
@@ -225,10 +233,7 @@ impl View {
         let offered: Vec<_> = self
             .subscribers
             .values()
-            .filter(|s| {
-                s.busy == generation
-                    || (s.busy.is_none() && !self.drained.contains(&s.record.worker_id))
-            })
+            .filter(|s| s.busy == generation || (s.busy.is_none() && !self.is_drained(&s.record)))
             .map(Subscriber::candidate)
             .collect();
         let grown = crate::rendezvous::size(&job.policy, &offered)?;

@@ -174,7 +174,7 @@ impl Control {
         let mut pool: Vec<Candidate> = view
             .subscribers
             .values()
-            .filter(|s| s.busy.is_none() && !view.drained.contains(&s.record.worker_id))
+            .filter(|s| s.busy.is_none() && !view.is_drained(&s.record))
             .map(|s| s.candidate())
             .collect();
         rendezvous::rank_order(&mut pool);
