@@ -28,11 +28,7 @@ impl OtlpCollector {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((stream, _)) => {
-                            if let Some(body) = answer(stream) {
-                                bodies.lock().unwrap().push(body);
-                            }
-                        }
+                        Ok((stream, _)) => answer(stream, &bodies),
                         Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
@@ -66,8 +62,14 @@ impl Drop for OtlpCollector {
     }
 }
 
-/// Reads one request and answers it; its body if it was a traces POST.
-fn answer(mut stream: TcpStream) -> Option<String> {
+/// Reads one request and answers it, keeping its body first if it was a
+/// traces POST: the exporter hears `200` only once the body is kept, so a
+/// caller that waited for its exporter sees every body it sent.
+fn answer(stream: TcpStream, bodies: &Mutex<Vec<String>>) {
+    let _ = answer_one(stream, bodies);
+}
+
+fn answer_one(mut stream: TcpStream, bodies: &Mutex<Vec<String>>) -> Option<()> {
     stream.set_nonblocking(false).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -94,6 +96,11 @@ fn answer(mut stream: TcpStream) -> Option<String> {
     } else {
         b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
     };
-    stream.write_all(status).ok()?;
-    traces.then(|| String::from_utf8_lossy(&body).into_owned())
+    if traces {
+        bodies
+            .lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&body).into_owned());
+    }
+    stream.write_all(status).ok()
 }
