@@ -42,7 +42,7 @@ pub fn nccl_available() -> bool {
     // SAFETY: only tries to open the libraries.
     let libs =
         unsafe { cudarc::driver::sys::is_culib_present() && cudarc::nccl::sys::is_culib_present() };
-    libs && tch::Cuda::device_count() > 0
+    libs && samtrain_torchext::cuda::device_count() > 0
 }
 
 fn nccl_error(op: &'static str, e: result::NcclError) -> CollectiveError {

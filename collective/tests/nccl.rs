@@ -12,7 +12,7 @@ fn nccl_sums_gathers_and_broadcasts_on_gpus() {
         return;
     }
     // One rank per GPU (NCCL refuses two ranks on one device).
-    let world = tch::Cuda::device_count().min(4);
+    let world = samtrain_torchext::cuda::device_count().min(4);
     let id = NcclId::from_bytes(NcclId::new().unwrap().as_bytes()).unwrap();
     let handles: Vec<_> = (0..world)
         .map(|rank| {

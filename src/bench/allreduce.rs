@@ -279,7 +279,7 @@ fn connect(args: &AllreduceArgs, rank: usize) -> Result<(Arc<dyn Collective>, De
                     NcclId::from_bytes(&bytes)?
                 }
             };
-            let gpus = tch::Cuda::device_count();
+            let gpus = samtrain_torchext::cuda::device_count();
             ensure!(gpus > 0, "the NCCL backend needs a CUDA device");
             let device = rank % gpus as usize;
             let comm = NcclCollective::new(rank as i64, args.ranks as i64, device, &id)?;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, Subcommand};
 use samtrain_model::generation::{generate, GenerationConfig, PenaltyScope};
 use samtrain_model::plan::{self, PlanInput};
@@ -229,14 +229,21 @@ fn print_plan(args: &PlanArgs) -> Result<()> {
 }
 
 fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::cuda_if_available()),
+    let index = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            Some(Ok(i)) => i,
             _ => bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
         },
-    }
+    };
+    let gpus = samtrain_torchext::cuda::require().with_context(|| format!("--device {name}"))?;
+    ensure!(
+        (index as i64) < gpus,
+        "--device {name}: libtorch sees {gpus} GPU(s), cuda:0 to cuda:{}",
+        gpus - 1
+    );
+    Ok(Device::Cuda(index))
 }
 
 /// Reads the named input tensors of `samtrain model forward`.

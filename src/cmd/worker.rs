@@ -141,7 +141,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 fn slot_count(slots: &str, device: DeviceKind) -> Result<u32> {
     let n = match slots {
         "gpus" if device == DeviceKind::Cpu => 1,
-        "gpus" => tch::Cuda::device_count().max(1) as u32,
+        "gpus" => samtrain_torchext::cuda::device_count().max(1) as u32,
         n => n.parse::<u32>().map_err(|_| {
             anyhow::anyhow!("--slots must be `gpus` or a number of ranks, not `{n}`")
         })?,
@@ -150,7 +150,7 @@ fn slot_count(slots: &str, device: DeviceKind) -> Result<u32> {
         anyhow::bail!("--slots must be from 1 to {MAX_SLOTS}, got {n}");
     }
     // On a GPU, one rank per GPU: NCCL cannot put two ranks on one.
-    let gpus = tch::Cuda::device_count().max(0) as u32;
+    let gpus = samtrain_torchext::cuda::device_count().max(0) as u32;
     if n > 1 && device != DeviceKind::Cpu && gpus > 0 && n > gpus {
         anyhow::bail!(
             "--slots {n} but this machine has {gpus} GPUs: one rank per GPU (or --device cpu)"

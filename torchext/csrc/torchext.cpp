@@ -11,10 +11,14 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <dlfcn.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace {
@@ -192,6 +196,44 @@ char* torchext_autocast_exit(int cuda, int prev_enabled, int prev_dtype) {
       at::autocast::clear_cache();
     }
   })
+}
+
+// A CPU uint8 tensor of `len` bytes in page-locked memory (through the
+// CUDA host allocator, which keeps freed blocks for reuse), into `out`.
+char* torchext_pinned_bytes(int64_t len, at::Tensor** out) {
+  TORCHEXT_GUARD({
+    *out = new at::Tensor(at::empty(
+        {len}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+  })
+}
+
+// Loads libtorch_cuda.so from the folder of the libtorch_cpu.so this
+// process runs, once, with its symbols global: its static initialisers
+// register CUDA with libtorch. The linker drops it from binaries (they
+// reference none of its symbols, and Rust links with --as-needed), so
+// without this call libtorch sees no GPU. `*loaded` is 0 when that folder
+// has no libtorch_cuda.so (a CPU-only libtorch), 1 once it is loaded.
+char* torchext_load_cuda(int* loaded) {
+  *loaded = 0;
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&at::globalContext), &info) == 0 ||
+      info.dli_fname == nullptr) {
+    return copy_message("cannot find the file libtorch_cpu was loaded from");
+  }
+  std::string path(info.dli_fname);
+  size_t slash = path.rfind('/');
+  std::string cuda =
+      (slash == std::string::npos ? std::string(".") : path.substr(0, slash)) +
+      "/libtorch_cuda.so";
+  if (access(cuda.c_str(), F_OK) != 0) {
+    return nullptr;
+  }
+  if (dlopen(cuda.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    return copy_message(why != nullptr ? why : cuda.c_str());
+  }
+  *loaded = 1;
+  return nullptr;
 }
 
 }  // extern "C"

@@ -12,6 +12,8 @@ pub type RawTensor = c_void;
 
 extern "C" {
     pub fn torchext_free_error(message: *mut c_char);
+    pub fn torchext_load_cuda(loaded: *mut c_int) -> *mut c_char;
+    pub fn torchext_pinned_bytes(len: i64, out: *mut *mut RawTensor) -> *mut c_char;
     pub fn torchext_fused_adamw(
         params: *const *const RawTensor,
         grads: *const *const RawTensor,

@@ -10,12 +10,15 @@
 //!   or the CPU, where tch's `autocast` has CUDA's default, fp16, only;
 //! - [`set_grad_ready_hook`]: a Rust closure run as autograd accumulates a
 //!   leaf's gradient, so that data parallelism can start a bucket's
-//!   all-reduce while backward goes on.
+//!   all-reduce while backward goes on;
+//! - [`cuda`]: libtorch's CUDA backend, loaded at run time, and the GPUs it
+//!   sees.
 //!
 //! C++ exceptions never cross into Rust: each call returns libtorch's message
 //! as a [`TorchExtError`].
 
 mod autocast;
+pub mod cuda;
 mod ffi;
 mod foreach;
 mod fused_adamw;

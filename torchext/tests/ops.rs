@@ -141,9 +141,32 @@ impl Drop for Alive {
     }
 }
 
+/// The first GPU, or `None` with a message saying the test is skipped.
+fn cuda() -> Option<Device> {
+    if samtrain_torchext::cuda::is_available() {
+        Some(Device::Cuda(0))
+    } else {
+        eprintln!("skipped: no CUDA device");
+        None
+    }
+}
+
 #[test]
 fn grad_ready_hooks_run_after_accumulation_in_backward_order() {
-    let opts = (Kind::Float, Device::Cpu);
+    grad_ready_hooks_on(Device::Cpu);
+}
+
+/// On CUDA the hooks run on autograd's thread for the device, not the
+/// caller's: the same order and the same gradients all the same.
+#[test]
+fn grad_ready_hooks_run_after_accumulation_in_backward_order_on_cuda() {
+    if let Some(device) = cuda() {
+        grad_ready_hooks_on(device);
+    }
+}
+
+fn grad_ready_hooks_on(device: Device) {
+    let opts = (Kind::Float, device);
     let a = Tensor::ones([3], opts).set_requires_grad(true);
     let b = Tensor::ones([3], opts).set_requires_grad(true);
     let seen: Arc<Mutex<Vec<(&'static str, f64)>>> = Arc::default();
@@ -187,13 +210,26 @@ fn grad_ready_hooks_run_after_accumulation_in_backward_order() {
 
 #[test]
 fn autocast_computes_in_the_chosen_dtype_and_restores() {
-    let opts = (Kind::Float, Device::Cpu);
+    autocast_on(Device::Cpu);
+}
+
+/// CUDA's autocast has a dtype of its own (float16 unless set): bf16 must
+/// be bf16 there too.
+#[test]
+fn autocast_computes_in_the_chosen_dtype_and_restores_on_cuda() {
+    if let Some(device) = cuda() {
+        autocast_on(device);
+    }
+}
+
+fn autocast_on(device: Device) {
+    let opts = (Kind::Float, device);
     let a = Tensor::ones([4, 4], opts);
     for kind in [Kind::BFloat16, Kind::Half] {
-        let inner = samtrain_torchext::autocast(Device::Cpu, kind, || {
+        let inner = samtrain_torchext::autocast(device, kind, || {
             // Nested: the inner region's exit must not end the outer one.
             let nested =
-                samtrain_torchext::autocast(Device::Cpu, Kind::BFloat16, || a.matmul(&a).kind())
+                samtrain_torchext::autocast(device, Kind::BFloat16, || a.matmul(&a).kind())
                     .unwrap();
             assert_eq!(nested, Kind::BFloat16);
             a.matmul(&a).kind()
@@ -204,7 +240,7 @@ fn autocast_computes_in_the_chosen_dtype_and_restores() {
     }
     // A panic inside leaves autocast off.
     let caught = std::panic::catch_unwind(|| {
-        samtrain_torchext::autocast(Device::Cpu, Kind::BFloat16, || panic!("inside")).unwrap()
+        samtrain_torchext::autocast(device, Kind::BFloat16, || panic!("inside")).unwrap()
     });
     assert!(caught.is_err());
     assert_eq!(
@@ -212,6 +248,6 @@ fn autocast_computes_in_the_chosen_dtype_and_restores() {
         Kind::Float,
         "autocast left on after a panic"
     );
-    let err = samtrain_torchext::autocast(Device::Cpu, Kind::Float, || ()).unwrap_err();
+    let err = samtrain_torchext::autocast(device, Kind::Float, || ()).unwrap_err();
     assert!(err.to_string().contains("not a reduced precision"), "{err}");
 }

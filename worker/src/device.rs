@@ -10,7 +10,7 @@ use crate::error::TrainError;
 /// variable) when set, else the world rank modulo the devices present.
 pub fn resolve_device(kind: DeviceKind, rank: u32) -> Result<Device, TrainError> {
     let cuda = || {
-        let count = tch::Cuda::device_count().max(1) as usize;
+        let count = samtrain_torchext::cuda::device_count().max(1) as usize;
         let index = std::env::var("LOCAL_RANK")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
@@ -19,12 +19,14 @@ pub fn resolve_device(kind: DeviceKind, rank: u32) -> Result<Device, TrainError>
     };
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda if !tch::Cuda::is_available() => Err(TrainError::config(
-            "training.device",
-            "is `cuda` but libtorch sees no CUDA device here",
-        )),
-        DeviceKind::Cuda => Ok(cuda()),
-        DeviceKind::Auto if tch::Cuda::is_available() => Ok(cuda()),
+        DeviceKind::Cuda => match samtrain_torchext::cuda::require() {
+            Ok(_) => Ok(cuda()),
+            Err(e) => Err(TrainError::config(
+                "training.device",
+                format!("is `cuda` but {e}"),
+            )),
+        },
+        DeviceKind::Auto if samtrain_torchext::cuda::is_available() => Ok(cuda()),
         DeviceKind::Auto => Ok(Device::Cpu),
     }
 }

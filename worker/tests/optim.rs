@@ -1,7 +1,8 @@
 //! AdamW and gradient clipping against PyTorch (`torch.optim.AdamW`,
 //! `torch.nn.utils.clip_grad_norm_`) on the same parameters and gradients,
 //! through the venv's python: bit for bit against `fused=True` (the same
-//! libtorch kernel), to float rounding against the per-tensor loop.
+//! libtorch kernel), to float rounding against the per-tensor loop; on the
+//! CPU, and on a GPU where there is one.
 
 mod common;
 
@@ -21,9 +22,9 @@ const CONFIG: AdamWConfig = AdamWConfig {
 };
 
 /// A matrix (decays) and a vector (does not), with gradients that change
-/// every step, written where python reads them.
-fn setup() -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
-    let opts = (Kind::Float, Device::Cpu);
+/// every step, on `device`.
+fn setup(device: Device) -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
+    let opts = (Kind::Float, device);
     let w = (Tensor::arange(12, opts).view([4, 3]) * 0.37).sin();
     let b = (Tensor::arange(3, opts) * 1.3).cos();
     let params = vec![
@@ -48,7 +49,7 @@ fn setup() -> (Vec<(String, Tensor)>, Vec<Vec<Tensor>>) {
 const SCRIPT: &str = r#"
 import sys, math, torch
 from safetensors.torch import load_file, save_file
-t = load_file(sys.argv[1])
+t = {k: v.to(sys.argv[4]) for k, v in load_file(sys.argv[1]).items()}
 lrs = [float(x) for x in sys.argv[3].split(',')]
 def train(**impl):
     w = torch.nn.Parameter(t['w'].clone()); b = torch.nn.Parameter(t['b'].clone())
@@ -67,21 +68,35 @@ out.update({'w': w.detach(), 'b': b.detach(), 'mw': st[w]['exp_avg'], 'vw': st[w
             'mb': st[b]['exp_avg'], 'vb': st[b]['exp_avg_sq']})
 norm = torch.nn.utils.clip_grad_norm_([w, b], 0.5)
 out['norm'] = norm.reshape(1); out['cw'] = w.grad; out['cb'] = b.grad
-save_file(out, sys.argv[2])
+save_file({k: v.cpu().contiguous() for k, v in out.items()}, sys.argv[2])
 "#;
 
 #[test]
 fn adamw_and_clipping_equal_torch() {
+    adamw_and_clipping_equal_torch_on(Device::Cpu);
+}
+
+/// CUDA's fused AdamW kernel is another kernel than the CPU's: the same
+/// check, on the GPU, against torch on the GPU.
+#[test]
+fn adamw_and_clipping_equal_torch_on_cuda() {
+    if !samtrain_torchext::cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    adamw_and_clipping_equal_torch_on(Device::Cuda(0));
+}
+
+fn adamw_and_clipping_equal_torch_on(device: Device) {
     let dir = tempfile::tempdir().unwrap();
-    let (params, grads) = setup();
+    let (params, grads) = setup(device);
+    let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
     let lrs: Vec<f64> = (0..STEPS).map(|s| 1e-2 * (1.0 + s as f64) / 3.0).collect();
-    let mut inputs: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, p)| (n.clone(), p.detach().copy()))
-        .collect();
+    let mut inputs: Vec<(String, Tensor)> =
+        params.iter().map(|(n, p)| (n.clone(), cpu(p))).collect();
     for (s, g) in grads.iter().enumerate() {
-        inputs.push((format!("gb{s}"), g[0].copy()));
-        inputs.push((format!("gw{s}"), g[1].copy()));
+        inputs.push((format!("gb{s}"), cpu(&g[0])));
+        inputs.push((format!("gw{s}"), cpu(&g[1])));
     }
     let input = dir.path().join("in.safetensors");
     let output = dir.path().join("out.safetensors");
@@ -96,6 +111,7 @@ fn adamw_and_clipping_equal_torch() {
         .arg(&input)
         .arg(&output)
         .arg(&lr_arg)
+        .arg(if device.is_cuda() { "cuda" } else { "cpu" })
         .output()
         .expect("run the venv's python");
     assert!(
@@ -106,6 +122,7 @@ fn adamw_and_clipping_equal_torch() {
     let want: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
         .unwrap()
         .into_iter()
+        .map(|(n, t)| (n, t.to_device(device)))
         .collect();
 
     let mut opt = AdamW::new(&params, CONFIG);
