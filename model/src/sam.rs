@@ -438,12 +438,18 @@ impl SamModel {
     fn fused_context(&self, e: &Tensor, real: &Tensor, b: i64, n: i64) -> Tensor {
         let (p, v) = (e.size()[1], e.size()[2]);
         let scores = self.guidance.adaptive_adjustment.forward(e).squeeze_dim(-1);
-        let opts = (e.kind(), e.device());
-        let all_scores = Tensor::full([b * n, p], f64::NEG_INFINITY, opts)
-            .index_copy(0, real, &scores)
-            .view([b, n, p]);
+        // Each buffer takes the dtype of what is copied into it: under CUDA's
+        // autocast the Linear's scores are bf16 while `e`, a LayerNorm's
+        // output, stays fp32, and index_copy wants one dtype.
+        let all_scores = Tensor::full(
+            [b * n, p],
+            f64::NEG_INFINITY,
+            (scores.kind(), scores.device()),
+        )
+        .index_copy(0, real, &scores)
+        .view([b, n, p]);
         let weights = all_scores.softmax(1, e.kind()).unsqueeze(-1);
-        let features = Tensor::zeros([b * n, p, v], opts)
+        let features = Tensor::zeros([b * n, p, v], (e.kind(), e.device()))
             .index_copy(0, real, e)
             .view([b, n, p, v]);
         (weights * features).sum_dim_intlist(1, false, e.kind())

@@ -176,6 +176,98 @@ fn bf16_logits_are_as_close_to_fp32_as_transformers_bf16() {
     );
 }
 
+/// `[training] bf16` (autocast over fp32 weights, on by default on CUDA)
+/// through every part of SAM: guidance's adaptive adjustment, the images'
+/// scatter into their query slots, a step's backward on the tape; the loss
+/// and gradients close to fp32's.
+#[test]
+fn bf16_autocast_trains_sam_with_guidance_close_to_fp32() {
+    bf16_autocast_case(Device::Cpu);
+}
+
+/// The same on a GPU, whose autocast keeps more ops (LayerNorm among them)
+/// in fp32 than the CPU's does, so that tensors of two dtypes meet.
+#[test]
+fn bf16_autocast_trains_sam_with_guidance_close_to_fp32_on_cuda() {
+    if !samtrain_torchext::cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    bf16_autocast_case(Device::Cuda(0));
+}
+
+fn bf16_autocast_case(device: Device) {
+    let mut config: SamConfig = serde_json::from_str(SMALL).unwrap();
+    config.samtrain.guidance = true;
+    config.samtrain.lora = None;
+    config.samtrain.trainable.all = true;
+    let m = LoadedModel::init_as(&config, device, None, Kind::Float).unwrap();
+    let params = trainable::apply(&m.vs, &m.model.config.samtrain);
+    // Two samples, one with a padded image slot.
+    let (inputs, labels) = random_batch(&config, 2, 3, 8);
+    let inputs = SamInputs {
+        pixel_values: inputs.pixel_values.to_device(device),
+        image_mask: Some(Tensor::from_slice2(&[[1i64, 1, 1], [1, 1, 0]]).to_device(device)),
+        qformer_input_ids: inputs.qformer_input_ids.to_device(device),
+        qformer_attention_mask: None,
+        input_ids: inputs.input_ids.to_device(device),
+        attention_mask: None,
+        dropout: None,
+    };
+    let labels = labels.to_device(device);
+    let step = |autocast: bool| {
+        for (_, t) in &params {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let mut tape = GradTape::default();
+        let loss = if autocast {
+            samtrain_torchext::autocast(device, Kind::BFloat16, || {
+                m.model.loss(&inputs, &labels, Some(&mut tape))
+            })
+            .unwrap()
+        } else {
+            m.model.loss(&inputs, &labels, Some(&mut tape))
+        }
+        .unwrap();
+        tape.backward(&loss.total, None).unwrap();
+        let grads: Vec<Tensor> = params.iter().map(|(_, t)| t.grad().copy()).collect();
+        (loss.total.double_value(&[]), grads)
+    };
+    let (fp32, fp32_grads) = step(false);
+    let (bf16, bf16_grads) = step(true);
+    assert!(
+        (bf16 - fp32).abs() <= 2e-2 * fp32.abs(),
+        "loss under bf16 autocast {bf16} vs fp32 {fp32}"
+    );
+    // Gradients that are zero in exact arithmetic (a key's bias moves no
+    // softmax) are rounding noise in both: compared are those within a
+    // thousandth of the largest norm.
+    let norm = |t: &Tensor| t.norm().double_value(&[]);
+    let largest = fp32_grads.iter().map(norm).fold(0.0, f64::max);
+    let mut compared = 0;
+    for (((name, _), a), b) in params.iter().zip(&bf16_grads).zip(&fp32_grads) {
+        assert_eq!(a.kind(), Kind::Float, "{name}");
+        assert!(a.isfinite().all().int64_value(&[]) == 1, "{name}");
+        if norm(b) < 1e-3 * largest {
+            continue;
+        }
+        let cos = (a * b).sum(Kind::Float).double_value(&[]) / (norm(a) * norm(b));
+        assert!(
+            cos > 0.95,
+            "{name}: bf16 gradient's cosine with fp32's is {cos}"
+        );
+        compared += 1;
+    }
+    assert!(
+        compared * 2 > params.len(),
+        "{compared} of {} compared",
+        params.len()
+    );
+}
+
 /// A batch for `config`: `b` samples of `n` images and `t` text tokens.
 fn random_batch(config: &SamConfig, b: i64, n: i64, t: i64) -> (SamInputs, Tensor) {
     let s = config.vision_config.image_size;
