@@ -202,7 +202,8 @@ pub(crate) struct Encoded {
 /// Tensors are laid out by decreasing element size, so every tensor starts
 /// at a multiple of its element size, as memory-mapping readers want. Its
 /// checksum is the header's combined with the tensors' own, computed when
-/// they were staged: the bytes are not read again.
+/// they were staged (CPU tensors: their bytes are not read again) or here
+/// (GPU tensors, whose staging is a DMA copy).
 pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     let mut order: Vec<&Staged> = tensors.iter().collect();
     order.sort_by_key(|s| std::cmp::Reverse(s.entry.dtype.size()));
@@ -232,7 +233,7 @@ pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&first);
     for s in &order {
-        crc.combine(&s.crc);
+        crc.combine(&s.crc());
     }
     let chunks: Vec<Bytes> = std::iter::once(Bytes::from(first))
         .chain(order.iter().map(|s| s.data.clone()))

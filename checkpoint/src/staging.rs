@@ -1,20 +1,24 @@
 //! Staging: the copy of a rank's tensors into CPU memory the checkpoint
 //! owns, the one part of a save training waits for.
 //!
-//! Two things keep it short. The memory is kept between saves
+//! Three things keep it short. The memory is kept between saves
 //! ([`StagingPool`]): a save of the same tensors copies into buffers whose
 //! pages are already mapped, where a fresh allocation of this size is
 //! mapped by the kernel and faulted in page by page on first touch (most
-//! of a save's time before the pool). And each tensor's CRC-32 is computed
+//! of a save's time before the pool). Each CPU tensor's CRC-32 is computed
 //! piece by piece right after the piece is copied, while it is still in
 //! the cache, so the upload needs no further pass over the bytes: a file's
-//! checksum is its header's combined with its tensors'.
+//! checksum is its header's combined with its tensors'. And a GPU tensor is
+//! copied straight into page-locked ("pinned") memory, which the GPU fills
+//! by DMA at the bus's speed, where pageable memory goes through the
+//! driver's bounce buffer at a fraction of it; its checksum is left to the
+//! upload, which runs while training goes on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::CheckpointError;
 use crate::format::{dtype_of, TensorEntry};
@@ -27,13 +31,58 @@ const PIECE: usize = 1 << 20;
 pub(crate) struct Staged {
     pub entry: TensorEntry,
     pub data: Bytes,
-    /// CRC-32 of `data`.
-    pub crc: crc32fast::Hasher,
+    /// CRC-32 of `data`, when staging computed it (CPU tensors).
+    pub crc: Option<crc32fast::Hasher>,
 }
 
-/// Staging buffers of finished saves, by length, for the next save of the
-/// same tensors. It keeps at most as many bytes as the largest save staged
-/// so far: the memory of one save stays mapped between saves, no more.
+impl Staged {
+    /// CRC-32 of `data`: staging's, or computed now.
+    pub fn crc(&self) -> crc32fast::Hasher {
+        self.crc.clone().unwrap_or_else(|| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&self.data);
+            crc
+        })
+    }
+}
+
+/// Memory a tensor is staged in.
+enum Buffer {
+    Heap(Vec<u8>),
+    /// A CPU uint8 tensor in page-locked memory.
+    Pinned(Tensor),
+}
+
+impl Buffer {
+    fn len(&self) -> usize {
+        match self {
+            Buffer::Heap(v) => v.len(),
+            Buffer::Pinned(t) => t.numel(),
+        }
+    }
+
+    fn is_pinned(&self) -> bool {
+        matches!(self, Buffer::Pinned(_))
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Buffer::Heap(v) => v,
+            // SAFETY: a contiguous CPU uint8 tensor of numel() bytes that
+            // this buffer owns and nothing writes while it is shared.
+            Buffer::Pinned(t) => unsafe {
+                std::slice::from_raw_parts(t.data_ptr() as *const u8, t.numel())
+            },
+        }
+    }
+}
+
+/// Staging buffers of finished saves, by length and kind, for the next
+/// save of the same tensors. It keeps at most as many bytes as the largest
+/// save staged so far: the memory of one save stays mapped between saves,
+/// no more.
 #[derive(Default)]
 pub(crate) struct StagingPool {
     state: Mutex<PoolState>,
@@ -41,32 +90,51 @@ pub(crate) struct StagingPool {
 
 #[derive(Default)]
 struct PoolState {
-    free: HashMap<usize, Vec<Vec<u8>>>,
+    /// Kept buffers by (length, pinned).
+    free: HashMap<(usize, bool), Vec<Buffer>>,
     kept: usize,
     limit: usize,
 }
 
 impl StagingPool {
+    fn kept_buffer(&self, len: usize, pinned: bool) -> Option<Buffer> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let buf = state.free.get_mut(&(len, pinned)).and_then(Vec::pop)?;
+        state.kept -= len;
+        Some(buf)
+    }
+
     /// A buffer of `len` bytes: a kept one if there is one of that length,
     /// else a new one (zeroed by the allocator, lazily for large ones).
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(buf) = state.free.get_mut(&len).and_then(Vec::pop) {
-            state.kept -= len;
-            return buf;
+        match self.kept_buffer(len, false) {
+            Some(Buffer::Heap(v)) => v,
+            _ => vec![0u8; len],
         }
-        drop(state);
-        vec![0u8; len]
+    }
+
+    /// A page-locked buffer of `len` bytes: a kept one, else a new one;
+    /// `None` when page-locked memory can't be had.
+    fn take_pinned(&self, len: usize) -> Option<Tensor> {
+        if let Some(Buffer::Pinned(t)) = self.kept_buffer(len, true) {
+            return Some(t);
+        }
+        samtrain_torchext::cuda::pinned_bytes(len).ok()
     }
 
     /// Takes `buf` back when the pool has room for it.
-    fn give(&self, buf: Vec<u8>) {
+    fn give(&self, buf: Buffer) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if buf.is_empty() || state.kept + buf.len() > state.limit {
+        let len = buf.len();
+        if len == 0 || state.kept + len > state.limit {
             return;
         }
-        state.kept += buf.len();
-        state.free.entry(buf.len()).or_default().push(buf);
+        state.kept += len;
+        state
+            .free
+            .entry((len, buf.is_pinned()))
+            .or_default()
+            .push(buf);
     }
 
     /// Lets the pool keep a save of `bytes`.
@@ -85,24 +153,26 @@ impl StagingPool {
 /// A staging buffer that goes back to its pool when the last [`Bytes`]
 /// made from it is dropped (once its file is in the store).
 struct Pooled {
-    buf: Vec<u8>,
+    buf: Option<Buffer>,
     pool: Arc<StagingPool>,
 }
 
 impl AsRef<[u8]> for Pooled {
     fn as_ref(&self) -> &[u8] {
-        &self.buf
+        self.buf.as_ref().map_or(&[], Buffer::as_ref)
     }
 }
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        self.pool.give(std::mem::take(&mut self.buf));
+        if let Some(buf) = self.buf.take() {
+            self.pool.give(buf);
+        }
     }
 }
 
 /// Copies every tensor of `tensors` (name, tensor, split dimension) into
-/// memory of `pool`, checksumming as it goes.
+/// memory of `pool`, checksumming CPU tensors as it goes.
 pub(crate) fn stage_all(
     pool: &Arc<StagingPool>,
     tensors: &[(&str, &Tensor, Option<i64>)],
@@ -130,16 +200,45 @@ fn stage(
     };
     let kind = t.f_kind().map_err(|e| fail(e.to_string()))?;
     let dtype = dtype_of(kind).ok_or_else(|| fail(format!("{kind:?} has no safetensors dtype")))?;
+    let entry = TensorEntry {
+        name: name.to_owned(),
+        dtype,
+        shape: t.size(),
+        shard_dim,
+    };
     let t = t.detach();
-    // From an accelerator the bytes go through one CPU temporary.
-    let t = if t.device() == Device::Cpu {
+    let len = t.numel() * kind.elt_size_in_bytes();
+    let device = t.device();
+    if device != Device::Cpu && len > 0 {
+        if let Some(pinned) = pool.take_pinned(len) {
+            // The tensor's bytes, as one flat uint8 tensor on its device.
+            let bytes = t
+                .f_contiguous()
+                .and_then(|c| c.f_reshape([-1]))
+                .and_then(|c| c.f_view_dtype(Kind::Uint8))
+                .map_err(|e| fail(e.to_string()))?;
+            // A blocking copy: the bytes are in place when it returns.
+            let mut pinned = pinned;
+            pinned.f_copy_(&bytes).map_err(|e| fail(e.to_string()))?;
+            return Ok(Staged {
+                entry,
+                data: Bytes::from_owner(Pooled {
+                    buf: Some(Buffer::Pinned(pinned)),
+                    pool: pool.clone(),
+                }),
+                crc: None,
+            });
+        }
+    }
+    // From an accelerator without page-locked memory, the bytes go through
+    // one CPU temporary.
+    let t = if device == Device::Cpu {
         t
     } else {
         t.f_to_device(Device::Cpu)
             .map_err(|e| fail(e.to_string()))?
     };
     let t = t.f_contiguous().map_err(|e| fail(e.to_string()))?;
-    let len = t.numel() * kind.elt_size_in_bytes();
     let mut buf = pool.take(len);
     let mut crc = crc32fast::Hasher::new();
     if len > 0 {
@@ -153,17 +252,12 @@ fn stage(
         }
     }
     Ok(Staged {
-        entry: TensorEntry {
-            name: name.to_owned(),
-            dtype,
-            shape: t.size(),
-            shard_dim,
-        },
+        entry,
         data: Bytes::from_owner(Pooled {
-            buf,
+            buf: Some(Buffer::Heap(buf)),
             pool: pool.clone(),
         }),
-        crc,
+        crc: Some(crc),
     })
 }
 
@@ -189,7 +283,7 @@ mod tests {
         assert_eq!(second[1].entry.shard_dim, Some(1));
         let expected: Vec<u8> = (0..10i64).flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(&second[1].data[..], &expected[..]);
-        assert_eq!(second[1].crc.clone().finalize(), crc32fast::hash(&expected));
+        assert_eq!(second[1].crc().finalize(), crc32fast::hash(&expected));
     }
 
     #[test]

@@ -408,3 +408,48 @@ fn local_saves_write_into_the_files_retention_removed() {
     assert_eq!(std::fs::read(&backup).unwrap(), before);
     assert_ne!(std::fs::metadata(params(5)).unwrap().ino(), first);
 }
+
+/// GPU tensors stage into page-locked memory (their checksum computed by
+/// the upload): the checkpoint of tensors of several dtypes loads back bit
+/// for bit, and verifies, save after save.
+#[test]
+fn gpu_tensors_round_trip_through_pinned_staging() {
+    if !samtrain_torchext::cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let gpu = tch::Device::Cuda(0);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().join("ckpt").to_str().unwrap(), 1);
+    for step in 1..=3u64 {
+        let mut s = state(step, 0, 1, step as i64);
+        s.tensors.push((
+            "half".to_owned(),
+            Tensor::randn([300, 7], (tch::Kind::BFloat16, gpu)),
+        ));
+        s.tensors.push((
+            "strided".to_owned(),
+            Tensor::randn([64, 32], (tch::Kind::Float, gpu)).transpose(0, 1),
+        ));
+        s.tensors = s
+            .tensors
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(gpu)))
+            .collect();
+        s.optimizer = s
+            .optimizer
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(gpu)))
+            .collect();
+        let expected: Vec<(String, Tensor)> = s
+            .tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu)))
+            .collect();
+        assert_eq!(save_all(&ck, s), SaveStatus::Committed);
+        let info = ck.latest().unwrap().unwrap();
+        assert_eq!(info.step, step);
+        assert_same(&ck.load(&info, 0, 1).unwrap().tensors, &expected);
+        ck.verify(&info).unwrap();
+    }
+}
