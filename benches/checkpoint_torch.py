@@ -1,5 +1,6 @@
 """torch.save / torch.load of the tensors `samtrain bench checkpoint` saves:
-the same count and shapes of f32 tensors, to a file in a local folder.
+the same count and shapes of f32 tensors, to a file in a local folder; with
+--device cuda the tensors live on the GPU and load back onto it.
 Prints one JSON object with the medians of ROUNDS rounds
 (docs/PERFORMANCE.md, "Checkpoints vs torch.save")."""
 
@@ -25,11 +26,12 @@ def main():
     p.add_argument("--tensors", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tensors = {
-        f"language_model.model.layers.{i}.mlp.up_proj.weight": torch.randn(s)
+        f"language_model.model.layers.{i}.mlp.up_proj.weight": torch.randn(s).to(args.device)
         for i, s in enumerate(shapes(args.bytes, args.tensors))
     }
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -41,7 +43,9 @@ def main():
         torch.save(tensors, path)
         save.append(time.perf_counter() - start)
         start = time.perf_counter()
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location=args.device, weights_only=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         load.append(time.perf_counter() - start)
         assert len(loaded) == len(tensors)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
@@ -50,6 +54,7 @@ def main():
     load_ms = statistics.median(load) * 1e3
     print(json.dumps({
         "side": "torch",
+        "device": args.device,
         "torch": torch.__version__,
         "bytes": total,
         "tensors": args.tensors,

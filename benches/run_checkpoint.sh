@@ -5,8 +5,8 @@
 #
 # Environment: BYTES (1GiB), TENSORS (16), ROUNDS (3), REPEATS (3: the two
 # sides alternate this many times, so that load from other processes spreads
-# over both), DIR (target/bench/checkpoint), DEVICE (cpu; cuda stages from
-# GPU memory on the samtrain side).
+# over both), DIR (target/bench/checkpoint), DEVICE (cpu; cuda: both sides
+# save tensors from GPU memory and load them back onto it).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,25 +40,9 @@ for ((i = 0; i < REPEATS; i++)); do
     target/release/samtrain bench checkpoint --bytes "$BYTES_N" --tensors "$TENSORS" \
         --rounds "$ROUNDS" --device "$DEVICE" --url "file://$DIR/samtrain" --json 2>/dev/null >>"$RESULTS"
     "$PY" benches/checkpoint_torch.py --bytes "$BYTES_N" --tensors "$TENSORS" \
-        --rounds "$ROUNDS" --dir "$DIR/torch" >>"$RESULTS"
+        --rounds "$ROUNDS" --device "$DEVICE" --dir "$DIR/torch" >>"$RESULTS"
 done
 rm -rf "$DIR"
 
-"$PY" - "$RESULTS" <<'PYEOF'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-side = lambda s: [r for r in rows if r["side"] == s]
-st, pt = side("samtrain"), side("torch")
-med = lambda rs, k: statistics.median(r[k] for r in rs)
-print(f"{st[0]['bytes'] / 2**20:.0f} MiB in {st[0]['tensors']} f32 tensors, "
-      f"medians of {len(st)} runs of {st[0]['rounds']} rounds each")
-# The last column is samtrain's speed over torch's: above 1, samtrain is faster.
-print(f"{'':28}{'samtrain':>12}{'torch':>12}{'speedup':>10}")
-for key, label in [("staging_ms", "training blocked (ms)"), ("save_ms", "save (ms)"),
-                   ("load_ms", "load (ms)"), ("save_gbps", "save (GB/s)"), ("load_gbps", "load (GB/s)")]:
-    a, b = med(st, key), med(pt, key)
-    speedup = a / b if key.endswith("gbps") else b / a
-    print(f"{label:28}{a:12.2f}{b:12.2f}{speedup:10.2f}")
-print(f"{'samtrain latest() (ms)':28}{med(st, 'latest_ms'):12.1f}")
-PYEOF
+"$PY" benches/checkpoint_table.py "$RESULTS"
 rm -f "$RESULTS"

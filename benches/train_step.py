@@ -17,6 +17,9 @@ samtrain with guidance off.
 Usage (flags as `samtrain bench train-step`):
   .venv/bin/python benches/train_step.py --model DIR --batch 4 --images 1 --text-len 64 \
       --qformer-len 16 --steps 10 --warmup 2 --threads 2 [--attn sdpa|eager] [--json]
+--device cuda trains on the first GPU (the batch is drawn on the CPU, as samtrain's, then
+moved); --autocast bf16|fp16 runs forward and loss under torch.autocast (AMP, weights and
+AdamW fp32, no loss scaling), as `samtrain bench train-step --autocast`.
 --gradient-checkpointing turns on transformers' activation checkpointing (in training
 mode, dropout set to 0). Two variants, not the baseline: --text-logits-only (logits at the text positions only,
 transformers' `logits_to_keep`; samtrain computes them at the supervised positions
@@ -58,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attn_implementation")
     p.add_argument(
         "--text-logits-only",
@@ -78,7 +83,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def random_batch(model, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """samtrain's batch (src/bench.rs, random_batch), in transformers' layout."""
+    """samtrain's batch (src/bench/train_step.rs, random_batch), in transformers' layout,
+    drawn on the CPU and moved to --device."""
     cfg = model.config
     b, n, nq = args.batch, args.images, cfg.num_query_tokens
     size = cfg.vision_config.image_size
@@ -92,13 +98,20 @@ def random_batch(model, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     # Placeholders first, as the processor writes them; the model scatters the query
     # outputs of every image of a sample into its placeholders, in image order.
     placeholders = torch.full((b, n * nq), cfg.image_token_index, dtype=torch.int64)
-    return {
+    batch = {
         "pixel_values": pixel_values.reshape(b * n, 3, size, size),
         # One Q-Former pass per image, each with its sample's instruction.
         "qformer_input_ids": q_ids.repeat_interleave(n, dim=0),
         "input_ids": torch.cat([placeholders, text], dim=1),
         "labels": torch.cat([torch.full_like(placeholders, IGNORE), text_labels], dim=1),
     }
+    return {k: v.to(args.device) for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    """On a GPU, waits for the queued kernels, so a clock read after it counts the work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def memory_bytes(field: str) -> int:
@@ -121,6 +134,7 @@ def main() -> None:
     # which it takes for OPT) would silently benchmark another model.
     problems = {k: sorted(v) for k, v in info.items() if v}
     assert not problems, f"{args.model} does not load cleanly into transformers: {problems}"
+    model.to(args.device)
     # eval(): samtrain has no dropout, and the Q-Former's (0.1 by default) would make
     # the two sides compute different functions. Gradients flow all the same.
     model.eval()
@@ -147,16 +161,21 @@ def main() -> None:
         assert bool((batch["labels"][:, 0] == IGNORE).all())
         batch["logits_to_keep"] = args.text_len
 
+    autocast_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     forward, backward, optimizer = [], [], []
     first_loss = None
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        loss = model(**batch).loss
+        with torch.autocast(args.device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        synchronize(args.device)
         t_forward = time.perf_counter()
         loss.backward()
+        synchronize(args.device)
         t_backward = time.perf_counter()
         opt.step()
         opt.zero_grad()
+        synchronize(args.device)
         done = time.perf_counter()
         # Read after the clock stops, as samtrain does.
         if first_loss is None:
@@ -168,6 +187,8 @@ def main() -> None:
 
     total = [f + b + o for f, b, o in zip(forward, backward, optimizer)]
     result = {
+        "device": args.device,
+        "autocast": args.autocast,
         "median_ms": statistics.median(total),
         "min_ms": min(total),
         "steps": args.steps,
@@ -193,7 +214,7 @@ def main() -> None:
         return
     print(
         f"train step (transformers {transformers.__version__}, torch {torch.__version__}, "
-        f"attn {args.attn}, text logits only {args.text_logits_only}, fused AdamW "
+        f"on {args.device}, autocast {args.autocast}, attn {args.attn}, text logits only {args.text_logits_only}, fused AdamW "
         f"{args.fused_adamw}): {result['parameters']} parameters, batch {args.batch} x "
         f"{args.images} image(s), text {args.text_len}, instruction {args.qformer_len}, "
         f"{args.threads} threads, {args.steps} steps after {args.warmup} warm-up"

@@ -113,6 +113,40 @@ fn demo_learns_what_its_images_show() {
 /// TensorBoard's own reader, hold the loss at every progress report, the
 /// save's timing and the final scores (those the run printed) with a table
 /// of example predictions.
+/// What the demo refuses, before it writes anything: a number of workers
+/// that does not share its global batch, and a GPU where libtorch sees
+/// none (each with the reason, never a panic).
+#[test]
+fn the_demo_refuses_workers_that_split_its_batch_and_gpus_it_cannot_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = samtrain(dir.path(), &["demo", "--out", "demo", "--workers", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--workers 3 does not divide the demo's global batch of 16 samples"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    if samtrain_torchext::cuda::is_available() {
+        eprintln!("skipped the CPU-only half: a GPU is here");
+        return;
+    }
+    let out = samtrain(dir.path(), &["demo", "--out", "demo", "--device", "cuda"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--device cuda")
+            && (stderr.contains("libtorch sees no CUDA device here")
+                || stderr.contains("this libtorch is built without CUDA")),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("demo/data").exists(),
+        "data written before the refusal"
+    );
+}
+
 #[test]
 fn a_local_job_writes_what_tensorboard_reads() {
     let dir = tempfile::tempdir().unwrap();

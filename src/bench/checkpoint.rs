@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use samtrain_checkpoint::{CheckpointOptions, Checkpointer, SaveStatus, ShardState};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use crate::bench::median;
+use crate::bench::{median, synchronize, BenchDevice};
 
 #[derive(Args)]
 pub struct CheckpointArgs {
@@ -29,9 +29,9 @@ pub struct CheckpointArgs {
     /// Timed save-and-load rounds; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Where the tensors live while training: `cpu` or `cuda`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where the tensors live while training.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    device: BenchDevice,
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -71,14 +71,7 @@ fn shapes(bytes: u64, count: usize) -> Vec<[i64; 2]> {
 pub fn run(args: CheckpointArgs) -> Result<()> {
     ensure!(args.tensors > 0, "--tensors must be positive");
     ensure!(args.rounds > 0, "--rounds must be positive");
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            ensure!(tch::Cuda::is_available(), "--device cuda: no CUDA device");
-            Device::Cuda(0)
-        }
-        other => bail!("--device {other}: cpu or cuda"),
-    };
+    let device = args.device.resolve()?;
     let mut options = CheckpointOptions::new(&args.url);
     options.keep = 1;
     let ck = Checkpointer::open(options).with_context(|| format!("opening {}", args.url))?;
@@ -131,6 +124,14 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
         latest.push(start.elapsed());
         let start = Instant::now();
         let loaded = ck.load(&info, 0, 1)?;
+        // Onto the device the tensors came from, as torch.load's
+        // map_location does on the other side.
+        let on_device: Vec<Tensor> = loaded
+            .tensors
+            .iter()
+            .map(|(_, t)| t.to_device(device))
+            .collect();
+        synchronize(device);
         load.push(start.elapsed());
         ensure!(
             loaded.tensors.len() == tensors.len(),
@@ -138,11 +139,8 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             loaded.tensors.len()
         );
         if round == 0 {
-            for ((name, a), (_, b)) in loaded.tensors.iter().zip(&tensors) {
-                ensure!(
-                    a.equal(&b.to_device(Device::Cpu)),
-                    "{name} differs after the round trip"
-                );
+            for (a, (name, b)) in on_device.iter().zip(&tensors) {
+                ensure!(a.equal(b), "{name} differs after the round trip");
             }
         }
     }
@@ -157,7 +155,7 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             "bytes": bytes,
             "tensors": args.tensors,
             "rounds": args.rounds,
-            "device": args.device,
+            "device": args.device.to_string(),
             "url": args.url,
             "staging_ms": staging_ms,
             "save_ms": save_ms,

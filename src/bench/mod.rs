@@ -20,7 +20,8 @@ pub mod restart;
 pub mod train_step;
 
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
+use tch::Device;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -48,6 +49,45 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Load(args) => load::run(&args),
         BenchCommand::Restart(args) => restart::run(&args),
         BenchCommand::Fetch(args) => fetch::run(&args),
+    }
+}
+
+/// Where a benchmark's tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchDevice {
+    Cpu,
+    /// The first GPU.
+    Cuda,
+}
+
+impl BenchDevice {
+    /// The tch device, or an error when `cuda` is asked for and libtorch
+    /// sees no GPU.
+    pub(crate) fn resolve(self) -> Result<Device> {
+        match self {
+            BenchDevice::Cpu => Ok(Device::Cpu),
+            BenchDevice::Cuda => {
+                samtrain_torchext::cuda::require().context("--device cuda")?;
+                Ok(Device::Cuda(0))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BenchDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BenchDevice::Cpu => "cpu",
+            BenchDevice::Cuda => "cuda",
+        })
+    }
+}
+
+/// Waits for every kernel queued on `device`, so that a clock read after
+/// it counts the work, not only its launch.
+pub(crate) fn synchronize(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
     }
 }
 

@@ -1,19 +1,20 @@
 //! `samtrain bench train-step`: one training step of a model folder
 //! (forward, backward, the trainer's AdamW, zero_grad, every parameter
 //! trainable) on a fixed random batch, to compare with the same model in transformers
-//! (`benches/train_step.py`, `benches/run_train_step.sh`).
+//! (`benches/train_step.py`, `benches/run_train_step.sh`, and on a GPU
+//! `benches/run_gpu.sh`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use samtrain_model::tape::GradTape;
 use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
 use samtrain_worker::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::{median, mib, rss_bytes};
+use super::{median, mib, rss_bytes, synchronize, BenchDevice};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -37,6 +38,14 @@ pub struct TrainStepArgs {
     /// Untimed steps first (first-use allocations, caches).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Where the model trains.
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    device: BenchDevice,
+    /// Mixed precision of the forward pass and loss (autocast, as
+    /// `[training] bf16` does on CUDA); weights, gradients and AdamW's
+    /// state stay fp32 either way.
+    #[arg(long, value_enum, default_value_t = Autocast::Off)]
+    autocast: Autocast,
     /// libtorch's intra-op threads.
     #[arg(long, default_value_t = 2)]
     threads: i32,
@@ -50,6 +59,34 @@ pub struct TrainStepArgs {
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// The forward pass's precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Autocast {
+    /// fp32 throughout.
+    Off,
+    Bf16,
+    /// No loss scaling, on either side: the timing is the same with it.
+    Fp16,
+}
+
+impl Autocast {
+    fn kind(self) -> Option<Kind> {
+        match self {
+            Autocast::Off => None,
+            Autocast::Bf16 => Some(Kind::BFloat16),
+            Autocast::Fp16 => Some(Kind::Half),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Autocast::Off => "off",
+            Autocast::Bf16 => "bf16",
+            Autocast::Fp16 => "fp16",
+        }
+    }
 }
 
 // AdamW as on the Python side: `torch.optim.AdamW(lr=1e-4, weight_decay=0.01)`
@@ -79,7 +116,10 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         "--text-len must be at least 2 (half of it is supervised)"
     );
     tch::set_num_threads(args.threads);
-    let m = LoadedModel::load(&args.model, Device::Cpu, None)
+    let device = args.device.resolve()?;
+    // fp32 weights on every device (`load` would pick bf16 on CUDA): the
+    // reduced precision, if any, is autocast's, as in PyTorch's AMP.
+    let m = LoadedModel::load_as(&args.model, device, None, Kind::Float)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let config = &m.model.config;
     // Every parameter trains, as in the transformers run it is compared with,
@@ -96,7 +136,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
             weight_decay: WEIGHT_DECAY,
         },
     );
-    let (inputs, labels) = random_batch(config, args);
+    let (inputs, labels) = random_batch(config, args, device);
     let rss_before_steps = rss_bytes("VmRSS")?;
 
     let mut times = Vec::with_capacity(args.steps);
@@ -104,12 +144,21 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let start = Instant::now();
         let mut tape = GradTape::with_checkpointing(args.activation_checkpointing);
-        let losses = m.model.loss(&inputs, &labels, Some(&mut tape))?;
+        let losses = match args.autocast.kind() {
+            None => m.model.loss(&inputs, &labels, Some(&mut tape))?,
+            Some(kind) => samtrain_torchext::autocast(device, kind, || {
+                m.model.loss(&inputs, &labels, Some(&mut tape))
+            })??,
+        };
+        // On a GPU the clock is read once the queued kernels have run.
+        synchronize(device);
         let forward = start.elapsed();
         tape.backward(&losses.total, None)?;
+        synchronize(device);
         let backward = start.elapsed();
         opt.step(LEARNING_RATE)?;
         opt.zero_grad();
+        synchronize(device);
         let done = start.elapsed();
         // Read after the clock stops: the value is only a cross-check that both
         // sides compute the same loss on the same batch.
@@ -156,6 +205,8 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     let first_loss = first_loss.expect("--steps is positive, so a step ran");
     if args.json {
         let out = serde_json::json!({
+            "device": args.device.to_string(),
+            "autocast": args.autocast.name(),
             "median_ms": median_ms,
             "min_ms": min_ms,
             "steps": args.steps,
@@ -178,8 +229,11 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "train step: {} parameters, batch {} x {} image(s), text {}, instruction {}, \
-             guidance {}, activation checkpointing {}, {} threads, {} steps after {} warm-up",
+            "train step on {} (autocast {}): {} parameters, batch {} x {} image(s), text {}, \
+             instruction {}, guidance {}, activation checkpointing {}, {} threads, {} steps \
+             after {} warm-up",
+            args.device,
+            args.autocast.name(),
             parameters,
             args.batch,
             args.images,
@@ -217,10 +271,10 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
 }
 
 /// A seeded random batch and its labels (the first half of each text is
-/// not supervised). The draws are those of `benches/train_step.py`, in the
-/// same order from the same libtorch generator, so both sides see the same
-/// numbers.
-fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor) {
+/// not supervised), on `device`. The draws are those of
+/// `benches/train_step.py`, in the same order from the same libtorch CPU
+/// generator, so both sides see the same numbers on every device.
+fn random_batch(config: &SamConfig, args: &TrainStepArgs, device: Device) -> (SamInputs, Tensor) {
     tch::manual_seed(args.seed);
     let (b, size) = (args.batch, config.vision_config.image_size);
     let cpu = (Kind::Int64, Device::Cpu);
@@ -243,14 +297,14 @@ fn random_batch(config: &SamConfig, args: &TrainStepArgs) -> (SamInputs, Tensor)
     let _ = labels.narrow(1, 0, args.text_len / 2).fill_(-100);
     (
         SamInputs {
-            pixel_values,
+            pixel_values: pixel_values.to_device(device),
             image_mask: None,
-            qformer_input_ids,
+            qformer_input_ids: qformer_input_ids.to_device(device),
             qformer_attention_mask: None,
-            input_ids,
+            input_ids: input_ids.to_device(device),
             attention_mask: None,
             dropout: None,
         },
-        labels,
+        labels.to_device(device),
     )
 }

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use samtrain_data::eval::Prediction;
 use samtrain_data::mmlink::{self, content};
-use samtrain_proto::spec::JobSpec;
+use samtrain_proto::spec::{DeviceKind, JobSpec};
 use samtrain_proto::Scores;
 use samtrain_worker::inputs::Remote;
 use samtrain_worker::predict::{load_model, predict_set, score_into};
@@ -29,6 +29,15 @@ const DEMO_SPEC: &str = include_str!("../../examples/demo.toml");
 const DEMO_MODEL: &str = include_str!("../../examples/demo-model.json");
 /// The folder `examples/demo.toml` writes under; `--out` replaces it.
 const SPEC_ROOT: &str = "target/demo";
+/// More worker processes than this would each get a sliver of the demo's
+/// small batch.
+const MAX_DEMO_WORKERS: i64 = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DemoDevice {
+    Cpu,
+    Cuda,
+}
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -38,9 +47,14 @@ pub struct DemoArgs {
     /// Training steps (default: the spec's).
     #[arg(long)]
     steps: Option<u64>,
-    /// Worker processes (two data-parallel ranks by default).
-    #[arg(long, default_value_t = 2)]
+    /// Worker processes (two data-parallel ranks by default), sharing the
+    /// demo's global batch of 16 samples: 1, 2, 4 or 8.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=MAX_DEMO_WORKERS))]
     workers: u32,
+    /// Where the workers train: `cpu` (the spec's), or `cuda`, one GPU per
+    /// worker.
+    #[arg(long, value_enum, default_value_t = DemoDevice::Cpu)]
+    device: DemoDevice,
     /// Start over: delete `--out` first instead of resuming what is there.
     #[arg(long)]
     fresh: bool,
@@ -169,6 +183,29 @@ fn demo_spec(args: &DemoArgs) -> Result<JobSpec> {
     let text = DEMO_SPEC.replace(SPEC_ROOT, out);
     let mut spec = JobSpec::from_toml(&text, Some("examples/demo.toml"))?;
     spec.model.init = Some(model_config.display().to_string());
+    // The job waits for exactly the workers the demo starts, and they share
+    // the spec's global batch, so that any number of them learns the same
+    // task in the same steps (a rank's batch is the global one's share).
+    let global_batch = spec.training.batch_size * u64::from(spec.parallel.max_workers);
+    anyhow::ensure!(
+        global_batch % u64::from(args.workers) == 0,
+        "--workers {} does not divide the demo's global batch of {global_batch} samples",
+        args.workers
+    );
+    spec.training.batch_size = global_batch / u64::from(args.workers);
+    spec.parallel.min_workers = args.workers;
+    spec.parallel.max_workers = args.workers;
+    if args.device == DemoDevice::Cuda {
+        let gpus = samtrain_torchext::cuda::require().context("--device cuda")?;
+        anyhow::ensure!(
+            gpus >= i64::from(args.workers),
+            "--device cuda needs a GPU per worker: {} worker(s), {gpus} GPU(s) seen by libtorch \
+             (pass --workers {})",
+            args.workers,
+            gpus.max(1)
+        );
+        spec.training.device = DeviceKind::Cuda;
+    }
     if let Some(steps) = args.steps {
         spec.training.steps = steps;
         spec.training.warmup_steps = spec.training.warmup_steps.min(steps);
@@ -221,9 +258,13 @@ fn untrained_scores(
         .eval
         .as_deref()
         .context("the demo spec has a held-out split")?;
-    let m = load_model(&spec.model.path, Device::Cpu)?;
+    let device = match spec.training.device {
+        DeviceKind::Cuda => Device::Cuda(0),
+        DeviceKind::Cpu | DeviceKind::Auto => Device::Cpu,
+    };
+    let m = load_model(&spec.model.path, device)?;
     let remote = Remote::of(&spec.data);
-    let predictions = predict_set(spec, &remote, eval, &m.loaded.model, Device::Cpu)?;
+    let predictions = predict_set(spec, &remote, eval, &m.loaded.model, device)?;
     let summary = score_into(&predictions, Some(&out.join("untrained")))?;
     Ok((summary, predictions))
 }
