@@ -259,7 +259,9 @@ mod tests {
         use std::sync::Arc;
         use tch::Tensor;
 
-        use crate::read::ShardReader;
+        use tch::Device;
+
+        use crate::read::{Landing, ShardReader};
         use crate::staging::{stage_all, StagingPool};
 
         let a = Tensor::from_slice(&[1.5f32, -0.0, f32::NAN, 3.25]).reshape([2, 2]);
@@ -294,7 +296,8 @@ mod tests {
             assert_eq!(raw(r), raw(t), "{name}");
         }
         // The reader, fed in pieces that straddle the header and tensors.
-        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        let mut reader =
+            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
         for piece in bytes.chunks(7) {
             reader.push(piece).unwrap();
         }
@@ -304,19 +307,45 @@ mod tests {
             assert_eq!(back.size(), t.size(), "{name}");
             assert_eq!(raw(&back), raw(t), "{name}");
         }
+        // Through a bounce buffer, as onto a GPU: one of 5 bytes, fed in
+        // pieces of 7, so that a fill ends inside a piece, at a tensor's
+        // end and at a piece's end, and tensors span several fills.
+        for bounce in [5, 4096] {
+            let mut reader = ShardReader::with_landing(
+                "x".into(),
+                encoded.size,
+                crc_hex(encoded.crc),
+                Device::Cpu,
+                Landing::bounced(Tensor::zeros([bounce], (tch::Kind::Uint8, Device::Cpu))),
+            );
+            for piece in bytes.chunks(7) {
+                reader.push(piece).unwrap();
+            }
+            let shard = reader.finish().unwrap();
+            for (s, (name, t)) in staged.iter().zip(named) {
+                assert_eq!(raw(&shard.tensor(&s.entry).unwrap()), raw(t), "{name}");
+            }
+        }
         // One flipped bit fails the checksum; a missing byte the size.
         let mut flipped = bytes.clone();
         flipped[bytes.len() - 1] ^= 1;
-        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        let mut reader =
+            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
         reader.push(&flipped).unwrap();
         assert!(matches!(
             reader.finish(),
             Err(CheckpointError::Checksum { .. })
         ));
-        let mut reader = ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc));
+        let mut reader =
+            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
         reader.push(&bytes[..bytes.len() - 1]).unwrap();
         assert!(matches!(reader.finish(), Err(CheckpointError::Size { .. })));
-        let mut reader = ShardReader::new("x".into(), encoded.size - 1, crc_hex(encoded.crc));
+        let mut reader = ShardReader::new(
+            "x".into(),
+            encoded.size - 1,
+            crc_hex(encoded.crc),
+            Device::Cpu,
+        );
         assert!(reader.push(&bytes).unwrap_err().is_corrupt());
     }
 

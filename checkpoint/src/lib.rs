@@ -509,17 +509,36 @@ impl Checkpointer {
             .block_on(load::latest(&self.inner.store, Some(step)))
     }
 
-    /// tp rank `tp_rank`'s tensors and optimizer state of `info`, in the
-    /// order they were saved, resharded if the checkpoint was written at
-    /// another tp size; checksums are checked on what is read.
+    /// tp rank `tp_rank`'s tensors and optimizer state of `info` in CPU
+    /// memory, in the order they were saved, resharded if the checkpoint
+    /// was written at another tp size; checksums are checked on what is
+    /// read.
     pub fn load(
         &self,
         info: &CheckpointInfo,
         tp_rank: u32,
         tp_size: u32,
     ) -> Result<LoadedState, CheckpointError> {
-        self.inner
-            .block_on(load::load(&self.inner.store, info, tp_rank, tp_size))
+        self.load_onto(info, tp_rank, tp_size, tch::Device::Cpu)
+    }
+
+    /// As [`Checkpointer::load`], the tensors allocated on `device` and
+    /// read straight into them: onto a GPU through a small page-locked
+    /// buffer per file, with no whole copy in CPU memory.
+    pub fn load_onto(
+        &self,
+        info: &CheckpointInfo,
+        tp_rank: u32,
+        tp_size: u32,
+        device: tch::Device,
+    ) -> Result<LoadedState, CheckpointError> {
+        self.inner.block_on(load::load(
+            &self.inner.store,
+            info,
+            tp_rank,
+            tp_size,
+            device,
+        ))
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use crate::error::CheckpointError;
 use crate::format::{
@@ -295,6 +295,7 @@ pub(crate) async fn load(
     info: &CheckpointInfo,
     tp_rank: u32,
     tp_size: u32,
+    device: Device,
 ) -> Result<LoadedState, CheckpointError> {
     if tp_size == 0 || tp_rank >= tp_size {
         return Err(CheckpointError::Rank { tp_rank, tp_size });
@@ -316,7 +317,11 @@ pub(crate) async fn load(
         .iter()
         .map(|&entry| {
             let name = format!("{folder}/{}", entry.name);
-            async move { store.read_shard(&name, entry.size, &entry.crc32).await }
+            async move {
+                store
+                    .read_shard(&name, entry.size, &entry.crc32, device)
+                    .await
+            }
         })
         .collect();
     let shards: Vec<ShardTensors> = futures::stream::iter(reads)

@@ -6,18 +6,59 @@
 //! between. The file's CRC-32 is computed piece by piece as the pieces
 //! land, while they are still in the cache; the tensors are handed out only
 //! once the size and checksum match the manifest's.
+//!
+//! Tensors loaded onto a GPU are allocated there and filled through one
+//! small page-locked buffer per file ([`Landing::Bounced`]): the file's
+//! bytes land in it, are checksummed while in the cache, and go to the
+//! GPU by DMA each time it fills. A whole-file CPU copy in pageable
+//! memory would fault in every page of it and then cross the bus through
+//! the driver's own bounce buffer.
 
 use std::collections::HashMap;
 
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::CheckpointError;
 use crate::format::{crc_hex, kind_of, TensorEntry};
 
 /// Headers above this size are not a checkpoint's (safetensors' own bound).
 const MAX_HEADER: u64 = 100 << 20;
+
+/// Bytes of a GPU load's page-locked buffer: each fill is one DMA of
+/// about 0.1 ms, and the buffer stays in the cache between the read that
+/// fills it, the checksum and the copy.
+const BOUNCE_BYTES: usize = 4 << 20;
+
+/// Where a file's tensor bytes land as they are read.
+pub(crate) enum Landing {
+    /// Straight into the memory of CPU tensors.
+    Direct,
+    /// Into `buf` (`filled` bytes of it so far), copied into the tensor
+    /// being filled whenever it is full or the tensor is complete.
+    Bounced { buf: Tensor, filled: usize },
+}
+
+impl Landing {
+    /// The landing for tensors on `device`: page-locked memory for a GPU
+    /// (pageable if the driver refuses it; slower, still correct).
+    fn for_device(device: Device) -> Self {
+        match device {
+            Device::Cpu => Landing::Direct,
+            _ => Landing::bounced(
+                samtrain_torchext::cuda::pinned_bytes(BOUNCE_BYTES).unwrap_or_else(|_| {
+                    Tensor::empty([BOUNCE_BYTES as i64], (Kind::Uint8, Device::Cpu))
+                }),
+            ),
+        }
+    }
+
+    /// A bounced landing through `buf`, a contiguous CPU uint8 tensor.
+    pub fn bounced(buf: Tensor) -> Self {
+        Landing::Bounced { buf, filled: 0 }
+    }
+}
 
 /// A file being read: where it is in the file and what it has filled.
 pub(crate) struct ShardReader {
@@ -30,6 +71,9 @@ pub(crate) struct ShardReader {
     /// Bytes taken so far.
     taken: u64,
     phase: Phase,
+    /// Where the tensors are allocated.
+    device: Device,
+    landing: Landing,
 }
 
 enum Phase {
@@ -60,7 +104,18 @@ pub(crate) struct ShardTensors {
 }
 
 impl ShardReader {
-    pub fn new(path: String, size: u64, crc32: String) -> Self {
+    /// A reader of the file at `path` whose tensors go to `device`.
+    pub fn new(path: String, size: u64, crc32: String, device: Device) -> Self {
+        Self::with_landing(path, size, crc32, device, Landing::for_device(device))
+    }
+
+    pub fn with_landing(
+        path: String,
+        size: u64,
+        crc32: String,
+        device: Device,
+        landing: Landing,
+    ) -> Self {
         Self {
             path,
             size,
@@ -68,6 +123,8 @@ impl ShardReader {
             hasher: crc32fast::Hasher::new(),
             taken: 0,
             phase: Phase::Length([0; 8]),
+            device,
+            landing,
         }
     }
 
@@ -100,17 +157,30 @@ impl ShardReader {
                 offset,
             } => {
                 let slot = slots.get_mut(*index)?;
-                let tensor = slot
-                    .tensor
-                    .as_ref()
-                    .expect("the slot being filled has its tensor");
-                // SAFETY: the tensor was allocated contiguous on the CPU
-                // with `len` bytes, and this reader holds it alone until
-                // `finish` hands it out.
-                let all = unsafe {
-                    std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, slot.len)
-                };
-                Some(&mut all[*offset..])
+                match &mut self.landing {
+                    Landing::Direct => {
+                        let tensor = slot
+                            .tensor
+                            .as_ref()
+                            .expect("the slot being filled has its tensor");
+                        // SAFETY: the tensor was allocated contiguous on the
+                        // CPU with `len` bytes, and this reader holds it
+                        // alone until `finish` hands it out.
+                        let all = unsafe {
+                            std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, slot.len)
+                        };
+                        Some(&mut all[*offset..])
+                    }
+                    Landing::Bounced { buf, filled } => {
+                        let room = (buf.numel() - *filled).min(slot.len - *offset);
+                        // SAFETY: `buf` is a contiguous CPU uint8 tensor this
+                        // reader owns alone.
+                        let all = unsafe {
+                            std::slice::from_raw_parts_mut(buf.data_ptr() as *mut u8, buf.numel())
+                        };
+                        Some(&mut all[*filled..*filled + room])
+                    }
+                }
             }
         }
     }
@@ -152,7 +222,16 @@ impl ShardReader {
                 offset,
             } => {
                 *offset += n;
-                if *offset == slots[*index].len {
+                let (end, done) = (*offset, *offset == slots[*index].len);
+                if let Landing::Bounced { buf, filled } = &mut self.landing {
+                    *filled += n;
+                    if done || *filled == buf.numel() {
+                        let bytes = std::mem::take(filled);
+                        let slot = &slots[*index];
+                        flush(&self.path, self.device, buf, bytes, slot, end)?;
+                    }
+                }
+                if done {
                     *index += 1;
                     *offset = 0;
                     self.next_tensor()?;
@@ -184,7 +263,7 @@ impl ShardReader {
         };
         while let Some(slot) = slots.get_mut(*index) {
             let kind = kind_of(slot.dtype).expect("layout keeps only dtypes libtorch has");
-            let tensor = Tensor::f_empty(&slot.shape, (kind, Device::Cpu)).map_err(|e| {
+            let tensor = Tensor::f_empty(&slot.shape, (kind, self.device)).map_err(|e| {
                 CheckpointError::Safetensors {
                     path: self.path.clone(),
                     message: format!("tensor {}: {e}", slot.name),
@@ -283,6 +362,44 @@ impl ShardReader {
             tensors: slots.into_iter().map(|s| (s.name.clone(), s)).collect(),
         })
     }
+}
+
+/// Copies the first `bytes` bytes of `buf` (a bounced landing) into
+/// `slot`'s tensor on `device`, ending at byte `end` of it; `path` is the
+/// file's, for the error.
+fn flush(
+    path: &str,
+    device: Device,
+    buf: &Tensor,
+    bytes: usize,
+    slot: &Slot,
+    end: usize,
+) -> Result<(), CheckpointError> {
+    let tensor = slot
+        .tensor
+        .as_ref()
+        .expect("the slot being filled has its tensor");
+    let copy = || -> Result<(), tch::TchError> {
+        // SAFETY: the bytes `end - bytes .. end` lie inside the tensor,
+        // allocated contiguous with `slot.len` bytes on `device` and kept
+        // alive by the slot for the view's short life.
+        let mut dst = unsafe {
+            Tensor::f_from_blob(
+                (tensor.data_ptr() as *const u8).add(end - bytes),
+                &[bytes as i64],
+                &[1],
+                Kind::Uint8,
+                device,
+            )?
+        };
+        // From page-locked memory the copy is one DMA; it returns once the
+        // bytes are on the device, so `buf` may be refilled.
+        dst.f_copy_(&buf.f_narrow(0, 0, bytes as i64)?)
+    };
+    copy().map_err(|e| CheckpointError::Safetensors {
+        path: path.to_owned(),
+        message: format!("tensor {}: copying to {device:?}: {e}", slot.name),
+    })
 }
 
 impl ShardTensors {

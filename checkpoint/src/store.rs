@@ -399,8 +399,9 @@ impl Store {
         name: &str,
         size: u64,
         crc32: &str,
+        device: tch::Device,
     ) -> Result<ShardTensors, CheckpointError> {
-        let reader = || ShardReader::new(self.shown(name), size, crc32.to_owned());
+        let reader = || ShardReader::new(self.shown(name), size, crc32.to_owned(), device);
         if let Some(file) = self.local_file(name) {
             let mut reader = reader();
             return self

@@ -411,7 +411,9 @@ fn local_saves_write_into_the_files_retention_removed() {
 
 /// GPU tensors stage into page-locked memory (their checksum computed by
 /// the upload): the checkpoint of tensors of several dtypes loads back bit
-/// for bit, and verifies, save after save.
+/// for bit, into CPU memory and straight onto the GPU (through a bounce
+/// buffer that tensors of over 4 MiB fill several times), and verifies,
+/// save after save.
 #[test]
 fn gpu_tensors_round_trip_through_pinned_staging() {
     if !samtrain_torchext::cuda::is_available() {
@@ -430,6 +432,10 @@ fn gpu_tensors_round_trip_through_pinned_staging() {
         s.tensors.push((
             "strided".to_owned(),
             Tensor::randn([64, 32], (tch::Kind::Float, gpu)).transpose(0, 1),
+        ));
+        s.tensors.push((
+            "big".to_owned(),
+            Tensor::randn([1_300_001], (tch::Kind::Double, gpu)),
         ));
         s.tensors = s
             .tensors
@@ -450,6 +456,13 @@ fn gpu_tensors_round_trip_through_pinned_staging() {
         let info = ck.latest().unwrap().unwrap();
         assert_eq!(info.step, step);
         assert_same(&ck.load(&info, 0, 1).unwrap().tensors, &expected);
+        let onto = ck.load_onto(&info, 0, 1, gpu).unwrap().tensors;
+        assert!(onto.iter().all(|(_, t)| t.device() == gpu));
+        let back: Vec<(String, Tensor)> = onto
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(tch::Device::Cpu)))
+            .collect();
+        assert_same(&back, &expected);
         ck.verify(&info).unwrap();
     }
 }

@@ -123,14 +123,9 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             .context("the checkpoint just saved is not found")?;
         latest.push(start.elapsed());
         let start = Instant::now();
-        let loaded = ck.load(&info, 0, 1)?;
         // Onto the device the tensors came from, as torch.load's
         // map_location does on the other side.
-        let on_device: Vec<Tensor> = loaded
-            .tensors
-            .iter()
-            .map(|(_, t)| t.to_device(device))
-            .collect();
+        let loaded = ck.load_onto(&info, 0, 1, device)?;
         synchronize(device);
         load.push(start.elapsed());
         ensure!(
@@ -139,8 +134,11 @@ pub fn run(args: CheckpointArgs) -> Result<()> {
             loaded.tensors.len()
         );
         if round == 0 {
-            for (a, (name, b)) in on_device.iter().zip(&tensors) {
-                ensure!(a.equal(b), "{name} differs after the round trip");
+            for ((_, a), (name, b)) in loaded.tensors.iter().zip(&tensors) {
+                ensure!(
+                    a.device() == device && a.equal(b),
+                    "{name} differs after the round trip"
+                );
             }
         }
     }

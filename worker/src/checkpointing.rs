@@ -209,8 +209,11 @@ fn restore(
                 Restore::Undecodable("rank 0 resumes from it but this rank does not find it".into())
             })?,
     };
+    // Read straight onto the parameters' device: their copies below are
+    // then device to device.
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
     let state = ckpt
-        .load(&info, layout.tp_rank as u32, layout.tp as u32)
+        .load_onto(&info, layout.tp_rank as u32, layout.tp as u32, device)
         .map_err(read_error)?;
     let meta: CheckpointMeta = serde_json::from_value(state.meta).map_err(|e| {
         Restore::Undecodable(format!("meta.json is not samtrain's training state: {e}"))
