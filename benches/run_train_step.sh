@@ -16,8 +16,10 @@
 #
 # Environment: ROUNDS (3), THREADS (2), STEPS (10), WARMUP (3), BATCH (4),
 # IMAGES (1), TEXT_LEN (64), QFORMER_LEN (16), QUIET_WAIT (120), and
-# SUPPLEMENT=1 to add two transformers variants to each round: logits at the
-# text positions only, and fused AdamW (see benches/train_step.py), and
+# SUPPLEMENT=1 to add to each round three transformers variants: logits at
+# the text positions only, fused AdamW (see benches/train_step.py), and
+# fused AdamW with the C heap set as samtrain sets its own (src/allocator.rs),
+# and samtrain with glibc's default heap, and
 # CHECKPOINTING=1 to add both sides with activation checkpointing and a table
 # of the memory each step adds (peak resident memory over that before the
 # first step: gradients, AdamW's state and the activations).
@@ -62,7 +64,7 @@ FLAGS=(--batch "$BATCH" --images "$IMAGES" --text-len "$TEXT_LEN" --qformer-len 
     --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --json)
 SIDES=(samtrain hf-sdpa samtrain-guided hf-eager)
 if [[ $SUPPLEMENT == 1 ]]; then
-    SIDES+=(hf-sdpa-text-logits hf-sdpa-fused-adamw)
+    SIDES+=(hf-sdpa-text-logits hf-sdpa-fused-adamw hf-sdpa-fused-adamw-malloc samtrain-glibc-malloc)
 fi
 if [[ $CHECKPOINTING == 1 ]]; then
     SIDES+=(samtrain-checkpointed hf-sdpa-checkpointed)
@@ -79,6 +81,12 @@ run_side() {
     hf-eager) "${hf[@]}" --attn eager ;;
     hf-sdpa-text-logits) "${hf[@]}" --attn sdpa --text-logits-only ;;
     hf-sdpa-fused-adamw) "${hf[@]}" --attn sdpa --fused-adamw ;;
+    # The C heap as samtrain sets it (src/allocator.rs), for transformers;
+    # and samtrain with glibc's defaults.
+    hf-sdpa-fused-adamw-malloc)
+        MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 \
+            "${hf[@]}" --attn sdpa --fused-adamw ;;
+    samtrain-glibc-malloc) SAMTRAIN_MALLOC=glibc "${st[@]}" --model "$OUT/model" ;;
     samtrain-checkpointed) "${st[@]}" --model "$OUT/model" --activation-checkpointing ;;
     hf-sdpa-checkpointed) "${hf[@]}" --attn sdpa --gradient-checkpointing ;;
     esac

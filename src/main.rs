@@ -3,8 +3,10 @@
 //! - [`cmd`]: one module per subcommand;
 //! - [`bench`]: the benchmarks (`samtrain bench ...`);
 //! - [`prepare`], [`loss_plot`]: what `local` and `demo` share: creating the
-//!   data and model a spec asks for, and the loss curve.
+//!   data and model a spec asks for, and the loss curve;
+//! - [`allocator`]: the C heap's settings, made before anything else.
 
+mod allocator;
 mod bench;
 mod cmd;
 mod loss_plot;
@@ -78,6 +80,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let heap = allocator::tune();
     let cli = Cli::parse();
     if matches!(
         cli.command,
@@ -90,6 +93,10 @@ fn main() -> anyhow::Result<()> {
         end_quietly_on_closed_pipe();
     }
     let _exporter = init_tracing(&cli)?;
+    match heap {
+        allocator::Tuning::Applied => tracing::debug!("C heap thresholds set for training"),
+        allocator::Tuning::Skipped(why) => tracing::debug!(%why, "C heap left at its settings"),
+    }
     match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Demo(args) => demo::run(args),
