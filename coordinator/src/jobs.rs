@@ -133,6 +133,9 @@ impl Policy {
     }
 }
 
+/// The message of a job waiting for its generation's workers.
+pub const WAITING_FOR_WORKERS: &str = "waiting for workers";
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -217,7 +220,7 @@ impl JobRecord {
             checkpoint_failure: None,
             members: Vec::new(),
             ring_secret: String::new(),
-            message: "waiting for workers".to_owned(),
+            message: WAITING_FOR_WORKERS.to_owned(),
             eval: None,
             eval_examples: Vec::new(),
             created_unix_ms: now,

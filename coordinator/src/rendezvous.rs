@@ -132,6 +132,15 @@ fn take(nodes: Vec<Vec<Candidate>>, n: u32) -> Vec<Candidate> {
     nodes.into_iter().flatten().take(n as usize).collect()
 }
 
+/// How the reason of [`unplaceable`] begins, so that a job's message can
+/// be told to be one (and replaced once it no longer holds).
+const UNPLACEABLE: &str = "the waiting workers cannot be placed: ";
+
+/// Whether a job's message is the reason of [`unplaceable`].
+pub fn is_unplaceable_reason(message: &str) -> bool {
+    message.starts_with(UNPLACEABLE)
+}
+
 /// Why enough workers wait but cannot be placed, if that is the case.
 fn unplaceable(policy: &Policy, offered: &[Candidate], nodes: &[Vec<Candidate>]) -> Option<String> {
     let waiting = offered.len() as u32;
@@ -145,7 +154,7 @@ fn unplaceable(policy: &Policy, offered: &[Candidate], nodes: &[Vec<Candidate>])
     }
     let largest = per_node.values().copied().max().unwrap_or(0);
     Some(format!(
-        "{waiting} workers wait on {} nodes (at most {largest} on one), but each tensor-parallel group of {} ranks must sit inside one node: {placeable} can be placed, fewer than min_workers ({}); run more workers per node, or allow groups across nodes with parallel.tp_across_nodes = true",
+        "{UNPLACEABLE}{waiting} workers wait on {} nodes (at most {largest} on one), but each tensor-parallel group of {} ranks must sit inside one node: {placeable} can be placed, fewer than min_workers ({}); run more workers per node, or allow groups across nodes with parallel.tp_across_nodes = true",
         per_node.len(),
         policy.tp,
         policy.min_workers
@@ -271,6 +280,7 @@ mod tests {
             "{why}"
         );
         assert!(why.contains("parallel.tp_across_nodes = true"), "{why}");
+        assert!(is_unplaceable_reason(&why), "{why}");
         // The same workers with groups across nodes allowed: registration
         // order within node-major numbering.
         let across = Policy {

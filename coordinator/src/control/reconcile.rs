@@ -15,7 +15,7 @@ use tonic::Status;
 
 use super::{store_status, worker_event, Control, Ending, View};
 use crate::auth;
-use crate::jobs::{JobState, MemberRecord};
+use crate::jobs::{JobState, MemberRecord, WAITING_FOR_WORKERS};
 use crate::records::{now_ms, WorkerRecord};
 use crate::rendezvous::{self, Candidate, Decision};
 use crate::store::{Op, StoreError};
@@ -226,10 +226,12 @@ impl Control {
             match decision {
                 Decision::Wait(why) => {
                     view.last_call.remove(&job_id);
-                    if let Some(why) = why.filter(|w| *w != job.message) {
-                        tracing::warn!(job = %job_id, "{why}");
+                    if let Some(message) = wait_message(&job.message, why) {
+                        if rendezvous::is_unplaceable_reason(&message) {
+                            tracing::warn!(job = %job_id, "{message}");
+                        }
                         let mut job = job.clone();
-                        job.message = why;
+                        job.message = message;
                         job.updated_unix_ms = now_ms();
                         self.save(&job).await?;
                         self.announce_state(&job);
@@ -371,5 +373,44 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// The message a waiting job should show instead of `current`, if it
+/// should change: the reason its workers cannot be placed (`why`), or,
+/// once that reason no longer holds, the plain wait again, so that the
+/// job does not keep blaming a placement that is no longer the problem.
+fn wait_message(current: &str, why: Option<String>) -> Option<String> {
+    let next = match why {
+        Some(why) => why,
+        None if rendezvous::is_unplaceable_reason(current) => WAITING_FOR_WORKERS.to_owned(),
+        None => return None,
+    };
+    (next != current).then_some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placement_reason_is_shown_while_it_holds_and_then_cleared() {
+        let reason = "the waiting workers cannot be placed: 3 workers wait on 3 nodes".to_owned();
+        assert!(rendezvous::is_unplaceable_reason(&reason));
+        // Set once, not rewritten while unchanged.
+        assert_eq!(
+            wait_message(WAITING_FOR_WORKERS, Some(reason.clone())).as_deref(),
+            Some(reason.as_str())
+        );
+        assert_eq!(wait_message(&reason, Some(reason.clone())), None);
+        // Too few workers now: the plain wait again.
+        assert_eq!(
+            wait_message(&reason, None).as_deref(),
+            Some(WAITING_FOR_WORKERS)
+        );
+        // Other messages (a restart's reason, say) stay while the job waits.
+        let restart = "generation 3 failed: rank 1 lost its lease; restarting";
+        assert_eq!(wait_message(restart, None), None);
+        assert_eq!(wait_message(WAITING_FOR_WORKERS, None), None);
     }
 }
