@@ -12,9 +12,16 @@
 //! One file per image (`<key>.pt`, written beside and renamed into place,
 //! so a reader never sees half of one). A file that does not load is a
 //! miss and is written again.
+//!
+//! The folder is bounded: when its entries pass `max_bytes` (checked when
+//! the cache opens and after every tenth of that written), the oldest
+//! written go until it holds 90% of it, with the leftovers of writes a
+//! killed process never finished. Ranks sharing the folder may remove an
+//! entry another is about to read: that read is a miss, nothing worse.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
@@ -30,23 +37,81 @@ pub struct VisionCache {
     misses: AtomicU64,
     /// Writes that failed (the cache only loses the use of those).
     failed: AtomicU64,
+    /// The most the folder's entries may take.
+    max_bytes: u64,
+    /// Bytes written since the folder was last measured.
+    written: AtomicU64,
 }
+
+/// A write's leftover older than this is a killed process's, not one in
+/// progress.
+const STALE_PARTIAL: Duration = Duration::from_secs(3600);
 
 impl VisionCache {
     /// The cache in `dir` (created if missing) for the encoder whose
-    /// weights have digest `weights` (`weights::base_digest`).
-    pub fn open(dir: &Path, weights: &str) -> Result<Self, ModelError> {
+    /// weights have digest `weights` (`weights::base_digest`), holding at
+    /// most `max_bytes`; the oldest entries beyond that are removed now.
+    pub fn open(dir: &Path, weights: &str, max_bytes: u64) -> Result<Self, ModelError> {
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(Self {
+        let cache = Self {
             dir: dir.to_path_buf(),
             weights: weights.to_owned(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-        })
+            max_bytes,
+            written: AtomicU64::new(0),
+        };
+        cache.prune().map_err(|source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(cache)
+    }
+
+    /// Removes the oldest entries while the folder holds more than
+    /// `max_bytes`, down to 90% of it, and leftovers of killed writes.
+    fn prune(&self) -> std::io::Result<()> {
+        let now = SystemTime::now();
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // Gone meanwhile (another rank pruned it): nothing to do.
+            let Ok(meta) = entry.metadata() else { continue };
+            let modified = meta.modified().unwrap_or(now);
+            if name.ends_with(".partial") {
+                if now.duration_since(modified).unwrap_or_default() > STALE_PARTIAL {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            } else if name.ends_with(".pt") && meta.is_file() {
+                total += meta.len();
+                entries.push((modified, meta.len(), entry.path()));
+            }
+        }
+        self.written.store(0, Ordering::Relaxed);
+        if total <= self.max_bytes {
+            return Ok(());
+        }
+        entries.sort();
+        let target = self.max_bytes / 10 * 9;
+        let mut removed = 0usize;
+        for (_, len, path) in entries {
+            if total <= target {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+            total = total.saturating_sub(len);
+        }
+        tracing::info!(dir = %self.dir.display(), removed, bytes = total, max_bytes = self.max_bytes, "vision cache pruned to its bound");
+        Ok(())
     }
 
     /// Lookups answered from the cache, lookups that were not, and writes
@@ -103,7 +168,20 @@ impl VisionCache {
             .to_device(Device::Cpu)
             .save(&partial)
             .map_err(|e| e.to_string())
-            .and_then(|()| std::fs::rename(&partial, &file).map_err(|e| e.to_string()));
+            .and_then(|()| std::fs::metadata(&partial).map_err(|e| e.to_string()))
+            .and_then(|meta| {
+                std::fs::rename(&partial, &file)
+                    .map(|()| meta.len())
+                    .map_err(|e| e.to_string())
+            });
+        if let Ok(len) = written {
+            let since = self.written.fetch_add(len, Ordering::Relaxed) + len;
+            if since > self.max_bytes / 10 {
+                if let Err(error) = self.prune() {
+                    tracing::warn!(dir = %self.dir.display(), %error, "cannot prune the vision cache");
+                }
+            }
+        }
         if let Err(error) = written {
             let _ = std::fs::remove_file(&partial);
             if self.failed.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -167,7 +245,7 @@ mod tests {
     #[test]
     fn images_seen_before_skip_the_encoder_and_come_back_the_same() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = VisionCache::open(dir.path(), "weights-a").unwrap();
+        let cache = VisionCache::open(dir.path(), "weights-a", u64::MAX).unwrap();
         let seen = Cell::new(0);
         let first = images(4, 0.0);
         let direct = encoder(&Cell::new(0))(&first);
@@ -185,7 +263,7 @@ mod tests {
         assert!(c.equal(&encoder(&Cell::new(0))(&mixed)));
 
         // Other weights, or another dtype, are other keys.
-        let other = VisionCache::open(dir.path(), "weights-b").unwrap();
+        let other = VisionCache::open(dir.path(), "weights-b", u64::MAX).unwrap();
         let _ = other.encode(&first, encoder(&seen));
         assert_eq!(seen.get(), 9);
         let _ = cache.encode(&first.to_kind(Kind::Double), |p| {
@@ -197,7 +275,7 @@ mod tests {
     #[test]
     fn a_damaged_entry_is_a_miss_and_is_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = VisionCache::open(dir.path(), "w").unwrap();
+        let cache = VisionCache::open(dir.path(), "w", u64::MAX).unwrap();
         let seen = Cell::new(0);
         let one = images(1, 0.0);
         let _ = cache.encode(&one, encoder(&seen));
@@ -213,5 +291,73 @@ mod tests {
         assert!(again.equal(&encoder(&Cell::new(0))(&one)));
         let _ = cache.encode(&one, encoder(&seen));
         assert_eq!(seen.get(), 2, "the entry was written again");
+    }
+
+    /// Entries of the folder and their total size.
+    fn entries(dir: &Path) -> (usize, u64) {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .fold((0, 0), |(n, b), len| (n + 1, b + len))
+    }
+
+    #[test]
+    fn the_folder_stays_within_its_bound_keeping_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Cell::new(0);
+        let image = |i: i64| images(1, 100.0 * (i + 1) as f64);
+        // The size of one entry, from an unbounded cache.
+        let unbounded = VisionCache::open(dir.path(), "w", u64::MAX).unwrap();
+        let _ = unbounded.encode(&image(0), encoder(&seen));
+        let (_, one) = entries(dir.path());
+
+        // Room for 4 entries while 10 images are written, one at a time.
+        let bounded = VisionCache::open(dir.path(), "w", 4 * one).unwrap();
+        for i in 1..10 {
+            let _ = bounded.encode(&image(i), encoder(&seen));
+            let (n, bytes) = entries(dir.path());
+            assert!(
+                bytes <= 4 * one,
+                "{n} entries, {bytes} bytes after image {i}"
+            );
+        }
+
+        // Ten entries written a second apart (set here: file times can be
+        // coarser than the writes), and a killed write's leftover from an
+        // hour before: a cache opened for 4 keeps the newest 3 (90%).
+        let _ = std::fs::remove_dir_all(dir.path());
+        let unbounded = VisionCache::open(dir.path(), "w", u64::MAX).unwrap();
+        let start = SystemTime::now() - Duration::from_secs(100);
+        let set_time = |path: &Path, at: SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap()
+        };
+        for i in 0..10 {
+            let _ = unbounded.encode(&image(i), encoder(&seen));
+            let newest = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap())
+                .max_by_key(|e| e.metadata().unwrap().modified().unwrap())
+                .unwrap()
+                .path();
+            set_time(&newest, start + Duration::from_secs(i as u64));
+        }
+        let leftover = dir.path().join(".abc.1.partial");
+        std::fs::write(&leftover, b"half").unwrap();
+        set_time(&leftover, start - STALE_PARTIAL);
+        let cache = VisionCache::open(dir.path(), "w", 4 * one).unwrap();
+        assert!(!leftover.exists());
+        assert_eq!(entries(dir.path()).0, 3);
+        let before = seen.get();
+        for i in 7..10 {
+            let _ = cache.encode(&image(i), encoder(&seen));
+        }
+        assert_eq!(seen.get(), before, "the newest 3 were kept");
+        let _ = cache.encode(&image(6), encoder(&seen));
+        assert_eq!(seen.get(), before + 1, "the older ones were removed");
     }
 }

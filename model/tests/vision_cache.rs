@@ -16,7 +16,7 @@ fn a_frozen_encoder_reads_its_outputs_from_the_cache() {
     let m = LoadedModel::init(&config(), Device::Cpu, None).unwrap();
     let forward = || tch::no_grad(|| m.model.forward(&inputs())).unwrap();
     let plain = forward();
-    let cache = Arc::new(VisionCache::open(dir.path(), "digest").unwrap());
+    let cache = Arc::new(VisionCache::open(dir.path(), "digest", u64::MAX).unwrap());
     m.model.set_vision_cache(Some(cache.clone()));
     // Three real images (one padded slot): encoded once, then read.
     assert!(forward().equal(&plain));

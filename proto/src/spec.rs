@@ -65,6 +65,22 @@ pub struct ModelSpec {
     /// trains (`samtrain.trainable.all`).
     #[serde(default)]
     pub vision_cache: Option<String>,
+    /// The most the vision cache's folder may hold, in GiB: past it the
+    /// oldest entries are removed. Default 64 (a ViT-g output is about
+    /// 1.4 MB in fp32).
+    #[serde(default = "default_vision_cache_max_gib")]
+    pub vision_cache_max_gib: f64,
+}
+
+fn default_vision_cache_max_gib() -> f64 {
+    64.0
+}
+
+impl ModelSpec {
+    /// `vision_cache_max_gib` in bytes.
+    pub fn vision_cache_max_bytes(&self) -> u64 {
+        (self.vision_cache_max_gib * (1u64 << 30) as f64) as u64
+    }
 }
 
 /// A floating-point format for the frozen weights (`[model] dtype`).
@@ -603,6 +619,12 @@ impl JobSpec {
             "model.path",
             "must not be empty",
         );
+        let cache_gib = self.model.vision_cache_max_gib;
+        p.check(
+            cache_gib.is_finite() && cache_gib > 0.0 && cache_gib <= MAX_VISION_CACHE_GIB,
+            "model.vision_cache_max_gib",
+            format!("must be more than 0 and at most {MAX_VISION_CACHE_GIB}, got {cache_gib:?}"),
+        );
 
         let d = &self.data;
         p.check(!d.train.is_empty(), "data.train", "must not be empty");
@@ -878,6 +900,7 @@ const MAX_SYNTH_SAMPLES: usize = 10_000_000;
 const MAX_BEAMS: usize = 64;
 const MAX_COLLECTIVE_TIMEOUT_S: f64 = 86_400.0;
 const MAX_LAST_CALL_S: f64 = 3_600.0;
+const MAX_VISION_CACHE_GIB: f64 = 1_048_576.0;
 
 #[derive(Default)]
 struct Problems(Vec<SpecProblem>);
@@ -1005,12 +1028,14 @@ url = "file:///tmp/ckpt"
              [parallel]\ncollective_timeout_s = 1e300\nlast_call_s = 1e300\n\
              [evaluation]\nnum_beams = 1000000\nmax_new_tokens = 100000000\n"
         )
-        .replace("/tmp/ckpt\"", "/tmp/ckpt\"\nkeep = 1000000");
+        .replace("/tmp/ckpt\"", "/tmp/ckpt\"\nkeep = 1000000")
+        .replace("models/sam\"", "models/sam\"\nvision_cache_max_gib = 1e300");
         let err = JobSpec::from_toml(&text, None).unwrap_err();
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
             [
+                "model.vision_cache_max_gib",
                 "training.steps",
                 "training.batch_size",
                 "parallel.collective_timeout_s",

@@ -204,8 +204,12 @@ impl Trainer {
                     tracing::warn!(%dir, "model.vision_cache with data.augmentation on: augmented images differ every epoch, so the cache keeps new ones instead of reusing them (set data.augmentation = \"none\")");
                 }
                 Some(Arc::new(
-                    VisionCache::open(Path::new(dir), &base.digest)
-                        .map_err(|e| TrainError::from_model(dir, "opening the vision cache", e))?,
+                    VisionCache::open(
+                        Path::new(dir),
+                        &base.digest,
+                        spec.model.vision_cache_max_bytes(),
+                    )
+                    .map_err(|e| TrainError::from_model(dir, "opening the vision cache", e))?,
                 ))
             }
             None => None,
