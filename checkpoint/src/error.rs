@@ -20,6 +20,16 @@ pub enum CheckpointError {
     },
     #[error("{path} is not a valid safetensors file: {message}")]
     Safetensors { path: String, message: String },
+    /// A sound file whose tensor could not be placed: memory for it on the
+    /// device, or the copy there, failed. Not damage: an older checkpoint
+    /// would fail the same way.
+    #[error("{path}: tensor {tensor} cannot be loaded onto {device}: {message}")]
+    Placement {
+        path: String,
+        tensor: String,
+        device: String,
+        message: String,
+    },
     #[error("{path}: {found} bytes, the manifest says {expected}")]
     Size {
         path: String,

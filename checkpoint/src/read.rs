@@ -263,12 +263,8 @@ impl ShardReader {
         };
         while let Some(slot) = slots.get_mut(*index) {
             let kind = kind_of(slot.dtype).expect("layout keeps only dtypes libtorch has");
-            let tensor = Tensor::f_empty(&slot.shape, (kind, self.device)).map_err(|e| {
-                CheckpointError::Safetensors {
-                    path: self.path.clone(),
-                    message: format!("tensor {}: {e}", slot.name),
-                }
-            })?;
+            let tensor = Tensor::f_empty(&slot.shape, (kind, self.device))
+                .map_err(|e| placement_error(&self.path, self.device, slot, e))?;
             slot.tensor = Some(tensor);
             if slot.len > 0 {
                 break;
@@ -396,10 +392,18 @@ fn flush(
         // bytes are on the device, so `buf` may be refilled.
         dst.f_copy_(&buf.f_narrow(0, 0, bytes as i64)?)
     };
-    copy().map_err(|e| CheckpointError::Safetensors {
+    copy().map_err(|e| placement_error(path, device, slot, e))
+}
+
+/// The error of a tensor of `path` that `device` could not take.
+fn placement_error(path: &str, device: Device, slot: &Slot, e: tch::TchError) -> CheckpointError {
+    CheckpointError::Placement {
         path: path.to_owned(),
-        message: format!("tensor {}: copying to {device:?}: {e}", slot.name),
-    })
+        tensor: slot.name.clone(),
+        device: format!("{device:?}"),
+        // libtorch's first line says it; the rest lists its backends.
+        message: e.to_string().lines().next().unwrap_or_default().to_owned(),
+    }
 }
 
 impl ShardTensors {

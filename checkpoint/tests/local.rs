@@ -466,3 +466,39 @@ fn gpu_tensors_round_trip_through_pinned_staging() {
         ck.verify(&info).unwrap();
     }
 }
+
+/// A sound checkpoint whose tensors a device cannot take (here a GPU that
+/// is not there, as a GPU out of memory would be) fails naming the file,
+/// the tensor and the device, and is not taken for damage: a resume must
+/// not fall back to an older checkpoint that would fail the same way.
+#[test]
+fn a_device_that_cannot_take_the_tensors_is_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = open(dir.path().join("ckpt").to_str().unwrap(), 1);
+    assert_eq!(save_all(&ck, state(5, 0, 1, 1)), SaveStatus::Committed);
+    let info = ck.latest().unwrap().unwrap();
+    let error = match ck.load_onto(&info, 0, 1, tch::Device::Cuda(63)) {
+        Err(e) => e,
+        Ok(_) => panic!("loaded onto a GPU 63"),
+    };
+    assert!(
+        matches!(
+            error,
+            samtrain_checkpoint::CheckpointError::Placement { .. }
+        ),
+        "{error}"
+    );
+    assert!(!error.is_corrupt(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("tp-00-of-01.safetensors: tensor ") && message.contains("onto Cuda(63): "),
+        "{message}"
+    );
+    assert_eq!(
+        message.lines().count(),
+        1,
+        "libtorch's first line only: {message}"
+    );
+    // The same checkpoint loads where it can.
+    ck.load(&info, 0, 1).unwrap();
+}
