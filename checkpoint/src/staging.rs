@@ -1,18 +1,20 @@
 //! Staging: the copy of a rank's tensors into CPU memory the checkpoint
 //! owns, the one part of a save training waits for.
 //!
-//! Three things keep it short. The memory is kept between saves
+//! Four things keep it short. The memory is kept between saves
 //! ([`StagingPool`]): a save of the same tensors copies into buffers whose
 //! pages are already mapped, where a fresh allocation of this size is
 //! mapped by the kernel and faulted in page by page on first touch (most
 //! of a save's time before the pool). Each CPU tensor's CRC-32 is computed
 //! piece by piece right after the piece is copied, while it is still in
 //! the cache, so the upload needs no further pass over the bytes: a file's
-//! checksum is its header's combined with its tensors'. And a GPU tensor is
+//! checksum is its header's combined with its tensors'. A GPU tensor is
 //! copied straight into page-locked ("pinned") memory, which the GPU fills
 //! by DMA at the bus's speed, where pageable memory goes through the
 //! driver's bounce buffer at a fraction of it; its checksum is left to the
-//! upload, which runs while training goes on.
+//! upload, which runs while training goes on. And a large save is staged
+//! by several threads: training waits for staging, so every core may
+//! copy.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,12 @@ use crate::format::{dtype_of, TensorEntry};
 /// Bytes copied and checksummed at a time: small enough to stay in a
 /// core's cache between the copy and the checksum.
 const PIECE: usize = 1 << 20;
+
+/// Below this many bytes a save stages on the calling thread: starting
+/// threads would cost more than they save.
+const PARALLEL_FROM: usize = 16 << 20;
+/// The most threads one save stages with.
+const MAX_STAGING_THREADS: usize = 8;
 
 /// A tensor copied to CPU memory, owned by the checkpoint.
 pub(crate) struct Staged {
@@ -177,14 +185,65 @@ pub(crate) fn stage_all(
     pool: &Arc<StagingPool>,
     tensors: &[(&str, &Tensor, Option<i64>)],
 ) -> Result<Vec<Staged>, CheckpointError> {
-    let bytes: usize = tensors
+    let sizes: Vec<usize> = tensors
         .iter()
         .map(|(_, t, _)| t.numel() * t.kind().elt_size_in_bytes())
-        .sum();
+        .collect();
+    let bytes: usize = sizes.iter().sum();
     pool.allow(bytes);
-    tensors
-        .iter()
-        .map(|&(name, t, dim)| stage(pool, name, t, dim))
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_STAGING_THREADS)
+        .min(tensors.len());
+    if threads <= 1 || bytes < PARALLEL_FROM {
+        return tensors
+            .iter()
+            .map(|&(name, t, dim)| stage(pool, name, t, dim))
+            .collect();
+    }
+    // Training waits for staging, so every core may copy: the tensors are
+    // dealt, largest first, to the thread with the fewest bytes so far.
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
+    type Share<'a> = Vec<(usize, &'a str, Tensor, Option<i64>)>;
+    let mut shares: Vec<(usize, Share)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for i in order {
+        let share = shares
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one thread");
+        share.0 += sizes[i];
+        // A handle per thread: tch's tensors move between threads but are
+        // not shared by them.
+        let (name, t, dim) = tensors[i];
+        share.1.push((i, name, t.shallow_clone(), dim));
+    }
+    let mut staged: Vec<Option<Result<Staged, CheckpointError>>> =
+        (0..tensors.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = shares
+            .into_iter()
+            .map(|(_, share)| {
+                scope.spawn(move || {
+                    share
+                        .into_iter()
+                        .map(|(i, name, t, dim)| (i, stage(pool, name, &t, dim)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for thread in running {
+            let done = thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, result) in done {
+                staged[i] = Some(result);
+            }
+        }
+    });
+    staged
+        .into_iter()
+        .map(|r| r.expect("every tensor was dealt to a thread"))
         .collect()
 }
 
@@ -311,5 +370,54 @@ mod tests {
             .collect();
         assert_eq!(values, [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
         assert_eq!(staged[0].entry.shape, [3, 2]);
+    }
+
+    /// Above [`PARALLEL_FROM`] the tensors are staged by several threads:
+    /// each comes back in its place, with its bytes (a strided one in its
+    /// logical order), its checksum and its record, whatever thread took it.
+    #[test]
+    fn a_large_save_staged_by_several_threads_keeps_every_tensor_in_place() {
+        let pool = Arc::new(StagingPool::default());
+        let sizes = [3_000_000i64, 17, 0, 1_500_000, 2_500_001, 64];
+        let mut tensors: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Tensor::arange(n, (Kind::Float, Device::Cpu)) * (i as f64 + 1.0))
+            .collect();
+        tensors.push(
+            Tensor::arange(600_000, (Kind::Int64, Device::Cpu))
+                .reshape([1000, 600])
+                .transpose(0, 1),
+        );
+        let names: Vec<String> = (0..tensors.len()).map(|i| format!("t{i}")).collect();
+        let list: Vec<(&str, &Tensor, Option<i64>)> = names
+            .iter()
+            .zip(&tensors)
+            .enumerate()
+            .map(|(i, (n, t))| (n.as_str(), t, (i % 2 == 0).then_some(0)))
+            .collect();
+        let total: usize = tensors
+            .iter()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum();
+        assert!(total > PARALLEL_FROM, "{total} bytes");
+        let staged = stage_all(&pool, &list).unwrap();
+        assert_eq!(staged.len(), tensors.len());
+        for (i, (s, t)) in staged.iter().zip(&tensors).enumerate() {
+            assert_eq!(s.entry.name, names[i]);
+            assert_eq!(s.entry.shape, t.size());
+            assert_eq!(s.entry.shard_dim, (i % 2 == 0).then_some(0));
+            let c = t.contiguous();
+            let len = c.numel() * c.kind().elt_size_in_bytes();
+            let mut expected = vec![0u8; len];
+            c.copy_data_u8(&mut expected, c.numel());
+            assert!(s.data[..] == expected[..], "{} differs", names[i]);
+            assert_eq!(
+                s.crc().finalize(),
+                crc32fast::hash(&expected),
+                "{}",
+                names[i]
+            );
+        }
     }
 }
