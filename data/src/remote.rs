@@ -346,8 +346,13 @@ impl ObjectCache {
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
+            // An `http://` location is the user's explicit choice of plain
+            // HTTP, which the client otherwise refuses.
             "http" | "https" => HttpBuilder::new()
                 .with_url(&origin)
+                .with_client_options(
+                    object_store::ClientOptions::new().with_allow_http(parsed.scheme() == "http"),
+                )
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
@@ -394,25 +399,45 @@ fn describe(e: &object_store::Error) -> String {
         }
         source = cause.source();
     }
+    // The text is matched only where the store gives no structure, and never
+    // for bare digits: the URL in it carries a port, and port 34033 is not a
+    // 403.
     let lower = text.to_lowercase();
     match e {
         E::NotFound { .. } => format!("{NOT_FOUND} (or no such bucket)"),
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => format!("access denied: {text}"),
-        _ if lower.contains("403")
+        _ if never_reached(e) => format!("cannot reach the endpoint (after retries): {text}"),
+        _ if lower.contains("403 forbidden")
             || lower.contains("accessdenied")
             || lower.contains("forbidden") =>
         {
             format!("access denied: {text}")
         }
-        _ if lower.contains("connect")
-            || lower.contains("sending request")
-            || lower.contains("dns")
-            || lower.contains("timed out") =>
-        {
+        _ if lower.contains("dns error") || lower.contains("timed out") => {
             format!("cannot reach the endpoint (after retries): {text}")
         }
         _ => text,
     }
+}
+
+/// Whether the request behind `e` failed in transport (no connection, no
+/// answer in time) rather than with an answer from the store.
+fn never_reached(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(http) = cause.downcast_ref::<HttpError>() {
+            return matches!(
+                http.kind(),
+                HttpErrorKind::Connect
+                    | HttpErrorKind::Request
+                    | HttpErrorKind::Timeout
+                    | HttpErrorKind::Interrupted
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The cache file name of `url`.
@@ -472,6 +497,50 @@ mod tests {
         assert!(is_remote("s3://b/k") && is_remote("gs://b/k") && is_remote("https://h/k"));
         assert!(!is_remote("/data/set") && !is_remote("file:///data/set"));
         assert_eq!(local_path("file:///d/x"), PathBuf::from("/d/x"));
+    }
+
+    /// A loopback port, free when asked, whose number has "403" in it.
+    fn free_port_that_reads_403() -> u16 {
+        (40300..40400)
+            .chain(14030..14040)
+            .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            .expect("a free port among 40300-40399 and 14030-14039")
+    }
+
+    /// One answer to every request on a loopback listener, as a store that
+    /// refuses the caller would give it.
+    fn forbidding_server() -> u16 {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn failures_are_named_by_what_happened_not_by_digits_in_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ObjectCache::open(dir.path(), 1 << 20, 0).unwrap();
+
+        let error_at = |port: u16| {
+            cache
+                .fetch(&format!("http://127.0.0.1:{port}/images/a.jpg"))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = error_at(free_port_that_reads_403());
+        assert!(err.contains("cannot reach the endpoint"), "{err}");
+        assert!(!err.contains("access denied"), "{err}");
+        let err = error_at(forbidding_server());
+        assert!(err.contains("access denied"), "{err}");
     }
 
     #[test]
