@@ -22,7 +22,14 @@
 # and samtrain with glibc's default heap, and
 # CHECKPOINTING=1 to add both sides with activation checkpointing and a table
 # of the memory each step adds (peak resident memory over that before the
-# first step: gradients, AdamW's state and the activations).
+# first step: gradients, AdamW's state and the activations), and
+# SAVES=1 to add both sides saving the trained state every SAVE_EVERY (3)
+# steps into SAVE_DIR (target/bench/saves): samtrain's checkpoint (staged
+# while training waits, uploaded in the background) and torch.save of the
+# model's and AdamW's state_dict, the newest two kept on both sides, with a
+# table of what a save costs: the difference in mean step time (all steps,
+# the last upload's wait included) from the same side without saves, times
+# SAVE_EVERY.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,6 +46,9 @@ QFORMER_LEN=${QFORMER_LEN:-16}
 QUIET_WAIT=${QUIET_WAIT:-120}
 SUPPLEMENT=${SUPPLEMENT:-0}
 CHECKPOINTING=${CHECKPOINTING:-0}
+SAVES=${SAVES:-0}
+SAVE_EVERY=${SAVE_EVERY:-3}
+SAVE_DIR=${SAVE_DIR:-target/bench/saves}
 PY=$ROOT/.venv/bin/python
 OUT=target/bench
 RESULTS=$OUT/train_step.jsonl
@@ -69,6 +79,10 @@ fi
 if [[ $CHECKPOINTING == 1 ]]; then
     SIDES+=(samtrain-checkpointed hf-sdpa-checkpointed)
 fi
+if [[ $SAVES == 1 ]]; then
+    [[ $SUPPLEMENT == 1 ]] || SIDES+=(hf-sdpa-fused-adamw)
+    SIDES+=(samtrain-saving hf-sdpa-fused-adamw-saving)
+fi
 
 # One run of one side; prints its JSON object.
 run_side() {
@@ -89,6 +103,10 @@ run_side() {
     samtrain-glibc-malloc) SAMTRAIN_MALLOC=glibc "${st[@]}" --model "$OUT/model" ;;
     samtrain-checkpointed) "${st[@]}" --model "$OUT/model" --activation-checkpointing ;;
     hf-sdpa-checkpointed) "${hf[@]}" --attn sdpa --gradient-checkpointing ;;
+    samtrain-saving)
+        "${st[@]}" --model "$OUT/model" --save-every "$SAVE_EVERY" --save-to "$SAVE_DIR/$1" ;;
+    hf-sdpa-fused-adamw-saving)
+        "${hf[@]}" --attn sdpa --fused-adamw --save-every "$SAVE_EVERY" --save-to "$SAVE_DIR/$1" ;;
     esac
 }
 
@@ -140,11 +158,18 @@ print(f"median ms per step over {first['steps']} steps; {first['threads']} threa
 # Every side but samtrain gets a ratio column: samtrain / transformers for the
 # transformers sides (checkpointed against checkpointed), the cost of guidance or
 # of checkpointing (samtrain-X / samtrain) for the other samtrain sides.
+# The saving sides (against each other) by their mean step, which carries the
+# saves; the others by their median.
 def ratio(side, ms):
     if side.startswith("samtrain-"):
         return ms[side] / ms["samtrain"]
     mine = "samtrain-checkpointed" if side.endswith("-checkpointed") else "samtrain"
+    mine = "samtrain-saving" if side.endswith("-saving") else mine
     return ms[mine] / ms[side]
+
+
+def step_ms(side, row):
+    return row["mean_ms"] if side.endswith("-saving") else row["median_ms"]
 
 
 head = ["round"] + [c for s in sides for c in ([s] if s == "samtrain" else [s, "ratio"])]
@@ -162,10 +187,21 @@ def line(label, ms):
 
 print("".join(f"{h:>{w}}" for h, w in zip(head, widths)))
 for n in rounds:
-    line(str(n), {s: by[(n, s)]["median_ms"] for s in sides})
-line("median", {s: statistics.median(by[(n, s)]["median_ms"] for n in rounds) for s in sides})
-print("ratio: samtrain / transformers (checkpointed sides against each other); "
-      "for the other samtrain sides: samtrain-X / samtrain")
+    line(str(n), {s: step_ms(s, by[(n, s)]) for s in sides})
+line("median", {s: statistics.median(step_ms(s, by[(n, s)]) for n in rounds) for s in sides})
+print("ratio: samtrain / transformers (checkpointed sides against each other, saving "
+      "sides by their mean step); for the other samtrain sides: samtrain-X / samtrain")
+if "samtrain-saving" in sides:
+    print("a save of the trained state: its cost to training ((mean step saving - mean step "
+          "not saving) x steps between saves) and the time it blocked training, ms:")
+    for saving, plain in (("samtrain-saving", "samtrain"),
+                          ("hf-sdpa-fused-adamw-saving", "hf-sdpa-fused-adamw")):
+        every = by[(rounds[0], saving)]["save"]["every"]
+        costs = [(by[(n, saving)]["mean_ms"] - by[(n, plain)]["mean_ms"]) * every for n in rounds]
+        blocked = [by[(n, saving)]["save"]["blocked_ms"] for n in rounds]
+        print(f"  {saving:<28} cost " + " ".join(f"{c:7.1f}" for c in costs)
+              + f"  (median {statistics.median(costs):.1f});  blocked "
+              + " ".join(f"{b:6.1f}" for b in blocked))
 print("min ms per step, by round:")
 for s in sides:
     print(f"  {s:<20}" + "".join(f"{by[(n, s)]['min_ms']:>8.0f}" for n in rounds))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -75,6 +76,14 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="transformers' gradient_checkpointing_enable() (samtrain's --activation-checkpointing)",
     )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="torch.save the model's and the optimizer's state_dict after every this many "
+        "steps, into --save-to (the newest two kept), as samtrain's --save-every",
+    )
+    p.add_argument("--save-to", help="folder of --save-every's files")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = p.parse_args()
     assert args.steps > 0, "--steps must be positive"
@@ -162,7 +171,16 @@ def main() -> None:
         batch["logits_to_keep"] = args.text_len
 
     autocast_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
-    forward, backward, optimizer = [], [], []
+    if args.save_every:
+        assert args.save_to, "--save-every needs --save-to"
+        # Files of an earlier run are removed; anything else is refused.
+        if os.path.isdir(args.save_to):
+            others = [f for f in os.listdir(args.save_to) if not (f.startswith("step-") and f.endswith(".pt"))]
+            assert not others, f"--save-to {args.save_to} holds {others[0]}, which is not a save"
+            shutil.rmtree(args.save_to)
+        os.makedirs(args.save_to)
+    forward, backward, optimizer, saving = [], [], [], []
+    saved_files = []
     first_loss = None
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -176,6 +194,13 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
         synchronize(args.device)
+        t_optimizer = time.perf_counter()
+        if args.save_every and (step + 1) % args.save_every == 0:
+            path = os.path.join(args.save_to, f"step-{step + 1}.pt")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+            saved_files.append(path)
+            while len(saved_files) > 2:
+                os.remove(saved_files.pop(0))
         done = time.perf_counter()
         # Read after the clock stops, as samtrain does.
         if first_loss is None:
@@ -183,13 +208,15 @@ def main() -> None:
         if step >= args.warmup:
             forward.append((t_forward - start) * 1e3)
             backward.append((t_backward - t_forward) * 1e3)
-            optimizer.append((done - t_backward) * 1e3)
+            optimizer.append((t_optimizer - t_backward) * 1e3)
+            saving.append((done - t_optimizer) * 1e3)
 
-    total = [f + b + o for f, b, o in zip(forward, backward, optimizer)]
+    total = [f + b + o + s for f, b, o, s in zip(forward, backward, optimizer, saving)]
     result = {
         "device": args.device,
         "autocast": args.autocast,
         "median_ms": statistics.median(total),
+        "mean_ms": statistics.mean(total),
         "min_ms": min(total),
         "steps": args.steps,
         "threads": args.threads,
@@ -209,6 +236,15 @@ def main() -> None:
         "rss_before_steps_bytes": rss_before_steps,
         "peak_rss_bytes": memory_bytes("VmHWM"),
     }
+    if args.save_every:
+        timed_steps = range(args.warmup, args.warmup + args.steps)
+        saves = [ms for ms, n in zip(saving, timed_steps) if (n + 1) % args.save_every == 0]
+        assert saves, "no save was timed: --steps is too few for --save-every"
+        result["save"] = {
+            "every": args.save_every,
+            "saves": len(saves),
+            "blocked_ms": statistics.median(saves),
+        }
     if args.json:
         print(json.dumps(result))
         return

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod fetch;
 pub mod load;
 pub mod restart;
+mod step_saves;
 pub mod train_step;
 
 use anyhow::{Context, Result};

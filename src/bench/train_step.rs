@@ -2,7 +2,8 @@
 //! (forward, backward, the trainer's AdamW, zero_grad, every parameter
 //! trainable) on a fixed random batch, to compare with the same model in transformers
 //! (`benches/train_step.py`, `benches/run_train_step.sh`, and on a GPU
-//! `benches/run_gpu.sh`).
+//! `benches/run_gpu.sh`); with `--save-every`, saving a checkpoint every
+//! few steps as training does ([`super::step_saves`]).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use samtrain_model::{trainable, LoadedModel, SamConfig, SamInputs};
 use samtrain_worker::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::{median, mib, rss_bytes, synchronize, BenchDevice};
+use super::{median, mib, rss_bytes, step_saves, synchronize, BenchDevice};
 
 #[derive(Args)]
 pub struct TrainStepArgs {
@@ -56,6 +57,14 @@ pub struct TrainStepArgs {
     /// (`[training] activation_checkpointing`).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Saves the trained state (parameters and AdamW's moments, as a
+    /// samtrain checkpoint in `--save-to`) after every this many steps, to
+    /// time what a save costs the steps around it.
+    #[arg(long, requires = "save_to")]
+    save_every: Option<usize>,
+    /// The checkpoint folder of `--save-every`'s saves.
+    #[arg(long)]
+    save_to: Option<PathBuf>,
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -112,6 +121,10 @@ impl StepTimes {
 pub fn run(args: &TrainStepArgs) -> Result<()> {
     ensure!(args.steps > 0, "--steps must be positive");
     ensure!(
+        args.save_every.is_none_or(|n| (1..=1000).contains(&n)),
+        "--save-every must be from 1 to 1000"
+    );
+    ensure!(
         args.text_len >= 2,
         "--text-len must be at least 2 (half of it is supervised)"
     );
@@ -139,6 +152,10 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     let (inputs, labels) = random_batch(config, args, device);
     let rss_before_steps = rss_bytes("VmRSS")?;
 
+    let mut saves = match (args.save_every, &args.save_to) {
+        (Some(every), Some(dir)) => Some(step_saves::Saves::open(every, dir)?),
+        _ => None,
+    };
     let mut times = Vec::with_capacity(args.steps);
     let mut first_loss = None;
     for step in 0..args.warmup + args.steps {
@@ -159,6 +176,9 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         opt.step(LEARNING_RATE)?;
         opt.zero_grad();
         synchronize(device);
+        if let Some(saves) = &mut saves {
+            saves.after_step(step, step >= args.warmup, &params, &opt)?;
+        }
         let done = start.elapsed();
         // Read after the clock stops: the value is only a cross-check that both
         // sides compute the same loss on the same batch.
@@ -203,11 +223,18 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
     );
     let planned_step_bytes = plan.trainable_params * 12 + plan.activation_bytes;
     let first_loss = first_loss.expect("--steps is positive, so a step ran");
+    let saved = saves.map(step_saves::Saves::finish).transpose()?;
+    // Training's pace: every step as it ran, and the wait for the last
+    // uploads, which the steps would have carried had training gone on.
+    let mean_ms = (times.iter().map(|t| ms(t.total())).sum::<f64>()
+        + saved.as_ref().map_or(0.0, |s| ms(s.final_flush)))
+        / times.len() as f64;
     if args.json {
         let out = serde_json::json!({
             "device": args.device.to_string(),
             "autocast": args.autocast.name(),
             "median_ms": median_ms,
+            "mean_ms": mean_ms,
             "min_ms": min_ms,
             "steps": args.steps,
             "threads": args.threads,
@@ -225,6 +252,13 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
             "rss_before_steps_bytes": rss_before_steps,
             "peak_rss_bytes": peak_rss,
             "planned_step_bytes": planned_step_bytes,
+            "save": saved.as_ref().map(|c| serde_json::json!({
+                "every": args.save_every,
+                "bytes": c.bytes,
+                "saves": c.saves,
+                "blocked_ms": c.blocked_ms,
+                "final_flush_ms": ms(c.final_flush),
+            })),
         });
         println!("{out}");
     } else {
@@ -259,6 +293,15 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
              optimizer {optimizer_ms:.1} ms"
         );
         println!("  loss at the first step {first_loss:.6}");
+        if let Some(c) = &saved {
+            println!(
+                "  saves ({:.0} MiB, {} timed): blocked {:.1} ms each; mean step with the last \
+                 upload's wait {mean_ms:.1} ms",
+                mib(c.bytes),
+                c.saves,
+                c.blocked_ms,
+            );
+        }
         println!(
             "  resident memory: {:.0} MiB before the steps, peak {:.0} MiB; \
              the memory plan expects a step to add {:.0} MiB",
