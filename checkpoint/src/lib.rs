@@ -267,6 +267,10 @@ pub(crate) struct Inner {
     /// Steps whose files this process has read back and found whole, so
     /// the retention sweep verifies each checkpoint once, not every save.
     verified: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The files this process wrote as tp rank 0, by name, with the
+    /// version the store gave each right after: the retention's check
+    /// reads none that is still at that version (`load::verify`).
+    written: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Staging memory kept between saves.
     staging: Arc<StagingPool>,
 }
@@ -339,6 +343,7 @@ impl Checkpointer {
             tuning,
             runtime: Some(runtime),
             verified: Default::default(),
+            written: Default::default(),
             staging: Default::default(),
         });
         let pending = Arc::new(Pending::default());
@@ -488,7 +493,8 @@ impl Checkpointer {
     /// Reads every file of `info` and checks its size and checksum against
     /// the manifest.
     pub fn verify(&self, info: &CheckpointInfo) -> Result<(), CheckpointError> {
-        self.inner.block_on(load::verify(&self.inner.store, info))
+        self.inner
+            .block_on(load::verify(&self.inner.store, info, &Default::default()))
     }
 
     /// The newest checkpoint whose files are all in the store at the sizes

@@ -16,7 +16,7 @@ use crate::format::{
     FileEntry, Manifest, PartRecord, FORMAT, MANIFEST_FILE, META_FILE,
 };
 use crate::staging::{stage_all, Staged, StagingPool};
-use crate::{load, run_blocking, CheckpointInfo, Inner, SaveOutcome, SaveStatus, ShardState};
+use crate::{load, lock, run_blocking, CheckpointInfo, Inner, SaveOutcome, SaveStatus, ShardState};
 
 /// A staged save, waiting for the upload thread.
 pub(crate) struct Job {
@@ -205,6 +205,14 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
             }
         }
     )?;
+    if job.tp_rank == 0 {
+        // The retention of a later save checks this checkpoint: these
+        // files' versions spare it reading them back.
+        for name in [&params_at, &optimizer_at, &at(META_FILE)] {
+            let (_, version) = store.version(name).await?;
+            lock(&inner.written).insert(name.clone(), version);
+        }
+    }
     let part = PartRecord {
         format: FORMAT.into(),
         step: job.step,
@@ -339,6 +347,11 @@ async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
             }
         }
     }
+    lock(&inner.written).retain(|name, _| {
+        !doomed
+            .iter()
+            .any(|&step| name.starts_with(&format!("{}/", step_folder(step))))
+    });
     let mut folders = Vec::new();
     for step in doomed {
         let folder = step_folder(step);
@@ -354,9 +367,10 @@ async fn retain(inner: &Inner, newest: u64) -> Result<(), CheckpointError> {
     store.remove_folders(&folders).await
 }
 
-/// Whether `info`'s files match its manifest (read once per process); a
-/// store that cannot be reached is an error, so nothing is deleted on a
-/// guess.
+/// Whether `info`'s files match its manifest (checked once per process,
+/// reading only the files this process did not write or that changed
+/// since); a store that cannot be reached is an error, so nothing is
+/// deleted on a guess.
 async fn verified(inner: &Inner, info: &CheckpointInfo) -> Result<bool, CheckpointError> {
     if inner
         .verified
@@ -366,7 +380,8 @@ async fn verified(inner: &Inner, info: &CheckpointInfo) -> Result<bool, Checkpoi
     {
         return Ok(true);
     }
-    match load::verify(&inner.store, info).await {
+    let written = lock(&inner.written).clone();
+    match load::verify(&inner.store, info, &written).await {
         Ok(()) => {
             inner
                 .verified

@@ -381,6 +381,23 @@ impl Store {
         .await
     }
 
+    /// The size of `name` and its version (the store's ETag, else its
+    /// modification time), from its metadata (nothing is read): a file
+    /// rewritten or changed in place gets another version.
+    pub(crate) async fn version(&self, name: &str) -> Result<(u64, String), CheckpointError> {
+        let path = self.path(name);
+        let meta = self
+            .retried("head", name, || self.store.head(&path))
+            .await?;
+        let version = meta.e_tag.clone().unwrap_or_else(|| {
+            meta.last_modified
+                .timestamp_nanos_opt()
+                .unwrap_or(0)
+                .to_string()
+        });
+        Ok((meta.size, version))
+    }
+
     /// The size of `name`, from its metadata (nothing is read).
     pub(crate) async fn size(&self, name: &str) -> Result<u64, CheckpointError> {
         let path = self.path(name);

@@ -225,6 +225,61 @@ fn retention_keeps_good_checkpoints_when_newer_ones_are_damaged() {
     assert_eq!(resumable(&resumed), 25);
 }
 
+/// Retention checks the checkpoints it keeps, but reads back none of the
+/// files this process wrote that are still at the version the store gave
+/// them: a change in place (which moves the modification time) is read
+/// and found; damage that keeps size and time, as a disk's own rot would,
+/// is left to the load, which falls back past it.
+#[test]
+fn retention_reads_back_only_what_changed_since_this_process_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().to_str().unwrap();
+    let ck = open(url, 2);
+    let shard = |step: u64| {
+        dir.path()
+            .join(format!("step-{step:08}/tp-00-of-01.safetensors"))
+    };
+    let flip = |step: u64, keep_time: bool| {
+        let path = shard(step);
+        let modified = path.metadata().unwrap().modified().unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        if keep_time {
+            let f = std::fs::File::options().append(true).open(&path).unwrap();
+            f.set_modified(modified).unwrap();
+        }
+    };
+    for step in [10, 20] {
+        assert_eq!(save_all(&ck, state(step, 0, 1, 0)), SaveStatus::Committed);
+    }
+    // Not read back: counted as whole, and step 10 goes.
+    flip(20, true);
+    assert_eq!(save_all(&ck, state(30, 0, 1, 0)), SaveStatus::Committed);
+    let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [20, 30]);
+    // Changed in place: read back, found damaged, neither counted nor
+    // deleted; step 20 (checked at the last save) stays.
+    std::thread::sleep(Duration::from_millis(5));
+    flip(30, false);
+    assert_eq!(save_all(&ck, state(40, 0, 1, 0)), SaveStatus::Committed);
+    let steps: Vec<u64> = ck.list().unwrap().iter().map(|c| c.step).collect();
+    assert_eq!(steps, [20, 30, 40]);
+    // A load finds both: 40 loads; 30 and 20 do not.
+    let info = |step: u64| {
+        ck.list()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.step == step)
+            .unwrap()
+    };
+    assert!(ck.load(&info(40), 0, 1).is_ok());
+    for step in [30, 20] {
+        let err = ck.load(&info(step), 0, 1).unwrap_err();
+        assert!(err.is_corrupt(), "{err}");
+    }
+}
+
 /// The checkpoint a resume ends on: the newest that loads, falling back
 /// past those whose load finds damage, as the trainer does.
 fn resumable(ck: &Checkpointer) -> u64 {
