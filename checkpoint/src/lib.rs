@@ -267,9 +267,10 @@ pub(crate) struct Inner {
     /// Steps whose files this process has read back and found whole, so
     /// the retention sweep verifies each checkpoint once, not every save.
     verified: std::sync::Mutex<std::collections::HashSet<u64>>,
-    /// The files this process wrote as tp rank 0, by name, with the
-    /// version the store gave each right after: the retention's check
-    /// reads none that is still at that version (`load::verify`).
+    /// The files this process wrote as tp rank 0 (when retention keeps
+    /// more than the newest), by name, with the version the store gave
+    /// each right after: the retention's check reads none that is still
+    /// at that version (`load::verify`).
     written: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Staging memory kept between saves.
     staging: Arc<StagingPool>,

@@ -205,9 +205,9 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
             }
         }
     )?;
-    if job.tp_rank == 0 {
-        // The retention of a later save checks this checkpoint: these
-        // files' versions spare it reading them back.
+    // The retention of a later save checks this checkpoint when it keeps
+    // more than the newest: these files' versions spare it reading them.
+    if job.tp_rank == 0 && inner.options.keep > 1 {
         for name in [&params_at, &optimizer_at, &at(META_FILE)] {
             let (_, version) = store.version(name).await?;
             lock(&inner.written).insert(name.clone(), version);

@@ -407,10 +407,7 @@ fn describe(e: &object_store::Error) -> String {
         E::NotFound { .. } => format!("{NOT_FOUND} (or no such bucket)"),
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => format!("access denied: {text}"),
         _ if never_reached(e) => format!("cannot reach the endpoint (after retries): {text}"),
-        _ if lower.contains("403 forbidden")
-            || lower.contains("accessdenied")
-            || lower.contains("forbidden") =>
-        {
+        _ if lower.contains("accessdenied") || lower.contains("forbidden") => {
             format!("access denied: {text}")
         }
         _ if lower.contains("dns error") || lower.contains("timed out") => {
