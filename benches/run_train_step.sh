@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Times one training step (forward, backward, AdamW, zero_grad) of the model in
+# Times one training step (forward, backward, AdamW, gradients cleared) of the model in
 # benches/train_step_config.json in samtrain and in Python transformers, and
 # prints a table (docs/PERFORMANCE.md, "Training step vs transformers").
 #

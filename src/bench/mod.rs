@@ -26,7 +26,7 @@ use tch::Device;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Times one training step: forward, backward, AdamW step and zero_grad,
+    /// Times one training step: forward, backward, AdamW step and the gradients dropped,
     /// with every parameter trainable, on a fixed random batch.
     TrainStep(train_step::TrainStepArgs),
     /// Times saving and loading a checkpoint of a given size, and how long

@@ -1,6 +1,6 @@
 //! `samtrain bench train-step`: one training step of a model folder
-//! (forward, backward, the trainer's AdamW, zero_grad, every parameter
-//! trainable) on a fixed random batch, to compare with the same model in transformers
+//! (forward, backward, the trainer's AdamW, the gradients dropped as a
+//! one-rank trainer drops them, every parameter trainable) on a fixed random batch, to compare with the same model in transformers
 //! (`benches/train_step.py`, `benches/run_train_step.sh`, and on a GPU
 //! `benches/run_gpu.sh`); with `--save-every`, saving a checkpoint every
 //! few steps as training does ([`super::step_saves`]).
@@ -57,6 +57,11 @@ pub struct TrainStepArgs {
     /// (`[training] activation_checkpointing`).
     #[arg(long)]
     activation_checkpointing: bool,
+    /// Zeroes the gradients after each step, keeping their buffers, as
+    /// the trainer does under data parallelism, instead of dropping them as
+    /// it does for one rank (and torch's `zero_grad()` does).
+    #[arg(long)]
+    keep_grads: bool,
     /// Saves the trained state (parameters and AdamW's moments, as a
     /// samtrain checkpoint in `--save-to`) after every this many steps, to
     /// time what a save costs the steps around it.
@@ -174,7 +179,11 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         synchronize(device);
         let backward = start.elapsed();
         opt.step(LEARNING_RATE)?;
-        opt.zero_grad();
+        if args.keep_grads {
+            opt.zero_grad();
+        } else {
+            opt.drop_grads()?;
+        }
         synchronize(device);
         if let Some(saves) = &mut saves {
             saves.after_step(step, step >= args.warmup, &params, &opt)?;

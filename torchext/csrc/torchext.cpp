@@ -168,6 +168,13 @@ char* torchext_clear_grad_ready_hook(const at::Tensor* leaf) {
   })
 }
 
+// Drops `leaf`'s gradient (torch's zero_grad(set_to_none=True)): the next
+// backward hands the leaf its incoming gradient instead of adding it to a
+// zeroed buffer.
+char* torchext_drop_grad(const at::Tensor* leaf) {
+  TORCHEXT_GUARD({ leaf->mutable_grad().reset(); })
+}
+
 // Autocast on `cuda` (else the CPU) in `dtype` (0: fp16, 1: bf16), nested:
 // the previous state goes to `prev_enabled` and `prev_dtype` for
 // torchext_autocast_exit. tch's own autocast sets CUDA's flag only and so

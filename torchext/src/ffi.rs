@@ -44,6 +44,7 @@ extern "C" {
         data: *mut c_void,
     ) -> *mut c_char;
     pub fn torchext_clear_grad_ready_hook(leaf: *const RawTensor) -> *mut c_char;
+    pub fn torchext_drop_grad(leaf: *const RawTensor) -> *mut c_char;
     pub fn torchext_autocast_enter(
         cuda: c_int,
         dtype: c_int,

@@ -2,7 +2,8 @@
 //! accumulates a leaf tensor's gradient into `.grad` (libtorch's
 //! post-accumulate-grad hook, `register_post_accumulate_grad_hook` in
 //! Python). Data parallelism uses it to start reducing a bucket as soon as
-//! its last gradient is complete, while backward computes the rest.
+//! its last gradient is complete, while backward computes the rest. And
+//! the other end of a gradient's life: [`drop_grad`] unsets it.
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -58,4 +59,13 @@ pub fn clear_grad_ready_hook(leaf: &Tensor) -> Result<(), TorchExtError> {
     // SAFETY: a live tensor, borrowed for the call.
     let message = unsafe { ffi::torchext_clear_grad_ready_hook(leaf.as_ptr() as *const RawTensor) };
     ffi::check("clear_grad_ready_hook", message)
+}
+
+/// Drops `leaf`'s gradient (torch's `zero_grad(set_to_none=True)`): the
+/// next backward gives the leaf its incoming gradient as it is, where a
+/// zeroed buffer costs a fill and an addition.
+pub fn drop_grad(leaf: &Tensor) -> Result<(), TorchExtError> {
+    // SAFETY: a live tensor, borrowed for the call.
+    let message = unsafe { ffi::torchext_drop_grad(leaf.as_ptr() as *const RawTensor) };
+    ffi::check("drop_grad", message)
 }

@@ -10,7 +10,8 @@
 //!   or the CPU, where tch's `autocast` has CUDA's default, fp16, only;
 //! - [`set_grad_ready_hook`]: a Rust closure run as autograd accumulates a
 //!   leaf's gradient, so that data parallelism can start a bucket's
-//!   all-reduce while backward goes on;
+//!   all-reduce while backward goes on, and [`drop_grad`], which unsets a
+//!   leaf's gradient as torch's `zero_grad()` does;
 //! - [`cuda`]: libtorch's CUDA backend, loaded at run time, and the GPUs it
 //!   sees.
 //!
@@ -27,7 +28,7 @@ mod hooks;
 pub use autocast::autocast;
 pub use foreach::{foreach_mul_, foreach_norm};
 pub use fused_adamw::{fused_adamw_, AdamWHyper, AdamWTensors};
-pub use hooks::{clear_grad_ready_hook, set_grad_ready_hook};
+pub use hooks::{clear_grad_ready_hook, drop_grad, set_grad_ready_hook};
 
 /// A libtorch operation failed, or its arguments did not fit together.
 #[derive(Debug, thiserror::Error)]

@@ -208,6 +208,23 @@ fn grad_ready_hooks_on(device: Device) {
     assert_eq!(alive.load(Ordering::SeqCst), 0);
 }
 
+/// A dropped gradient is unset, and the next backward gives the leaf its
+/// incoming gradient, not that plus the old one.
+#[test]
+fn a_dropped_gradient_is_unset_and_not_accumulated_into() {
+    let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
+    (&w * &w).sum(Kind::Float).backward();
+    assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), [2.0, 4.0, 6.0]);
+    samtrain_torchext::drop_grad(&w).unwrap();
+    assert!(!w.grad().defined());
+    (&w * 3.0).sum(Kind::Float).backward();
+    assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), [3.0, 3.0, 3.0]);
+    // A tensor without a gradient: nothing to drop, no error.
+    let plain = Tensor::from_slice(&[1.0f32]);
+    samtrain_torchext::drop_grad(&plain).unwrap();
+    assert!(!plain.grad().defined());
+}
+
 #[test]
 fn autocast_computes_in_the_chosen_dtype_and_restores() {
     autocast_on(Device::Cpu);

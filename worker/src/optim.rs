@@ -171,11 +171,21 @@ impl AdamW {
         Ok(())
     }
 
-    /// Zeroes every gradient in place (buffers stay allocated).
+    /// Zeroes every gradient in place (buffers stay allocated), for data
+    /// parallelism, whose buckets reduce the same buffers every step.
     pub fn zero_grad(&mut self) {
         for s in &mut self.params {
             s.param.zero_grad();
         }
+    }
+
+    /// Drops every gradient (torch's `zero_grad(set_to_none=True)`, its
+    /// default): the next backward hands each parameter its gradient as
+    /// it comes, where a kept buffer costs a fill now and an addition then.
+    pub fn drop_grads(&mut self) -> Result<(), TorchExtError> {
+        self.params
+            .iter()
+            .try_for_each(|s| samtrain_torchext::drop_grad(&s.param))
     }
 
     /// The state to checkpoint: `exp_avg.<param>` and `exp_avg_sq.<param>`

@@ -362,7 +362,16 @@ impl Trainer {
             step,
             message: format!("the AdamW update: {e}"),
         })?;
-        self.optimizer.zero_grad();
+        // Data parallelism's buckets reduce the same gradient buffers every
+        // step; a rank alone needs none kept.
+        if self.groups.dp.world_size() > 1 {
+            self.optimizer.zero_grad();
+        } else {
+            self.optimizer.drop_grads().map_err(|e| TrainError::Step {
+                step,
+                message: format!("dropping the gradients: {e}"),
+            })?;
+        }
         let global_batch = t.batch_size * t.grad_accum * self.groups.layout.dp as u64;
         self.samples_consumed += global_batch;
 
