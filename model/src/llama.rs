@@ -239,14 +239,44 @@ impl Llama {
         &'a self,
         x: &Tensor,
         input: &DecoderInput,
+        cache: Option<&mut KvCache>,
+        tape: Option<&mut GradTape<'a>>,
+    ) -> Tensor {
+        self.run(x, input, cache, tape, None)
+    }
+
+    /// The final normalised hidden states `[rows, hidden]` of the positions
+    /// `rows` only (indices into the flattened `[batch * seq]` positions),
+    /// as a training loss needs them. Every layer but the last runs over
+    /// every position, whose keys and values the next layer's attention
+    /// reads; the last runs its attention over every position too, then its
+    /// output projection and MLP at `rows` alone: nothing after it reads
+    /// the other positions. The states equal [`Self::forward`]'s at `rows`.
+    pub fn forward_rows<'a>(
+        &'a self,
+        x: &Tensor,
+        input: &DecoderInput,
+        rows: &Tensor,
+        tape: Option<&mut GradTape<'a>>,
+    ) -> Tensor {
+        self.run(x, input, None, tape, Some(rows))
+    }
+
+    fn run<'a>(
+        &'a self,
+        x: &Tensor,
+        input: &DecoderInput,
         mut cache: Option<&mut KvCache>,
         mut tape: Option<&mut GradTape<'a>>,
+        rows: Option<&Tensor>,
     ) -> Tensor {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let mask = causal_mask(input.key_mask, x.size()[1], past, x.kind());
         let (cos, sin) = self.rotary.cos_sin(input.positions, x.kind());
+        let last = self.layers.len().saturating_sub(1);
         let mut h = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
+            let rows = rows.filter(|_| i == last);
             h = match (cache.as_deref_mut(), tape.as_deref_mut()) {
                 (None, Some(t)) => {
                     let (cos, sin, mask) = (
@@ -254,25 +284,41 @@ impl Llama {
                         sin.shallow_clone(),
                         mask.shallow_clone(),
                     );
+                    let rows = rows.map(Tensor::shallow_clone);
                     t.checkpoint(h, move |x, t| {
-                        self.layer(layer, x, &cos, &sin, &mask, None, t)
+                        let ctx = LayerContext {
+                            cos: &cos,
+                            sin: &sin,
+                            mask: &mask,
+                            rows: rows.as_ref(),
+                        };
+                        self.layer(layer, x, &ctx, None, t)
                     })
                 }
-                (cache, t) => self.layer(layer, &h, &cos, &sin, &mask, cache.map(|c| (c, i)), t),
+                (cache, t) => {
+                    let ctx = LayerContext {
+                        cos: &cos,
+                        sin: &sin,
+                        mask: &mask,
+                        rows,
+                    };
+                    self.layer(layer, &h, &ctx, cache.map(|c| (c, i)), t)
+                }
             };
+        }
+        if let (Some(rows), true) = (rows, self.layers.is_empty()) {
+            h = flat_rows(&h, rows);
         }
         self.norm.forward(&h)
     }
 
-    /// One decoder layer (the `i`th when it appends to a cache).
-    #[allow(clippy::too_many_arguments)]
+    /// One decoder layer (the `i`th when it appends to a cache). With
+    /// `ctx.rows`, its output is those rows of the flattened positions.
     fn layer(
         &self,
         layer: &DecoderLayer,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
         mut tape: Option<&mut GradTape<'_>>,
     ) -> Tensor {
@@ -280,7 +326,11 @@ impl Llama {
         let residual = self.cut(&mut tape, h.shallow_clone());
         let normed = layer.input_layernorm.forward(&residual);
         let x = self.enter(&mut tape, normed, [&a.q_proj, &a.k_proj, &a.v_proj]);
-        let out = a.forward(&x, cos, sin, mask, cache);
+        let out = a.forward(&x, ctx.cos, ctx.sin, ctx.mask, cache);
+        let (residual, out) = match ctx.rows {
+            Some(rows) => (flat_rows(&residual, rows), flat_rows(&out, rows)),
+            None => (residual, out),
+        };
         let h = residual + self.exit(&a.o_proj, out);
         let f = &layer.mlp;
         let residual = self.cut(&mut tape, h);
@@ -404,6 +454,22 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         self.gate_proj.forward(x).silu() * self.up_proj.forward(x)
     }
+}
+
+/// What a decoder layer reads besides its input: the rotary tables, the
+/// attention mask, and the positions whose output is wanted (all when
+/// `None`).
+struct LayerContext<'t> {
+    cos: &'t Tensor,
+    sin: &'t Tensor,
+    mask: &'t Tensor,
+    rows: Option<&'t Tensor>,
+}
+
+/// Rows `rows` of `x` `[batch, seq, width]` flattened to `[batch * seq, width]`.
+fn flat_rows(x: &Tensor, rows: &Tensor) -> Tensor {
+    let width = x.size()[2];
+    x.reshape([-1, width]).index_select(0, rows)
 }
 
 /// Additive mask `[batch, 1, seq, past + seq]`: a query sees the keys at or

@@ -296,24 +296,28 @@ impl SamModel {
             });
         }
         let seq = self.sequence(inputs, tape.as_deref_mut())?;
-        let hidden = self.decode(&seq, tape);
-        let t = labels.size()[1];
+        let (b, t) = (labels.size()[0], labels.size()[1]);
         let visual_len = seq.visual.size()[1];
-        // Text token 0 is predicted by the last *real* visual token, which is
-        // not the last slot when a sample has padded image slots.
-        let last_real = (&seq.images_per_sample * self.config.num_query_tokens - 1)
-            .view([-1, 1, 1])
-            .expand([-1, 1, hidden.size()[2]], false);
-        let first = hidden.gather(1, &last_real, false);
-        let text_hidden = hidden.narrow(1, visual_len, t);
-        let predictors = Tensor::cat(&[first, text_hidden.narrow(1, 0, t - 1)], 1);
+        let seq_len = visual_len + t;
+        // The position that predicts each answer token, in the flattened
+        // [B * (N Q + T)] sequence: the token before it, and for text token 0
+        // the last *real* visual token, which is not the last slot when a
+        // sample has padded image slots.
         let labelled = labels.ne(-100).view([-1]).nonzero().squeeze_dim(1);
         let tokens = labelled.size()[0];
-        let d = predictors.size()[2];
-        let logits = self
-            .llm
-            .logits(&predictors.reshape([-1, d]).index_select(0, &labelled))
-            .to_kind(Kind::Float);
+        let sample = labelled.divide_scalar_mode(t, "floor");
+        let column = labelled.remainder(t);
+        let last_real =
+            (&seq.images_per_sample * self.config.num_query_tokens - 1).index_select(0, &sample);
+        let predictor = last_real.where_self(&column.eq(0), &(&column + (visual_len - 1)));
+        let rows = sample * seq_len + predictor;
+        debug_assert_eq!(seq.embeds.size()[..2], [b, seq_len]);
+        let input = DecoderInput {
+            positions: &seq.positions,
+            key_mask: &seq.key_mask,
+        };
+        let hidden = self.llm.forward_rows(&seq.embeds, &input, &rows, tape);
+        let logits = self.llm.logits(&hidden).to_kind(Kind::Float);
         let targets = labels.reshape([-1]).index_select(0, &labelled);
         Ok(Losses {
             total: logits.cross_entropy_for_logits(&targets),
