@@ -177,15 +177,7 @@ impl<'a> Decoder<'a> {
         let (batch, len, width) = seq.embeds.size3()?;
         let device = seq.embeds.device();
         let mut cache = KvCache::default();
-        let hidden = llm.forward(
-            &seq.embeds,
-            &DecoderInput {
-                positions: &seq.positions,
-                key_mask: &seq.key_mask,
-            },
-            Some(&mut cache),
-            None,
-        );
+        let hidden = llm.forward(&seq.embeds, &seq.decoder_input(), Some(&mut cache), None);
         // Index times mask peaks at the last real position (right padding,
         // and padded slots are not the end of the prompt).
         let last = (Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0) * &seq.key_mask)

@@ -76,6 +76,16 @@ pub struct Sequence {
     pub images_per_sample: Tensor,
 }
 
+impl Sequence {
+    /// What the decoder reads besides the embeddings, for the whole sequence.
+    pub fn decoder_input(&self) -> DecoderInput<'_> {
+        DecoderInput {
+            positions: &self.positions,
+            key_mask: &self.key_mask,
+        }
+    }
+}
+
 /// The loss of one forward pass.
 #[derive(Debug)]
 pub struct Losses {
@@ -269,11 +279,8 @@ impl SamModel {
 
     /// The decoder's final hidden states over a whole sequence (no cache).
     fn decode<'a>(&'a self, seq: &Sequence, tape: Option<&mut GradTape<'a>>) -> Tensor {
-        let input = DecoderInput {
-            positions: &seq.positions,
-            key_mask: &seq.key_mask,
-        };
-        self.llm.forward(&seq.embeds, &input, None, tape)
+        self.llm
+            .forward(&seq.embeds, &seq.decoder_input(), None, tape)
     }
 
     /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
@@ -296,7 +303,7 @@ impl SamModel {
             });
         }
         let seq = self.sequence(inputs, tape.as_deref_mut())?;
-        let (b, t) = (labels.size()[0], labels.size()[1]);
+        let t = labels.size()[1];
         let visual_len = seq.visual.size()[1];
         let seq_len = visual_len + t;
         // The position that predicts each answer token, in the flattened
@@ -311,12 +318,9 @@ impl SamModel {
             (&seq.images_per_sample * self.config.num_query_tokens - 1).index_select(0, &sample);
         let predictor = last_real.where_self(&column.eq(0), &(&column + (visual_len - 1)));
         let rows = sample * seq_len + predictor;
-        debug_assert_eq!(seq.embeds.size()[..2], [b, seq_len]);
-        let input = DecoderInput {
-            positions: &seq.positions,
-            key_mask: &seq.key_mask,
-        };
-        let hidden = self.llm.forward_rows(&seq.embeds, &input, &rows, tape);
+        let hidden = self
+            .llm
+            .forward_rows(&seq.embeds, &seq.decoder_input(), &rows, tape);
         let logits = self.llm.logits(&hidden).to_kind(Kind::Float);
         let targets = labels.reshape([-1]).index_select(0, &labelled);
         Ok(Losses {
