@@ -190,20 +190,47 @@ pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     })
 }
 
-/// A file as the chunks to upload, in order, with its size and checksum.
+/// A file as the chunks to upload, in order, with its size and each
+/// chunk's CRC-32 where it is known already.
 pub(crate) struct Encoded {
     pub chunks: Vec<Bytes>,
+    /// The CRC-32 of each chunk of `chunks`, where staging computed it;
+    /// `None` where the writer is to compute it as it writes the chunk.
+    pub crcs: Vec<Option<crc32fast::Hasher>>,
     pub size: u64,
-    pub crc: u32,
+}
+
+impl Encoded {
+    /// The file's CRC-32: its chunks' combined, those not known yet
+    /// computed now (one pass over their bytes).
+    pub fn crc(&self) -> u32 {
+        combine_crcs(self.chunks.iter().zip(&self.crcs).map(|(chunk, crc)| {
+            crc.clone().unwrap_or_else(|| {
+                let mut hasher = crc32fast::Hasher::new();
+                hasher.update(chunk);
+                hasher
+            })
+        }))
+    }
+}
+
+/// The CRC-32 of consecutive pieces from the pieces' own, in order.
+pub(crate) fn combine_crcs(pieces: impl IntoIterator<Item = crc32fast::Hasher>) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    for piece in pieces {
+        crc.combine(&piece);
+    }
+    crc.finalize()
 }
 
 /// The safetensors file of `tensors`, as chunks in file order: the header,
 /// then each tensor's bytes (shared with the staged tensors, not copied).
 /// Tensors are laid out by decreasing element size, so every tensor starts
 /// at a multiple of its element size, as memory-mapping readers want. Its
-/// checksum is the header's combined with the tensors' own, computed when
-/// they were staged (CPU tensors: their bytes are not read again) or here
-/// (GPU tensors, whose staging is a DMA copy).
+/// checksum is the header's combined with the tensors' own: computed when
+/// they were staged (small CPU tensors), or by the writer as it writes
+/// them (large CPU tensors, staged by a streaming copy; GPU tensors, whose
+/// staging is a DMA copy).
 pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     let mut order: Vec<&Staged> = tensors.iter().collect();
     order.sort_by_key(|s| std::cmp::Reverse(s.entry.dtype.size()));
@@ -230,17 +257,17 @@ pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     header.resize(header.len().div_ceil(8) * 8, b' ');
     let mut first = (header.len() as u64).to_le_bytes().to_vec();
     first.extend_from_slice(&header);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&first);
-    for s in &order {
-        crc.combine(&s.crc());
-    }
+    let mut header_crc = crc32fast::Hasher::new();
+    header_crc.update(&first);
+    let crcs = std::iter::once(Some(header_crc))
+        .chain(order.iter().map(|s| s.crc.clone()))
+        .collect();
     let chunks: Vec<Bytes> = std::iter::once(Bytes::from(first))
         .chain(order.iter().map(|s| s.data.clone()))
         .collect();
     Encoded {
         size: chunks.iter().map(|c| c.len() as u64).sum(),
-        crc: crc.finalize(),
+        crcs,
         chunks,
     }
 }
@@ -275,7 +302,7 @@ mod tests {
         let encoded = encode(&staged);
         let bytes: Vec<u8> = encoded.chunks.concat();
         assert_eq!(encoded.size, bytes.len() as u64);
-        assert_eq!(encoded.crc, crc32fast::hash(&bytes), "combined checksum");
+        assert_eq!(encoded.crc(), crc32fast::hash(&bytes), "combined checksum");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         std::fs::write(&path, &bytes).unwrap();
@@ -296,8 +323,12 @@ mod tests {
             assert_eq!(raw(r), raw(t), "{name}");
         }
         // The reader, fed in pieces that straddle the header and tensors.
-        let mut reader =
-            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
+        let mut reader = ShardReader::new(
+            "x".into(),
+            encoded.size,
+            crc_hex(encoded.crc()),
+            Device::Cpu,
+        );
         for piece in bytes.chunks(7) {
             reader.push(piece).unwrap();
         }
@@ -314,7 +345,7 @@ mod tests {
             let mut reader = ShardReader::with_landing(
                 "x".into(),
                 encoded.size,
-                crc_hex(encoded.crc),
+                crc_hex(encoded.crc()),
                 Device::Cpu,
                 Landing::bounced(Tensor::zeros([bounce], (tch::Kind::Uint8, Device::Cpu))),
             );
@@ -329,21 +360,29 @@ mod tests {
         // One flipped bit fails the checksum; a missing byte the size.
         let mut flipped = bytes.clone();
         flipped[bytes.len() - 1] ^= 1;
-        let mut reader =
-            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
+        let mut reader = ShardReader::new(
+            "x".into(),
+            encoded.size,
+            crc_hex(encoded.crc()),
+            Device::Cpu,
+        );
         reader.push(&flipped).unwrap();
         assert!(matches!(
             reader.finish(),
             Err(CheckpointError::Checksum { .. })
         ));
-        let mut reader =
-            ShardReader::new("x".into(), encoded.size, crc_hex(encoded.crc), Device::Cpu);
+        let mut reader = ShardReader::new(
+            "x".into(),
+            encoded.size,
+            crc_hex(encoded.crc()),
+            Device::Cpu,
+        );
         reader.push(&bytes[..bytes.len() - 1]).unwrap();
         assert!(matches!(reader.finish(), Err(CheckpointError::Size { .. })));
         let mut reader = ShardReader::new(
             "x".into(),
             encoded.size - 1,
-            crc_hex(encoded.crc),
+            crc_hex(encoded.crc()),
             Device::Cpu,
         );
         assert!(reader.push(&bytes).unwrap_err().is_corrupt());

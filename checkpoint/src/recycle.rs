@@ -35,6 +35,10 @@ pub(crate) const RECYCLED_DIR: &str = ".recycled";
 /// nothing worth a rename.
 const WORTH_RECYCLING: u64 = 1 << 20;
 
+/// Bytes written at a time: small enough that a piece read just before it
+/// is written (to checksum it) is still in the cache when it is.
+const PIECE: usize = 1 << 20;
+
 /// The recycle bin of one local checkpoint location.
 pub(crate) struct Recycler {
     bin: PathBuf,
@@ -54,8 +58,15 @@ impl Recycler {
 
     /// Writes `chunks` as the file `dest`, into a recycled file when the
     /// bin holds one; whether one was reused. The file appears at `dest`
-    /// whole or not at all.
-    pub(crate) fn write(&self, dest: &Path, chunks: &[Bytes]) -> io::Result<bool> {
+    /// whole or not at all. Each piece (at most [`PIECE`] bytes) is shown
+    /// to `written`, with the index of its chunk, just before it is
+    /// written: what reads it there finds it in the cache.
+    pub(crate) fn write(
+        &self,
+        dest: &Path,
+        chunks: &[Bytes],
+        mut written: impl FnMut(usize, &[u8]),
+    ) -> io::Result<bool> {
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
@@ -77,8 +88,11 @@ impl Recycler {
                     .create_new(true)
                     .open(&staged)?
             };
-            for chunk in chunks {
-                file.write_all(chunk)?;
+            for (i, chunk) in chunks.iter().enumerate() {
+                for piece in chunk.chunks(PIECE) {
+                    written(i, piece);
+                    file.write_all(piece)?;
+                }
             }
             // A bigger recycled file keeps no tail of its old bytes.
             file.set_len(size)?;
@@ -182,9 +196,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let recycler = Recycler::new(dir.path());
         let old = dir.path().join("step-1/params.safetensors");
-        assert!(!recycler.write(&old, &chunks(1, 3 << 20)).unwrap());
+        assert!(!recycler
+            .write(&old, &chunks(1, 3 << 20), |_, _| {})
+            .unwrap());
         let tiny = dir.path().join("step-1/meta.json");
-        assert!(!recycler.write(&tiny, &[Bytes::from_static(b"{}")]).unwrap());
+        assert!(!recycler
+            .write(&tiny, &[Bytes::from_static(b"{}")], |_, _| {})
+            .unwrap());
         recycler.keep(&[old.clone(), tiny.clone()]).unwrap();
         assert!(!old.exists() && !tiny.exists());
         assert_eq!(
@@ -195,7 +213,9 @@ mod tests {
 
         // Smaller than the recycled file: reused and trimmed.
         let new = dir.path().join("step-2/params.safetensors");
-        assert!(recycler.write(&new, &chunks(2, 2 << 20)).unwrap());
+        assert!(recycler
+            .write(&new, &chunks(2, 2 << 20), |_, _| {})
+            .unwrap());
         let bytes = fs::read(&new).unwrap();
         assert_eq!(bytes.len(), 2 << 20);
         assert!(bytes.iter().all(|b| *b == 2));
@@ -208,7 +228,9 @@ mod tests {
         assert_eq!(names, ["params.safetensors"]);
         // An empty bin: a fresh file.
         let other = dir.path().join("step-2/optimizer.safetensors");
-        assert!(!recycler.write(&other, &chunks(3, 2 << 20)).unwrap());
+        assert!(!recycler
+            .write(&other, &chunks(3, 2 << 20), |_, _| {})
+            .unwrap());
     }
 
     #[test]
@@ -221,13 +243,15 @@ mod tests {
             .enumerate()
             .map(|(i, len)| {
                 let f = dir.path().join(format!("step-1/f{i}"));
-                recycler.write(&f, &chunks(1, *len)).unwrap();
+                recycler.write(&f, &chunks(1, *len), |_, _| {}).unwrap();
                 f
             })
             .collect();
         recycler.keep(&files).unwrap();
         let dest = dir.path().join("step-2/x");
-        assert!(recycler.write(&dest, &chunks(5, 3 << 20)).unwrap());
+        assert!(recycler
+            .write(&dest, &chunks(5, 3 << 20), |_, _| {})
+            .unwrap());
         let mut left: Vec<u64> = fs::read_dir(&recycler.bin)
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())

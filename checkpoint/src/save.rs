@@ -176,25 +176,22 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
     }
     let params = encode(&job.params);
     let optimizer = encode(&job.optimizer);
-    let entry = |name: String, file: &Encoded| FileEntry {
-        name,
-        size: file.size,
-        crc32: crc_hex(file.crc),
-    };
-    let files = vec![
-        entry(params_file(job.tp_rank, job.tp_size), &params),
-        entry(optimizer_file(job.tp_rank, job.tp_size), &optimizer),
-    ];
+    let (params_name, optimizer_name) = (
+        params_file(job.tp_rank, job.tp_size),
+        optimizer_file(job.tp_rank, job.tp_size),
+    );
+    let (params_at, optimizer_at) = (at(&params_name), at(&optimizer_name));
     let (meta_size, meta_crc) = checksum(std::slice::from_ref(&job.meta));
     let meta = FileEntry {
         name: META_FILE.into(),
         size: meta_size,
         crc32: crc_hex(meta_crc),
     };
-    let (params_at, optimizer_at) = (at(&files[0].name), at(&files[1].name));
-    futures::try_join!(
-        store.put(&params_at, &params.chunks),
-        store.put(&optimizer_at, &optimizer.chunks),
+    // The tensor files' checksums are complete once they are written: the
+    // writer checksums what staging left to it.
+    let (params_crc, optimizer_crc, ()) = futures::try_join!(
+        store.put_encoded(&params_at, &params),
+        store.put_encoded(&optimizer_at, &optimizer),
         async {
             if job.tp_rank == 0 {
                 store
@@ -205,6 +202,15 @@ async fn upload(inner: &Inner, job: Job) -> Result<SaveStatus, CheckpointError> 
             }
         }
     )?;
+    let entry = |name: String, file: &Encoded, crc: u32| FileEntry {
+        name,
+        size: file.size,
+        crc32: crc_hex(crc),
+    };
+    let files = vec![
+        entry(params_name, &params, params_crc),
+        entry(optimizer_name, &optimizer, optimizer_crc),
+    ];
     // The retention of a later save checks this checkpoint when it keeps
     // more than the newest: these files' versions spare it reading them.
     if job.tp_rank == 0 && inner.options.keep > 1 {

@@ -20,6 +20,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use url::Url;
 
 use crate::error::CheckpointError;
+use crate::format::{combine_crcs, Encoded};
 use crate::read::{ShardReader, ShardTensors};
 use crate::recycle::{Recycler, RECYCLED_DIR};
 
@@ -271,11 +272,55 @@ impl Store {
         if let (Some(recycler), Some(file)) = (&self.recycler, self.local_file(name)) {
             let (recycler, chunks) = (recycler.clone(), chunks.to_vec());
             let reused = self
-                .local_io("put", name, move || recycler.write(&file, &chunks))
+                .local_io("put", name, move || {
+                    recycler.write(&file, &chunks, |_, _| {})
+                })
                 .await?;
             tracing::debug!(file = %self.shown(name), reused, "written");
             return Ok(());
         }
+        self.put_remote(name, chunks).await
+    }
+
+    /// Writes `file` to `name` as [`put`](Self::put) does, and returns its
+    /// CRC-32. The chunks whose checksum is not known yet are checksummed
+    /// piece by piece as each piece is written to a local folder, while it
+    /// is in the cache, so their bytes are read once; for a remote store,
+    /// whose upload is bound by the network, before the upload.
+    pub(crate) async fn put_encoded(
+        &self,
+        name: &str,
+        file: &Encoded,
+    ) -> Result<u32, CheckpointError> {
+        if let (Some(recycler), Some(path)) = (&self.recycler, self.local_file(name)) {
+            let (recycler, chunks) = (recycler.clone(), file.chunks.clone());
+            let pending: Vec<bool> = file.crcs.iter().map(Option::is_none).collect();
+            let mut crcs: Vec<crc32fast::Hasher> = file
+                .crcs
+                .iter()
+                .map(|c| c.clone().unwrap_or_default())
+                .collect();
+            let (reused, crcs) = self
+                .local_io("put", name, move || {
+                    let reused = recycler.write(&path, &chunks, |chunk, piece| {
+                        if pending[chunk] {
+                            crcs[chunk].update(piece);
+                        }
+                    })?;
+                    Ok((reused, crcs))
+                })
+                .await?;
+            tracing::debug!(file = %self.shown(name), reused, "written");
+            return Ok(combine_crcs(crcs));
+        }
+        let crc = file.crc();
+        self.put_remote(name, &file.chunks).await?;
+        Ok(crc)
+    }
+
+    /// [`put`](Self::put) to a store that is not a local folder (or one
+    /// without recycling).
+    async fn put_remote(&self, name: &str, chunks: &[Bytes]) -> Result<(), CheckpointError> {
         let path = self.path(name);
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         if let (Some(mp), true) = (&self.multipart, size > MULTIPART_THRESHOLD) {

@@ -43,7 +43,14 @@ fn round_trip_is_bit_exact() {
     let url = format!("file://{}/ckpt", dir.path().display());
     let ck = open(&url, 0);
     assert!(ck.latest().unwrap().is_none());
-    let s = state(10, 0, 1, 1);
+    let mut s = state(10, 0, 1, 1);
+    // A save over 64 MiB, with a tensor that is not a whole number of MiB:
+    // staged by a streaming copy, its checksum computed piece by piece as
+    // the file is written.
+    s.optimizer.push((
+        "big.exp_avg".into(),
+        Tensor::arange(17_000_003, (tch::Kind::Float, tch::Device::Cpu)).sin(),
+    ));
     let (params, optimizer, meta) = (copy(&s.tensors), copy(&s.optimizer), s.meta.clone());
     let ticket = ck.save(s).unwrap();
     let outcomes = ck.flush().unwrap();
@@ -80,6 +87,8 @@ fn round_trip_is_bit_exact() {
     assert_same(&loaded.tensors, &params);
     assert_same(&loaded.optimizer, &optimizer);
     assert_eq!(loaded.meta, meta);
+    // Every file's bytes against the checksum its manifest records.
+    ck.verify(&info).unwrap();
 
     // A second Checkpointer on the same folder, by plain path, sees it too.
     let again = open(dir.path().join("ckpt").to_str().unwrap(), 0);
