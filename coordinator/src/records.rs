@@ -61,7 +61,9 @@ impl WorkerRecord {
 
 /// The key layout under one store prefix: `<prefix>/jobs/<id>` holds a
 /// [`crate::jobs::JobRecord`], `<prefix>/workers/<id>` a [`WorkerRecord`],
-/// `<prefix>/drained/<id>` marks a drained worker (when, Unix ms).
+/// `<prefix>/drained/<id>` marks a drained worker (when, Unix ms),
+/// `<prefix>/node-ranks/<agent id>` the rank process a node's agent
+/// admitted last (its revision orders the agent's admissions).
 /// (The election's `<prefix>/leader` is the election's own business.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Keys {
@@ -92,6 +94,13 @@ impl Keys {
     /// The range of every live worker's record.
     pub(crate) fn workers(&self) -> String {
         format!("{}/workers/", self.prefix)
+    }
+
+    /// Rewritten with each rank process of node agent `agent_id` that the
+    /// coordinator admits, in the same transaction as its record: an
+    /// admission counted against an older revision of it fails.
+    pub(crate) fn node_ranks(&self, agent_id: &str) -> String {
+        format!("{}/node-ranks/{agent_id}", self.prefix)
     }
 
     pub(crate) fn drained_worker(&self, id: &str) -> String {

@@ -722,3 +722,67 @@ async fn a_nodes_ranks_share_its_one_lease_and_go_with_it() {
         drop(ranks);
     }
 }
+
+/// Rank processes of one node's agent registering all at once, through
+/// two coordinators: no more are admitted than the agent has slots, however
+/// their calls interleave (the count and the write are one transaction).
+#[tokio::test]
+async fn ranks_registering_at_once_never_exceed_their_agents_slots() {
+    use samtrain_coordinator::agent::{Agent, AgentError, AgentOptions, NodeAgent, NodeMembership};
+
+    let etcd = Etcd::start();
+    let endpoints = vec![etcd.endpoint.clone()];
+    let first = Node::start(endpoints.clone(), "c1", Duration::from_secs(2));
+    let second = Node::start(endpoints.clone(), "c2", Duration::from_secs(2));
+    let options = |name: &str, coordinator: String, port: u16| AgentOptions {
+        coordinators: vec![coordinator],
+        name: name.to_owned(),
+        advertise: format!("127.0.0.1:{port}"),
+        node: "node-a".to_owned(),
+        etcd_prefix: "/samtrain-test".to_owned(),
+        lease_ttl: Some(Duration::from_secs(5)),
+        ..AgentOptions::default()
+    };
+    let node_agent = NodeAgent::register(options("node-a", first.address(), 0), 2)
+        .await
+        .unwrap();
+    let mut attempts = tokio::task::JoinSet::new();
+    for i in 0..12u16 {
+        let (worker_id, worker_secret) =
+            samtrain_coordinator::records::new_worker_identity(&format!("rank{i}"));
+        let coordinator = if i % 2 == 0 {
+            first.address()
+        } else {
+            second.address()
+        };
+        attempts.spawn(Agent::register(AgentOptions {
+            node_membership: Some(NodeMembership {
+                worker_id,
+                worker_secret,
+                ..node_agent.membership(0)
+            }),
+            ..options(&format!("rank{i}"), coordinator, 6300 + i)
+        }));
+    }
+    let mut admitted = Vec::new();
+    while let Some(result) = attempts.join_next().await {
+        match result.unwrap() {
+            Ok(rank) => admitted.push(rank),
+            Err(AgentError::Refused { status, .. }) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}")
+            }
+            Err(e) => panic!("neither admitted nor refused: {e}"),
+        }
+    }
+    assert_eq!(admitted.len(), 2, "a node of 2 slots");
+    let store = store::open(&endpoints, &Default::default()).await.unwrap();
+    let ranks = store
+        .range("/samtrain-test/workers/")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|kv| !kv.key.ends_with(node_agent.agent_id()))
+        .count();
+    assert_eq!(ranks, 2, "the records of the admitted ranks only");
+    node_agent.release().await;
+}

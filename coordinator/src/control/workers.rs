@@ -19,7 +19,7 @@ use super::{store_status, worker_event, Control, Subscriber, View, WorkerFeed};
 use crate::auth::{secret_digest, secret_matches, WORKER_SECRET_HEADER};
 use crate::jobs::JobState;
 use crate::records::{id_belongs_to, new_worker_identity, now_ms, WorkerRecord};
-use crate::store::{LeaseId, StoreError};
+use crate::store::{Compare, LeaseId, Op, StoreError};
 
 /// What the leader sends one subscribed worker.
 pub(crate) type WorkerEvents = mpsc::Receiver<Result<v1::WorkerEvent, Status>>;
@@ -91,14 +91,7 @@ impl Control {
                 self.reclaim(&r.worker_id, presented).await?,
             )
         };
-        let (lease, ttl, node) = if r.node_agent.is_empty() {
-            let ttl = self.worker_lease_ttl(r.lease_ttl_s);
-            let lease = self.store.grant(ttl).await.map_err(store_status)?;
-            (lease, ttl, r.node.clone())
-        } else {
-            self.node_lease(&r, &worker_id).await?
-        };
-        let record = WorkerRecord {
+        let record = |node: String| WorkerRecord {
             worker_id: worker_id.clone(),
             name: r.name.clone(),
             advertise: r.advertise.clone(),
@@ -110,10 +103,21 @@ impl Control {
             slots: r.slots,
             node_agent: r.node_agent.clone(),
         };
-        self.store
-            .put(&self.keys.worker(&worker_id), record.to_json(), Some(lease))
-            .await
-            .map_err(store_status)?;
+        let (lease, ttl) = if r.node_agent.is_empty() {
+            let ttl = self.worker_lease_ttl(r.lease_ttl_s);
+            let lease = self.store.grant(ttl).await.map_err(store_status)?;
+            self.store
+                .put(
+                    &self.keys.worker(&worker_id),
+                    record(r.node.clone()).to_json(),
+                    Some(lease),
+                )
+                .await
+                .map_err(store_status)?;
+            (lease, ttl)
+        } else {
+            self.admit_rank(&r, &worker_id, record).await?
+        };
         tracing::info!(worker = %worker_id, advertise = %r.advertise, device = %r.device, ttl_s = ttl.as_secs(), slots = r.slots, node_agent = %r.node_agent, "worker registered");
         self.wake.notify_one();
         Ok(v1::RegisterResponse {
@@ -122,6 +126,60 @@ impl Control {
             lease_ttl_s: ttl.as_secs() as u32,
             worker_secret: secret,
         })
+    }
+
+    /// Writes the record of a rank process of a node's agent under the
+    /// agent's lease, once [`node_lease`](Self::node_lease) admits it; the
+    /// lease and its TTL. Ranks registering at once, through any
+    /// coordinator, would each count the same free slot: the count is
+    /// taken after reading the agent's [`node_ranks`](crate::records::Keys::node_ranks)
+    /// key, and the record is written in one transaction with that key,
+    /// on the condition that it has not changed since. A rank that loses
+    /// the race counts again.
+    async fn admit_rank(
+        &self,
+        r: &v1::RegisterRequest,
+        worker_id: &str,
+        record: impl Fn(String) -> WorkerRecord,
+    ) -> Result<(LeaseId, Duration), Status> {
+        let guard = self.keys.node_ranks(&r.node_agent);
+        // Each lost race is another rank of the agent admitted (or one
+        // admitted again): past this many, the agent's slots are full.
+        for _ in 0..=2 * MAX_SLOTS {
+            let seen = self
+                .store
+                .get(&guard)
+                .await
+                .map_err(store_status)?
+                .map_or(0, |kv| kv.mod_revision);
+            let (lease, ttl, node) = self.node_lease(r, worker_id).await?;
+            let admitted = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(guard.clone(), seen)],
+                    vec![
+                        Op::Put {
+                            key: guard.clone(),
+                            value: worker_id.as_bytes().to_vec(),
+                            lease: Some(lease),
+                        },
+                        Op::Put {
+                            key: self.keys.worker(worker_id),
+                            value: record(node).to_json(),
+                            lease: Some(lease),
+                        },
+                    ],
+                )
+                .await
+                .map_err(store_status)?;
+            if admitted {
+                return Ok((lease, ttl));
+            }
+        }
+        Err(Status::aborted(format!(
+            "rank processes of node agent {} kept registering at the same time as this one; register again",
+            r.node_agent
+        )))
     }
 
     /// The lease, its TTL and the node of the node agent a rank process
