@@ -313,7 +313,17 @@ impl Store {
             tracing::debug!(file = %self.shown(name), reused, "written");
             return Ok(combine_crcs(crcs));
         }
-        let crc = file.crc();
+        // Off the runtime's threads, which the other file's upload uses.
+        let unsummed = Encoded {
+            chunks: file.chunks.clone(),
+            crcs: file.crcs.clone(),
+            size: file.size,
+        };
+        let crc = tokio::task::spawn_blocking(move || unsummed.crc())
+            .await
+            .map_err(|e| {
+                CheckpointError::Runtime(format!("checksum of {}: {e}", self.shown(name)))
+            })?;
         self.put_remote(name, &file.chunks).await?;
         Ok(crc)
     }
