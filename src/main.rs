@@ -92,12 +92,12 @@ fn main() -> anyhow::Result<()> {
     ) {
         end_quietly_on_closed_pipe();
     }
-    let _exporter = init_tracing(&cli)?;
+    let exporter = init_tracing(&cli)?;
     match heap {
         allocator::Tuning::Applied => tracing::debug!("C heap thresholds set for training"),
         allocator::Tuning::Skipped(why) => tracing::debug!(%why, "C heap left at its settings"),
     }
-    match cli.command {
+    let result = match cli.command {
         Command::Model(cmd) => model::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Local(args) => local::run(args),
@@ -112,7 +112,14 @@ fn main() -> anyhow::Result<()> {
         Command::Certs(args) => certs::run(args),
         Command::Etcd(cmd) => etcd::run(cmd),
         Command::Jobs(cmd) => jobs::run(cmd),
+    };
+    if let Some(&cmd::Exit(code)) = result.as_ref().err().and_then(|e| e.downcast_ref()) {
+        // The command said why; the spans still queued go before the
+        // process does.
+        drop(exporter);
+        std::process::exit(code);
     }
+    result
 }
 
 /// Logs to stderr (text or JSON, filtered by `RUST_LOG`, `info` by

@@ -139,10 +139,16 @@ fn free_ports(n: usize) -> Vec<String> {
 
 /// Starts every rank of `job` (one process each); stderr carries JSON logs.
 fn launch(job: &Path, ranks: usize) -> Vec<Child> {
+    launch_with(job, ranks, &[])
+}
+
+/// [`launch`] with `env` added to each rank's environment.
+fn launch_with(job: &Path, ranks: usize, env: &[(&str, &str)]) -> Vec<Child> {
     let peers = free_ports(ranks).join(",");
     (0..ranks)
         .map(|rank| {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_samtrain"));
+            cmd.envs(env.iter().copied());
             cmd.args(["--log-json", "train"]).arg(job).arg("--json");
             if ranks > 1 {
                 cmd.args(["--rank", &rank.to_string(), "--peers", &peers]);
@@ -505,11 +511,14 @@ fn a_full_disk_fails_the_save_at_once_removes_its_files_and_fails_the_run() {
     assert_eq!(of("step-00000020"), 0, "partial files left: {files:?}");
 }
 
+/// The survivor also sends its trace before it exits: the `train` span,
+/// which closes with the failure, reaches the collector.
 #[test]
 fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     let f = Fixture::new();
     let job = f.job("k.toml", "ckpt-k", 2);
-    let mut run = launch(&job, 2);
+    let collector = samtrain_testkit::OtlpCollector::start();
+    let mut run = launch_with(&job, 2, &[("SAMTRAIN_OTLP_ENDPOINT", collector.endpoint())]);
     // Let both ranks train, then kill rank 1.
     let stderr = run[0].stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -528,6 +537,27 @@ fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     assert!(waited < Duration::from_secs(8), "took {waited:?}");
     let text = rest.join("\n");
     assert!(text.contains("rank 1"), "the error names the peer: {text}");
+    let trained: Vec<serde_json::Value> = collector
+        .bodies()
+        .iter()
+        .flat_map(|body| {
+            let body: serde_json::Value = serde_json::from_str(body).unwrap();
+            let spans: Vec<serde_json::Value> = body["resourceSpans"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| {
+                    r["scopeSpans"][0]["spans"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .collect();
+            spans
+        })
+        .filter(|s| s["name"] == "train")
+        .collect();
+    assert_eq!(trained.len(), 1, "the survivor's train span: {trained:?}");
 }
 
 /// A copy of `from` (a flat folder) at `to`.

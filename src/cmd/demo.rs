@@ -166,7 +166,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     }
     if result.state != samtrain_proto::v1::JobState::Succeeded {
-        std::process::exit(1);
+        return Err(super::Exit(1).into());
     }
     Ok(())
 }

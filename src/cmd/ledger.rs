@@ -99,7 +99,7 @@ pub fn run(args: LedgerArgs) -> Result<()> {
     if verdict.exactly_once() {
         Ok(())
     } else {
-        std::process::exit(1)
+        Err(super::Exit(1).into())
     }
 }
 

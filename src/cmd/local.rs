@@ -95,7 +95,7 @@ pub fn run(args: LocalArgs) -> Result<()> {
     let result = run_job(&spec, &source, &args.options)?;
     report(&result, args.options.json);
     if result.state != JobState::Succeeded {
-        std::process::exit(1);
+        return Err(super::Exit(1).into());
     }
     Ok(())
 }

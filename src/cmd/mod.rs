@@ -24,6 +24,21 @@ use samtrain_coordinator::auth::{Credentials, TokenSource};
 use samtrain_coordinator::client::{Client, ClientTls};
 use samtrain_coordinator::store::EtcdAccess;
 
+/// Ends the process with this exit status once the command has said why.
+/// `main` sends the trace spans still queued first, which
+/// `std::process::exit` called from inside a command would drop: the spans
+/// of a failed or stuck run are the ones worth reading.
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// Where the coordinators are, the token to present and the TLS to speak:
 /// every command that talks to the control plane takes the same flags.
 #[derive(Args, Clone, Debug)]

@@ -119,7 +119,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 .unwrap_or_default();
             tracing::error!(rank = args.rank, error = %e, kind, watchdog = %why, "training failed");
             eprintln!("error (rank {}, {kind}): {e}{why}", args.rank);
-            std::process::exit(e.exit_code());
+            Err(super::Exit(e.exit_code()).into())
         }
     }
 }

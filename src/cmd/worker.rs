@@ -128,10 +128,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     match runtime.block_on(serve(args, device, host, port, listener)) {
         Err(e) if e.is::<Stuck>() => {
             // The stuck thread cannot be joined; leaving the process is
-            // the only way to free its device. 128: retried by Kubeflow's
-            // ExitCode policy and restarted by `samtrain local`.
+            // the only way to free its device, so the runtime is not waited
+            // for either. 128: retried by Kubeflow's ExitCode policy and
+            // restarted by `samtrain local`.
             tracing::error!(error = %e, "exiting so that this worker is replaced");
-            std::process::exit(128)
+            runtime.shutdown_background();
+            Err(super::Exit(128).into())
         }
         other => other,
     }
