@@ -240,20 +240,7 @@ fn a_local_job_sends_one_trace_per_generation_to_the_collector() {
     );
     let v = last_json(&out);
     assert_eq!(v["state"], "succeeded", "{v}");
-    // (service, span) of every span posted.
-    let mut spans: Vec<(String, Value)> = Vec::new();
-    for body in collector.bodies() {
-        let body: Value = serde_json::from_str(&body).unwrap();
-        for r in body["resourceSpans"].as_array().unwrap() {
-            let service = r["resource"]["attributes"][0]["value"]["stringValue"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            for s in r["scopeSpans"][0]["spans"].as_array().unwrap() {
-                spans.push((service.clone(), s.clone()));
-            }
-        }
-    }
+    let spans = collector.spans();
     let named = |service: &str, name: &str| -> Vec<&Value> {
         spans
             .iter()

@@ -538,23 +538,9 @@ fn a_killed_peer_fails_the_survivor_fast_naming_it() {
     let text = rest.join("\n");
     assert!(text.contains("rank 1"), "the error names the peer: {text}");
     let trained: Vec<serde_json::Value> = collector
-        .bodies()
-        .iter()
-        .flat_map(|body| {
-            let body: serde_json::Value = serde_json::from_str(body).unwrap();
-            let spans: Vec<serde_json::Value> = body["resourceSpans"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|r| {
-                    r["scopeSpans"][0]["spans"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .collect();
-            spans
-        })
+        .spans()
+        .into_iter()
+        .map(|(_, span)| span)
         .filter(|s| s["name"] == "train")
         .collect();
     assert_eq!(trained.len(), 1, "the survivor's train span: {trained:?}");

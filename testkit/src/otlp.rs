@@ -51,6 +51,33 @@ impl OtlpCollector {
     pub fn bodies(&self) -> Vec<String> {
         self.bodies.lock().unwrap().clone()
     }
+
+    /// Every span posted so far, in order, with the `service.name` of the
+    /// resource it was posted under.
+    pub fn spans(&self) -> Vec<(String, serde_json::Value)> {
+        let mut spans = Vec::new();
+        for body in self.bodies() {
+            let body: serde_json::Value =
+                serde_json::from_str(&body).expect("a posted body is JSON");
+            for resource in body["resourceSpans"].as_array().expect("resourceSpans") {
+                let service = resource["resource"]["attributes"]
+                    .as_array()
+                    .expect("resource attributes")
+                    .iter()
+                    .find(|a| a["key"] == "service.name")
+                    .and_then(|a| a["value"]["stringValue"].as_str())
+                    .expect("a service.name attribute")
+                    .to_owned();
+                for span in resource["scopeSpans"][0]["spans"]
+                    .as_array()
+                    .expect("spans")
+                {
+                    spans.push((service.clone(), span.clone()));
+                }
+            }
+        }
+        spans
+    }
 }
 
 impl Drop for OtlpCollector {
