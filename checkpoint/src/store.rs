@@ -269,14 +269,8 @@ impl Store {
     /// Writes `chunks` (one file, in order) to `name`; the store makes it
     /// visible whole or not at all.
     pub(crate) async fn put(&self, name: &str, chunks: &[Bytes]) -> Result<(), CheckpointError> {
-        if let (Some(recycler), Some(file)) = (&self.recycler, self.local_file(name)) {
-            let (recycler, chunks) = (recycler.clone(), chunks.to_vec());
-            let reused = self
-                .local_io("put", name, move || {
-                    recycler.write(&file, &chunks, |_, _| {})
-                })
-                .await?;
-            tracing::debug!(file = %self.shown(name), reused, "written");
+        let no_checksums = vec![None; chunks.len()];
+        if self.put_local(name, chunks, no_checksums).await?.is_some() {
             return Ok(());
         }
         self.put_remote(name, chunks).await
@@ -292,26 +286,20 @@ impl Store {
         name: &str,
         file: &Encoded,
     ) -> Result<u32, CheckpointError> {
-        if let (Some(recycler), Some(path)) = (&self.recycler, self.local_file(name)) {
-            let (recycler, chunks) = (recycler.clone(), file.chunks.clone());
-            let pending: Vec<bool> = file.crcs.iter().map(Option::is_none).collect();
-            let mut crcs: Vec<crc32fast::Hasher> = file
-                .crcs
-                .iter()
-                .map(|c| c.clone().unwrap_or_default())
-                .collect();
-            let (reused, crcs) = self
-                .local_io("put", name, move || {
-                    let reused = recycler.write(&path, &chunks, |chunk, piece| {
-                        if pending[chunk] {
-                            crcs[chunk].update(piece);
-                        }
-                    })?;
-                    Ok((reused, crcs))
-                })
-                .await?;
-            tracing::debug!(file = %self.shown(name), reused, "written");
-            return Ok(combine_crcs(crcs));
+        let unknown = file
+            .crcs
+            .iter()
+            .map(|known| known.is_none().then(crc32fast::Hasher::new))
+            .collect();
+        if let Some(computed) = self.put_local(name, &file.chunks, unknown).await? {
+            return Ok(combine_crcs(file.crcs.iter().zip(computed).map(
+                |(known, computed)| {
+                    known
+                        .clone()
+                        .or(computed)
+                        .expect("each chunk's checksum is known or computed")
+                },
+            )));
         }
         // Off the runtime's threads, which the other file's upload uses.
         let unsummed = Encoded {
@@ -326,6 +314,34 @@ impl Store {
             })?;
         self.put_remote(name, &file.chunks).await?;
         Ok(crc)
+    }
+
+    /// Writes `chunks` as `name` when it is in a local folder (into a
+    /// recycled file when one fits), feeding each chunk's bytes, piece by
+    /// piece as they are written, to its hasher in `hashers` where it has
+    /// one; the hashers, or `None` when `name` is not in a local folder.
+    async fn put_local(
+        &self,
+        name: &str,
+        chunks: &[Bytes],
+        mut hashers: Vec<Option<crc32fast::Hasher>>,
+    ) -> Result<Option<Vec<Option<crc32fast::Hasher>>>, CheckpointError> {
+        let (Some(recycler), Some(path)) = (&self.recycler, self.local_file(name)) else {
+            return Ok(None);
+        };
+        let (recycler, chunks) = (recycler.clone(), chunks.to_vec());
+        let (reused, hashers) = self
+            .local_io("put", name, move || {
+                let reused = recycler.write(&path, &chunks, |chunk, piece| {
+                    if let Some(hasher) = &mut hashers[chunk] {
+                        hasher.update(piece);
+                    }
+                })?;
+                Ok((reused, hashers))
+            })
+            .await?;
+        tracing::debug!(file = %self.shown(name), reused, "written");
+        Ok(Some(hashers))
     }
 
     /// [`put`](Self::put) to a store that is not a local folder (or one
