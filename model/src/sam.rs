@@ -274,13 +274,10 @@ impl SamModel {
     /// Logits `[B, N * Q + T, vocab]` for every position.
     pub fn forward(&self, inputs: &SamInputs) -> Result<Tensor> {
         let seq = self.sequence(inputs, None)?;
-        Ok(self.llm.logits(&self.decode(&seq, None)))
-    }
-
-    /// The decoder's final hidden states over a whole sequence (no cache).
-    fn decode<'a>(&'a self, seq: &Sequence, tape: Option<&mut GradTape<'a>>) -> Tensor {
-        self.llm
-            .forward(&seq.embeds, &seq.decoder_input(), None, tape)
+        let hidden = self
+            .llm
+            .forward(&seq.embeds, &seq.decoder_input(), None, None);
+        Ok(self.llm.logits(&hidden))
     }
 
     /// Next-token cross-entropy on the answer tokens (`labels` `[B, T]`
