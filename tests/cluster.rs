@@ -12,7 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use samtrain_testkit::{free_port, wait_for_port, Etcd, S3Server};
+use samtrain_testkit::{free_port, Etcd, S3Server};
 use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -127,7 +127,10 @@ impl Cluster {
             &[],
             self.path(&format!("{name}.log")),
         );
-        wait_for_port(port, "the coordinator", Duration::from_secs(20));
+        // Its own line, logged once both ports serve: a port that merely
+        // accepts could be another process's, and a coordinator that fails
+        // to start shows its error here.
+        p.wait_logged("coordinator serving", Duration::from_secs(20));
         (p, format!("http://127.0.0.1:{port}"), health)
     }
 

@@ -6,7 +6,6 @@
 //! killed peer makes the survivor fail fast, naming the peer.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,13 +126,10 @@ keep = 0
     }
 }
 
+/// One loopback address per rank, for the rank processes to bind.
 fn free_ports(n: usize) -> Vec<String> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
+    (0..n)
+        .map(|_| format!("127.0.0.1:{}", samtrain_testkit::free_port()))
         .collect()
 }
 

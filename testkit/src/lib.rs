@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The workspace's root folder.
@@ -38,13 +39,86 @@ pub fn python() -> PathBuf {
     path
 }
 
-/// A loopback port nothing listens on as of now.
+/// A loopback port nothing listens on as of now, for a server a test is
+/// about to start.
+///
+/// Ports come from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), so that between this call and the
+/// server's bind no outgoing connection and no port-0 bind (a worker's
+/// collective port, a client's local port) can take the port, and a
+/// connect to it before the server listens cannot land on itself (TCP's
+/// simultaneous open). A process never gets the same port twice, so two
+/// servers of one test never share one. Each process starts at an offset of
+/// its PID, so test binaries run side by side rarely try the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("binding a loopback port")
-        .local_addr()
-        .expect("a bound socket has an address")
-        .port()
+    static GIVEN: Mutex<Option<PortCursor>> = Mutex::new(None);
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    given.get_or_insert_with(PortCursor::new).next()
+}
+
+/// Where [`free_port`] looks next.
+struct PortCursor {
+    /// The ports below the ephemeral range that it hands out.
+    range: std::ops::Range<u16>,
+    next: u16,
+    /// Ports handed out (the kernel's own choices, when the ephemeral
+    /// range leaves too few below it).
+    given: std::collections::HashSet<u16>,
+}
+
+impl PortCursor {
+    /// The lowest port [`free_port`] hands out; below it sit well-known
+    /// services.
+    const LOWEST: u16 = 10_000;
+
+    fn new() -> PortCursor {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(Self::LOWEST);
+        let range = Self::LOWEST..ephemeral_low.max(Self::LOWEST);
+        let span = u32::from(range.end - range.start).max(1);
+        let offset = (std::process::id().wrapping_mul(7919) % span) as u16;
+        PortCursor {
+            next: range.start + offset,
+            range,
+            given: Default::default(),
+        }
+    }
+
+    fn next(&mut self) -> u16 {
+        // Fewer than a thousand ports below the ephemeral range: take the
+        // kernel's choice, never one handed out before.
+        if self.range.len() < 1_000 {
+            loop {
+                let port = bound_port(0).expect("binding a loopback port");
+                if self.given.insert(port) {
+                    return port;
+                }
+            }
+        }
+        for _ in 0..self.range.len() {
+            let port = self.next;
+            self.next = if port + 1 >= self.range.end {
+                self.range.start
+            } else {
+                port + 1
+            };
+            if self.given.insert(port) && bound_port(port).is_some() {
+                return port;
+            }
+        }
+        panic!("no free loopback port left in {:?}", self.range);
+    }
+}
+
+/// The port of a loopback listener bound to `port` (0: the kernel's
+/// choice) and closed at once, if the bind succeeds.
+fn bound_port(port: u16) -> Option<u16> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).ok()?;
+    Some(listener.local_addr().ok()?.port())
 }
 
 /// Waits until something accepts connections on `port`.
@@ -255,4 +329,32 @@ pub fn s3_options(endpoint: &str) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..300).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for &port in &ports {
+            if ephemeral_low >= PortCursor::LOWEST + 1_000 {
+                assert!(
+                    (PortCursor::LOWEST..ephemeral_low).contains(&port),
+                    "{port}"
+                );
+            }
+            TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
 }
