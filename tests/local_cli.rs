@@ -401,7 +401,7 @@ impl LocalRun {
             .expect("samtrain local printed its dashboard's address");
         let (addr, token) = dashboard
             .strip_prefix("http://")
-            .and_then(|rest| rest.split_once("/ui?token="))
+            .and_then(|rest| rest.split_once("/ui#token="))
             .unwrap_or_else(|| panic!("not a dashboard address: {dashboard}"));
         LocalRun {
             addr: addr.to_owned(),
@@ -521,15 +521,29 @@ fn the_dashboard_shows_a_running_job_in_a_real_browser_and_cancels_it() {
     // Who may look: the token, not anyone on the port.
     let (code, body) = run.http("GET", "/ui/api/jobs", &[]);
     assert_eq!(code, 401, "{body}");
-    assert!(body.contains("/ui?token="), "{body}");
-    let (code, _) = run.http("GET", "/ui?token=not-the-token-0123456789", &[]);
-    assert_eq!(code, 401);
-    let (code, _) = run.http(
-        "GET",
-        "/ui/api/jobs",
-        &["Authorization: Bearer not-the-token-0123456789"],
+    assert!(
+        body.contains("log in at /ui with an operator token"),
+        "{body}"
     );
+    let (code, body) = run.http("GET", "/ui", &[]);
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body.contains("<form id=\"login\""),
+        "the login page: {body}"
+    );
+    let wrong = "Authorization: Bearer not-the-token-0123456789";
+    let (code, _) = run.http("GET", "/ui/api/jobs", &[wrong]);
     assert_eq!(code, 401);
+    // The login takes the token in a header, never from the address.
+    let (code, body) = run.http("GET", &format!("/ui?token={}", run.token), &[]);
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = run.http("POST", "/ui/login", &[wrong, "x-samtrain-ui: 1"]);
+    assert_eq!(code, 401);
+    let bearer = format!("Authorization: Bearer {}", run.token);
+    let (code, body) = run.http("POST", "/ui/login", &[&bearer]);
+    assert_eq!(code, 403, "a login without the dashboard's header: {body}");
+    let (code, body) = run.http("POST", "/ui/login", &[&bearer, "x-samtrain-ui: 1"]);
+    assert_eq!(code, 200, "{body}");
 
     // Wait for a few logged steps, so the curve has points.
     let deadline = Instant::now() + Duration::from_secs(180);

@@ -8,7 +8,8 @@
 //! 404.
 //!
 //! One request per connection, headers only (no request body is read: no
-//! route needs one), answered within 5 s.
+//! route needs one; the dashboard's login sends its token in a header),
+//! answered within 5 s.
 
 use std::future::Future;
 use std::net::SocketAddr;

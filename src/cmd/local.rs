@@ -169,8 +169,9 @@ async fn drive(
     coordinator.until_leader().await;
     if let Some(addr) = coordinator.health_addr() {
         // The run's operator token logs the browser in (then leaves the
-        // address bar): the page is this user's, as the job is.
-        eprintln!("dashboard: http://{addr}/ui?token={operator_token}");
+        // address bar): the page is this user's, as the job is. It rides in
+        // the fragment, which the browser never sends.
+        eprintln!("dashboard: http://{addr}/ui#token={operator_token}");
         eprintln!("metrics: http://{addr}/metrics");
     }
     let address = format!("http://{}", coordinator.addr());

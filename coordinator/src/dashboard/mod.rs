@@ -9,9 +9,13 @@
 //!
 //! Who gets in is who may call the `Jobs` API: a coordinator with operator
 //! tokens admits a request that carries one (`Authorization: Bearer`), or
-//! the cookie that `/ui?token=<token>` sets once, which holds the token's
+//! the cookie that `POST /ui/login` with one sets, which holds the token's
 //! SHA-256, not the token (a cookie leaks to every port of its host, and
-//! the digest opens the dashboard only, not the API); an open coordinator
+//! the digest opens the dashboard only, not the API). Anyone else gets the
+//! login page, whose script sends the token from its form or from the
+//! address's fragment (`/ui#token=<token>`, which `samtrain local` prints):
+//! a token never travels in a URL the server, a proxy or their access logs
+//! see. An open coordinator
 //! (no tokens, loopback only) admits requests to a loopback listener under
 //! a loopback host name, so a web page elsewhere cannot reach it through
 //! DNS rebinding. A cancel must carry the `x-samtrain-ui` header, which a
@@ -35,8 +39,10 @@ pub(crate) use history::JobHistory;
 const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/style.css");
+const LOGIN: &str = include_str!("assets/login.html");
+const LOGIN_SCRIPT: &str = include_str!("assets/login.js");
 
-/// The cookie `/ui?token=` sets.
+/// The cookie `POST /ui/login` sets.
 const COOKIE: &str = "samtrain_ui";
 /// The header a state-changing request must carry.
 const ACTION_HEADER: &str = "x-samtrain-ui";
@@ -73,20 +79,33 @@ impl Dashboard {
     }
 
     async fn answer(&self, r: Request) -> Response {
-        if let Some(token) = r.query_param("token").filter(|_| r.path == "/ui") {
-            return self.log_in(&token);
+        if r.query_param("token").is_some() {
+            return Response::text(
+                "400 Bad Request",
+                "a token does not go in the query string, where logs keep it: \
+                 open /ui and log in, or /ui#token=<token>\n",
+            );
+        }
+        let path = r.path.trim_end_matches('/');
+        // What anyone may fetch: the login, its page and the style.
+        match (r.method.as_str(), path) {
+            ("POST", "/ui/login") => return self.log_in(&r),
+            ("GET", "/ui/login.js") => {
+                return Response::new("200 OK", "text/javascript; charset=utf-8", LOGIN_SCRIPT)
+            }
+            ("GET", "/ui/style.css") => {
+                return Response::new("200 OK", "text/css; charset=utf-8", STYLE)
+            }
+            _ => {}
         }
         if !self.admits(&r) {
             return self.refused(&r);
         }
-        let path = r.path.trim_end_matches('/');
         match (r.method.as_str(), path) {
-            ("GET", "/ui") => Response::new("200 OK", "text/html; charset=utf-8", INDEX)
-                .with_header("content-security-policy", "default-src 'self'"),
+            ("GET", "/ui") => page(INDEX),
             ("GET", "/ui/app.js") => {
                 Response::new("200 OK", "text/javascript; charset=utf-8", SCRIPT)
             }
-            ("GET", "/ui/style.css") => Response::new("200 OK", "text/css; charset=utf-8", STYLE),
             ("GET", "/ui/api/jobs") => self.jobs().await,
             (method, p) => match p.strip_prefix("/ui/api/jobs/") {
                 Some(rest) => self.job_route(method, rest, &r).await,
@@ -116,28 +135,35 @@ impl Dashboard {
         }
     }
 
-    /// Sets the cookie for a valid operator token and sends the browser on
-    /// to `/ui` (the token leaves the address bar and its history).
-    fn log_in(&self, token: &str) -> Response {
-        let valid = match &self.auth {
-            Some(auth) => auth.holds(Role::Operator, token),
-            None => false,
+    /// Sets the cookie for the request's operator token (its
+    /// `Authorization: Bearer` header, which the login page sends with the
+    /// dashboard's own header).
+    fn log_in(&self, r: &Request) -> Response {
+        let Some(auth) = &self.auth else {
+            return Response::text(
+                "400 Bad Request",
+                "this coordinator has no tokens: there is nothing to log in with\n",
+            );
         };
-        if !valid {
+        if r.header(ACTION_HEADER).is_none() {
+            return Response::text(
+                "403 Forbidden",
+                format!("a login comes from the dashboard, with the {ACTION_HEADER} header\n"),
+            );
+        }
+        let Some(token) = r.bearers().find(|t| auth.holds(Role::Operator, t)) else {
             return Response::text(
                 "401 Unauthorized",
                 "that is not an operator token of this coordinator\n",
             );
-        }
-        Response::text("303 See Other", "logged in; on to /ui\n")
-            .with_header("location", "/ui")
-            .with_header(
-                "set-cookie",
-                format!(
-                    "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict",
-                    token_digest(token)
-                ),
-            )
+        };
+        Response::text("200 OK", "logged in\n").with_header(
+            "set-cookie",
+            format!(
+                "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict",
+                token_digest(token)
+            ),
+        )
     }
 
     fn admits(&self, r: &Request) -> bool {
@@ -155,11 +181,17 @@ impl Dashboard {
 
     fn refused(&self, r: &Request) -> Response {
         let how = if self.auth.is_some() {
-            "open /ui?token=<operator token> once (the token `samtrain submit` uses; `samtrain local` prints the whole address)"
+            "log in at /ui with an operator token (the token `samtrain submit` uses; `samtrain local` prints an address that logs in), or send Authorization: Bearer <token>"
         } else {
             "this coordinator has no tokens, so its dashboard answers on a loopback address under a loopback host name only"
         };
         let status = "401 Unauthorized";
+        if self.auth.is_some() && r.method == "GET" && r.path.trim_end_matches('/') == "/ui" {
+            return Response {
+                status,
+                ..page(LOGIN)
+            };
+        }
         if r.path.starts_with("/ui/api/") {
             Response::json(status, &json!({ "error": how }))
         } else {
@@ -208,6 +240,12 @@ impl Dashboard {
             Err(status) => failed(&status),
         }
     }
+}
+
+/// An HTML page of the dashboard, its scripts and style its own only.
+fn page(html: &'static str) -> Response {
+    Response::new("200 OK", "text/html; charset=utf-8", html)
+        .with_header("content-security-policy", "default-src 'self'")
 }
 
 /// Feeds the history from the leader's events until the stream closes.

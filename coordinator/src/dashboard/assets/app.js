@@ -29,6 +29,9 @@ function h(tag, attrs, ...children) {
 
 async function api(path, options) {
   const r = await fetch("/ui/api/" + path, Object.assign({ credentials: "same-origin" }, options));
+  // Refused (the login expired, or the coordinator's tokens changed): the
+  // page reloads as the login page.
+  if (r.status === 401) location.reload();
   const body = await r.json().catch(() => ({ error: r.statusText }));
   if (!r.ok) throw new Error(body.error || r.statusText);
   return body;
