@@ -63,8 +63,8 @@ struct PortCursor {
     /// The ports below the ephemeral range that it hands out.
     range: std::ops::Range<u16>,
     next: u16,
-    /// Ports handed out (the kernel's own choices, when the ephemeral
-    /// range leaves too few below it).
+    /// Every port handed out (or skipped as taken), so none comes twice,
+    /// the kernel's own choices included.
     given: std::collections::HashSet<u16>,
 }
 
@@ -74,10 +74,7 @@ impl PortCursor {
     const LOWEST: u16 = 10_000;
 
     fn new() -> PortCursor {
-        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
-            .unwrap_or(Self::LOWEST);
+        let ephemeral_low = ephemeral_low().unwrap_or(Self::LOWEST);
         let range = Self::LOWEST..ephemeral_low.max(Self::LOWEST);
         let span = u32::from(range.end - range.start).max(1);
         let offset = (std::process::id().wrapping_mul(7919) % span) as u16;
@@ -112,6 +109,12 @@ impl PortCursor {
         }
         panic!("no free loopback port left in {:?}", self.range);
     }
+}
+
+/// The first port of the kernel's ephemeral range, where Linux says it.
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// The port of a loopback listener bound to `port` (0: the kernel's
@@ -337,13 +340,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ephemeral_low = ephemeral_low().expect("Linux's ephemeral port range");
         let ports: Vec<u16> = (0..300).map(|_| free_port()).collect();
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");

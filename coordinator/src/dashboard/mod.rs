@@ -99,6 +99,12 @@ impl Dashboard {
             _ => {}
         }
         if !self.admits(&r) {
+            if self.auth.is_some() && (r.method.as_str(), path) == ("GET", "/ui") {
+                return Response {
+                    status: "401 Unauthorized",
+                    ..page(LOGIN)
+                };
+            }
             return self.refused(&r);
         }
         match (r.method.as_str(), path) {
@@ -186,12 +192,6 @@ impl Dashboard {
             "this coordinator has no tokens, so its dashboard answers on a loopback address under a loopback host name only"
         };
         let status = "401 Unauthorized";
-        if self.auth.is_some() && r.method == "GET" && r.path.trim_end_matches('/') == "/ui" {
-            return Response {
-                status,
-                ..page(LOGIN)
-            };
-        }
         if r.path.starts_with("/ui/api/") {
             Response::json(status, &json!({ "error": how }))
         } else {
