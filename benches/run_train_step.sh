@@ -24,8 +24,9 @@
 # of the memory each step adds (peak resident memory over that before the
 # first step: gradients, AdamW's state and the activations), and
 # SAVES=1 to add both sides saving the trained state every SAVE_EVERY (3)
-# steps into SAVE_DIR (target/bench/saves): samtrain's checkpoint (staged
-# while training waits, uploaded in the background) and torch.save of the
+# steps into SAVE_DIR (target/bench/saves): samtrain's checkpoint (the
+# tensors lent to the upload, read in place in the background, and the loan
+# settled before the next optimizer step) and torch.save of the
 # model's and AdamW's state_dict, the newest two kept on both sides, with a
 # table of what a save costs: the difference in mean step time (all steps,
 # the last upload's wait included) from the same side without saves, times
@@ -202,6 +203,14 @@ if "samtrain-saving" in sides:
         print(f"  {saving:<28} cost " + " ".join(f"{c:7.1f}" for c in costs)
               + f"  (median {statistics.median(costs):.1f});  blocked "
               + " ".join(f"{b:6.1f}" for b in blocked))
+        # samtrain's saves lend the tensors to the upload: what settling the
+        # loan before the next update took, and what it copied.
+        settles = [by[(n, saving)]["save"].get("settle_ms") for n in rounds]
+        if None not in settles:
+            copied = [by[(n, saving)]["save"]["copied_bytes"] / 2**20 for n in rounds]
+            print(f"  {'':<28} of which settling the loan "
+                  + " ".join(f"{x:6.2f}" for x in settles) + ";  MiB copied then "
+                  + " ".join(f"{c:6.1f}" for c in copied))
 print("min ms per step, by round:")
 for s in sides:
     print(f"  {s:<20}" + "".join(f"{by[(n, s)]['min_ms']:>8.0f}" for n in rounds))

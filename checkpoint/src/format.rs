@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::Kind;
 
 use crate::error::CheckpointError;
-use crate::staging::Staged;
+use crate::staging::{Data, Staged};
 
 /// Written in every record, so that a later layout can tell old checkpoints.
 pub const FORMAT: &str = "samtrain-checkpoint/1";
@@ -193,7 +193,7 @@ pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
 /// A file as the chunks to upload, in order, with its size and each
 /// chunk's CRC-32 where it is known already.
 pub(crate) struct Encoded {
-    pub chunks: Vec<Bytes>,
+    pub chunks: Vec<Data>,
     /// The CRC-32 of each chunk of `chunks`, where staging computed it;
     /// `None` where the writer is to compute it as it writes the chunk.
     pub crcs: Vec<Option<crc32fast::Hasher>>,
@@ -203,14 +203,22 @@ pub(crate) struct Encoded {
 impl Encoded {
     /// The file's CRC-32: its chunks' combined, those not known yet
     /// computed now (one pass over their bytes).
-    pub fn crc(&self) -> u32 {
-        combine_crcs(self.chunks.iter().zip(&self.crcs).map(|(chunk, crc)| {
-            crc.clone().unwrap_or_else(|| {
-                let mut hasher = crc32fast::Hasher::new();
-                hasher.update(chunk);
-                hasher
-            })
-        }))
+    pub fn crc(&self) -> std::io::Result<u32> {
+        let mut crcs = Vec::with_capacity(self.chunks.len());
+        for (chunk, crc) in self.chunks.iter().zip(&self.crcs) {
+            crcs.push(match crc {
+                Some(known) => known.clone(),
+                None => {
+                    let mut hasher = crc32fast::Hasher::new();
+                    chunk.pieces(usize::MAX, |piece| {
+                        hasher.update(piece);
+                        Ok(())
+                    })?;
+                    hasher
+                }
+            });
+        }
+        Ok(combine_crcs(crcs))
     }
 }
 
@@ -262,7 +270,7 @@ pub(crate) fn encode(tensors: &[Staged]) -> Encoded {
     let crcs = std::iter::once(Some(header_crc))
         .chain(order.iter().map(|s| s.crc.clone()))
         .collect();
-    let chunks: Vec<Bytes> = std::iter::once(Bytes::from(first))
+    let chunks: Vec<Data> = std::iter::once(Data::Owned(Bytes::from(first)))
         .chain(order.iter().map(|s| s.data.clone()))
         .collect();
     Encoded {
@@ -298,11 +306,19 @@ mod tests {
         let pool = Arc::new(StagingPool::default());
         let named = [("a", &a), ("b", &b), ("c", &c), ("empty", &empty)];
         let list: Vec<_> = named.iter().map(|&(n, t)| (n, t, None)).collect();
-        let staged = stage_all(&pool, &list).unwrap();
+        let staged = stage_all(&pool, &list, false).unwrap();
         let encoded = encode(&staged);
-        let bytes: Vec<u8> = encoded.chunks.concat();
+        let bytes: Vec<u8> = encoded
+            .chunks
+            .iter()
+            .flat_map(|c| c.bytes().to_vec())
+            .collect();
         assert_eq!(encoded.size, bytes.len() as u64);
-        assert_eq!(encoded.crc(), crc32fast::hash(&bytes), "combined checksum");
+        assert_eq!(
+            encoded.crc().unwrap(),
+            crc32fast::hash(&bytes),
+            "combined checksum"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         std::fs::write(&path, &bytes).unwrap();
@@ -326,7 +342,7 @@ mod tests {
         let mut reader = ShardReader::new(
             "x".into(),
             encoded.size,
-            crc_hex(encoded.crc()),
+            crc_hex(encoded.crc().unwrap()),
             Device::Cpu,
         );
         for piece in bytes.chunks(7) {
@@ -345,7 +361,7 @@ mod tests {
             let mut reader = ShardReader::with_landing(
                 "x".into(),
                 encoded.size,
-                crc_hex(encoded.crc()),
+                crc_hex(encoded.crc().unwrap()),
                 Device::Cpu,
                 Landing::bounced(Tensor::zeros([bounce], (tch::Kind::Uint8, Device::Cpu))),
             );
@@ -363,7 +379,7 @@ mod tests {
         let mut reader = ShardReader::new(
             "x".into(),
             encoded.size,
-            crc_hex(encoded.crc()),
+            crc_hex(encoded.crc().unwrap()),
             Device::Cpu,
         );
         reader.push(&flipped).unwrap();
@@ -374,7 +390,7 @@ mod tests {
         let mut reader = ShardReader::new(
             "x".into(),
             encoded.size,
-            crc_hex(encoded.crc()),
+            crc_hex(encoded.crc().unwrap()),
             Device::Cpu,
         );
         reader.push(&bytes[..bytes.len() - 1]).unwrap();
@@ -382,7 +398,7 @@ mod tests {
         let mut reader = ShardReader::new(
             "x".into(),
             encoded.size - 1,
-            crc_hex(encoded.crc()),
+            crc_hex(encoded.crc().unwrap()),
             Device::Cpu,
         );
         assert!(reader.push(&bytes).unwrap_err().is_corrupt());

@@ -4,7 +4,10 @@
 //! Every rank calls [`Checkpointer::save`] at every checkpoint step. The
 //! call copies the rank's tensors to CPU memory (the only time training
 //! waits) and returns; a background thread of the [`Checkpointer`] uploads
-//! them, retrying transient store errors with backoff. The writer of each
+//! them, retrying transient store errors with backoff. To a local folder,
+//! [`Checkpointer::save_lending`] copies none of the large CPU tensors: the
+//! upload reads them in place, and the trainer settles the [`Loan`] before
+//! its next update, copying only what the upload has not read by then. The writer of each
 //! tensor-parallel rank uploads its shard (parameters and optimizer state as
 //! safetensors, bit for bit) and a part record with sizes and checksums; the
 //! writer of tp rank 0 also uploads the training state (`meta.json`), waits
@@ -28,6 +31,7 @@
 mod error;
 pub mod format;
 mod load;
+mod loan;
 mod read;
 mod recycle;
 mod save;
@@ -35,6 +39,7 @@ mod staging;
 mod store;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -44,6 +49,7 @@ use tch::Tensor;
 
 pub use error::CheckpointError;
 pub use format::{FileEntry, Manifest, PartRecord, TensorEntry};
+pub use loan::{Loan, Settled};
 pub use store::RetryPolicy;
 
 use save::Job;
@@ -147,7 +153,8 @@ pub struct SaveOutcome {
     pub status: SaveStatus,
     /// Bytes this rank uploaded (or meant to).
     pub bytes: u64,
-    /// Time training was blocked while the tensors were copied.
+    /// Time training was blocked: while the tensors were copied, and
+    /// while the loan of those lent was settled ([`Checkpointer::save_lending`]).
     pub staging: Duration,
     /// From the end of staging to the end of the upload (and commit).
     pub upload: Duration,
@@ -183,6 +190,8 @@ impl Slot {
 pub struct SaveTicket {
     step: u64,
     staging: Duration,
+    /// Time spent settling the save's loan, in nanoseconds.
+    settling: Arc<AtomicU64>,
     slot: Arc<Slot>,
 }
 
@@ -191,9 +200,9 @@ impl SaveTicket {
         self.step
     }
 
-    /// Time training was blocked.
+    /// Time training was blocked: the call, and settling its loan so far.
     pub fn staging(&self) -> Duration {
-        self.staging
+        self.staging + Duration::from_nanos(self.settling.load(Ordering::Relaxed))
     }
 
     /// The outcome if the upload has ended.
@@ -388,6 +397,26 @@ impl Checkpointer {
     /// retry can mend: a rank outside the tp size, a tensor of a dtype
     /// safetensors has no name for.
     pub fn save(&self, state: ShardState) -> Result<SaveTicket, CheckpointError> {
+        let (ticket, loan) = self.start_save(state, false)?;
+        debug_assert_eq!(loan.bytes(), 0, "nothing lent");
+        Ok(ticket)
+    }
+
+    /// As [`Checkpointer::save`], but to a local folder the large CPU
+    /// tensors are not copied: the upload reads them where they are, and
+    /// the caller settles the returned [`Loan`] before any of them changes
+    /// (the next optimizer step), which copies only what the upload has
+    /// not read yet. To other stores, and for GPU tensors, it copies as
+    /// `save` does and lends nothing.
+    pub fn save_lending(&self, state: ShardState) -> Result<(SaveTicket, Loan), CheckpointError> {
+        self.start_save(state, self.inner.store.writes_in_place())
+    }
+
+    fn start_save(
+        &self,
+        state: ShardState,
+        lend: bool,
+    ) -> Result<(SaveTicket, Loan), CheckpointError> {
         if state.tp_size == 0 || state.tp_rank >= state.tp_size {
             return Err(CheckpointError::Rank {
                 tp_rank: state.tp_rank,
@@ -408,16 +437,20 @@ impl Checkpointer {
             };
             slot.set(outcome.clone());
             lock(&self.pending.state).finished.push(outcome);
-            return Ok(SaveTicket {
-                step: state.step,
-                staging: Duration::ZERO,
-                slot,
-            });
+            return Ok((
+                SaveTicket {
+                    step: state.step,
+                    staging: Duration::ZERO,
+                    settling: Arc::default(),
+                    slot,
+                },
+                Loan::none(),
+            ));
         }
         let span = tracing::info_span!("checkpoint", step = state.step, tp_rank = state.tp_rank);
         self.wait_for_room();
         let staged = tracing::info_span!(parent: &span, "stage")
-            .in_scope(|| Job::stage(state, &self.inner.staging));
+            .in_scope(|| Job::stage(state, &self.inner.staging, lend));
         let mut job = staged?;
         job.span = span;
         let staging = start.elapsed();
@@ -434,17 +467,24 @@ impl Checkpointer {
             .as_ref()
             .expect("the queue lives until the Checkpointer is dropped");
         lock(&self.pending.state).queued += 1;
+        let settling = job.settling.clone();
+        let loan = Loan::new(job.lent(), settling.clone());
+        tracing::debug!(step, lent = loan.bytes(), "checkpoint lent");
         if jobs.send((job, slot.clone())).is_err() {
             lock(&self.pending.state).queued -= 1;
             return Err(CheckpointError::Runtime(
                 "the upload thread has stopped".into(),
             ));
         }
-        Ok(SaveTicket {
-            step,
-            staging,
-            slot,
-        })
+        Ok((
+            SaveTicket {
+                step,
+                staging,
+                settling,
+                slot,
+            },
+            loan,
+        ))
     }
 
     fn wait_for_room(&self) {

@@ -26,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
+use crate::staging::Data;
 
 /// The folder under a local checkpoint location that holds reusable files.
 pub(crate) const RECYCLED_DIR: &str = ".recycled";
@@ -64,7 +64,7 @@ impl Recycler {
     pub(crate) fn write(
         &self,
         dest: &Path,
-        chunks: &[Bytes],
+        chunks: &[Data],
         mut written: impl FnMut(usize, &[u8]),
     ) -> io::Result<bool> {
         let size: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -89,10 +89,10 @@ impl Recycler {
                     .open(&staged)?
             };
             for (i, chunk) in chunks.iter().enumerate() {
-                for piece in chunk.chunks(PIECE) {
+                chunk.pieces(PIECE, |piece| {
                     written(i, piece);
-                    file.write_all(piece)?;
-                }
+                    file.write_all(piece)
+                })?;
             }
             // A bigger recycled file keeps no tail of its old bytes.
             file.set_len(size)?;
@@ -184,10 +184,10 @@ mod tests {
         fs::read_dir(&recycler.bin).map_or(0, |e| e.count())
     }
 
-    fn chunks(byte: u8, len: usize) -> Vec<Bytes> {
+    fn chunks(byte: u8, len: usize) -> Vec<Data> {
         vec![
-            Bytes::from(vec![byte; len / 2]),
-            Bytes::from(vec![byte; len - len / 2]),
+            Data::Owned(vec![byte; len / 2].into()),
+            Data::Owned(vec![byte; len - len / 2].into()),
         ]
     }
 
@@ -201,7 +201,11 @@ mod tests {
             .unwrap());
         let tiny = dir.path().join("step-1/meta.json");
         assert!(!recycler
-            .write(&tiny, &[Bytes::from_static(b"{}")], |_, _| {})
+            .write(
+                &tiny,
+                &[Data::Owned(bytes::Bytes::from_static(b"{}"))],
+                |_, _| {}
+            )
             .unwrap());
         recycler.keep(&[old.clone(), tiny.clone()]).unwrap();
         assert!(!old.exists() && !tiny.exists());

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +16,8 @@ use crate::format::{
     self, checksum, crc_hex, encode, optimizer_file, params_file, part_file, step_folder, Encoded,
     FileEntry, Manifest, PartRecord, FORMAT, MANIFEST_FILE, META_FILE,
 };
-use crate::staging::{stage_all, Staged, StagingPool};
+use crate::loan::Lent;
+use crate::staging::{stage_all, Data, Staged, StagingPool};
 use crate::{load, lock, run_blocking, CheckpointInfo, Inner, SaveOutcome, SaveStatus, ShardState};
 
 /// A staged save, waiting for the upload thread.
@@ -27,6 +29,9 @@ pub(crate) struct Job {
     optimizer: Vec<Staged>,
     meta: Bytes,
     pub staging: Duration,
+    /// Time the trainer spent settling this save's loan (nanoseconds), part
+    /// of what the save blocked.
+    pub settling: Arc<AtomicU64>,
     /// The save's span, from the call to the commit (a trace shows the
     /// upload under the step that asked for it).
     pub span: tracing::Span,
@@ -34,8 +39,13 @@ pub(crate) struct Job {
 
 impl Job {
     /// Copies the tensors of `state` into memory of `pool` (the part of a
-    /// save training waits for).
-    pub fn stage(state: ShardState, pool: &Arc<StagingPool>) -> Result<Self, CheckpointError> {
+    /// save training waits for); with `lend`, lends those it can instead
+    /// ([`stage_all`]).
+    pub fn stage(
+        state: ShardState,
+        pool: &Arc<StagingPool>,
+        lend: bool,
+    ) -> Result<Self, CheckpointError> {
         let dims: HashMap<&str, Option<i64>> = state
             .tensors
             .iter()
@@ -51,7 +61,7 @@ impl Job {
             .iter()
             .map(|(n, t)| (n.as_str(), t, optimizer_dim(n, &dims)))
             .collect();
-        let mut staged = stage_all(pool, &[params, optimizer].concat())?;
+        let mut staged = stage_all(pool, &[params, optimizer].concat(), lend)?;
         let optimizer = staged.split_off(state.tensors.len());
         let params = staged;
         let meta = serde_json::to_vec_pretty(&state.meta).expect("a JSON value serialises");
@@ -63,8 +73,21 @@ impl Job {
             optimizer,
             meta: Bytes::from(meta),
             staging: Duration::ZERO,
+            settling: Arc::default(),
             span: tracing::Span::none(),
         })
+    }
+
+    /// The tensors read in the trainer's memory.
+    pub fn lent(&self) -> Vec<Arc<Lent>> {
+        self.params
+            .iter()
+            .chain(&self.optimizer)
+            .filter_map(|s| match &s.data {
+                Data::Lent(l) => Some(l.clone()),
+                Data::Owned(_) => None,
+            })
+            .collect()
     }
 
     /// Bytes of tensor data staged.
@@ -89,7 +112,8 @@ fn optimizer_dim(name: &str, params: &HashMap<&str, Option<i64>>) -> Option<i64>
 pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
     let start = Instant::now();
     let retries_before = inner.store.retries();
-    let (step, tp_rank, staging) = (job.step, job.tp_rank, job.staging);
+    let (step, tp_rank) = (job.step, job.tp_rank);
+    let (staged, settling) = (job.staging, job.settling.clone());
     let bytes = job.bytes();
     let _upload = tracing::info_span!(parent: &job.span, "upload", bytes).entered();
     let written = files_of(&job);
@@ -106,6 +130,8 @@ pub(crate) fn run(inner: &Inner, job: Job) -> SaveOutcome {
                 )))
             });
     let upload = start.elapsed();
+    // A loan settled while the upload ran blocked training too.
+    let staging = staged + Duration::from_nanos(settling.load(Ordering::Relaxed));
     let status = match result {
         Ok(status) => {
             tracing::info!(step, tp_rank, bytes, upload_ms = upload.as_millis() as u64, status = ?status, "checkpoint saved");

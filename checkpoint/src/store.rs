@@ -23,6 +23,7 @@ use crate::error::CheckpointError;
 use crate::format::{combine_crcs, Encoded};
 use crate::read::{ShardReader, ShardTensors};
 use crate::recycle::{Recycler, RECYCLED_DIR};
+use crate::staging::Data;
 
 /// How a failed request is retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +271,8 @@ impl Store {
     /// visible whole or not at all.
     pub(crate) async fn put(&self, name: &str, chunks: &[Bytes]) -> Result<(), CheckpointError> {
         let no_checksums = vec![None; chunks.len()];
-        if self.put_local(name, chunks, no_checksums).await?.is_some() {
+        let local: Vec<Data> = chunks.iter().cloned().map(Data::Owned).collect();
+        if self.put_local(name, &local, no_checksums).await?.is_some() {
             return Ok(());
         }
         self.put_remote(name, chunks).await
@@ -307,12 +309,20 @@ impl Store {
             crcs: file.crcs.clone(),
             size: file.size,
         };
-        let crc = tokio::task::spawn_blocking(move || unsummed.crc())
-            .await
-            .map_err(|e| {
-                CheckpointError::Runtime(format!("checksum of {}: {e}", self.shown(name)))
-            })?;
-        self.put_remote(name, &file.chunks).await?;
+        let shown = self.shown(name);
+        let (crc, chunks) = tokio::task::spawn_blocking(move || {
+            let crc = unsummed.crc()?;
+            let chunks = unsummed
+                .chunks
+                .iter()
+                .map(Data::to_bytes)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            Ok::<_, std::io::Error>((crc, chunks))
+        })
+        .await
+        .map_err(|e| CheckpointError::Runtime(format!("checksum of {shown}: {e}")))?
+        .map_err(|e| CheckpointError::Runtime(format!("checksum of {shown}: {e}")))?;
+        self.put_remote(name, &chunks).await?;
         Ok(crc)
     }
 
@@ -323,7 +333,7 @@ impl Store {
     async fn put_local(
         &self,
         name: &str,
-        chunks: &[Bytes],
+        chunks: &[Data],
         mut hashers: Vec<Option<crc32fast::Hasher>>,
     ) -> Result<Option<Vec<Option<crc32fast::Hasher>>>, CheckpointError> {
         let (Some(recycler), Some(path)) = (&self.recycler, self.local_file(name)) else {
@@ -528,6 +538,12 @@ impl Store {
     }
 
     /// The local file of `name`, when the location is a local folder.
+    /// Whether files are written to a local folder, in one pass over their
+    /// bytes with no retry (which a save may lend tensors to).
+    pub(crate) fn writes_in_place(&self) -> bool {
+        self.recycler.is_some() && self.local.is_some()
+    }
+
     fn local_file(&self, name: &str) -> Option<std::path::PathBuf> {
         self.local.as_ref().map(|root| root.join(name))
     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_same, copy, model_state, shard};
+use common::{assert_same, copy, model_state, shard, values};
 use samtrain_checkpoint::{
     CheckpointError, CheckpointOptions, CheckpointTuning, Checkpointer, SaveStatus, ShardState,
 };
@@ -95,6 +95,64 @@ fn round_trip_is_bit_exact() {
     let listed = again.list().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].manifest, info.manifest);
+}
+
+/// A lending save to a local folder commits the tensors as they were when
+/// it was called, though the trainer writes them the moment it takes them
+/// back: at once (settling copies what the upload has not read yet), once
+/// the upload has read them all (settling copies nothing), or by dropping
+/// the loan.
+#[test]
+fn a_lending_save_commits_the_tensors_as_lent_whenever_they_are_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/ckpt", dir.path().display());
+    let ck = open(&url, 0);
+    for (step, when) in [(1, "at once"), (2, "after the upload"), (3, "dropped")] {
+        let mut s = state(step, 0, 1, step as i64);
+        // Tensors of several MiB, lent; the small ones are copied.
+        s.tensors
+            .push(("big.weight".into(), values(&[3000, 1001], step as i64, 7)));
+        s.optimizer.push((
+            "exp_avg.big.weight".into(),
+            values(&[3000, 1001], step as i64, 8),
+        ));
+        let (params, optimizer) = (copy(&s.tensors), copy(&s.optimizer));
+        let live: Vec<Tensor> = s
+            .tensors
+            .iter()
+            .chain(&s.optimizer)
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let (ticket, loan) = ck.save_lending(s).unwrap();
+        let lent = loan.bytes();
+        assert_eq!(lent, 2 * 4 * 3000 * 1001, "{when}: the large tensors");
+        match when {
+            "at once" => {
+                let settled = loan.settle();
+                assert!(settled.copied <= lent, "{when}");
+                assert!(
+                    ticket.staging() >= settled.took,
+                    "{when}: settling blocked too"
+                );
+            }
+            "after the upload" => {
+                ticket.wait();
+                assert_eq!(loan.settle().copied, 0, "{when}");
+            }
+            _ => drop(loan),
+        }
+        // The trainer's next update writes every tensor.
+        for t in &live {
+            let _ = t.shallow_clone().fill_(-3);
+        }
+        assert_eq!(ticket.wait().status, SaveStatus::Committed, "{when}");
+        let info = ck.latest().unwrap().unwrap();
+        assert_eq!(info.step, step);
+        let loaded = ck.load(&info, 0, 1).unwrap();
+        assert_same(&loaded.tensors, &params);
+        assert_same(&loaded.optimizer, &optimizer);
+        ck.verify(&info).unwrap();
+    }
 }
 
 #[test]

@@ -58,7 +58,12 @@ fn round_trip_on_s3_is_bit_exact() {
         values(&[3, 5], 3, 8).to_kind(Kind::BFloat16),
     ));
     let (params, optimizer) = (copy(&s.tensors), copy(&s.optimizer));
-    let ticket = ck.save(s).unwrap();
+    let (ticket, loan) = ck.save_lending(s).unwrap();
+    assert_eq!(
+        loan.bytes(),
+        0,
+        "an upload to S3 holds on to its bytes: nothing is lent"
+    );
     let outcome = ticket.wait();
     assert_eq!(outcome.status, SaveStatus::Committed, "{outcome:?}");
     assert!(outcome.bytes > 72 << 20);

@@ -1,6 +1,7 @@
 //! The saves of `samtrain bench train-step --save-every N`: a samtrain
-//! checkpoint of the trained state after every N-th step, staged while
-//! training waits and uploaded in the background, as in training.
+//! checkpoint of the trained state after every N-th step, lent to the
+//! upload (read in place, in the background) and settled before the next
+//! optimizer step, as in training.
 //!
 //! What a save costs training is more than what it blocks: the upload and
 //! the retention's read-back run beside the steps that follow, on the same
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use samtrain_checkpoint::{CheckpointOptions, Checkpointer, ShardState};
+use samtrain_checkpoint::{CheckpointOptions, Checkpointer, Loan, ShardState};
 use samtrain_worker::optim::AdamW;
 use tch::Tensor;
 
@@ -22,8 +23,15 @@ use super::median;
 pub(super) struct Saves {
     every: usize,
     ckpt: Checkpointer,
-    /// What each timed save blocked training (its staging).
+    /// The newest save's loan, whether the save is timed, and what its
+    /// call blocked.
+    loan: Option<(Loan, bool, Duration)>,
+    /// What each timed save blocked training: its call and its settling.
     blocked_ms: Vec<f64>,
+    /// What settling each timed save's loan took.
+    settle_ms: Vec<f64>,
+    /// Bytes the settling of timed saves copied, each.
+    copied: Vec<u64>,
     bytes: u64,
 }
 
@@ -32,8 +40,13 @@ pub(super) struct SaveReport {
     pub saves: usize,
     /// Tensor bytes of one save.
     pub bytes: u64,
-    /// Median time a save blocked training (its staging).
+    /// Median time a save blocked training (its call and its settling).
     pub blocked_ms: f64,
+    /// Median time settling a save's loan took (part of `blocked_ms`).
+    pub settle_ms: f64,
+    /// Median bytes a save's settling copied (what the upload had not read
+    /// by the next optimizer step).
+    pub copied: u64,
     /// The wait for the last upload after the last step.
     pub final_flush: Duration,
 }
@@ -63,7 +76,10 @@ impl Saves {
         Ok(Self {
             every,
             ckpt: Checkpointer::open(options)?,
+            loan: None,
             blocked_ms: Vec::new(),
+            settle_ms: Vec::new(),
+            copied: Vec::new(),
             bytes: 0,
         })
     }
@@ -97,20 +113,33 @@ impl Saves {
             .chain(&state.optimizer)
             .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum();
-        let blocked = self.ckpt.save(state)?.staging();
-        if timed {
-            self.blocked_ms.push(blocked.as_secs_f64() * 1e3);
-        }
+        let (ticket, loan) = self.ckpt.save_lending(state)?;
+        self.loan = Some((loan, timed, ticket.staging()));
         Ok(())
     }
 
+    /// Before an optimizer step: takes back what the newest save lent.
+    pub fn before_update(&mut self) {
+        if let Some((loan, timed, call)) = self.loan.take() {
+            let settled = loan.settle();
+            if timed {
+                self.blocked_ms
+                    .push((call + settled.took).as_secs_f64() * 1e3);
+                self.settle_ms.push(settled.took.as_secs_f64() * 1e3);
+                self.copied.push(settled.copied);
+            }
+        }
+    }
+
     /// Waits for the last saves to end and reports.
-    pub fn finish(self) -> Result<SaveReport> {
+    pub fn finish(mut self) -> Result<SaveReport> {
         let start = Instant::now();
         for outcome in self.ckpt.flush()? {
             ensure!(!outcome.is_failed(), "a save failed: {:?}", outcome.status);
         }
         let final_flush = start.elapsed();
+        // No update follows the last save: its upload has read everything.
+        self.before_update();
         ensure!(
             !self.blocked_ms.is_empty(),
             "no save was timed: --steps is too few for --save-every"
@@ -119,6 +148,8 @@ impl Saves {
             saves: self.blocked_ms.len(),
             bytes: self.bytes,
             blocked_ms: median(self.blocked_ms.iter().copied()),
+            settle_ms: median(self.settle_ms.iter().copied()),
+            copied: median(self.copied.iter().map(|&b| b as f64)) as u64,
             final_flush,
         })
     }

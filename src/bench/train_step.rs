@@ -178,6 +178,9 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         tape.backward(&losses.total, None)?;
         synchronize(device);
         let backward = start.elapsed();
+        if let Some(saves) = &mut saves {
+            saves.before_update();
+        }
         opt.step(LEARNING_RATE)?;
         if args.keep_grads {
             opt.zero_grad();
@@ -266,6 +269,8 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
                 "bytes": c.bytes,
                 "saves": c.saves,
                 "blocked_ms": c.blocked_ms,
+                "settle_ms": c.settle_ms,
+                "copied_bytes": c.copied,
                 "final_flush_ms": ms(c.final_flush),
             })),
         });
@@ -304,11 +309,14 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         println!("  loss at the first step {first_loss:.6}");
         if let Some(c) = &saved {
             println!(
-                "  saves ({:.0} MiB, {} timed): blocked {:.1} ms each; mean step with the last \
-                 upload's wait {mean_ms:.1} ms",
+                "  saves ({:.0} MiB, {} timed): blocked {:.1} ms each, {:.1} of them settling \
+                 the loan (copying {:.1} MiB the upload had not read by the next update); mean \
+                 step with the last upload's wait {mean_ms:.1} ms",
                 mib(c.bytes),
                 c.saves,
                 c.blocked_ms,
+                c.settle_ms,
+                mib(c.copied),
             );
         }
         println!(

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use samtrain_checkpoint::format::step_folder;
 use samtrain_checkpoint::{
-    CheckpointError, CheckpointInfo, Checkpointer, SaveStatus, SaveTicket, ShardState,
+    CheckpointError, CheckpointInfo, Checkpointer, Loan, SaveStatus, SaveTicket, ShardState,
 };
 use samtrain_collective::ProcessGroups;
 use samtrain_data::ledger::Segment;
@@ -283,6 +283,9 @@ fn sum_over_world<const N: usize>(
 pub struct Saves {
     ckpt: Checkpointer,
     tickets: Vec<SaveTicket>,
+    /// The trained tensors the newest save reads in place, until the next
+    /// update ([`Saves::before_update`]).
+    loan: Option<Loan>,
     last: Option<Checkpoint>,
     failed: Option<FailedSave>,
 }
@@ -301,6 +304,7 @@ impl Saves {
         Self {
             ckpt,
             tickets: Vec::new(),
+            loan: None,
             last: resumed,
             failed: None,
         }
@@ -310,14 +314,31 @@ impl Saves {
         &self.ckpt
     }
 
-    /// Starts saving `state` in the background.
+    /// Starts saving `state` in the background. Its tensors are lent to
+    /// the save where the store allows (a local folder): they must not
+    /// change before [`Saves::before_update`].
     pub fn start(&mut self, state: ShardState) -> Result<(), TrainError> {
-        let ticket = self
+        self.before_update();
+        let (ticket, loan) = self
             .ckpt
-            .save(state)
+            .save_lending(state)
             .map_err(|source| TrainError::store(self.ckpt.url(), source))?;
         self.tickets.push(ticket);
+        self.loan = Some(loan);
         Ok(())
+    }
+
+    /// Takes back the tensors lent to the newest save (copying what its
+    /// upload has not read yet): call before anything writes them.
+    pub fn before_update(&mut self) {
+        if let Some(loan) = self.loan.take() {
+            let settled = loan.settle();
+            tracing::debug!(
+                copied = settled.copied,
+                took_us = settled.took.as_micros() as u64,
+                "checkpoint loan settled"
+            );
+        }
     }
 
     /// Reports finished saves to `events`; with `wait`, waits for all of

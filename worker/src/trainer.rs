@@ -94,6 +94,9 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome, TrainError> {
 
 /// One rank's training state between steps.
 pub struct Trainer {
+    /// First, so that it is dropped first: its uploads end before the
+    /// model (whose tensors a save may be reading) goes back to its slot.
+    saves: Saves,
     spec: JobSpec,
     /// `spec` with local paths for the model folder and tokenizers.
     local: JobSpec,
@@ -107,7 +110,6 @@ pub struct Trainer {
     optimizer: AdamW,
     schedule: Schedule,
     buckets: GradBuckets,
-    saves: Saves,
     /// Absent once no steps are left (a job resumed at its last step).
     loader: Option<Loader>,
     /// Pairs this attempt's checkpoint parts (the same on every rank).
@@ -358,6 +360,9 @@ impl Trainer {
         }
         .run(step, &micro)?;
         let lr = self.schedule.lr(step - 1);
+        // The last save may still be reading the parameters and moments the
+        // update is about to write.
+        self.saves.before_update();
         self.optimizer.step(lr).map_err(|e| TrainError::Step {
             step,
             message: format!("the AdamW update: {e}"),
