@@ -42,11 +42,14 @@ impl Fixture {
         )
         .unwrap();
         let vocab = made.vocabulary + 1;
+        // The Q-Former's MLP weights (512 x 32 floats, 64 KiB) are large
+        // enough that a save to a local folder lends them to its upload
+        // instead of copying them, until the next update.
         let config: SamConfig = serde_json::from_str(&format!(
             r#"{{
   "vision_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                     "num_attention_heads": 4, "image_size": 16, "patch_size": 8}},
-  "qformer_config": {{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+  "qformer_config": {{"hidden_size": 32, "intermediate_size": 512, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "encoder_hidden_size": 32, "vocab_size": {vocab},
                      "max_position_embeddings": 64}},
   "text_config": {{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -159,19 +162,34 @@ fn launch_with(job: &Path, ranks: usize, env: &[(&str, &str)]) -> Vec<Child> {
 
 /// Waits for every rank; returns each final JSON line.
 fn finish(children: Vec<Child>) -> Vec<serde_json::Value> {
+    finish_logged(children)
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect()
+}
+
+/// [`finish`], with each rank's log.
+fn finish_logged(children: Vec<Child>) -> Vec<(serde_json::Value, String)> {
     children
         .into_iter()
         .enumerate()
         .map(|(rank, c)| {
             let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "rank {rank} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let log = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "rank {rank} failed: {log}");
             let stdout = String::from_utf8(out.stdout).unwrap();
-            serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+            let line = serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+            (line, log)
         })
+        .collect()
+}
+
+/// Bytes each save in a rank's JSON log lent to its upload.
+fn lent_per_save(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "checkpoint lent")
+        .map(|l| l["fields"]["lent"].as_u64().expect("bytes lent"))
         .collect()
 }
 
@@ -237,12 +255,21 @@ fn kill_after_step(children: &mut [Child], step: u64, ckpt: &Path) {
 fn killed_job_resumes_bit_for_bit() {
     let f = Fixture::new();
     let job_a = f.job("a.toml", "ckpt-a", 2);
-    let straight = finish(launch(&job_a, 2));
-    for line in &straight {
+    let straight = finish_logged(launch_with(
+        &job_a,
+        2,
+        &[("RUST_LOG", "info,samtrain_checkpoint=debug")],
+    ));
+    for (line, _) in &straight {
         assert_eq!(line["step"], 20);
         assert_eq!(line["samples_consumed"], 80);
         assert_eq!(line["checkpoint"]["step"], 20);
     }
+    // dp rank 0 saves, and lends its large tensors to the uploads: what
+    // the resume below restores was read in place while training went on.
+    let lent = lent_per_save(&straight[0].1);
+    assert_eq!(lent.len(), 2, "saves at steps 10 and 20");
+    assert!(lent.iter().all(|&b| b >= 64 << 10), "{lent:?}");
 
     let job_b = f.job("b.toml", "ckpt-b", 2);
     let mut run = launch(&job_b, 2);

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use samtrain_checkpoint::{CheckpointOptions, Checkpointer, Loan, ShardState};
+use samtrain_checkpoint::{CheckpointOptions, Checkpointer, Settled, ShardState};
 use samtrain_worker::optim::AdamW;
 use tch::Tensor;
 
@@ -23,9 +23,9 @@ use super::median;
 pub(super) struct Saves {
     every: usize,
     ckpt: Checkpointer,
-    /// The newest save's loan, whether the save is timed, and what its
-    /// call blocked.
-    loan: Option<(Loan, bool, Duration)>,
+    /// Whether the newest save is timed, and what its call blocked, until
+    /// the optimizer settles its loan.
+    pending: Option<(bool, Duration)>,
     /// What each timed save blocked training: its call and its settling.
     blocked_ms: Vec<f64>,
     /// What settling each timed save's loan took.
@@ -76,7 +76,7 @@ impl Saves {
         Ok(Self {
             every,
             ckpt: Checkpointer::open(options)?,
-            loan: None,
+            pending: None,
             blocked_ms: Vec::new(),
             settle_ms: Vec::new(),
             copied: Vec::new(),
@@ -90,7 +90,7 @@ impl Saves {
         step: usize,
         timed: bool,
         params: &[(String, Tensor)],
-        opt: &AdamW,
+        opt: &mut AdamW,
     ) -> Result<()> {
         if (step + 1) % self.every != 0 {
             return Ok(());
@@ -114,14 +114,19 @@ impl Saves {
             .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum();
         let (ticket, loan) = self.ckpt.save_lending(state)?;
-        self.loan = Some((loan, timed, ticket.staging()));
+        opt.lend(loan);
+        self.pending = Some((timed, ticket.staging()));
         Ok(())
     }
 
-    /// Before an optimizer step: takes back what the newest save lent.
-    pub fn before_update(&mut self) {
-        if let Some((loan, timed, call)) = self.loan.take() {
-            let settled = loan.settle();
+    /// Before an optimizer step: what settling the newest save's loan took
+    /// (`AdamW::settle_loan`), which blocks training too.
+    pub fn settled(&mut self, settled: Option<Settled>) {
+        if let Some((timed, call)) = self.pending.take() {
+            let settled = settled.unwrap_or(Settled {
+                copied: 0,
+                took: Duration::ZERO,
+            });
             if timed {
                 self.blocked_ms
                     .push((call + settled.took).as_secs_f64() * 1e3);
@@ -138,8 +143,8 @@ impl Saves {
             ensure!(!outcome.is_failed(), "a save failed: {:?}", outcome.status);
         }
         let final_flush = start.elapsed();
-        // No update follows the last save: its upload has read everything.
-        self.before_update();
+        // No update follows the last save: it blocked its call alone.
+        self.settled(None);
         ensure!(
             !self.blocked_ms.is_empty(),
             "no save was timed: --steps is too few for --save-every"

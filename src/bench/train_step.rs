@@ -179,7 +179,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         synchronize(device);
         let backward = start.elapsed();
         if let Some(saves) = &mut saves {
-            saves.before_update();
+            saves.settled(opt.settle_loan());
         }
         opt.step(LEARNING_RATE)?;
         if args.keep_grads {
@@ -189,7 +189,7 @@ pub fn run(args: &TrainStepArgs) -> Result<()> {
         }
         synchronize(device);
         if let Some(saves) = &mut saves {
-            saves.after_step(step, step >= args.warmup, &params, &opt)?;
+            saves.after_step(step, step >= args.warmup, &params, &mut opt)?;
         }
         let done = start.elapsed();
         // Read after the clock stops: the value is only a cross-check that both

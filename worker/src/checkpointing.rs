@@ -283,9 +283,6 @@ fn sum_over_world<const N: usize>(
 pub struct Saves {
     ckpt: Checkpointer,
     tickets: Vec<SaveTicket>,
-    /// The trained tensors the newest save reads in place, until the next
-    /// update ([`Saves::before_update`]).
-    loan: Option<Loan>,
     last: Option<Checkpoint>,
     failed: Option<FailedSave>,
 }
@@ -304,7 +301,6 @@ impl Saves {
         Self {
             ckpt,
             tickets: Vec::new(),
-            loan: None,
             last: resumed,
             failed: None,
         }
@@ -315,30 +311,15 @@ impl Saves {
     }
 
     /// Starts saving `state` in the background. Its tensors are lent to
-    /// the save where the store allows (a local folder): they must not
-    /// change before [`Saves::before_update`].
-    pub fn start(&mut self, state: ShardState) -> Result<(), TrainError> {
-        self.before_update();
+    /// the save where the store allows (a local folder): the returned loan
+    /// must be settled before any of them changes ([`AdamW::lend`]).
+    pub fn start(&mut self, state: ShardState) -> Result<Loan, TrainError> {
         let (ticket, loan) = self
             .ckpt
             .save_lending(state)
             .map_err(|source| TrainError::store(self.ckpt.url(), source))?;
         self.tickets.push(ticket);
-        self.loan = Some(loan);
-        Ok(())
-    }
-
-    /// Takes back the tensors lent to the newest save (copying what its
-    /// upload has not read yet): call before anything writes them.
-    pub fn before_update(&mut self) {
-        if let Some(loan) = self.loan.take() {
-            let settled = loan.settle();
-            tracing::debug!(
-                copied = settled.copied,
-                took_us = settled.took.as_micros() as u64,
-                "checkpoint loan settled"
-            );
-        }
+        Ok(loan)
     }
 
     /// Reports finished saves to `events`; with `wait`, waits for all of

@@ -15,9 +15,14 @@
 //!
 //! Clipping takes the gradients' norms in one `_foreach_norm` call and
 //! scales them in one `_foreach_mul_`, as `clip_grad_norm_` does.
+//!
+//! The optimizer is what writes the trained tensors between two saves, so
+//! it holds the loan of a save that reads them in place
+//! ([`AdamW::lend`]) and settles it before it writes them.
 
 use std::collections::HashMap;
 
+use samtrain_checkpoint::{Loan, Settled};
 use samtrain_comm::{shard_dim, Collective, CollectiveError};
 use samtrain_torchext::{fused_adamw_, AdamWHyper, AdamWTensors, TorchExtError};
 use tch::{Device, Kind, Tensor};
@@ -59,6 +64,8 @@ pub struct AdamW {
     step: u64,
     params: Vec<ParamState>,
     groups: Vec<Group>,
+    /// A save still reading the parameters and moments in place.
+    loan: Option<Loan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +123,28 @@ impl AdamW {
             step: 0,
             params,
             groups: groups.into_iter().map(|(.., g)| g).collect(),
+            loan: None,
         }
+    }
+
+    /// Holds `loan`, a save reading the parameters and the moments of
+    /// [`AdamW::state`] in place, until the next write of either (settling
+    /// the loan held before, if any).
+    pub fn lend(&mut self, loan: Loan) {
+        self.settle_loan();
+        self.loan = Some(loan);
+    }
+
+    /// Settles the loan held, if any: from then on the save reads copies.
+    /// The update and a restore do it first themselves.
+    pub fn settle_loan(&mut self) -> Option<Settled> {
+        let settled = self.loan.take()?.settle();
+        tracing::debug!(
+            copied = settled.copied,
+            took_us = settled.took.as_micros() as u64,
+            "checkpoint loan settled"
+        );
+        Some(settled)
     }
 
     /// Optimizer steps taken so far.
@@ -127,6 +155,7 @@ impl AdamW {
     /// One update from the parameters' gradients at learning rate `lr`.
     /// Parameters without a gradient are left alone, as torch does.
     pub fn step(&mut self, lr: f64) -> Result<(), TorchExtError> {
+        self.settle_loan();
         self.step += 1;
         let c = self.config;
         for group in &mut self.groups {
@@ -213,6 +242,7 @@ impl AdamW {
         state: Vec<(String, Tensor)>,
         step: u64,
     ) -> Result<(), OptimStateError> {
+        self.settle_loan();
         let mut by_name: HashMap<String, Tensor> = state.into_iter().collect();
         for s in &mut self.params {
             for (prefix, slot) in [(EXP_AVG, &mut s.exp_avg), (EXP_AVG_SQ, &mut s.exp_avg_sq)] {

@@ -360,9 +360,6 @@ impl Trainer {
         }
         .run(step, &micro)?;
         let lr = self.schedule.lr(step - 1);
-        // The last save may still be reading the parameters and moments the
-        // update is about to write.
-        self.saves.before_update();
         self.optimizer.step(lr).map_err(|e| TrainError::Step {
             step,
             message: format!("the AdamW update: {e}"),
@@ -489,7 +486,7 @@ impl Trainer {
                 base_model: Some(self.base_model.clone()),
                 ledger: self.ledger_at(step)?,
             };
-            self.saves.start(ShardState {
+            let loan = self.saves.start(ShardState {
                 step,
                 tp_rank: layout.tp_rank as u32,
                 tp_size: layout.tp as u32,
@@ -502,6 +499,9 @@ impl Trainer {
                 optimizer: self.optimizer.state(),
                 meta: serde_json::to_value(&meta).expect("checkpoint meta serialises"),
             })?;
+            // The save reads the parameters and moments in place until the
+            // optimizer next writes them.
+            self.optimizer.lend(loan);
         }
         self.saves.collect(false, &mut self.events);
         Ok(())

@@ -207,3 +207,83 @@ fn adamw_and_clipping_equal_torch_on(device: Device) {
     assert!(diff(&params[1].1.grad(), &want["cw"]) < 1e-7);
     assert!(diff(&params[0].1.grad(), &want["cb"]) < 1e-7);
 }
+
+/// A save that reads the parameters and moments in place, lent to the
+/// optimizer, holds what they were when it was called, though the update
+/// runs right after: the update settles the loan before it writes.
+#[test]
+fn an_update_right_after_a_lending_save_leaves_the_save_as_it_was_called() {
+    use samtrain_checkpoint::{CheckpointOptions, Checkpointer, SaveStatus, ShardState};
+
+    let opts = (Kind::Float, Device::Cpu);
+    // 16 MiB matrices: lent, and read by the upload for longer than the
+    // update takes to start.
+    let params: Vec<(String, Tensor)> = (0..3)
+        .map(|i| {
+            let p = (Tensor::arange(1 << 22, opts) * (0.1 + i as f64)).sin();
+            (
+                format!("w{i}"),
+                p.view([1024, 4096]).set_requires_grad(true),
+            )
+        })
+        .collect();
+    let mut opt = AdamW::new(&params, CONFIG);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = Checkpointer::open(CheckpointOptions::new(
+        dir.path().join("ckpt").display().to_string(),
+    ))
+    .unwrap();
+    let raw = |t: &Tensor| {
+        let mut v = vec![0u8; t.numel() * 4];
+        t.copy_data_u8(&mut v, t.numel());
+        v
+    };
+    for step in 1..=3u64 {
+        for (_, p) in &params {
+            (p * (0.01 * step as f64)).sum(Kind::Float).backward();
+        }
+        opt.step(1e-2).unwrap();
+        let tensors: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach()))
+            .collect();
+        let expected: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, t)| t)
+            .chain(opt.state().iter().map(|(_, t)| t))
+            .map(|t| raw(&t.shallow_clone()))
+            .collect();
+        let (ticket, loan) = ckpt
+            .save_lending(ShardState {
+                step,
+                tp_rank: 0,
+                tp_size: 1,
+                writer: true,
+                tensors,
+                optimizer: opt.state(),
+                meta: serde_json::json!({ "step": step }),
+            })
+            .unwrap();
+        assert!(loan.bytes() >= 9 << 24, "parameters and moments lent");
+        opt.lend(loan);
+        // The next update at once, while the upload reads.
+        opt.step(1e-2).unwrap();
+        opt.drop_grads().unwrap();
+        assert_eq!(ticket.wait().status, SaveStatus::Committed);
+        let info = ckpt.latest().unwrap().unwrap();
+        let saved = ckpt.load(&info, 0, 1).unwrap();
+        let found: Vec<Vec<u8>> = saved
+            .tensors
+            .iter()
+            .chain(&saved.optimizer)
+            .map(|(_, t)| raw(t))
+            .collect();
+        assert_eq!(found.len(), expected.len());
+        for (i, (f, e)) in found.iter().zip(&expected).enumerate() {
+            assert!(
+                f == e,
+                "step {step}: tensor {i} holds values of a later update"
+            );
+        }
+    }
+}
