@@ -7,8 +7,9 @@
 //! them, retrying transient store errors with backoff. To a local folder,
 //! [`Checkpointer::save_lending`] copies none of the large CPU tensors: the
 //! upload reads them in place, and the trainer settles the [`Loan`] before
-//! its next update, copying only what the upload has not read by then. The writer of each
-//! tensor-parallel rank uploads its shard (parameters and optimizer state as
+//! its next update, copying only what the upload has not read by then.
+//!
+//! The writer of each tensor-parallel rank uploads its shard (parameters and optimizer state as
 //! safetensors, bit for bit) and a part record with sizes and checksums; the
 //! writer of tp rank 0 also uploads the training state (`meta.json`), waits
 //! for every rank's part record to appear in the store, and writes

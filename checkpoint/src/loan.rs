@@ -135,18 +135,17 @@ impl Lent {
         }
         let from = progress.read;
         let rest = self.len - from;
-        let mut copy = if rest > 0 {
+        let copy = if rest == 0 {
+            Vec::new()
+        } else {
             // The tensor's whole length, so that the pool hands the same
             // (already mapped) buffer to the next save of this tensor.
-            self.pool.take(self.len)
-        } else {
-            Vec::new()
-        };
-        if rest > 0 {
-            // SAFETY: as in `pieces`; the trainer waits for this copy.
+            let mut copy = self.pool.take(self.len);
+            // SAFETY: as in `read`; the trainer waits for this copy.
             let live = unsafe { std::slice::from_raw_parts(self.ptr.add(from), rest) };
             copy_streaming(&mut copy[from..], live);
-        }
+            copy
+        };
         progress.copy = Some((from, copy));
         rest
     }
@@ -172,8 +171,8 @@ pub struct Loan {
     blocked: Arc<AtomicU64>,
 }
 
-/// What settling a loan took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What settling a loan took (nothing, by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Settled {
     /// Bytes the upload had not read yet, copied while training waited.
     pub copied: u64,
@@ -204,10 +203,7 @@ impl Loan {
     fn settle_now(&mut self) -> Settled {
         let lent = std::mem::take(&mut self.lent);
         if lent.is_empty() {
-            return Settled {
-                copied: 0,
-                took: Duration::ZERO,
-            };
+            return Settled::default();
         }
         let start = Instant::now();
         // Dealt to threads by what is left to copy (the upload may read on

@@ -310,6 +310,7 @@ impl Store {
             size: file.size,
         };
         let shown = self.shown(name);
+        let fail = |e: String| CheckpointError::Runtime(format!("checksum of {shown}: {e}"));
         let (crc, chunks) = tokio::task::spawn_blocking(move || {
             let crc = unsummed.crc()?;
             let chunks = unsummed
@@ -320,8 +321,8 @@ impl Store {
             Ok::<_, std::io::Error>((crc, chunks))
         })
         .await
-        .map_err(|e| CheckpointError::Runtime(format!("checksum of {shown}: {e}")))?
-        .map_err(|e| CheckpointError::Runtime(format!("checksum of {shown}: {e}")))?;
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(e.to_string()))?;
         self.put_remote(name, &chunks).await?;
         Ok(crc)
     }
@@ -537,13 +538,13 @@ impl Store {
         .await?
     }
 
-    /// The local file of `name`, when the location is a local folder.
     /// Whether files are written to a local folder, in one pass over their
     /// bytes with no retry (which a save may lend tensors to).
     pub(crate) fn writes_in_place(&self) -> bool {
         self.recycler.is_some() && self.local.is_some()
     }
 
+    /// The local file of `name`, when the location is a local folder.
     fn local_file(&self, name: &str) -> Option<std::path::PathBuf> {
         self.local.as_ref().map(|root| root.join(name))
     }

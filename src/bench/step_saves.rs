@@ -123,10 +123,7 @@ impl Saves {
     /// (`AdamW::settle_loan`), which blocks training too.
     pub fn settled(&mut self, settled: Option<Settled>) {
         if let Some((timed, call)) = self.pending.take() {
-            let settled = settled.unwrap_or(Settled {
-                copied: 0,
-                took: Duration::ZERO,
-            });
+            let settled = settled.unwrap_or_default();
             if timed {
                 self.blocked_ms
                     .push((call + settled.took).as_secs_f64() * 1e3);
